@@ -1,0 +1,53 @@
+# Everything a fresh clone needs is built from here; targets that need the venv depend on it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Put the venv first on PATH: coglet starts its worker as a bare `python`.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+PROMPT ?= Tell me something about alpacas.
+PORT ?= 5000
+WEIGHTS ?=
+DATA ?=
+ARGS ?=
+
+.PHONY: setup weights schema serve serve-train predict train demo test test-all lint bench eval clean
+
+setup: $(STAMP)
+
+# bitsandbytes is CUDA-only (the Cog image installs it); the CPU venv leaves it out.
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check \
+		-r <(grep -v '^bitsandbytes' requirements.txt) -r requirements-dev.txt
+	touch $@
+
+weights: $(STAMP)
+	$(PY) -m finetune fetch-default
+
+schema: $(STAMP)
+	$(PY) -m finetune.cogtools schema
+
+serve: weights schema
+	$(PY) -m finetune.cogtools serve --mode predict --port $(PORT)
+
+serve-train: weights schema
+	$(PY) -m finetune.cogtools serve --mode train --port $(PORT)
+
+predict: weights schema
+	$(PY) -m finetune.cogtools predict --port $(PORT) $(if $(WEIGHTS),--weights "$(WEIGHTS)") -i prompt="$(PROMPT)" $(ARGS)
+
+train: weights schema
+	@test -n "$(DATA)" || { echo "usage: make train DATA=path/to/data.json [ARGS='-i num_train_epochs=2']"; exit 2; }
+	$(PY) -m finetune.cogtools train --port $(PORT) -i train_data=@"$(DATA)" $(ARGS)
+
+test: weights
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf .cog .pytest_cache outputs
