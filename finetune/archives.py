@@ -1,0 +1,621 @@
+"""Safe archive handling for adapters and weights that arrive from strangers.
+
+`COG_WEIGHTS` and the `lora_weights` input are raw strings: a folder, an archive, an http(s) URL
+or a data: URI. Everything here treats that input as hostile: entry names are checked before
+anything is written, sizes are counted on the bytes actually produced rather than on header
+claims, and extraction happens in a temporary folder that is renamed into place only when the
+whole archive passed, so a rejected archive leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import bz2
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import http.client
+import lzma
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import urllib3
+
+ACCEPTED_ARCHIVES = ".tar, .tar.gz, .tar.bz2, .tar.xz or .zip"
+ACCEPTED_SOURCES = (
+    f"a local folder, a local archive ({ACCEPTED_ARCHIVES}), an http:// or https:// URL of such an "
+    "archive, or a base64 data: URI (data:application/x-tar;base64,...)"
+)
+
+_CHUNK = 1 << 20
+# Budget for one tar entry's headers (pax records, GNU long names): tarfile reads them whole into
+# memory, so a hostile archive must not be able to declare a gigabyte-sized header.
+_METADATA_BYTES = 1 << 20
+_TAR_BUFSIZE = 64 << 10
+_B64_CHUNK = 4 << 20  # a multiple of 4, so every chunk decodes on its own
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or an empty archive
+_TAR_COMPRESSIONS: dict[bytes, tuple[str, Callable[[BinaryIO], BinaryIO]]] = {
+    b"\x1f\x8b": ("gzip", gzip.open),
+    b"BZh": ("bzip2", bz2.open),
+    b"\xfd7zXZ\x00": ("xz", lzma.open),
+}
+# zipfile bounds the output of deflate per read but not of bzip2 or lzma, so only these are safe.
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_DRIVE = re.compile(r"[A-Za-z]:")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")  # two letters or more: "C:" is a drive, not a scheme
+# Errors that mean the archive's bytes are bad (write-side failures are reported separately).
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, tarfile.TarError, zipfile.BadZipFile)
+
+Kind = Literal["file", "dir"]
+
+
+class ArchiveError(ValueError):
+    """An archive is malformed or unsafe; the message names the entry and says what to do."""
+
+
+class WeightsSourceError(ValueError):
+    """A weights string cannot be turned into a local folder; the message lists the accepted forms."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_files: int = 1000
+    """Entries (files and folders) one archive may hold."""
+    max_total_bytes: int = 20 * 2**30
+    """Uncompressed bytes all files of one archive may hold together."""
+    max_file_bytes: int = 20 * 2**30
+    """Uncompressed bytes one file may hold."""
+    max_download_bytes: int = 20 * 2**30
+    """Bytes one download or one decoded data: URI may hold."""
+    timeout_s: float = 60.0
+    """Seconds to wait for a connection, or for the next bytes of a download."""
+
+    def __post_init__(self) -> None:
+        bad = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if not getattr(self, f.name) > 0
+        ]
+        if bad:
+            raise ValueError(f"Limits must be positive: {', '.join(bad)}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# --- extraction --------------------------------------------------------------------------------
+
+
+def safe_extract(archive: Path, dest: Path, limits: Limits = DEFAULT_LIMITS) -> Path:
+    """Extract a tar (plain, gzip, bzip2, xz) or zip archive into `dest`, which must not exist or
+    be an empty folder; the format is read from the content, not the name.
+
+    Returns the archive's single top-level folder when it holds exactly one and nothing else
+    (people often archive a folder), otherwise `dest`. Raises ArchiveError for anything unsafe or
+    malformed; `dest` is then left as it was.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
+        raise FileExistsError(f"{dest} already exists and is not an empty folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        tree = _Tree(tmp, limits)
+        with open(archive, "rb") as f:
+            head = f.read(6)
+            f.seek(0)
+            try:
+                if head.startswith(_ZIP_MAGIC):
+                    _extract_zip(f, tree)
+                else:
+                    _extract_tar(f, head, tree)
+            except _READ_ERRORS as e:
+                at = f" at entry {tree.current!r}" if tree.current is not None else ""
+                raise ArchiveError(f"the archive is corrupt or truncated{at} ({e}); upload it again") from e
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        try:
+            tmp.rename(dest)  # atomic; replaces an empty folder
+        except OSError as e:
+            if dest.exists():  # another caller filled dest meanwhile
+                raise FileExistsError(f"{dest} already exists and is not an empty folder") from e
+            raise
+    except BaseException:  # includes Cog's CancelationException
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _content_root(dest)
+
+
+class _Tree:
+    """The checked entries of one archive, written under a private temporary root."""
+
+    def __init__(self, root: Path, limits: Limits) -> None:
+        self.root = root
+        self.limits = limits
+        self.entries = 0
+        self.declared = 0
+        self.written = 0
+        self.current: str | None = None
+        self.seen: dict[tuple[str, ...], tuple[Kind, str]] = {}
+
+    def claim(self, name: str, kind: Kind) -> tuple[str, ...]:
+        """Check one entry against the limits and the entries before it; return its path parts
+        (empty for the archive root, e.g. "./")."""
+        self.current = name
+        self.entries += 1
+        if self.entries > self.limits.max_files:
+            raise ArchiveError(
+                f"the archive holds more than {self.limits.max_files} entries (stopped at {name!r}); "
+                "pack only the adapter or model folder"
+            )
+        parts = _parts(name)
+        if not parts:
+            if kind == "file":
+                raise ArchiveError(f"archive entry {name!r} is a file without a name; re-create the archive")
+            return parts
+        for i in range(1, len(parts)):
+            parent_kind, parent = self.seen.setdefault(parts[:i], ("dir", name))
+            if parent_kind == "file":
+                raise ArchiveError(
+                    f"archive entry {name!r} needs {parent!r} to be a folder, but it is a file; re-create the archive"
+                )
+        if parts in self.seen:
+            earlier_kind, earlier = self.seen[parts]
+            if kind == "file" and earlier_kind == "file":
+                raise ArchiveError(
+                    f"archive entry {name!r} appears twice (first as {earlier!r}); "
+                    "each path may appear only once, re-create the archive"
+                )
+            if kind != earlier_kind:
+                raise ArchiveError(
+                    f"archive entry {name!r} is both a file and a folder (see {earlier!r}); re-create the archive"
+                )
+        self.seen.setdefault(parts, (kind, name))
+        return parts
+
+    def declare(self, name: str, size: int) -> None:
+        """Refuse early on sizes a header claims; `add_file` still counts the real bytes."""
+        self.declared += size
+        if size > self.limits.max_file_bytes:
+            raise _file_too_big(name, self.limits)
+        if self.declared > self.limits.max_total_bytes:
+            raise _total_too_big(name, self.limits)
+
+    def add_dir(self, name: str, parts: tuple[str, ...]) -> None:
+        try:
+            self.root.joinpath(*parts).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _unwritable(name, e) from e
+
+    def add_file(self, name: str, parts: tuple[str, ...], data: BinaryIO) -> None:
+        path = self.root.joinpath(*parts)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # O_EXCL | O_NOFOLLOW: never reuse or follow an existing path.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise _unwritable(name, e) from e
+        size = 0
+        with os.fdopen(fd, "wb") as out:
+            while chunk := data.read(_CHUNK):
+                size += len(chunk)
+                self.written += len(chunk)
+                if size > self.limits.max_file_bytes:
+                    raise _file_too_big(name, self.limits)
+                if self.written > self.limits.max_total_bytes:
+                    raise _total_too_big(name, self.limits)
+                try:
+                    out.write(chunk)
+                except OSError as e:
+                    raise _unwritable(name, e) from e
+
+
+def _parts(name: str) -> tuple[str, ...]:
+    """Split an entry name into path components, refusing anything that could leave the folder."""
+    if "\\" in name:
+        raise ArchiveError(
+            f"archive entry {name!r} contains a backslash; archives must use '/' between folders"
+        )
+    if "\x00" in name:
+        raise ArchiveError(f"archive entry {name!r} contains a NUL character; rename the file")
+    if name.startswith("/"):
+        raise ArchiveError(
+            f"archive entry {name!r} has an absolute path; archive the folder's contents with relative "
+            "paths (e.g. `tar -C folder -czf adapter.tar.gz .`)"
+        )
+    if _DRIVE.match(name):
+        raise ArchiveError(f"archive entry {name!r} starts with a Windows drive; use relative paths")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise ArchiveError(f"archive entry {name!r} contains '..'; paths must stay inside the archive")
+    return parts
+
+
+def _file_too_big(name: str, limits: Limits) -> ArchiveError:
+    return ArchiveError(
+        f"archive entry {name!r} is larger than the per-file limit of {_fmt_bytes(limits.max_file_bytes)} "
+        "once uncompressed; upload smaller files"
+    )
+
+
+def _total_too_big(name: str, limits: Limits) -> ArchiveError:
+    return ArchiveError(
+        f"the archive holds more than {_fmt_bytes(limits.max_total_bytes)} once uncompressed "
+        f"(limit reached at entry {name!r}); upload only the files that are needed"
+    )
+
+
+def _unwritable(name: str, e: OSError) -> ArchiveError:
+    return ArchiveError(f"could not write archive entry {name!r}: {e.strerror or e}")
+
+
+def _extract_zip(f: BinaryIO, tree: _Tree) -> None:
+    with zipfile.ZipFile(f) as zf:
+        # The central directory is read up front, so every entry is checked before any is inflated.
+        planned = []
+        for info in zf.infolist():
+            kind = _zip_kind(info)
+            parts = tree.claim(info.filename, kind)
+            if kind == "file":
+                tree.declare(info.filename, info.file_size)
+            planned.append((info, kind, parts))
+        for info, kind, parts in planned:
+            tree.current = info.filename
+            if kind == "dir":
+                tree.add_dir(info.filename, parts)
+            else:
+                with zf.open(info) as data:
+                    tree.add_file(info.filename, parts, data)
+
+
+def _zip_kind(info: zipfile.ZipInfo) -> Kind:
+    name = info.filename
+    if info.flag_bits & 0x1:
+        raise ArchiveError(f"archive entry {name!r} is encrypted; upload an archive without a password")
+    fmt = stat.S_IFMT(info.external_attr >> 16)  # Unix mode, when the creator stored one
+    if fmt == stat.S_IFLNK:
+        raise ArchiveError(
+            f"archive entry {name!r} is a symbolic link; archives may hold only files and folders"
+        )
+    if info.is_dir() or fmt == stat.S_IFDIR:
+        return "dir"
+    if fmt not in (0, stat.S_IFREG):
+        raise ArchiveError(
+            f"archive entry {name!r} is a special file (device, FIFO or socket); "
+            "archives may hold only files and folders"
+        )
+    if info.compress_type not in _ZIP_METHODS:
+        raise ArchiveError(
+            f"archive entry {name!r} uses zip compression method {info.compress_type}; "
+            "only stored and deflated entries are accepted (the default of zip tools)"
+        )
+    return "file"
+
+
+class _Meter:
+    """A read-through stream that refuses to go past an allowance set before each tar header
+    and each file's data, which bounds what tarfile may buffer for a header."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.done = 0
+        self.limit = _METADATA_BYTES
+
+    def allow(self, n: int) -> None:
+        self.limit = self.done + n
+
+    def read(self, n: int = -1) -> bytes:
+        room = self.limit - self.done + 1  # one byte more than allowed proves the overrun
+        data = self.raw.read(room if n < 0 else min(n, room))
+        self.done += len(data)
+        if self.done > self.limit:
+            raise ArchiveError(
+                f"the tar archive has an entry header over {_fmt_bytes(_METADATA_BYTES)}; "
+                "re-create it with a standard tar tool"
+            )
+        return data
+
+
+def _extract_tar(f: BinaryIO, head: bytes, tree: _Tree) -> None:
+    label, opener = next(
+        ((label, opener) for magic, (label, opener) in _TAR_COMPRESSIONS.items() if head.startswith(magic)),
+        ("", None),
+    )
+    # Decompress with the stdlib file readers, which bound their output per read; tarfile's own
+    # "r|*" decompression inflates a whole input block at once (a bzip2 block can hold gigabytes).
+    with opener(f) if opener else contextlib.nullcontext(f) as raw:
+        meter = _Meter(raw)
+        try:
+            # Stream mode: one forward pass, nothing seeks back. Opening reads the first header.
+            tar = tarfile.open(fileobj=meter, mode="r|", bufsize=_TAR_BUFSIZE)  # noqa: SIM115 (`with tar` follows)
+        except tarfile.ReadError:
+            what = f"the {label}-compressed file" if label else "the file"
+            raise ArchiveError(
+                f"{what} is not a tar or zip archive; accepted formats: {ACCEPTED_ARCHIVES}"
+            ) from None
+        with tar:
+            while True:
+                meter.allow(_METADATA_BYTES)
+                member = tar.next()
+                if member is None:
+                    break
+                kind = _tar_kind(member)
+                parts = tree.claim(member.name, kind)
+                try:  # second opinion from Python's own "data" extraction filter
+                    tarfile.data_filter(member, str(tree.root))
+                except tarfile.FilterError as e:
+                    raise ArchiveError(f"archive entry {member.name!r} is unsafe: {e}") from None
+                if kind == "dir":
+                    tree.add_dir(member.name, parts)
+                else:
+                    # No `declare`: tar sizes are counted as the data streams by.
+                    meter.allow(member.size + _METADATA_BYTES)
+                    data = tar.extractfile(member)
+                    assert data is not None  # regular files always have data
+                    tree.add_file(member.name, parts, data)
+
+
+def _tar_kind(member: tarfile.TarInfo) -> Kind:
+    if member.isreg():
+        return "file"
+    if member.isdir():
+        return "dir"
+    if member.issym():
+        what = "a symbolic link"
+    elif member.islnk():
+        what = "a hard link"
+    elif member.ischr() or member.isblk():
+        what = "a device file"
+    elif member.isfifo():
+        what = "a FIFO"
+    else:
+        what = f"of unsupported type {member.type!r}"
+    raise ArchiveError(f"archive entry {member.name!r} is {what}; archives may hold only files and folders")
+
+
+def _content_root(dest: Path) -> Path:
+    children = list(dest.iterdir())
+    return children[0] if len(children) == 1 and children[0].is_dir() else dest
+
+
+# --- packing -----------------------------------------------------------------------------------
+
+
+def pack_dir(src: Path, archive: Path) -> Path:
+    """Write the contents of folder `src` to `archive` (.tar, or gzip for .tar.gz / .tgz),
+    deterministically: sorted entries, mtime 0, owner 0, normalised modes, no links. The archive
+    appears atomically (temporary name + rename)."""
+    src, archive = Path(src), Path(archive)
+    lower = archive.name.lower()
+    if not lower.endswith((".tar", ".tar.gz", ".tgz")):
+        raise ValueError(f"{archive}: the archive name must end with .tar, .tar.gz or .tgz")
+    if not src.is_dir():
+        raise NotADirectoryError(f"{src} is not a folder")
+    if archive.resolve().is_relative_to(src.resolve()):
+        raise ValueError(f"{archive} is inside {src}; write the archive outside the folder it packs")
+    entries = list(_walk(src))  # before creating anything: refuses links and special files
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{archive.name}.", suffix=".tmp", dir=archive.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            # No name and mtime 0 in the gzip header, so the bytes depend only on the contents.
+            compressed = lower.endswith((".gz", ".tgz"))
+            with (
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6)
+                if compressed
+                else contextlib.nullcontext(raw) as out,
+                tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar,
+            ):
+                for rel, path, st in entries:
+                    info = tarfile.TarInfo(rel)  # defaults: mtime 0, uid/gid 0, no owner names
+                    if stat.S_ISDIR(st.st_mode):
+                        info.type, info.mode = tarfile.DIRTYPE, 0o755
+                        tar.addfile(info)
+                    else:
+                        info.size, info.mode = st.st_size, 0o755 if st.st_mode & stat.S_IXUSR else 0o644
+                        with open(path, "rb") as data:
+                            tar.addfile(info, data)
+        os.replace(tmp, archive)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return archive
+
+
+def _walk(folder: Path, prefix: str = "") -> Iterator[tuple[str, Path, os.stat_result]]:
+    with os.scandir(folder) as it:
+        children = sorted(it, key=lambda e: e.name)
+    for child in children:
+        rel = prefix + child.name
+        _parts(rel)  # a name safe_extract would refuse must not be packed
+        st = child.stat(follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            yield rel, Path(child.path), st
+            yield from _walk(Path(child.path), rel + "/")
+        elif stat.S_ISREG(st.st_mode):
+            yield rel, Path(child.path), st
+        else:
+            what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a special file"
+            raise ArchiveError(
+                f"cannot pack {rel!r}: it is {what}; only regular files and folders are packed"
+            )
+
+
+# --- weights sources ---------------------------------------------------------------------------
+
+
+def materialize(
+    source: str, workdir: Path, limits: Limits = DEFAULT_LIMITS, *, allow_local: bool = True
+) -> Path:
+    """Turn a weights string (`COG_WEIGHTS`, a `lora_weights` input) into a local folder.
+
+    A local folder is returned as is; a local archive, a downloaded http(s) URL or a base64 data:
+    URI is extracted into a new folder under `workdir`. A URL's extraction is reused by later calls
+    with the same URL (keyed by its sha256), so repeated requests do not download again.
+    `allow_local=False` refuses local paths, for inputs that strangers fill in.
+    """
+    text = source.strip()
+    workdir = Path(workdir)
+    if not text:
+        raise WeightsSourceError(f"no weights given; pass {ACCEPTED_SOURCES}")
+    match = _SCHEME.match(text)
+    scheme = match.group(1).lower() if match else ""
+    if scheme in ("http", "https"):
+        return _from_url(text, workdir, limits)
+    if scheme == "data":
+        return _from_data_uri(text, workdir, limits)
+    if scheme:
+        raise WeightsSourceError(
+            f"weights from '{scheme}:' sources are not supported; pass {ACCEPTED_SOURCES} "
+            "(write a local path that contains ':' as ./path)"
+        )
+    if not allow_local:
+        raise WeightsSourceError(
+            "local paths are not accepted here; pass an http(s):// URL or a base64 data: URI"
+        )
+    path = Path(text)
+    if path.is_dir():
+        return path
+    if path.is_file():
+        return _extract_fresh(path, workdir, limits)
+    problem = "is neither a folder nor a regular file" if path.exists() else "does not exist"
+    raise WeightsSourceError(f"weights path {text!r} {problem}; pass {ACCEPTED_SOURCES}")
+
+
+def _extract_fresh(archive: Path, workdir: Path, limits: Limits) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix="weights-", dir=workdir))
+    try:
+        return safe_extract(archive, dest, limits)
+    except BaseException:
+        dest.rmdir()  # still the empty folder made above: safe_extract leaves dest untouched on failure
+        raise
+
+
+def _from_url(url: str, workdir: Path, limits: Limits) -> Path:
+    cached = workdir / f"url-{hashlib.sha256(url.encode()).hexdigest()}"
+    if cached.is_dir():  # complete: safe_extract only ever renames a finished folder into place
+        return _content_root(cached)
+    workdir.mkdir(parents=True, exist_ok=True)
+    archive = _download(url, workdir, limits)
+    try:
+        return safe_extract(archive, cached, limits)
+    except FileExistsError:  # a concurrent call for the same URL finished first
+        return _content_root(cached)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def _download(url: str, workdir: Path, limits: Limits) -> Path:
+    shown = _redact(url)
+    cap = limits.max_download_bytes
+    too_big = f"{shown} is larger than the download limit of {_fmt_bytes(cap)}; use a smaller archive"
+    fd, tmp_name = tempfile.mkstemp(prefix=".download-", suffix=".part", dir=workdir)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with requests.get(
+                    url,
+                    stream=True,
+                    timeout=(limits.timeout_s, limits.timeout_s),
+                    # Identity keeps Content-Length equal to the bytes we will store.
+                    headers={"Accept-Encoding": "identity"},
+                ) as resp:
+                    if resp.status_code != 200:
+                        phrase = http.client.responses.get(resp.status_code, "")
+                        raise WeightsSourceError(
+                            f"downloading {shown} failed with HTTP {resp.status_code} {phrase}".rstrip()
+                            + "; check that the URL is right and publicly readable"
+                        )
+                    declared = resp.headers.get("Content-Length", "")
+                    if declared.isdigit() and int(declared) > cap:
+                        raise WeightsSourceError(too_big)
+                    size = 0
+                    for chunk in resp.iter_content(_CHUNK):
+                        size += len(chunk)
+                        if size > cap:
+                            raise WeightsSourceError(too_big)
+                        out.write(chunk)
+            # `from None` throughout: requests' messages repeat the full URL, secrets included.
+            except requests.RequestException as e:
+                if _timed_out(e):
+                    raise WeightsSourceError(
+                        f"downloading {shown} timed out (nothing received for {limits.timeout_s:g} s); "
+                        "check that the host is reachable, or host the file somewhere faster"
+                    ) from None
+                raise WeightsSourceError(
+                    f"could not download {shown} ({type(e).__name__}); check the URL"
+                ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _timed_out(e: requests.RequestException) -> bool:
+    # A stall before the headers raises requests.Timeout; a stall in the body raises a plain
+    # ConnectionError wrapping urllib3's ReadTimeoutError.
+    return isinstance(e, requests.Timeout) or any(
+        isinstance(a, urllib3.exceptions.ReadTimeoutError) for a in e.args
+    )
+
+
+def _redact(url: str) -> str:
+    """The URL without user info, query or fragment, which may hold credentials or signatures."""
+    parts = urlsplit(url)
+    shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    return shown + ("?..." if parts.query else "")
+
+
+def _from_data_uri(uri: str, workdir: Path, limits: Limits) -> Path:
+    header, comma, payload = uri[len("data:") :].partition(",")
+    if not comma or header.rsplit(";", 1)[-1].strip().lower() != "base64":
+        raise WeightsSourceError("data: URIs must be base64-encoded, e.g. data:application/x-tar;base64,...")
+    payload = "".join(payload.split())  # encoders often wrap base64 lines
+    size = len(payload) // 4 * 3 - payload[-2:].count("=")
+    cap = limits.max_download_bytes
+    if size > cap:
+        raise WeightsSourceError(
+            f"the data: URI holds {_fmt_bytes(size)}, more than the limit of {_fmt_bytes(cap)}; "
+            "pass a URL to the archive instead"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".data-uri-", suffix=".archive", dir=workdir)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                for start in range(0, len(payload), _B64_CHUNK):
+                    out.write(base64.b64decode(payload[start : start + _B64_CHUNK], validate=True))
+            except ValueError:  # binascii.Error, or non-ASCII text
+                raise WeightsSourceError(
+                    "the data: URI is not valid base64; encode the archive again"
+                ) from None
+        return _extract_fresh(tmp, workdir, limits)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fmt_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.4g} {unit}"
+    return f"{value / 1024:.4g} TiB"

@@ -1,0 +1,339 @@
+"""Running the real Cog server (coglet) without Docker: the OpenAPI schema that `cog build` would
+write, the server process with the right environment, and a small client that mirrors
+`cog predict -i name=value` / `cog train -i name=@file` against it."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import mimetypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .config import PROJECT_ROOT
+
+SCHEMA_PATH = Path(".cog") / "openapi_schema.json"
+PREDICTOR_REF = "predict.py:Predictor"
+TRAINER_REF = "train.py:train"
+
+
+# -- schema ------------------------------------------------------------------------------------
+def _input_schema(inputs: dict[str, Any], title: str) -> dict[str, Any]:
+    from cog._adt import Repetition
+
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for name, f in inputs.items():
+        prop: dict[str, Any] = {"title": name.replace("_", " ").title(), "x-order": f.order}
+        prop.update(f.type.json_type())
+        if f.type.repetition in (Repetition.OPTIONAL, Repetition.OPTIONAL_REPEATED):
+            prop["nullable"] = True
+        if f.description:
+            prop["description"] = f.description
+        if f.default is not None and not hasattr(f.default, "__dataclass_fields__"):
+            prop["default"] = f.default
+        for key, value in (
+            ("minimum", f.ge),
+            ("maximum", f.le),
+            ("minLength", f.min_length),
+            ("maxLength", f.max_length),
+            ("pattern", f.regex),
+            ("enum", f.choices),
+        ):
+            if value is not None:
+                prop[key] = value
+        is_optional = f.type.repetition in (Repetition.OPTIONAL, Repetition.OPTIONAL_REPEATED)
+        if f.default is None and not is_optional:
+            required.append(name)
+        properties[name] = prop
+    schema: dict[str, Any] = {"title": title, "type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _info(ref: str) -> Any:
+    from cog import _inspector
+
+    module, name = ref.split(":")
+    return _inspector.create_predictor(module.removesuffix(".py"), name)
+
+
+def build_schema(root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """The OpenAPI document coglet reads from .cog/openapi_schema.json: it validates /predictions
+    against components.schemas.Input, /trainings against TrainingInput, and streams over SSE when
+    the predictions path says x-cog-streaming."""
+    sys.path.insert(0, str(root))
+    try:
+        predictor = _info(PREDICTOR_REF)
+        trainer = _info(TRAINER_REF) if (root / "train.py").exists() else None
+    finally:
+        sys.path.remove(str(root))
+    schemas: dict[str, Any] = {
+        "Input": _input_schema(predictor.inputs, "Input"),
+        "Output": predictor.output.json_type(),
+    }
+    paths: dict[str, Any] = {
+        "/predictions": {
+            "post": {"summary": "Predict", "operationId": "predict_predictions_post", "x-cog-streaming": True}
+        },
+    }
+    if trainer is not None:
+        schemas["TrainingInput"] = _input_schema(trainer.inputs, "TrainingInput")
+        schemas["TrainingOutput"] = {**trainer.output.json_type(), "title": "TrainingOutput"}
+        paths["/trainings"] = {"post": {"summary": "Train", "operationId": "train_trainings_post"}}
+    return {
+        "openapi": "3.0.2",
+        "info": {"title": "Cog", "version": "0.1.0"},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+
+
+def write_schema(root: Path = PROJECT_ROOT) -> Path:
+    path = root / SCHEMA_PATH
+    path.parent.mkdir(exist_ok=True)
+    text = json.dumps(build_schema(root), indent=2) + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+# -- server ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(
+    mode: str, port: int, weights: str | None = None, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    env = dict(os.environ)
+    # coglet starts its worker as a bare `python`: the interpreter running us must come first.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PORT"] = str(port)
+    env["COG_PREDICT_TYPE_STUB"] = PREDICTOR_REF
+    env["COG_TRAIN_TYPE_STUB"] = TRAINER_REF
+    env["PYTHONUNBUFFERED"] = "1"
+    if weights:
+        env["COG_WEIGHTS"] = weights
+    else:
+        env.pop("COG_WEIGHTS", None)
+    env.update(extra or {})
+    return env
+
+
+def server_command(mode: str) -> list[str]:
+    cmd = [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"]
+    if mode == "train":
+        cmd += ["--x-mode", "train"]
+    return cmd
+
+
+class CogServer:
+    """A coglet process on 127.0.0.1 serving predict.py or train.py from the project root."""
+
+    def __init__(
+        self,
+        mode: str = "predict",
+        port: int | None = None,
+        weights: str | None = None,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        root: Path = PROJECT_ROOT,
+    ):
+        self.mode, self.root = mode, root
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = server_env(mode, self.port, weights, env)
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 300) -> CogServer:
+        write_schema(self.root)
+        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            server_command(self.mode),
+            cwd=self.root,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.wait_ready(timeout)
+        return self
+
+    def health(self) -> dict[str, Any]:
+        import requests
+
+        return requests.get(f"{self.url}/health-check", timeout=5).json()
+
+    def wait_ready(self, timeout: float) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        status = "not started"
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"Cog server exited with code {self.proc.returncode}; {self._log_hint()}")
+            try:
+                status = self.health().get("status", "?")
+            except requests.RequestException:
+                status = "not listening"
+            if status == "READY":
+                return
+            if status in {"SETUP_FAILED", "DEFUNCT"}:
+                raise RuntimeError(f"Cog server setup failed ({status}); {self._log_hint()}")
+            time.sleep(0.25)
+        raise TimeoutError(
+            f"Cog server not READY after {timeout:.0f}s (last status {status}); {self._log_hint()}"
+        )
+
+    def _log_hint(self) -> str:
+        if self.log_path and Path(self.log_path).exists():
+            tail = Path(self.log_path).read_text(errors="replace")[-3000:]
+            return f"server log {self.log_path}:\n{tail}"
+        return "run with a log path to see the server output"
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> CogServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- client ------------------------------------------------------------------------------------
+def data_uri(path: Path) -> str:
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+
+
+def parse_inputs(pairs: list[str]) -> dict[str, Any]:
+    """`-i name=value` (JSON numbers/booleans/null are decoded) and `-i name=@file` (sent as a data URI)."""
+    inputs: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"error: -i expects name=value or name=@file, got {pair!r}")
+        if value.startswith("@"):
+            path = Path(value[1:])
+            if not path.is_file():
+                raise SystemExit(f"error: -i {name}: file {path} does not exist")
+            inputs[name] = data_uri(path)
+            continue
+        try:
+            decoded = json.loads(value)
+            inputs[name] = decoded if isinstance(decoded, int | float | bool) or decoded is None else value
+        except json.JSONDecodeError:
+            inputs[name] = value
+    return inputs
+
+
+def output_text(output: Any) -> str:
+    return "".join(output) if isinstance(output, list) else str(output)
+
+
+def save_data_uri(uri: str, dest: Path) -> Path:
+    header, _, payload = uri.partition(",")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    tmp.write_bytes(base64.b64decode(payload) if ";base64" in header else payload.encode())
+    tmp.replace(dest)
+    return dest
+
+
+@contextmanager
+def _server(mode: str, port: int, weights: str | None) -> Iterator[CogServer]:
+    log = PROJECT_ROOT / "outputs" / f"cog-{mode}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    server = CogServer(mode, port=port, weights=weights, log_path=log)
+    print(f"starting the Cog server ({mode}) on {server.url}; log: {log}", file=sys.stderr)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def _post(url: str, inputs: dict[str, Any], timeout: float) -> dict[str, Any]:
+    import requests
+
+    resp = requests.post(url, json={"input": inputs}, timeout=timeout)
+    if resp.status_code == 422:
+        details = resp.json().get("detail", [])
+        lines = [f"  {'.'.join(str(p) for p in d.get('loc', [])[2:])}: {d.get('msg')}" for d in details]
+        raise SystemExit("error: invalid input\n" + "\n".join(lines))
+    resp.raise_for_status()
+    return resp.json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.cogtools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("schema", help="write .cog/openapi_schema.json from predict.py and train.py")
+    serve = sub.add_parser("serve", help="run the Cog server in the foreground")
+    serve.add_argument("--mode", choices=["predict", "train"], default="predict")
+    serve.add_argument("--port", type=int, default=5000)
+    for name in ("predict", "train"):
+        p = sub.add_parser(name, help=f"start a server, POST /{name}ions or /trainings, print, stop")
+        p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE")
+        p.add_argument("--port", type=int, default=5000)
+        p.add_argument("--timeout", type=float, default=3600)
+        if name == "predict":
+            p.add_argument("--weights", help="adapter (folder, archive, URL) to serve, like COG_WEIGHTS")
+        else:
+            p.add_argument("--output_dir", default="outputs/trainings")
+    args = parser.parse_args(argv)
+
+    if args.command == "schema":
+        print(write_schema())
+        return 0
+    if args.command == "serve":
+        write_schema()
+        env = server_env(args.mode, args.port, os.environ.get("COG_WEIGHTS"))
+        os.chdir(PROJECT_ROOT)
+        os.execvpe(sys.executable, server_command(args.mode), env)
+    inputs = parse_inputs(args.input)
+    if args.command == "predict":
+        with _server("predict", args.port, args.weights) as server:
+            result = _post(f"{server.url}/predictions", inputs, args.timeout)
+    else:
+        with _server("train", args.port, None) as server:
+            result = _post(f"{server.url}/trainings", inputs, args.timeout)
+    if result.get("status") != "succeeded":
+        print(f"error: {result.get('status')}: {result.get('error')}", file=sys.stderr)
+        return 1
+    if args.command == "predict":
+        print(output_text(result["output"]))
+        return 0
+    output = result["output"]
+    dest = Path(args.output_dir) / f"{result.get('id', 'training')}.tar"
+    save_data_uri(output["weights"], dest)
+    summary = {k: v for k, v in output.items() if k != "weights"}
+    print(json.dumps(summary, indent=2))
+    print(f"weights: {dest}\nrun the trained version: make predict WEIGHTS={dest} PROMPT='...'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

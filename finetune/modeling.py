@@ -1,0 +1,209 @@
+"""Loading the base model and tokenizer (device, dtype, quantization), attaching a new LoRA, and
+loading saved adapters safely."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LoraSettings
+
+log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# Config fields that must agree between the base an adapter was trained on and the one it runs on.
+IDENTITY_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+class ModelError(RuntimeError):
+    """The model, adapter or device setting cannot be used; the message says why and what to do."""
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls run several times faster than fp32 on such CPUs."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How weights are stored and which dtype matmuls run in."""
+
+    weights: torch.dtype
+    compute: torch.dtype
+
+    @property
+    def autocast(self) -> bool:
+        return self.compute != self.weights
+
+
+def pick_precision(requested: str, device: torch.device, training: bool) -> Precision:
+    """auto: bf16 on GPUs that support it; on CPUs with fast bf16, fp32 weights with bf16 autocast
+    for training; fp32 otherwise. fp16 only when asked (training then needs loss scaling)."""
+    if requested == "float32":
+        return Precision(torch.float32, torch.float32)
+    if requested == "float16":
+        if device.type != "cuda":
+            raise ModelError("dtype float16 is only supported on CUDA; use bfloat16 or float32 on CPU")
+        return Precision(torch.float16, torch.float16)
+    if requested == "bfloat16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ModelError("this GPU has no bfloat16 support; use dtype float16 or float32")
+        return (
+            Precision(torch.float32, torch.bfloat16)
+            if device.type == "cpu"
+            else Precision(torch.bfloat16, torch.bfloat16)
+        )
+    if device.type == "cuda":
+        return (
+            Precision(torch.bfloat16, torch.bfloat16)
+            if torch.cuda.is_bf16_supported()
+            else Precision(torch.float32, torch.float32)
+        )
+    if training and cpu_has_fast_bf16():
+        return Precision(torch.float32, torch.bfloat16)
+    return Precision(torch.float32, torch.float32)
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        # LLaMA's sentencepiece tokenizers have no pad token; unk (or eos) is safe because labels
+        # are masked with IGNORE_INDEX, never by comparing to the pad id.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_base(
+    path: str,
+    device: torch.device,
+    precision: Precision,
+    quantization: str = "none",
+    attn_implementation: str = "sdpa",
+) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": precision.weights, "attn_implementation": attn_implementation}
+    if quantization != "none":
+        if device.type != "cuda":
+            raise ModelError(
+                f"quantization {quantization} needs a CUDA GPU (bitsandbytes); use quantization none on CPU"
+            )
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=precision.compute,
+            )
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization == "none":
+        model.to(device)
+    return model
+
+
+def add_lora(
+    model: Any, lora: LoraSettings, gradient_checkpointing: bool = False, quantized: bool = False
+) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets: str | list[str] = list(lora.lora_target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    else:
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            linear = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            )
+            raise ModelError(
+                f"lora_target_modules {unknown} not found in this model; its linear layers are {linear}"
+            )
+    config = LoraConfig(
+        r=lora.lora_r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def base_identity(model: Any, source: str) -> dict[str, Any]:
+    cfg = model.config
+    fields = {k: getattr(cfg, k, None) for k in IDENTITY_FIELDS}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "source": source,
+        "name_or_path": getattr(cfg, "name_or_path", ""),
+        "config_fingerprint": digest,
+        **fields,
+    }
+
+
+def check_identity(expected: dict[str, Any], model: Any, adapter: str) -> None:
+    actual = {k: getattr(model.config, k, None) for k in IDENTITY_FIELDS}
+    diffs = [
+        f"{k}: adapter {expected.get(k)} vs base {actual[k]}"
+        for k in IDENTITY_FIELDS
+        if k in expected and expected[k] != actual[k]
+    ]
+    if diffs:
+        raise ModelError(
+            f"adapter {adapter} was trained on a different base model ({expected.get('source') or expected.get('name_or_path')}) "
+            f"than the one loaded ({getattr(model.config, 'name_or_path', '?')}): " + "; ".join(diffs)
+        )
+
+
+def check_adapter_dir(folder: Path) -> None:
+    """An adapter folder must hold safetensors weights; pickles are refused, never unpickled."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ModelError(f"{folder} is not a LoRA adapter: {ADAPTER_CONFIG} is missing")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        if (folder / "adapter_model.bin").exists():
+            raise ModelError(
+                f"{folder} holds a pickled adapter_model.bin; pickles can run code, so they are refused. "
+                "Convert it where you trust it: `python -m finetune convert-adapter --input "
+                f"{folder}` loads it with torch.load(weights_only=True) and writes {ADAPTER_WEIGHTS}."
+            )
+        raise ModelError(f"{folder} is not a LoRA adapter: {ADAPTER_WEIGHTS} is missing")

@@ -1,0 +1,162 @@
+"""The prediction service behind predict.py: one resident base model, a setup adapter (merged for
+speed while it is the only one in use) and an LRU cache of per-request adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import prompts
+from .config import DataConfig, GenerationSettings, field_default
+from .inference import GenerationStats, stream_tokens
+from .modeling import (
+    check_adapter_dir,
+    check_identity,
+    load_base,
+    load_tokenizer,
+    pick_device,
+    pick_precision,
+)
+from .weights import resolve_base_model
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "training_card.json"
+ADAPTER_CACHE_ENV = "ADAPTER_CACHE_SIZE"
+DEFAULT_ADAPTER_DIR = Path("weights") / "adapter"
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    folder: Path
+    template: prompts.PromptTemplate | None
+
+
+def adapter_key(source: str) -> str:
+    return "a" + hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+class ModelServer:
+    def __init__(
+        self,
+        base_model: str | None = None,
+        adapter: str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        cache_size: int | None = None,
+    ) -> None:
+        self.device = pick_device(device)
+        self.precision = pick_precision(dtype, self.device, training=False)
+        self.base_path = resolve_base_model(base_model)
+        self.tokenizer = load_tokenizer(self.base_path)
+        self.model: Any = load_base(self.base_path, self.device, self.precision).eval()
+        self.workdir = Path(tempfile.mkdtemp(prefix="adapters-"))
+        self.capacity = cache_size or int(os.environ.get(ADAPTER_CACHE_ENV, "4"))
+        self.cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self.setup_adapter: LoadedAdapter | None = None
+        self.merged = False
+        if adapter:
+            self.setup_adapter = self._load(adapter, pinned=True)
+            # One fixed adapter: fold it into the base weights, so decoding costs what the base does.
+            self.model.merge_adapter()
+            self.merged = True
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        # The first forward pass pays for kernel selection and allocation; pay it in setup, not in
+        # the first user's time to first token.
+        settings = GenerationSettings(max_new_tokens=2, temperature=0)
+        for _ in stream_tokens(self.model, self.tokenizer, "Hello", settings):
+            pass
+
+    # -- adapters ---------------------------------------------------------------------------
+    def _load(self, source: str, pinned: bool = False) -> LoadedAdapter:
+        from peft import PeftModel
+
+        from .archives import materialize
+
+        folder = materialize(source, self.workdir)
+        check_adapter_dir(folder)
+        card_path = folder / CARD_FILE
+        if card_path.is_file():
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+            check_identity(card.get("base_model", {}), self.model, source)
+        name = "setup" if pinned else adapter_key(source)
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(folder), adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+        self.model.eval()
+        return LoadedAdapter(name, folder, prompts.template_from_adapter(folder))
+
+    def _get(self, source: str) -> LoadedAdapter:
+        key = adapter_key(source)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        loaded = self._load(source)
+        self.cache[key] = loaded
+        while len(self.cache) > self.capacity:
+            _, old = self.cache.popitem(last=False)
+            self.model.delete_adapter(old.name)
+        return loaded
+
+    def _activate(self, lora_weights: str | None) -> LoadedAdapter | None:
+        """Point the model at the adapter this request needs and return it (None: bare base)."""
+        wanted = self._get(lora_weights) if lora_weights else self.setup_adapter
+        if self.merged and wanted is not self.setup_adapter:
+            # Another adapter is needed: from now on serve unmerged, so adapters switch exactly.
+            self.model.unmerge_adapter()
+            self.merged = False
+        if wanted is None:
+            if hasattr(self.model, "base_model") and hasattr(self.model, "peft_config"):
+                self.model.base_model.disable_adapter_layers()
+            return None
+        self.model.base_model.enable_adapter_layers()
+        self.model.set_adapter(wanted.name)
+        return wanted
+
+    # -- generation -------------------------------------------------------------------------
+    def resolve_template(self, name: str, adapter: LoadedAdapter | None) -> prompts.PromptTemplate | None:
+        if name == prompts.RAW:
+            return None
+        if name == prompts.AUTO:
+            if adapter and adapter.template:
+                return adapter.template
+            return prompts.load_template(field_default(DataConfig, "prompt_template_name"))
+        return prompts.load_template(name)
+
+    def generate(
+        self,
+        prompt: str,
+        input: str = "",
+        settings: GenerationSettings | None = None,
+        prompt_template: str = prompts.AUTO,
+        lora_weights: str | None = None,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[str]:
+        settings = settings or GenerationSettings()
+        if not prompt.strip():
+            raise ValueError("prompt is empty: send the instruction or question as `prompt`")
+        adapter = self._activate(lora_weights)
+        template = self.resolve_template(prompt_template, adapter)
+        if template is None:
+            text = f"{prompt}\n\n{input}" if input else prompt
+        else:
+            text = template.render(prompt, input, self.tokenizer)
+        return stream_tokens(self.model, self.tokenizer, text, settings, stats)
+
+
+def default_adapter() -> str | None:
+    """An adapter folder placed under weights/adapter is served when COG_WEIGHTS is not set."""
+    folder = Path(__file__).resolve().parent.parent / DEFAULT_ADAPTER_DIR
+    return str(folder) if (folder / "adapter_config.json").is_file() else None

@@ -1,0 +1,583 @@
+"""The training loop: dataset file -> verified LoRA adapter folder with a training card.
+
+Our own loop rather than HF Trainer: it packs examples without padding, normalises the loss by
+the number of trained tokens across gradient accumulation and ranks, runs bf16 autocast on CPUs
+that have it, and checkpoints everything needed to resume bit-for-bit (model, optimizer, schedule,
+RNG; the data order is a pure function of seed and step)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__, prompts
+from .artifacts import save_adapter
+from .batching import iter_collated, micro_batches
+from .config import TrainConfig
+from .encoding import IGNORE_INDEX, Encoded, encode_example
+from .modeling import add_lora, base_identity, load_base, load_tokenizer, pick_device, pick_precision
+from .records import Record, dataset_fingerprint, read_records, split_records
+from .weights import resolve_base_model
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainingStopped(Exception):
+    """Training was asked to stop (SIGTERM); the last checkpoint holds the progress."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    card: dict[str, Any]
+
+
+@dataclass
+class History:
+    steps: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    base_val_loss: float | None = None
+
+
+def init_distributed(device_type: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world)
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    out = Path(output_dir)
+    return out.parent / f"{out.name}-checkpoints"
+
+
+def find_checkpoint(cfg: TrainConfig) -> Path | None:
+    spec = cfg.resume_from_checkpoint
+    if not spec:
+        return None
+    if spec in {"latest", "true", "True"}:
+        found = sorted(checkpoint_root(cfg.output_dir).glob(f"{CHECKPOINT_PREFIX}*"))
+        if not found:
+            raise FileNotFoundError(f"no checkpoint under {checkpoint_root(cfg.output_dir)} to resume from")
+        return found[-1]
+    path = Path(spec)
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no trainer_state.pt)")
+    return path
+
+
+def check_output_writable(output_dir: str | Path, need_bytes: int = 64 << 20) -> None:
+    """Fail before any model loads if the adapter could not be written at the end."""
+    parent = Path(output_dir).resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(
+            f"cannot write to {parent}: {exc.strerror}; choose another --output_dir"
+        ) from exc
+    free = shutil.disk_usage(parent).free
+    if free < need_bytes:
+        raise OSError(
+            f"only {free >> 20} MiB free under {parent}; at least {need_bytes >> 20} MiB are needed"
+        )
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def encode_records(
+    records: list[Record], tokenizer: Any, template: prompts.PromptTemplate, cfg: TrainConfig
+) -> list[Encoded]:
+    d = cfg.data
+    out = []
+    for record in records:
+        prompt, response = prompts.split_record(record, template, tokenizer)
+        out.append(
+            encode_example(prompt, response, tokenizer, d.cutoff_len, d.train_on_inputs, d.add_eos_token)
+        )
+    return out
+
+
+def token_loss_sum(
+    model: Any, batch: dict[str, torch.Tensor], device: torch.device, autocast: Any
+) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over trained tokens and their count (labels shift inside)."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    with autocast():
+        logits = model(**batch, use_cache=False).logits
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: Any,
+    examples: list[Encoded],
+    cfg: TrainConfig,
+    pad_id: int,
+    device: torch.device,
+    autocast: Any,
+    dist: Dist,
+) -> float:
+    """Mean loss per trained token over the validation split (all ranks together)."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    order = [
+        list(range(i, min(i + cfg.micro_batch_size, len(examples))))
+        for i in range(0, len(examples), cfg.micro_batch_size)
+    ]
+    for batch in iter_collated(examples, order[dist.rank :: dist.world_size], pad_id, cfg.data.packing):
+        loss, n = token_loss_sum(model, batch, device, autocast)
+        total += torch.tensor([loss.item(), n], dtype=torch.float64)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(total)
+    model.train()
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, history: History, keep: int = 2
+) -> Path:
+    """Atomic: written to a temporary folder, then renamed; older checkpoints pruned after."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        model.save_pretrained(tmp / "adapter")
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+                "history": dataclasses.asdict(history),
+            },
+            tmp / "trainer_state.pt",
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, History]:
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(path / "adapter" / "adapter_model.safetensors"))
+    # weights_only: a checkpoint folder may have been copied from elsewhere; never unpickle code.
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    history = History(**state["history"])
+    return int(state["step"]), history
+
+
+class _StopFlag:
+    """SIGTERM sets a flag; the loop checkpoints at the end of the step and stops cleanly."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self.previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.set = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def log_line(text: str) -> None:
+    print(text, flush=True)
+
+
+def train(
+    cfg: TrainConfig,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    log: Callable[[str], None] = log_line,
+) -> TrainResult:
+    started = time.time()
+    records = read_records(cfg.data.data_path)  # bad data fails here, before any model loads
+    data_bytes = Path(cfg.data.data_path).read_bytes()
+    train_records, val_records = split_records(records, cfg.data.val_set_size, cfg.seed)
+    check_output_writable(cfg.output_dir)
+    template = prompts.load_template(cfg.data.prompt_template_name)
+    checkpoint = find_checkpoint(cfg)
+
+    device = pick_device()
+    dist = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    precision = pick_precision(cfg.dtype, device, training=True)
+    if precision.compute == torch.float16 and cfg.quantization == "none":
+        raise ValueError("dtype float16 training is unstable without loss scaling; use bfloat16 or float32")
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=precision.compute)) if precision.autocast else nullcontext
+    )
+
+    base_path = resolve_base_model(cfg.base_model)
+    tokenizer = load_tokenizer(base_path)
+    train_examples = encode_records(train_records, tokenizer, template, cfg)
+    val_examples = encode_records(val_records, tokenizer, template, cfg)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = load_base(base_path, device, precision, cfg.quantization)
+    identity = base_identity(model, base_path)
+    model.config.use_cache = False
+    model = add_lora(model, cfg.lora, cfg.gradient_checkpointing, quantized=cfg.quantization != "none")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    ddp_model: Any = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    per_pass = cfg.micro_batch_size * dist.world_size
+    accum = max(1, cfg.batch_size // per_pass)
+    micro_per_epoch = len(
+        micro_batches(
+            train_examples,
+            cfg.micro_batch_size,
+            cfg.seed,
+            0,
+            cfg.data.group_by_length,
+            dist.rank,
+            dist.world_size,
+        )
+    )
+    if micro_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_examples)} training records are too few for {dist.world_size} processes "
+            f"x micro_batch_size {cfg.micro_batch_size}"
+        )
+    steps_per_epoch = max(1, micro_per_epoch // accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    history = History()
+    start_step = 0
+    if checkpoint is not None:
+        start_step, history = load_checkpoint(checkpoint, model, optimizer, scheduler)
+
+    if dist.main:
+        log(
+            f"base {base_path} | {total_params / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable "
+            f"({100 * trainable / total_params:.2f}%) | device {device} weights {precision.weights} compute {precision.compute}"
+        )
+        log(
+            f"data {cfg.data.data_path}: {len(train_examples)} train / {len(val_examples)} val, "
+            f"{sum(e.truncated for e in train_examples)} truncated to {cfg.data.cutoff_len} tokens"
+        )
+        log(
+            f"{total_steps} steps x {accum} accumulation x {cfg.micro_batch_size} micro-batch x {dist.world_size} "
+            f"process(es) | lr {cfg.learning_rate} {cfg.lr_scheduler} | packing {cfg.data.packing}"
+            + (f" | resuming at step {start_step}" if start_step else "")
+        )
+
+    wandb_run = _wandb(cfg, dist) if cfg.wandb_project else None
+    pad_id = tokenizer.pad_token_id
+    if val_examples and history.base_val_loss is None:
+        with model.disable_adapter():
+            history.base_val_loss = evaluate_loss(model, val_examples, cfg, pad_id, device, autocast, dist)
+    base_val_loss = history.base_val_loss
+
+    model.train()
+    epoch_batches: dict[int, list[list[int]]] = {}
+
+    def batch_at(index: int) -> list[int]:
+        epoch, pos = divmod(index, micro_per_epoch)
+        if epoch not in epoch_batches:
+            epoch_batches.clear()
+            epoch_batches[epoch] = micro_batches(
+                train_examples,
+                cfg.micro_batch_size,
+                cfg.seed,
+                epoch,
+                cfg.data.group_by_length,
+                dist.rank,
+                dist.world_size,
+            )
+        return epoch_batches[epoch][pos]
+
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="train",
+        disable=not dist.main,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    window_tokens, window_start = 0, time.perf_counter()
+    total_tokens = 0
+    train_seconds = 0.0
+    stopped = False
+    with _StopFlag() as stop:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            group = [[train_examples[i] for i in batch_at(step * accum + k)] for k in range(accum)]
+            batches = [next(iter_collated(b, [list(range(len(b)))], pad_id, cfg.data.packing)) for b in group]
+            n_targets = torch.tensor(
+                float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
+            )
+            if dist.world_size > 1:
+                torch.distributed.all_reduce(n_targets)
+            loss_total = 0.0
+            for k, batch in enumerate(batches):
+                # Gradients are all-reduced once per step, on the last micro-batch.
+                last = k == accum - 1
+                with nullcontext() if last or dist.world_size == 1 else ddp_model.no_sync():
+                    loss_sum, _ = token_loss_sum(ddp_model, batch, device, autocast)
+                    # Normalise by trained tokens over the whole step (all micro-batches, all
+                    # ranks); DDP averages over ranks, so scale back up by world size.
+                    loss = loss_sum * dist.world_size / n_targets.clamp(min=1).item()
+                    loss.backward()
+                loss_total += loss_sum.item()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # Non-padding tokens processed (packed rows have no padding).
+            local_tokens = sum(
+                int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                for b in batches
+            )
+            totals = torch.tensor([loss_total, float(local_tokens)], dtype=torch.float64)
+            if dist.world_size > 1:
+                torch.distributed.all_reduce(totals)
+            loss_total, step_tokens = float(totals[0]), int(totals[1])
+            total_tokens += step_tokens
+            window_tokens += step_tokens
+            train_seconds += time.perf_counter() - t0
+            mean_loss = loss_total / max(n_targets.item(), 1)
+            entry = {
+                "step": step + 1,
+                "epoch": round((step + 1) / steps_per_epoch, 4),
+                "loss": round(mean_loss, 5),
+                "lr": scheduler.get_last_lr()[0],
+            }
+            history.steps.append(entry)
+            bar.update(1)
+            if dist.main and ((step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps):
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_start, 1e-9)
+                window_tokens, window_start = 0, now
+                bar.write(
+                    f"epoch {entry['epoch']:.2f} | step {step + 1}/{total_steps} | loss {mean_loss:.4f} | "
+                    f"lr {entry['lr']:.2e} | tok/s {tps:.0f} | mem {_memory_gb(device):.2f} GB",
+                    file=sys.stdout,
+                )
+                sys.stdout.flush()
+            if (
+                cfg.eval_steps
+                and (step + 1) % cfg.eval_steps == 0
+                and val_examples
+                and step + 1 < total_steps
+            ):
+                val = evaluate_loss(model, val_examples, cfg, pad_id, device, autocast, dist)
+                history.evals.append({"step": step + 1, "val_loss": val})
+                if dist.main:
+                    bar.write(f"step {step + 1} | val_loss {val:.4f}", file=sys.stdout)
+            if wandb_run is not None:
+                wandb_run.log(entry, step=step + 1)
+            if on_step is not None:
+                on_step(entry)
+            stop_now = stop.set
+            if dist.world_size > 1:
+                flag = torch.tensor([int(stop_now)])
+                torch.distributed.all_reduce(flag)
+                stop_now = bool(flag.item())
+            want_ckpt = cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total_steps
+            if dist.main and (want_ckpt or stop_now):
+                path = save_checkpoint(
+                    checkpoint_root(cfg.output_dir), step + 1, model, optimizer, scheduler, history
+                )
+                bar.write(f"checkpoint {path}", file=sys.stdout)
+            if stop_now:
+                stopped = True
+                break
+    bar.close()
+    if stopped:
+        raise TrainingStopped(
+            f"stopped by SIGTERM; resume with --resume_from_checkpoint latest "
+            f"(checkpoints in {checkpoint_root(cfg.output_dir)})"
+        )
+
+    val_loss = (
+        evaluate_loss(model, val_examples, cfg, pad_id, device, autocast, dist) if val_examples else None
+    )
+    if val_examples:
+        history.evals.append({"step": total_steps, "val_loss": val_loss})
+    card = {
+        "base_model": identity,
+        "template": template.to_dict(),
+        "config": dataclasses.asdict(cfg),
+        "data": {
+            "path": str(cfg.data.data_path),
+            "sha256": dataset_fingerprint(data_bytes),
+            "records": len(records),
+            "train_records": len(train_records),
+            "val_records": len(val_records),
+            "truncated": sum(e.truncated for e in train_examples),
+            "trained_tokens_per_epoch": sum(e.trained_tokens for e in train_examples),
+        },
+        "training": {
+            "steps": total_steps,
+            "gradient_accumulation": accum,
+            "world_size": dist.world_size,
+            "trainable_params": trainable,
+            "total_params": total_params,
+            "device": str(device),
+            "weights_dtype": str(precision.weights),
+            "compute_dtype": str(precision.compute),
+            "tokens": total_tokens,
+            "tokens_per_second": round(total_tokens / max(train_seconds, 1e-9), 2),
+            "train_seconds": round(train_seconds, 2),
+            "wall_seconds": round(time.time() - started, 2),
+            "final_loss": history.steps[-1]["loss"] if history.steps else None,
+        },
+        "eval": {"base_val_loss": base_val_loss, "val_loss": val_loss},
+        "history": dataclasses.asdict(history),
+        "versions": _versions(),
+    }
+    adapter_dir = Path(cfg.output_dir)
+    if dist.main:
+        adapter_dir = save_adapter(model, cfg.output_dir, template, card)
+        log(
+            f"adapter written to {adapter_dir} (val_loss {val_loss if val_loss is None else round(val_loss, 4)}, "
+            f"base {base_val_loss if base_val_loss is None else round(base_val_loss, 4)})"
+        )
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    if wandb_run is not None:
+        wandb_run.finish()
+    return TrainResult(adapter_dir, card)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "finetune": __version__,
+    }
+
+
+def _wandb(cfg: TrainConfig, dist: Dist) -> Any:
+    if not dist.main:
+        return None
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ImportError("--wandb_project was given but wandb is not installed: pip install wandb") from exc
+    if cfg.wandb_watch:
+        os.environ["WANDB_WATCH"] = cfg.wandb_watch
+    if cfg.wandb_log_model:
+        os.environ["WANDB_LOG_MODEL"] = cfg.wandb_log_model
+    return wandb.init(
+        project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg)
+    )

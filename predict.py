@@ -1,0 +1,65 @@
+"""Cog predictor: base model + LoRA adapter, streaming text. Thin: the work is in finetune/."""
+
+from cog import BaseRunner, ConcatenateIterator, Input, current_scope, streaming
+
+from finetune.config import GenerationSettings, field_default, field_doc
+from finetune.inference import GenerationStats
+from finetune.prompts import AUTO, RAW, available_templates
+from finetune.serving import ModelServer, default_adapter
+
+G = GenerationSettings
+TEMPLATE_CHOICES = [AUTO, RAW, *available_templates()]
+
+
+def _input(name: str, **bounds):
+    return Input(description=field_doc(G, name), default=field_default(G, name), **bounds)
+
+
+class Predictor(BaseRunner):
+    def setup(self, weights: str | None = None) -> None:
+        """Load the base model once; `weights` (COG_WEIGHTS) is an adapter folder, archive, URL or data URI."""
+        self.server = ModelServer(adapter=weights or default_adapter())
+
+    @streaming
+    def run(
+        self,
+        prompt: str = Input(description="Instruction or question for the model.", min_length=1),
+        input: str = Input(
+            description="Optional context for the instruction (Alpaca's `input`).", default=""
+        ),
+        max_new_tokens: int = _input("max_new_tokens", ge=1, le=4096),
+        temperature: float = _input("temperature", ge=0.0, le=5.0),
+        top_p: float = _input("top_p", ge=0.0, le=1.0),
+        top_k: int = _input("top_k", ge=0, le=1000),
+        repetition_penalty: float = _input("repetition_penalty", ge=0.5, le=2.0),
+        stop_sequences: str = Input(
+            description="Comma-separated strings that end the answer (not included in the output).",
+            default="",
+        ),
+        seed: int | None = Input(description=field_doc(G, "seed"), default=None),
+        prompt_template: str = Input(
+            description="auto = the adapter's own template (alpaca for the bare base); none = send the prompt as is.",
+            default=AUTO,
+            choices=TEMPLATE_CHOICES,
+        ),
+        lora_weights: str | None = Input(
+            description="Per-request LoRA adapter: URL, data URI or path of an adapter archive or folder.",
+            default=None,
+        ),
+    ) -> ConcatenateIterator[str]:
+        settings = GenerationSettings(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            stop_sequences=[s for s in stop_sequences.split(",") if s],
+            seed=seed,
+        )
+        stats = GenerationStats()
+        yield from self.server.generate(prompt, input, settings, prompt_template, lora_weights, stats)
+        scope = current_scope()
+        scope.record_metric("input_token_count", stats.input_token_count)
+        scope.record_metric("output_token_count", stats.output_token_count)
+        scope.record_metric("time_to_first_token", round(stats.time_to_first_token, 4))
+        scope.record_metric("tokens_per_second", round(stats.tokens_per_second, 2))
