@@ -38,10 +38,17 @@ def _convert_meta(argv: list[str]) -> int:
     return main(argv)
 
 
+def _export(argv: list[str]) -> int:
+    from .export import main
+
+    return main(argv)
+
+
 COMMANDS = {
     "fetch-default": _fetch_default,
     "convert-gguf": _convert_gguf,
     "convert-meta": _convert_meta,
+    "export": _export,
 }
 
 

@@ -50,10 +50,7 @@ def encode_example(
         prompt_ids, response_ids = _truncate(prompt_ids, response_ids, cutoff_len)
 
     input_ids = prompt_ids + response_ids
-    if train_on_inputs:
-        labels = list(input_ids)
-    else:
-        labels = [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
+    labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
     return Encoded(input_ids=input_ids, labels=labels, truncated=truncated)
 
 

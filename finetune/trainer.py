@@ -56,6 +56,8 @@ class Dist:
 class TrainResult:
     adapter_dir: Path
     card: dict[str, Any]
+    model: Any = None
+    tokenizer: Any = None
 
 
 @dataclass
@@ -543,7 +545,7 @@ def train(
         torch.distributed.barrier()
     if wandb_run is not None:
         wandb_run.finish()
-    return TrainResult(adapter_dir, card)
+    return TrainResult(adapter_dir, card, model, tokenizer)
 
 
 def _memory_gb(device: torch.device) -> float:

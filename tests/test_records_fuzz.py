@@ -26,12 +26,19 @@ SLOW = settings(FAST, max_examples=10_000)
 BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
 NAMES = st.sampled_from(["d.json", "d.jsonl", "<data>", "upload.txt"])
 FORMATS = st.sampled_from(["auto", "json", "jsonl"])
-# Small caps too, so the cap paths are fuzzed as well as the defaults.
+
+
+def rarely(common: st.SearchStrategy, rare: st.SearchStrategy, one_in: int) -> st.SearchStrategy:
+    """`rare` about once in `one_in` draws: files are mostly plausible, with some damage."""
+    return st.integers(0, one_in - 1).flatmap(lambda k: rare if k == 0 else common)
+
+
+# Small caps now and then, so the cap paths are fuzzed as well as the defaults.
 CAPS = st.fixed_dictionaries(
     {
-        "max_record_chars": st.sampled_from([200_000, 20]),
-        "max_records": st.sampled_from([1_000_000, 3]),
-        "max_bytes": st.sampled_from([512 * 2**20, 200]),
+        "max_record_chars": rarely(st.just(200_000), st.just(8), 6),
+        "max_records": rarely(st.just(1_000_000), st.just(3), 6),
+        "max_bytes": rarely(st.just(512 * 2**20), st.just(200), 6),
     }
 )
 
@@ -79,32 +86,86 @@ def assert_valid(r: Record, max_chars: int) -> None:
 
 # --- strategies --------------------------------------------------------------------------------
 
+# Any text, lone surrogates included (st.text leaves them out by default).
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=8)
+ANY_KEY = ANY_TEXT | st.sampled_from(
+    ["\ud800", "a\udfff", "\x00", "instruction", "output", "text", "messages"]
+)
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
-    ),
+    st.none() | st.booleans() | st.integers() | st.floats() | ANY_TEXT,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(ANY_KEY, children, max_size=5),
     max_leaves=30,
 )
+# Stands for a number over Python's 4300-digit limit, which json.dumps cannot write itself.
+BIG_NUMBER = "<a 5000-digit number>"
 # Strings a user's file might hold: ordinary, blank, Chinese, or carrying NUL / lone surrogates.
-TEXTS = st.one_of(
-    st.text(max_size=30),
+TEXTS = rarely(
+    st.text(min_size=1, max_size=30),
     st.sampled_from(["", " ", "\n", "\t \r\n", "你好，世界", "\x00", "a\ud800b", "\udfff", "x" * 25]),
+    20,
 )
-VALUES = st.one_of(TEXTS, st.none(), st.integers(), st.booleans(), st.lists(TEXTS, max_size=2))
-ROLE_VALUES = st.one_of(st.sampled_from([*ROLES, "bot", "User", ""]), st.none(), st.integers())
-MESSAGE = st.dictionaries(
-    st.sampled_from(["role", "content", "name"]),
-    st.one_of(ROLE_VALUES, VALUES),
-    max_size=3,
-) | st.fixed_dictionaries({"role": ROLE_VALUES, "content": VALUES})
-KEYS = st.sampled_from(
-    ["instruction", "input", "output", "prompt", "completion", "text", "messages", "id", "问题"]
+VALUES = rarely(
+    TEXTS,
+    st.one_of(st.none(), st.integers(), st.booleans(), st.lists(TEXTS, max_size=2), st.just(BIG_NUMBER)),
+    20,
 )
-PLAUSIBLE_RECORD = st.one_of(
-    st.dictionaries(KEYS, st.one_of(VALUES, st.lists(MESSAGE, max_size=4)), max_size=5),
-    st.fixed_dictionaries({"messages": st.lists(MESSAGE, max_size=4)}),
+
+
+def message(roles: st.SearchStrategy) -> st.SearchStrategy:
+    bad_roles = st.one_of(st.sampled_from(["bot", "User", ""]), st.none(), st.integers())
+    return rarely(
+        st.fixed_dictionaries(
+            {"role": rarely(roles, bad_roles, 30), "content": TEXTS}, optional={"name": VALUES}
+        ),
+        st.dictionaries(st.sampled_from(["role", "content"]), VALUES, max_size=2) | VALUES,
+        30,
+    )
+
+
+# A system message now and then, then user/assistant turns, with some damage.
+MESSAGES = rarely(
+    st.builds(
+        lambda system, turns: system + turns,
+        st.lists(message(st.just("system")), max_size=1),
+        st.lists(
+            message(rarely(st.sampled_from(["user", "assistant"]), st.just("system"), 10)),
+            min_size=1,
+            max_size=4,
+        ),
+    ),
     VALUES,
+    20,
+)
+EXTRA_KEYS = {"id": VALUES, "问题": VALUES}
+# One strategy per shape (plus keys picked at random); a file draws one, then mostly its records.
+OBJECTS = [
+    st.fixed_dictionaries(
+        {"instruction": VALUES, "output": VALUES}, optional={"input": VALUES, "text": TEXTS, **EXTRA_KEYS}
+    ),
+    st.fixed_dictionaries({"prompt": VALUES, "completion": VALUES}, optional={"text": TEXTS, **EXTRA_KEYS}),
+    st.fixed_dictionaries({"messages": MESSAGES}, optional={"text": TEXTS, **EXTRA_KEYS}),
+    st.fixed_dictionaries({"text": VALUES}, optional=EXTRA_KEYS),
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "instruction",
+                "input",
+                "output",
+                "prompt",
+                "completion",
+                "text",
+                "messages",
+                "id",
+                "问题",
+                "\ud800",
+            ]
+        ),
+        VALUES | MESSAGES,
+        max_size=5,
+    ),
+]
+PLAUSIBLE_RECORDS = st.sampled_from(OBJECTS).flatmap(
+    lambda common: st.lists(rarely(common, st.one_of(*OBJECTS, VALUES), 10), min_size=1, max_size=6)
 )
 JSON_TOKENS = st.lists(
     st.sampled_from(
@@ -119,7 +180,8 @@ JSON_TOKENS = st.lists(
 
 def dumps(value: Any, ensure_ascii: bool, indent: int | None = None) -> bytes:
     # surrogatepass: a lone surrogate written raw becomes invalid UTF-8, as in a broken real file.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent).encode("utf-8", "surrogatepass")
+    data = json.dumps(value, ensure_ascii=ensure_ascii, indent=indent).encode("utf-8", "surrogatepass")
+    return data.replace(json.dumps(BIG_NUMBER).encode(), b"9" * 5000)
 
 
 def as_jsonl(values: list, ensure_ascii: bool) -> bytes:
@@ -230,13 +292,31 @@ def check_valid_round_trip(case: tuple) -> None:
         ] == [(e.shape, e.instruction, e.input, e.output, e.prompt, e.messages, e.text) for _, e in pairs]
 
 
+def check_conversation(turns: list[tuple[str, str]]) -> None:
+    """Well-formed turns in any role order: accepted exactly when the conversation rules hold."""
+    roles = [role for role, _ in turns]
+    ok = roles[-1] == "assistant" and "system" not in roles[1:]
+    data = dumps([{"messages": [{"role": r, "content": c} for r, c in turns]}], False)
+    assert isinstance(outcome(data, "d.json"), list) == ok
+
+
+def check_mixed_shapes(case: tuple) -> None:
+    """Valid records of two shapes in one file: rejected for the mix, and for nothing else."""
+    first, second, at = case
+    raw = [p[0] for p in first]
+    raw.insert(min(at, len(raw)), second[0])
+    for name, data in [("d.json", dumps(raw, False)), ("d.jsonl", as_jsonl(raw, False))]:
+        (problem,) = problems_of(data, name)
+        assert problem.startswith("the file mixes record shapes: ")
+
+
 PROPERTIES = [
     Property("arbitrary bytes", st.tuples(st.binary(max_size=600), NAMES, FORMATS, CAPS), check_bytes),
     Property("json tokens", st.tuples(JSON_TOKENS, NAMES, FORMATS, CAPS), check_bytes),
     Property(
         "mutated records",
         st.tuples(
-            mutated(st.lists(PLAUSIBLE_RECORD, max_size=4).map(lambda v: dumps(v, False, 1))),
+            mutated(PLAUSIBLE_RECORDS.map(lambda v: dumps(v, False, 1))),
             NAMES,
             FORMATS,
             CAPS,
@@ -247,7 +327,7 @@ PROPERTIES = [
     Property(
         "plausible records",
         st.tuples(
-            st.lists(PLAUSIBLE_RECORD, min_size=1, max_size=6),
+            PLAUSIBLE_RECORDS,
             st.booleans(),
             st.sampled_from([None, 2]),
             CAPS,
@@ -258,6 +338,22 @@ PROPERTIES = [
         "valid round trip",
         st.tuples(SAME_SHAPE_RECORDS, st.booleans(), st.booleans(), st.booleans()),
         check_valid_round_trip,
+    ),
+    Property(
+        "conversations",
+        st.lists(st.tuples(st.sampled_from(ROLES), VALID_TEXT), min_size=1, max_size=5),
+        check_conversation,
+    ),
+    Property(
+        "mixed shapes",
+        st.sampled_from(range(len(VALID_RECORDS))).flatmap(
+            lambda i: st.tuples(
+                st.lists(VALID_RECORDS[i], min_size=1, max_size=4),
+                st.one_of(*VALID_RECORDS[:i], *VALID_RECORDS[i + 1 :]),
+                st.integers(0, 4),
+            )
+        ),
+        check_mixed_shapes,
     ),
 ]
 

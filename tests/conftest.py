@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny in-process Llama with a tokenizer trained here (unit tests), and the
+real embedded model (integration tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = ROOT / "weights" / "smollm2-135m-instruct"
+
+CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:", "### Input:", "### Response:",
+    "The capital of France is Paris. The sky is blue. Alpacas live in the Andes.",
+    "Give three tips for staying healthy. Eat well, sleep enough and exercise.",
+    "What is two plus two? Two plus two is four.",
+    "中国的首都是北京。羊驼生活在安第斯山脉。你好，世界！",
+    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 512
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_tiny_llama(folder: Path, seed: int = 0, kv_heads: int = 2):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    if not (EMBEDDED / "config.json").exists():
+        pytest.fail(f"{EMBEDDED} is missing: run `make weights` (the README's test command does)")
+    return EMBEDDED
+
+
+def alpaca_records(n: int, start: int = 0) -> list[dict[str, str]]:
+    """Small learnable records: each answer is a fixed function of its question."""
+    out = []
+    for i in range(start, start + n):
+        out.append({"instruction": f"What is {i % 7} plus {i % 5}?", "input": "" if i % 3 else "Answer briefly.",
+                    "output": f"{i % 7} plus {i % 5} is {i % 7 + i % 5}."})
+    return out
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(alpaca_records(24)), encoding="utf-8")
+    return path
