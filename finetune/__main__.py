@@ -44,10 +44,32 @@ def _export(argv: list[str]) -> int:
     return main(argv)
 
 
+def _train(argv: list[str]) -> int:
+    from .cli import main
+
+    return main(argv)
+
+
+def _convert_adapter(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from .artifacts import convert_pickled_adapter
+
+    parser = argparse.ArgumentParser(
+        prog="finetune convert-adapter",
+        description="Convert a TRUSTED adapter_model.bin to safetensors (loaded with torch.load(weights_only=True))",
+    )
+    parser.add_argument("--input", required=True, help="adapter folder holding adapter_model.bin")
+    print(convert_pickled_adapter(Path(parser.parse_args(argv).input)))
+    return 0
+
+
 COMMANDS = {
     "fetch-default": _fetch_default,
     "convert-gguf": _convert_gguf,
     "convert-meta": _convert_meta,
+    "convert-adapter": _convert_adapter,
+    "train": _train,
     "export": _export,
 }
 
@@ -57,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
         print("usage: python -m finetune {" + ",".join(COMMANDS) + "} [options]")
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
+    from .modeling import ModelError
     from .weights import WeightsError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except WeightsError as exc:
+    except (WeightsError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,120 @@
+"""Environment, cog.yaml, base weights and the real Cog server answering POST /predictions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from finetune.cogtools import CogServer, build_schema
+from finetune.weights import WeightsError, resolve_base_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cog_yaml_validates_against_the_official_schema():
+    import jsonschema
+
+    schema = json.loads((ROOT / "tests" / "fixtures" / "cog_config_schema_v1.0.json").read_text())
+    config = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    jsonschema.validate(config, schema)
+    assert config["build"]["gpu"] is True
+    assert config["build"]["python_requirements"] == "requirements.txt"
+    assert config["build"]["sdk_version"] == "0.23.1"
+    assert config["predict"] == "predict.py:Predictor" and config["train"] == "train.py:train"
+
+
+@pytest.mark.parametrize("name", ["requirements.txt", "requirements-dev.txt"])
+def test_every_requirement_is_pinned(name):
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / name).read_text().splitlines()]
+    reqs = [ln for ln in lines if ln]
+    assert reqs
+    for req in reqs:
+        assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][A-Za-z0-9.+]*", req), f"{name}: {req!r} is not pinned with =="
+
+
+def test_schema_declares_inputs_bounds_and_streaming():
+    schema = build_schema(ROOT)
+    inputs = schema["components"]["schemas"]["Input"]
+    assert inputs["required"] == ["prompt"]
+    assert inputs["properties"]["max_new_tokens"]["maximum"] == 4096
+    assert inputs["properties"]["seed"]["nullable"] is True
+    assert schema["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
+    assert "TrainingInput" in schema["components"]["schemas"]
+
+
+def test_base_model_resolution(monkeypatch, tmp_path, embedded_model_dir):
+    monkeypatch.delenv("BASE_MODEL", raising=False)
+    assert resolve_base_model() == str(embedded_model_dir)
+    monkeypatch.setenv("BASE_MODEL", str(tmp_path))
+    with pytest.raises(WeightsError, match="no config.json"):
+        resolve_base_model()
+    assert resolve_base_model(str(embedded_model_dir)) == str(embedded_model_dir)  # explicit wins
+    assert resolve_base_model("huggyllama/llama-7b") == "huggyllama/llama-7b"  # a hub id passes through
+    with pytest.raises(WeightsError, match="does not exist"):
+        resolve_base_model("./no/such/folder")
+
+
+def test_missing_default_weights_say_which_command_installs_them(monkeypatch, tmp_path):
+    import finetune.weights as w
+
+    monkeypatch.delenv("BASE_MODEL", raising=False)
+    monkeypatch.setattr(w, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(WeightsError, match="make weights"):
+        w.resolve_base_model()
+
+
+def _tree_digest(folder: Path) -> dict[str, tuple[int, float]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.integration
+def test_make_weights_again_is_fast_and_changes_nothing(embedded_model_dir):
+    before = _tree_digest(ROOT / "weights")
+    start = time.monotonic()
+    proc = subprocess.run(["make", "weights"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    assert elapsed < 10, f"second `make weights` took {elapsed:.1f}s"
+    assert _tree_digest(ROOT / "weights") == before
+    conversion = json.loads((embedded_model_dir / "conversion.json").read_text())
+    gguf = ROOT / "weights" / ".cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert conversion["source_sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def bare_server(tmp_path_factory, embedded_model_dir):
+    log = tmp_path_factory.mktemp("server") / "cog.log"
+    with CogServer("predict", log_path=log) as server:
+        yield server
+
+
+@pytest.mark.integration
+def test_real_server_is_ready_and_answers(bare_server):
+    assert bare_server.health()["status"] == "READY"
+    resp = requests.post(f"{bare_server.url}/predictions", timeout=120, json={
+        "input": {"prompt": "Tell me something about alpacas.", "max_new_tokens": 24, "temperature": 0}})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["status"] == "succeeded", body
+    text = "".join(body["output"])
+    assert len(text.split()) >= 5 and re.search(r"[A-Za-z]{3,}", text)
+    assert "### Response" not in text
+    assert body["metrics"]["output_token_count"] == 24
+    assert body["metrics"]["input_token_count"] > 20
+
+
+@pytest.mark.integration
+def test_out_of_range_input_is_a_422(bare_server):
+    resp = requests.post(f"{bare_server.url}/predictions", timeout=30,
+                         json={"input": {"prompt": "hi", "max_new_tokens": 100000, "top_p": 1.5}})
+    assert resp.status_code == 422
+    bad = {tuple(d["loc"]) for d in resp.json()["detail"]}
+    assert bad == {("body", "input", "max_new_tokens"), ("body", "input", "top_p")}
