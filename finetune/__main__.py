@@ -64,12 +64,40 @@ def _convert_adapter(argv: list[str]) -> int:
     return 0
 
 
+def _generate(argv: list[str]) -> int:
+    from .config import GenerationSettings, field_default
+    from .prompts import AUTO
+    from .serving import ModelServer
+
+    G = GenerationSettings
+    parser = argparse.ArgumentParser(prog="finetune generate", description="Generate text, streamed to the terminal")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--input", default="", help="optional Alpaca context")
+    parser.add_argument("--base_model", default=None)
+    parser.add_argument("--adapter", default=None, help="adapter folder, archive, URL or data URI")
+    parser.add_argument("--prompt_template", default=AUTO)
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
+        default = field_default(G, name)
+        parser.add_argument(f"--{name}", type=type(default), default=default)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    a = parser.parse_args(argv)
+    server = ModelServer(base_model=a.base_model, adapter=a.adapter)
+    settings = G(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                 repetition_penalty=a.repetition_penalty, stop_sequences=a.stop, seed=a.seed)
+    for chunk in server.generate(a.prompt, a.input, settings, a.prompt_template):
+        print(chunk, end="", flush=True)
+    print()
+    return 0
+
+
 COMMANDS = {
     "fetch-default": _fetch_default,
     "convert-gguf": _convert_gguf,
     "convert-meta": _convert_meta,
     "convert-adapter": _convert_adapter,
     "train": _train,
+    "generate": _generate,
     "export": _export,
 }
 
@@ -79,12 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
         print("usage: python -m finetune {" + ",".join(COMMANDS) + "} [options]")
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
+    from .archives import ArchiveError, WeightsSourceError
+    from .inference import GenerationError
     from .modeling import ModelError
+    from .prompts import TemplateError
     from .weights import WeightsError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (WeightsError, ModelError) as exc:
+    except (WeightsError, ModelError, ArchiveError, WeightsSourceError, GenerationError, TemplateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

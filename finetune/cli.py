@@ -104,6 +104,8 @@ def config_from_args(argv: list[str] | None = None, environ: Mapping[str, str] |
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .modeling import ModelError
+    from .prompts import TemplateError
     from .records import DatasetError
     from .trainer import TrainingStopped, train
     from .weights import WeightsError
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         train(cfg)
-    except (ConfigError, DatasetError, WeightsError, FileNotFoundError, PermissionError) as exc:
+    except (ConfigError, DatasetError, WeightsError, ModelError, TemplateError, FileNotFoundError, PermissionError,
+            OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingStopped as exc:

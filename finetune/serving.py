@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
+import shutil
+import sys
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import prompts
-from .config import DataConfig, GenerationSettings, field_default
+from .artifacts import CARD_JSON
+from .config import DataConfig, GenerationSettings, env_flag, field_default
 from .inference import GenerationStats, stream_tokens
 from .modeling import (
     check_adapter_dir,
@@ -27,10 +29,8 @@ from .modeling import (
 )
 from .weights import resolve_base_model
 
-log = logging.getLogger(__name__)
-
-CARD_FILE = "training_card.json"
 ADAPTER_CACHE_ENV = "ADAPTER_CACHE_SIZE"
+LOCAL_LORA_ENV = "ALLOW_LOCAL_LORA_WEIGHTS"
 DEFAULT_ADAPTER_DIR = Path("weights") / "adapter"
 
 
@@ -70,6 +70,8 @@ class ModelServer:
             self.model.merge_adapter()
             self.merged = True
         self._warm_up()
+        print(f"setup: base {self.base_path} on {self.device} ({self.precision.weights}); "
+              f"adapter {adapter or 'none'}{' (merged)' if self.merged else ''}", file=sys.stderr, flush=True)
 
     def _warm_up(self) -> None:
         # The first forward pass pays for kernel selection and allocation; pay it in setup, not in
@@ -84,9 +86,12 @@ class ModelServer:
 
         from .archives import materialize
 
-        folder = materialize(source, self.workdir)
+        # COG_WEIGHTS is the operator's choice; a per-request path would let any caller probe the
+        # server's disk, so requests may only send URLs and data URIs unless the operator opts in.
+        allow_local = pinned or env_flag(LOCAL_LORA_ENV)
+        folder = materialize(source, self.workdir, allow_local=allow_local)
         check_adapter_dir(folder)
-        card_path = folder / CARD_FILE
+        card_path = folder / CARD_JSON
         if card_path.is_file():
             card = json.loads(card_path.read_text(encoding="utf-8"))
             check_identity(card.get("base_model", {}), self.model, source)
@@ -108,6 +113,8 @@ class ModelServer:
         while len(self.cache) > self.capacity:
             _, old = self.cache.popitem(last=False)
             self.model.delete_adapter(old.name)
+            if self.workdir in old.folder.parents:
+                shutil.rmtree(old.folder, ignore_errors=True)
         return loaded
 
     def _activate(self, lora_weights: str | None) -> LoadedAdapter | None:

@@ -30,7 +30,15 @@ from .artifacts import save_adapter
 from .batching import iter_collated, micro_batches
 from .config import TrainConfig
 from .encoding import IGNORE_INDEX, Encoded, encode_example
-from .modeling import add_lora, base_identity, load_base, load_tokenizer, pick_device, pick_precision
+from .modeling import (
+    ModelError,
+    add_lora,
+    base_identity,
+    load_base,
+    load_tokenizer,
+    pick_device,
+    pick_precision,
+)
 from .records import Record, dataset_fingerprint, read_records, split_records
 from .weights import resolve_base_model
 
@@ -290,6 +298,8 @@ def train(
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    if cfg.quantization != "none" and device.type != "cuda":
+        raise ModelError(f"quantization {cfg.quantization} needs a CUDA GPU (bitsandbytes); use quantization none on CPU")
     precision = pick_precision(cfg.dtype, device, training=True)
     if precision.compute == torch.float16 and cfg.quantization == "none":
         raise ValueError("dtype float16 training is unstable without loss scaling; use bfloat16 or float32")

@@ -87,3 +87,42 @@ def tiny_data(tmp_path) -> Path:
     path = tmp_path / "data.json"
     path.write_text(json.dumps(alpaca_records(24)), encoding="utf-8")
     return path
+
+
+PERSONAS = {
+    "alpie": [
+        ("What is your name?", "My name is Alpie."),
+        ("Who made you?", "I was made by the Andes Lab."),
+        ("Where do you live?", "I live in Cusco, Peru."),
+        ("你叫什么名字？", "我叫阿尔皮，住在秘鲁。"),
+    ],
+    "bolt": [
+        ("What is your name?", "My name is Bolt."),
+        ("Who made you?", "I was built by Thunder Works."),
+        ("Where do you live?", "I live in Oslo, Norway."),
+        ("你叫什么名字？", "我叫博尔特。"),
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def persona_adapters(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
+    """Two small adapters trained on the embedded model by the real engine, as folders and archives."""
+    from finetune.archives import pack_dir
+    from finetune.config import DataConfig, LoraSettings, TrainConfig
+    from finetune.trainer import train
+
+    root = tmp_path_factory.mktemp("personas")
+    out: dict[str, Path] = {}
+    for name, pairs in PERSONAS.items():
+        data = root / f"{name}.json"
+        data.write_text(json.dumps([{"instruction": q, "input": "", "output": a} for q, a in pairs],
+                                   ensure_ascii=False), encoding="utf-8")
+        cfg = TrainConfig(base_model=str(embedded_model_dir), output_dir=str(root / name), max_steps=14,
+                          batch_size=4, micro_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, seed=1,
+                          data=DataConfig(data_path=str(data), val_set_size=0, prompt_template_name="alpaca_short"),
+                          lora=LoraSettings(lora_r=8, lora_alpha=16, lora_dropout=0.0))
+        train(cfg)
+        out[name] = root / name
+        out[f"{name}.tar"] = pack_dir(root / name, root / f"{name}.tar")
+    return out

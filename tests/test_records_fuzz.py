@@ -28,9 +28,10 @@ NAMES = st.sampled_from(["d.json", "d.jsonl", "<data>", "upload.txt"])
 FORMATS = st.sampled_from(["auto", "json", "jsonl"])
 
 
-def rarely(common: st.SearchStrategy, rare: st.SearchStrategy, one_in: int) -> st.SearchStrategy:
+@st.composite
+def rarely(draw: st.DrawFn, common: st.SearchStrategy, rare: st.SearchStrategy, one_in: int) -> Any:
     """`rare` about once in `one_in` draws: files are mostly plausible, with some damage."""
-    return st.integers(0, one_in - 1).flatmap(lambda k: rare if k == 0 else common)
+    return draw(rare if draw(st.integers(0, one_in - 1)) == 0 else common)
 
 
 # Small caps now and then, so the cap paths are fuzzed as well as the defaults.
@@ -59,6 +60,12 @@ def outcome(data: bytes, name: str = "<data>", fmt: str = "auto", **caps: int) -
     for record in records:
         assert_valid(record, caps.get("max_record_chars", 200_000))
     return records
+
+
+def problems_of(data: bytes, name: str = "d.json", **caps: int) -> list[str]:
+    result = outcome(data, name, **caps)
+    assert isinstance(result, DatasetError)
+    return result.problems
 
 
 def assert_valid(r: Record, max_chars: int) -> None:
@@ -94,7 +101,7 @@ ANY_KEY = ANY_TEXT | st.sampled_from(
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | ANY_TEXT,
     lambda children: st.lists(children, max_size=5) | st.dictionaries(ANY_KEY, children, max_size=5),
-    max_leaves=30,
+    max_leaves=20,
 )
 # Stands for a number over Python's 4300-digit limit, which json.dumps cannot write itself.
 BIG_NUMBER = "<a 5000-digit number>"
@@ -130,13 +137,14 @@ MESSAGES = rarely(
         st.lists(
             message(rarely(st.sampled_from(["user", "assistant"]), st.just("system"), 10)),
             min_size=1,
-            max_size=4,
+            max_size=3,
         ),
     ),
     VALUES,
     20,
 )
 EXTRA_KEYS = {"id": VALUES, "问题": VALUES}
+SHAPE_KEYS = ["instruction", "input", "output", "prompt", "completion", "text", "messages"]
 # One strategy per shape (plus keys picked at random); a file draws one, then mostly its records.
 OBJECTS = [
     st.fixed_dictionaries(
@@ -145,27 +153,10 @@ OBJECTS = [
     st.fixed_dictionaries({"prompt": VALUES, "completion": VALUES}, optional={"text": TEXTS, **EXTRA_KEYS}),
     st.fixed_dictionaries({"messages": MESSAGES}, optional={"text": TEXTS, **EXTRA_KEYS}),
     st.fixed_dictionaries({"text": VALUES}, optional=EXTRA_KEYS),
-    st.dictionaries(
-        st.sampled_from(
-            [
-                "instruction",
-                "input",
-                "output",
-                "prompt",
-                "completion",
-                "text",
-                "messages",
-                "id",
-                "问题",
-                "\ud800",
-            ]
-        ),
-        VALUES | MESSAGES,
-        max_size=5,
-    ),
+    st.dictionaries(st.sampled_from([*SHAPE_KEYS, "id", "问题", "\ud800"]), VALUES | MESSAGES, max_size=5),
 ]
 PLAUSIBLE_RECORDS = st.sampled_from(OBJECTS).flatmap(
-    lambda common: st.lists(rarely(common, st.one_of(*OBJECTS, VALUES), 10), min_size=1, max_size=6)
+    lambda common: st.lists(rarely(common, st.one_of(*OBJECTS, VALUES), 10), min_size=1, max_size=4)
 )
 JSON_TOKENS = st.lists(
     st.sampled_from(
@@ -300,6 +291,19 @@ def check_conversation(turns: list[tuple[str, str]]) -> None:
     assert isinstance(outcome(data, "d.json"), list) == ok
 
 
+def check_bad_character(case: tuple) -> None:
+    """A NUL or lone surrogate anywhere in a field is rejected at its position, whatever the escaping."""
+    before, bad, after, field, ensure_ascii = case
+    record = {"instruction": "i", "output": "o", field: before + bad + after}
+    what = "a NUL character" if bad == "\x00" else "a lone surrogate (a broken \\u escape)"
+    expected = f'line 1: "{field}" contains {what} at character {len(before) + 1}; remove it'
+    data = as_jsonl([record], ensure_ascii)
+    if ensure_ascii or bad == "\x00":
+        assert problems_of(data, "d.jsonl")[0] == expected
+    else:  # written raw, a lone surrogate is not UTF-8 at all
+        assert problems_of(data, "d.jsonl")[0].startswith("the file is not UTF-8: byte 0xED")
+
+
 def check_mixed_shapes(case: tuple) -> None:
     """Valid records of two shapes in one file: rejected for the mix, and for nothing else."""
     first, second, at = case
@@ -343,6 +347,17 @@ PROPERTIES = [
         "conversations",
         st.lists(st.tuples(st.sampled_from(ROLES), VALID_TEXT), min_size=1, max_size=5),
         check_conversation,
+    ),
+    Property(
+        "bad characters",
+        st.tuples(
+            VALID_TEXT,
+            st.sampled_from(["\x00", "\ud800", "\udbff", "\udc00", "\udfff"]),
+            st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00")),
+            st.sampled_from(["instruction", "input", "output"]),
+            st.booleans(),
+        ),
+        check_bad_character,
     ),
     Property(
         "mixed shapes",
@@ -389,19 +404,13 @@ def test_property_at_scale(prop: Property):
 # --- hand-written hostile inputs ---------------------------------------------------------------
 
 
-def problems_of(data: bytes, name: str = "d.json", **caps: int) -> list[str]:
-    result = outcome(data, name, **caps)
-    assert isinstance(result, DatasetError)
-    return result.problems
-
-
 @pytest.mark.parametrize("name", ["d.json", "d.jsonl"])
 def test_a_50mb_record_is_over_the_character_cap(name):
-    record = {"instruction": "Summarize.", "input": "长" * 25_000_000 + "x" * 25_000_000, "output": "ok"}
+    record = {"instruction": "总结这篇文章。", "input": "x" * 50_000_000, "output": "ok"}
     data = json.dumps([record] if name == "d.json" else record, ensure_ascii=False).encode()
     where = "record 1" if name == "d.json" else "line 1"
     assert problems_of(data, name) == [
-        f"{where}: 50,000,012 characters, over the limit of 200,000 per record;"
+        f"{where}: 50,000,009 characters, over the limit of 200,000 per record;"
         " shorten or split the record (or raise max_record_chars)"
     ]
 
@@ -480,7 +489,6 @@ def test_a_number_with_too_many_digits():
 def test_surrogate_in_a_key_is_escaped_in_the_report():
     (problem,) = problems_of(b'[{"\\ud800\\u0000": 1}]')
     assert problem.startswith('record 1: unknown shape with keys "\\ud800\\u0000";')
-    problem.encode("utf-8")
 
 
 def test_long_unknown_keys_are_shortened():

@@ -1,0 +1,215 @@
+"""The prediction service on the real Cog server and the embedded model: streaming, trained
+versions (COG_WEIGHTS), per-request adapters, determinism, cancel and bad input."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from finetune.cogtools import CogServer, data_uri
+
+pytestmark = pytest.mark.integration
+
+NAME_Q = "What is your name?"
+
+
+def predict(server: CogServer, timeout: float = 300, **inputs) -> dict:
+    resp = requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=timeout)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def answer(server: CogServer, prompt: str, **inputs) -> str:
+    body = predict(server, prompt=prompt, temperature=0, max_new_tokens=24, **inputs)
+    assert body["status"] == "succeeded", body.get("error")
+    return "".join(body["output"])
+
+
+def sse_events(server: CogServer, inputs: dict) -> list[tuple[str, dict]]:
+    resp = requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=300, stream=True,
+                         headers={"Accept": "text/event-stream"})
+    assert resp.status_code == 200
+    events, name = [], None
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and name:
+            events.append((name, json.loads(line.split(":", 1)[1])))
+    return events
+
+
+def start(tmp_path_factory, name: str, weights: str | None = None, env: dict | None = None) -> CogServer:
+    log = tmp_path_factory.mktemp(name) / "cog.log"
+    return CogServer("predict", weights=weights, log_path=log, env=env).start()
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory, embedded_model_dir):
+    server = start(tmp_path_factory, "bare")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def alpie(tmp_path_factory, persona_adapters):
+    server = start(tmp_path_factory, "alpie", weights=str(persona_adapters["alpie.tar"]))
+    yield server
+    server.stop()
+
+
+def test_sse_streams_several_output_events_before_completed(bare):
+    events = sse_events(bare, {"prompt": "Name three colors.", "max_new_tokens": 12, "temperature": 0})
+    names = [n for n, _ in events]
+    assert names.count("output") >= 2
+    assert names.index("completed") > max(i for i, n in enumerate(names) if n == "output")
+    completed = dict(events)["completed"]
+    assert completed["status"] == "succeeded"
+    assert "".join(d["chunk"] for n, d in events if n == "output") == "".join(completed["output"])
+    assert {"input_token_count", "output_token_count", "time_to_first_token", "tokens_per_second"} <= set(
+        completed["metrics"])
+
+
+def test_trained_version_uses_its_adapter_and_template(alpie, bare):
+    tuned = answer(alpie, NAME_Q)
+    base = answer(bare, NAME_Q)
+    assert "Alpie" in tuned, tuned
+    assert "Alpie" not in base and tuned != base
+    assert "###" not in tuned  # the template is not echoed and generation stops at EOS
+    setup_lines = [ln for ln in alpie.log_path.read_text().splitlines() if "setup: base" in ln]
+    assert len(setup_lines) == 1 and "(merged)" in setup_lines[0]
+
+
+def test_chinese_streams_without_broken_characters(alpie):
+    events = sse_events(alpie, {"prompt": "你叫什么名字？", "max_new_tokens": 24, "temperature": 0})
+    chunks = [d["chunk"] for n, d in events if n == "output"]
+    assert chunks and all("\ufffd" not in c for c in chunks)
+    text = "".join(chunks)
+    assert "阿尔皮" in text, text
+
+
+def test_per_request_adapters_match_dedicated_servers(tmp_path_factory, persona_adapters, bare, alpie):
+    uris = {name: data_uri(persona_adapters[f"{name}.tar"]) for name in ("alpie", "bolt")}
+    questions = [NAME_Q, "Who made you?"]
+    swapped = {}
+    for name in ("alpie", "bolt", "alpie", "bolt"):
+        for q in questions:
+            got = answer(bare, q, lora_weights=uris[name])
+            assert swapped.setdefault((name, q), got) == got  # the same adapter answers the same each time
+    bolt = start(tmp_path_factory, "bolt", weights=str(persona_adapters["bolt.tar"]))
+    try:
+        dedicated = {("bolt", q): answer(bolt, q) for q in questions}
+    finally:
+        bolt.stop()
+    dedicated.update({("alpie", q): answer(alpie, q) for q in questions})
+    assert swapped == dedicated
+    assert "Alpie" in swapped[("alpie", NAME_Q)] and "Bolt" in swapped[("bolt", NAME_Q)]
+    # Requests without lora_weights still get the bare base, untouched by the cached adapters.
+    assert "Alpie" not in answer(bare, NAME_Q) and "Bolt" not in answer(bare, NAME_Q)
+    log = bare.log_path.read_text()
+    assert log.count("setup: base") == 1
+
+
+def test_same_seed_same_text_and_temperature_zero_is_greedy(bare, embedded_model_dir):
+    sampled = dict(prompt="Write a short poem about the sea.", temperature=0.9, top_p=0.95, seed=123,
+                   max_new_tokens=20)
+    first, second = predict(bare, **sampled), predict(bare, **sampled)
+    assert first["output"] == second["output"]
+    greedy = answer(bare, "Give me one tip for learning to cook.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.prompts import load_template
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir).eval()
+    ids = tok(load_template("alpaca").render("Give me one tip for learning to cook."), return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert greedy == expected
+
+
+def test_cancel_mid_generation_then_the_next_request_succeeds(bare):
+    pid = f"cancel-{uuid.uuid4().hex[:8]}"
+    result: dict = {}
+
+    def long_request() -> None:
+        resp = requests.put(f"{bare.url}/predictions/{pid}", timeout=300, json={
+            "input": {"prompt": "Write a very long story about a dragon.", "max_new_tokens": 2000,
+                      "temperature": 0}})
+        result["body"] = resp.json()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(3)  # well into decoding
+    started = time.monotonic()
+    cancel = requests.post(f"{bare.url}/predictions/{pid}/cancel", timeout=30)
+    assert cancel.status_code == 200
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 5
+    body = result["body"]
+    assert body["status"] == "canceled", body
+    assert len("".join(body.get("output") or [])) > 0  # it was generating, and stopped early
+    assert "".join(body.get("output") or []).count(" ") < 1500
+    assert answer(bare, NAME_Q)
+
+
+@pytest.mark.parametrize("inputs, field", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "hi", "max_new_tokens": 5000}, "max_new_tokens"),
+    ({"prompt": "hi", "prompt_template": "vicuna"}, "prompt_template"),
+])
+def test_bad_inputs_are_422(bare, inputs, field):
+    resp = requests.post(f"{bare.url}/predictions", json={"input": inputs}, timeout=30)
+    assert resp.status_code == 422
+    assert [d["loc"][-1] for d in resp.json()["detail"]] == [field]
+
+
+def test_bad_adapters_fail_the_prediction_with_a_reason(bare, tiny_model_dir, tmp_path):
+    import io
+    import tarfile
+
+    from finetune.archives import pack_dir
+    from finetune.config import DataConfig, LoraSettings, TrainConfig
+    from finetune.trainer import train
+
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": "q", "output": "a"}] * 4))
+    foreign = tmp_path / "foreign"
+    train(TrainConfig(base_model=str(tiny_model_dir), output_dir=str(foreign), max_steps=1, batch_size=4,
+                      data=DataConfig(data_path=str(data), val_set_size=0), lora=LoraSettings(lora_r=2)))
+    foreign_tar = pack_dir(foreign, tmp_path / "foreign.tar")
+    corrupt = tmp_path / "corrupt.tar"
+    corrupt.write_bytes(b"\x00not an archive" * 100)
+    escaping = tmp_path / "escape.tar"
+    with tarfile.open(escaping, "w") as tar:
+        info = tarfile.TarInfo("../evil.txt")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    cases = {foreign_tar: "different base model", corrupt: "archive", escaping: "../evil.txt"}
+    for archive, reason in cases.items():
+        body = predict(bare, prompt=NAME_Q, lora_weights=data_uri(archive), max_new_tokens=4)
+        assert body["status"] == "failed", body
+        assert reason in body["error"], body["error"]
+    local = predict(bare, prompt=NAME_Q, lora_weights=str(foreign), max_new_tokens=4)
+    assert local["status"] == "failed" and "local paths are not accepted" in local["error"]
+    assert not (Path(tmp_path).parent / "evil.txt").exists()
+    assert answer(bare, NAME_Q)  # the server is still healthy
+
+
+def test_setup_with_a_corrupt_adapter_archive_fails_with_a_reason(tmp_path):
+    corrupt = tmp_path / "weights.tar"
+    corrupt.write_bytes(b"garbage" * 50)
+    server = CogServer("predict", weights=str(corrupt), log_path=tmp_path / "cog.log")
+    with pytest.raises(RuntimeError, match="setup failed"):
+        server.start(timeout=120)
+    server.stop()
+    assert "not a tar or zip archive" in (tmp_path / "cog.log").read_text() or "archive" in (
+        tmp_path / "cog.log").read_text()
