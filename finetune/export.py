@@ -75,8 +75,10 @@ class ExportError(Exception):
 # --- base + adapter -> one merged model ----------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+def _brief(exc: BaseException) -> str:
+    """An exception as one line: torch's state-dict errors put the useful part on their second line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:2]) or type(exc).__name__
 
 
 def _read_card(adapter: Path) -> dict[str, Any] | None:
@@ -89,33 +91,32 @@ def _read_card(adapter: Path) -> dict[str, Any] | None:
         raise ExportError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def load_merged(base: str, adapter: Path | None, dtype: torch.dtype) -> tuple[Any, Any]:
-    """The base model with the adapter merged into its weights (or the bare base), and its tokenizer."""
+def load_merged(base: str, adapter: Path | None, dtype: torch.dtype) -> Any:
+    """The base model with the adapter merged into its weights (or the bare base)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     except OSError as exc:
-        raise ExportError(f"could not load base model {base}: {_first_line(exc)}") from exc
+        raise ExportError(f"could not load base model {base}: {_brief(exc)}") from exc
     if adapter is None:
-        return model, tokenizer
+        return model
     card = _read_card(adapter)
     if card and card.get("base_model"):
         check_identity(card["base_model"], model, str(adapter))
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise ExportError(f"adapter {adapter} does not fit base model {base}: {_first_line(exc)}") from exc
+        raise ExportError(f"adapter {adapter} does not fit base model {base}: {_brief(exc)}") from exc
     try:
         # safe_merge adds each delta to a copy of the weight and checks that copy for NaN/inf first
         merged = peft_model.merge_and_unload(safe_merge=True)
     except ValueError as exc:
         raise ExportError(
-            f"merging adapter {adapter} failed ({_first_line(exc)}); retrain it or use an earlier checkpoint"
+            f"merging adapter {adapter} failed ({_brief(exc)}); retrain it or use an earlier checkpoint"
         ) from exc
-    return merged, tokenizer
+    return merged
 
 
 def _release(model: Any, name: str) -> torch.Tensor:
@@ -216,11 +217,11 @@ def _meta_names(n_layers: int) -> list[tuple[str, str]]:
     ]
 
 
-def write_meta(model: Any, tokenizer: Any, folder: Path, model_size: str, sp_file: Path | None) -> list[str]:
+def write_meta(
+    model: Any, tokenizer: Any, folder: Path, model_size: str, params: dict[str, Any], sp_file: Path | None
+) -> list[str]:
     """Write the Meta layout into `folder`; return notes for the user."""
     cfg = model.config
-    _check_llama_layout(cfg, "meta")
-    params = meta_params(cfg)
     tied = _is_tied(model)
     state: dict[str, torch.Tensor] = {}
     for meta_name, hf_name in tqdm(_meta_names(cfg.num_hidden_layers), desc="meta tensors", unit="tensor"):
@@ -235,14 +236,15 @@ def write_meta(model: Any, tokenizer: Any, folder: Path, model_size: str, sp_fil
     torch.save(state, size_dir / "consolidated.00.pth")
     (size_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
 
-    read_back = (
-        f"python -m finetune convert-meta --input_dir <this folder> --model_size {model_size} "
-        f"--output_dir <new folder> --max_position_embeddings {cfg.max_position_embeddings}"
-    )
     if sp_file is not None:
         shutil.copyfile(sp_file, folder / "tokenizer.model")
         notes = []
-        tokenizer_text = "tokenizer.model: the sentencepiece tokenizer."
+        tokenizer_text = (
+            "tokenizer.model: the sentencepiece tokenizer.\n\n"
+            "Read it back into a Hugging Face folder with (params.json has no field for the context length)\n"
+            f"  python -m finetune convert-meta --input_dir <this folder> --model_size {model_size} "
+            f"--output_dir <new folder> --max_position_embeddings {cfg.max_position_embeddings}"
+        )
     else:
         tokenizer.save_pretrained(folder)
         notes = [
@@ -251,9 +253,9 @@ def write_meta(model: Any, tokenizer: Any, folder: Path, model_size: str, sp_fil
         ]
         tokenizer_text = (
             "No tokenizer.model: this model's tokenizer is not sentencepiece (it is a byte-level BPE), so\n"
-            "the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ...) are here instead.\n"
-            "convert-meta needs a tokenizer.model and cannot read this export back; load the tokenizer\n"
-            "from these files with transformers' AutoTokenizer."
+            "the Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ...) are here instead;\n"
+            "load them with transformers' AutoTokenizer. convert-meta needs a tokenizer.model, so it cannot\n"
+            f"read this export back. The context length is {cfg.max_position_embeddings}."
         )
     readme = (
         "Meta LLaMA checkpoint exported by `python -m finetune export meta`.\n\n"
@@ -262,9 +264,7 @@ def write_meta(model: Any, tokenizer: Any, folder: Path, model_size: str, sp_fil
         + (", output.weight a copy of the tied embeddings" if tied else "")
         + ".\n"
         f"{model_size}/params.json: the architecture.\n"
-        f"{tokenizer_text}\n\n"
-        f"Context length {cfg.max_position_embeddings} (params.json has no field for it). Read it back with\n"
-        f"  {read_back}\n"
+        f"{tokenizer_text}\n"
     )
     (folder / "README.txt").write_text(readme)
     return notes
@@ -461,19 +461,9 @@ def _encode(name: str, tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -
     return gguf.quants.quantize(data, qtype)
 
 
-def write_gguf(
-    model: Any,
-    tokenizer: Any,
-    path: Path,
-    dtype: str,
-    name: str,
-    sp_file: Path | None,
-    tokenizer_pre: str | None,
-) -> None:
+def write_gguf(model: Any, tokenizer: Any, vocab: GGUFVocab, path: Path, dtype: str, name: str) -> None:
     cfg = model.config
-    _check_llama_layout(cfg, "gguf")
     qtype, file_type = GGUF_TYPES[dtype]
-    vocab = gguf_vocab(tokenizer, sp_file, cfg.vocab_size, tokenizer_pre)
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_type("model")
     writer.add_name(name)
@@ -572,23 +562,37 @@ def export(
         check_adapter_dir(adapter_dir)
     base = resolve_base_model(base_model)
 
+    # Everything the config and tokenizer can rule out is checked before the weights load.
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config, tokenizer = AutoConfig.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    except OSError as exc:
+        raise ExportError(f"could not load base model {base}: {_brief(exc)}") from exc
+    if fmt != "hf":
+        _check_llama_layout(config, fmt)
+    sp_file = _sentencepiece_file(base)
+    params = meta_params(config) if fmt == "meta" else {}
+    vocab = gguf_vocab(tokenizer, sp_file, config.vocab_size, tokenizer_pre) if fmt == "gguf" else None
+
     # Merging happens in the dtype the weights load in: the output dtype for hf/meta, fp32 for gguf,
     # whose converter rounds each tensor once, at the end.
-    model, tokenizer = load_merged(base, adapter_dir, TORCH_DTYPES.get(dtype, torch.float32))
+    model = load_merged(base, adapter_dir, TORCH_DTYPES.get(dtype, torch.float32))
     notes: list[str] = []
     written = output_dir
     with _staging(output_dir) as tmp:
         if fmt == "hf":
             model.save_pretrained(tmp)  # safetensors, config.json, generation_config.json
             tokenizer.save_pretrained(tmp)
+            if sp_file is not None:  # transformers 5 saves no tokenizer.model; later exports need it
+                shutil.copyfile(sp_file, tmp / "tokenizer.model")
         elif fmt == "meta":
-            notes = write_meta(model, tokenizer, tmp, model_size, _sentencepiece_file(base))
+            notes = write_meta(model, tokenizer, tmp, model_size, params, sp_file)
         else:
+            assert vocab is not None
             filename = f"model-{dtype}.gguf"
             name = Path(base).name + (f"-{adapter_dir.name}" if adapter_dir else "")
-            write_gguf(
-                model, tokenizer, tmp / filename, dtype, name, _sentencepiece_file(base), tokenizer_pre
-            )
+            write_gguf(model, tokenizer, vocab, tmp / filename, dtype, name)
             written = output_dir / filename
         for extra in ADAPTER_EXTRAS:
             if adapter_dir is not None and (adapter_dir / extra).is_file():

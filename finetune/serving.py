@@ -120,7 +120,9 @@ class ModelServer:
     def _activate(self, lora_weights: str | None) -> LoadedAdapter | None:
         """Point the model at the adapter this request needs and return it (None: bare base)."""
         wanted = self._get(lora_weights) if lora_weights else self.setup_adapter
-        if self.merged and wanted is not self.setup_adapter:
+        if self.merged and wanted is self.setup_adapter:
+            return wanted  # already folded into the weights
+        if self.merged:
             # Another adapter is needed: from now on serve unmerged, so adapters switch exactly.
             self.model.unmerge_adapter()
             self.merged = False

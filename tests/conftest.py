@@ -118,7 +118,7 @@ def persona_adapters(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
         data = root / f"{name}.json"
         data.write_text(json.dumps([{"instruction": q, "input": "", "output": a} for q, a in pairs],
                                    ensure_ascii=False), encoding="utf-8")
-        cfg = TrainConfig(base_model=str(embedded_model_dir), output_dir=str(root / name), max_steps=14,
+        cfg = TrainConfig(base_model=str(embedded_model_dir), output_dir=str(root / name), max_steps=20,
                           batch_size=4, micro_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, seed=1,
                           data=DataConfig(data_path=str(data), val_set_size=0, prompt_template_name="alpaca_short"),
                           lora=LoraSettings(lora_r=8, lora_alpha=16, lora_dropout=0.0))

@@ -9,6 +9,7 @@ import io
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -174,10 +175,10 @@ def tiny(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     return out
 
 
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def export(fmt: str, base: Path, out: Path, adapter: Path | None, *options: str) -> int:
+    """`python -m finetune export ...`, in process; returns the exit code."""
+    args = [fmt, "--base_model", str(base), "--output_dir", str(out)]
+    return main([*args, *(["--adapter", str(adapter)] if adapter else []), *options])
 
 
 # --- hf ------------------------------------------------------------------------------------------
@@ -189,10 +190,8 @@ def test_hf_export_matches_the_peft_model(tiny, kind, tmp_path, capsys):
 
     base, adapter = tiny[kind]
     out = tmp_path / "merged"
-    code, stdout, _ = run(
-        ["hf", "--base_model", str(base), "--adapter", str(adapter), "--output_dir", str(out)], capsys
-    )
-    assert code == 0 and stdout.strip().endswith(str(out))
+    assert export("hf", base, out, adapter) == 0
+    assert capsys.readouterr().out.strip().endswith(str(out))
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no peft
     assert model.dtype == torch.float32 and model.config.tie_word_embeddings == (kind == "byte_level")
@@ -205,19 +204,17 @@ def test_hf_export_matches_the_peft_model(tiny, kind, tmp_path, capsys):
         assert (logits(base_model, ids) - expected).abs().max().item() > 0.1  # the adapter does matter
     assert not any(p.name.startswith("lora") for p in out.iterdir())
     assert (out / "generation_config.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.model").is_file() == (kind == "sentencepiece")
     for extra in (CARD_JSON, ADAPTER_TEMPLATE_FILE):
         assert (out / extra).read_bytes() == (adapter / extra).read_bytes()
 
 
-def test_hf_export_of_the_bare_base(tiny, tmp_path, capsys):
+def test_hf_export_of_the_bare_base(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base, _ = tiny["sentencepiece"]
     out = tmp_path / "bf16"
-    assert (
-        run(["hf", "--base_model", str(base), "--output_dir", str(out), "--dtype", "bfloat16"], capsys)[0]
-        == 0
-    )
+    assert export("hf", base, out, None, "--dtype", "bfloat16") == 0
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(base)
     for name, tensor in original.state_dict().items():
@@ -228,13 +225,12 @@ def test_hf_export_of_the_bare_base(tiny, tmp_path, capsys):
 # --- meta ----------------------------------------------------------------------------------------
 
 
-def test_meta_export_round_trips_through_convert_meta(tiny, tmp_path, capsys):
+def test_meta_export_round_trips_through_convert_meta(tiny, tmp_path):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     base, adapter = tiny["sentencepiece"]
     out = tmp_path / "meta"
-    args = ["meta", "--base_model", str(base), "--adapter", str(adapter), "--output_dir", str(out)]
-    assert run(args, capsys)[0] == 0
+    assert export("meta", base, out, adapter) == 0
     assert sorted(p.name for p in (out / "custom").iterdir()) == ["consolidated.00.pth", "params.json"]
     assert (out / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
     params = json.loads((out / "custom" / "params.json").read_text())
@@ -271,33 +267,18 @@ def test_meta_params_reproduce_intermediate_size(dim, intermediate):
 def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metadata, tensors by name) of a GGUF file."""
     reader = gguf.GGUFReader(path)
-    fields = {}
-    for key, field in reader.fields.items():
-        if field.types[0] == gguf.GGUFValueType.ARRAY:
-            fields[key] = [field.contents(i) for i in range(len(field.data))]
-        else:
-            fields[key] = field.contents()
-    return fields, {t.name: t for t in reader.tensors}
+    return {key: field.contents() for key, field in reader.fields.items()}, {
+        t.name: t for t in reader.tensors
+    }
 
 
-def test_gguf_sentencepiece_f32_matches_the_merged_model(tiny, tmp_path, capsys):
+def test_gguf_sentencepiece_f32_matches_the_merged_model(tiny, tmp_path):
     import sentencepiece as spm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, adapter = tiny["sentencepiece"]
     out = tmp_path / "gguf"
-    args = [
-        "gguf",
-        "--base_model",
-        str(base),
-        "--adapter",
-        str(adapter),
-        "--output_dir",
-        str(out),
-        "--dtype",
-        "f32",
-    ]
-    assert run(args, capsys)[0] == 0
+    assert export("gguf", base, out, adapter, "--dtype", "f32") == 0
     meta, tensors = read_gguf(out / "model-f32.gguf")
     sp = spm.SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
     assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_bos_token"] is True
@@ -315,23 +296,12 @@ def test_gguf_sentencepiece_f32_matches_the_merged_model(tiny, tmp_path, capsys)
         assert (logits(model, ids) - logits(reference, ids)).abs().max().item() < 1e-4
 
 
-def test_gguf_byte_level_q8_0_tied(tiny, tmp_path, capsys):
+def test_gguf_byte_level_q8_0_tied(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, adapter = tiny["byte_level"]
     out = tmp_path / "gguf"
-    args = [
-        "gguf",
-        "--base_model",
-        str(base),
-        "--adapter",
-        str(adapter),
-        "--output_dir",
-        str(out),
-        "--dtype",
-        "q8_0",
-    ]
-    assert run(args, capsys)[0] == 0
+    assert export("gguf", base, out, adapter, "--dtype", "q8_0") == 0
     meta, tensors = read_gguf(out / "model-q8_0.gguf")
     hf_tokenizer = AutoTokenizer.from_pretrained(base)
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
@@ -386,9 +356,7 @@ def test_bpe_pre_tokenizer_names():
 def nan_adapter(adapter: Path, folder: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
-    folder.mkdir()
-    for extra in adapter.iterdir():
-        (folder / extra.name).write_bytes(extra.read_bytes())
+    shutil.copytree(adapter, folder)
     tensors = load_file(adapter / ADAPTER_WEIGHTS)
     first_b = next(name for name in tensors if "lora_B" in name)
     tensors[first_b][0, 0] = float("nan")
@@ -404,6 +372,7 @@ def nan_adapter(adapter: Path, folder: Path) -> Path:
         ("adapter for another base", "trained on a different base model"),
         ("adapter for another base, no card", "does not fit base model"),
         ("output not empty", "already exists and is not empty"),
+        ("no plain LLaMA", "supports plain LLaMA models only: attention projections have biases"),
     ],
 )
 def test_errors_exit_2_and_write_nothing(tiny, tmp_path, capsys, case, message):
@@ -416,18 +385,20 @@ def test_errors_exit_2_and_write_nothing(tiny, tmp_path, capsys, case, message):
     elif case.startswith("adapter for another base"):
         adapter = tiny["byte_level"][1]
         if case.endswith("no card"):
-            adapter = nan_adapter(adapter, tmp_path / "other")  # a copy; the NaN never gets merged
+            adapter = shutil.copytree(adapter, tmp_path / "other")
             (adapter / CARD_JSON).unlink()
-    else:
+    elif case == "output not empty":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
+    else:  # refused from config.json alone, before any weights load
+        base = shutil.copytree(base, tmp_path / "biased")
+        config = json.loads((base / "config.json").read_text())
+        (base / "config.json").write_text(json.dumps(config | {"attention_bias": True}))
     before = sorted(p.name for p in tmp_path.iterdir())
 
-    code, stdout, stderr = run(
-        ["gguf", "--base_model", str(base), "--adapter", str(adapter), "--output_dir", str(out)], capsys
-    )
-    assert code == 2 and stdout == ""
-    last = stderr.strip().splitlines()[-1]
+    code, captured = export("gguf", base, out, adapter), capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    last = captured.err.strip().splitlines()[-1]  # after transformers' own progress output
     assert last.startswith("error: ")
     assert re.search(message, last)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary folder
@@ -469,8 +440,7 @@ def embedded(tmp_path_factory) -> dict[str, Any]:
 
 def export_embedded(embedded: dict[str, Any], fmt: str, dtype: str) -> Path:
     out = embedded["root"] / f"{fmt}-{dtype}"
-    args = [fmt, "--base_model", str(EMBEDDED), "--adapter", str(embedded["adapter"])]
-    assert main([*args, "--output_dir", str(out), "--dtype", dtype]) == 0
+    assert export(fmt, EMBEDDED, out, embedded["adapter"], "--dtype", dtype) == 0
     return out
 
 

@@ -36,6 +36,7 @@ def sse_events(server: CogServer, inputs: dict) -> list[tuple[str, dict]]:
     resp = requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=300, stream=True,
                          headers={"Accept": "text/event-stream"})
     assert resp.status_code == 200
+    resp.encoding = "utf-8"  # SSE is UTF-8 by definition; requests would guess latin-1
     events, name = [], None
     for line in resp.iter_lines(decode_unicode=True):
         if line.startswith("event:"):
@@ -156,8 +157,8 @@ def test_cancel_mid_generation_then_the_next_request_succeeds(bare):
     assert time.monotonic() - started < 5
     body = result["body"]
     assert body["status"] == "canceled", body
-    assert len("".join(body.get("output") or [])) > 0  # it was generating, and stopped early
-    assert "".join(body.get("output") or []).count(" ") < 1500
+    # It ran for the ~3 s before the cancel, not the minutes 2,000 tokens would take.
+    assert 2.5 < body["metrics"]["predict_time"] < 6
     assert answer(bare, NAME_Q)
 
 
