@@ -43,6 +43,9 @@ train: weights schema
 	@test -n "$(DATA)" || { echo "usage: make train DATA=path/to/data.json [ARGS='-i num_train_epochs=2']"; exit 2; }
 	$(PY) -m finetune.cogtools train --port $(PORT) -i train_data=@"$(DATA)" $(ARGS)
 
+demo: weights schema
+	$(PY) -m finetune.demo $(ARGS)
+
 test: weights
 	$(PY) -m pytest -q
 
@@ -51,3 +54,6 @@ lint: $(STAMP)
 
 clean:
 	rm -rf .cog .pytest_cache outputs
+
+eval: weights
+	$(PY) -m finetune eval --data data/demo/persona_heldout.json $(if $(ADAPTER),--adapter "$(ADAPTER)") $(ARGS)

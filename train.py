@@ -1,7 +1,6 @@
 """Cog trainer (`cog train -i train_data=@data.json`, POST /trainings): returns a weights archive that
 a predictor loads through COG_WEIGHTS (a "trained version"). Thin: the work is in finetune/."""
 
-import tempfile
 from typing import Optional
 
 from cog import BaseModel, Input, Path
@@ -21,6 +20,10 @@ class TrainingOutput(BaseModel):
     train_loss: float
     eval_loss: Optional[float]
     base_eval_loss: Optional[float]
+    eval_exact_match: Optional[float]
+    base_eval_exact_match: Optional[float]
+    eval_f1: Optional[float]
+    base_eval_f1: Optional[float]
     steps: int
     tokens_per_second: float
 
@@ -57,9 +60,8 @@ def train(
         choices=["none", "8bit", "4bit"],
     ),
 ) -> TrainingOutput:
-    out_dir = Path(tempfile.mkdtemp(prefix="training-"))
-    cfg = TrainConfig(
-        output_dir=str(out_dir / "adapter"),
+    summary = run_training(lambda output_dir: TrainConfig(
+        output_dir=output_dir,
         num_epochs=num_train_epochs,
         max_steps=max_steps,
         learning_rate=learning_rate,
@@ -71,8 +73,10 @@ def train(
                         val_set_size=val_set_size, prompt_template_name=prompt_template),
         lora=LoraSettings(lora_r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           lora_target_modules=parse_list(lora_target_modules)),
-    )
-    summary = run_training(cfg, out_dir / "weights.tar")
+    ))
     return TrainingOutput(weights=Path(summary.archive), train_loss=summary.train_loss, eval_loss=summary.eval_loss,
                           base_eval_loss=summary.base_eval_loss, steps=summary.steps,
+                          eval_exact_match=summary.metric("exact_match", "adapter"),
+                          base_eval_exact_match=summary.metric("exact_match", "base"),
+                          eval_f1=summary.metric("f1", "adapter"), base_eval_f1=summary.metric("f1", "base"),
                           tokens_per_second=summary.tokens_per_second)

@@ -50,6 +50,12 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from .evaluation import main
+
+    return main(argv)
+
+
 def _convert_adapter(argv: list[str]) -> int:
     from pathlib import Path
 
@@ -99,6 +105,7 @@ COMMANDS = {
     "train": _train,
     "generate": _generate,
     "export": _export,
+    "eval": _eval,
 }
 
 

@@ -119,6 +119,8 @@ class TrainConfig:
     """Print a step line every N optimizer steps."""
     eval_steps: int = 0
     """Evaluate on the validation split every N steps (0: only at the end)."""
+    eval_generate: int = 20
+    """Validation records to also answer greedily at the end (base vs adapter exact match, F1); 0 skips."""
     save_steps: int = 0
     """Write a resumable checkpoint every N steps (0: never)."""
     resume_from_checkpoint: str | None = None

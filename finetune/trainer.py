@@ -99,15 +99,31 @@ def find_checkpoint(cfg: TrainConfig) -> Path | None:
         found = sorted(checkpoint_root(cfg.output_dir).glob(f"{CHECKPOINT_PREFIX}*"))
         if not found:
             raise FileNotFoundError(f"no checkpoint under {checkpoint_root(cfg.output_dir)} to resume from")
-        return found[-1]
-    path = Path(spec)
-    if not (path / "trainer_state.pt").is_file():
+        path = found[-1]
+    else:
+        path = Path(spec)
+    state = path / "trainer_state.pt"
+    if not state.is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no trainer_state.pt)")
+    # A checkpoint folder may have been copied from elsewhere: refuse a bad one before any model
+    # loads (weights_only never runs pickled code; the state is LoRA-sized, so reading it twice is cheap).
+    try:
+        torch.load(state, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(
+            f"{state} was not loaded: it is corrupt or holds pickled objects, which are never unpickled "
+            f"({type(exc).__name__}); resume only from a checkpoint this trainer wrote"
+        ) from exc
     return path
 
 
 def check_output_writable(output_dir: str | Path, need_bytes: int = 64 << 20) -> None:
     """Fail before any model loads if the adapter could not be written at the end."""
+    # A file where the adapter or its checkpoints go would be moved aside by the final rename, or
+    # fail the first checkpoint only after training has run.
+    for path in (Path(output_dir), checkpoint_root(output_dir)):
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} is a file, not a folder; move it or choose another --output_dir")
     parent = Path(output_dir).resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -512,6 +528,11 @@ def train(
     )
     if val_examples:
         history.evals.append({"step": total_steps, "val_loss": val_loss})
+    generation_eval = None
+    if dist.main and val_records and cfg.eval_generate > 0:
+        from .evaluation import evaluate_peft
+
+        generation_eval = evaluate_peft(model, tokenizer, val_records, template, max_records=cfg.eval_generate)
     card = {
         "base_model": identity,
         "template": template.to_dict(),
@@ -540,7 +561,7 @@ def train(
             "wall_seconds": round(time.time() - started, 2),
             "final_loss": history.steps[-1]["loss"] if history.steps else None,
         },
-        "eval": {"base_val_loss": base_val_loss, "val_loss": val_loss},
+        "eval": {"base_val_loss": base_val_loss, "val_loss": val_loss, **_generation_figures(generation_eval)},
         "history": dataclasses.asdict(history),
         "versions": _versions(),
     }
@@ -556,6 +577,20 @@ def train(
     if wandb_run is not None:
         wandb_run.finish()
     return TrainResult(adapter_dir, card, model, tokenizer)
+
+
+def _generation_figures(result: dict[str, Any] | None) -> dict[str, Any]:
+    """Base-vs-adapter figures from the end-of-training evaluation, as the card stores them."""
+    if not result:
+        return {}
+    names = ("loss", "perplexity", "exact_match", "f1", "repetition_rate", "stopped_cleanly_rate")
+    return {
+        "records": result["adapter"]["records"],
+        "metrics": {n: {"base": result["base"][n], "adapter": result["adapter"][n]} for n in names},
+        "examples": [{"instruction": a["instruction"], "expected": a["expected"], "base": b["generated"],
+                      "adapter": a["generated"]} for a, b in zip(result["adapter"]["rows"], result["base"]["rows"],
+                                                                strict=True)],
+    }
 
 
 def _memory_gb(device: torch.device) -> float:

@@ -1,0 +1,253 @@
+"""One training variant in its own process, so that peak RSS belongs to that variant alone.
+
+    python -m bench.train_worker SPEC.json OUT.json
+
+Every variant trains on the same encoded examples in the same micro-batch order (the order our
+trainer draws for seed/epoch 0), so step k sees the same records everywhere and the per-step token
+counts are identical. Throughput is measured the same way for all: non-padding tokens of steps
+2..N over the wall time from the end of step 1 to the end of step N (step 1 pays one-off costs)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import load_avg, log, peak_gpu_mb, peak_rss_mb, read_json, setup_torch, sync, write_json
+
+# variant -> (trainer, settings). "hf" is the classic alpaca-lora recipe; "ours" is finetune.trainer.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {"trainer": "hf", "amp": False, "about": "HF Trainer + PEFT, fp32, padded micro-batches"},
+    "baseline_amp": {"trainer": "hf", "amp": True, "about": "HF Trainer + PEFT, bf16 mixed precision, padded"},
+    "ours": {"trainer": "ours", "dtype": "auto", "packing": True, "about": "finetune.trainer defaults"},
+    "ours_fp32": {"trainer": "ours", "dtype": "float32", "packing": True, "about": "ours, fp32 (packing on)"},
+    "ours_padded": {"trainer": "ours", "dtype": "auto", "packing": False, "about": "ours, packing off"},
+    "ours_qlora4": {
+        "trainer": "ours",
+        "dtype": "auto",
+        "packing": True,
+        "quantization": "4bit",
+        "about": "ours, 4-bit QLoRA (bitsandbytes nf4)",
+    },
+}
+
+
+def make_config(spec: dict[str, Any], variant: dict[str, Any], output_dir: Path) -> Any:
+    from finetune.config import DataConfig, TrainConfig
+
+    return TrainConfig(
+        output_dir=str(output_dir),
+        batch_size=spec["batch_size"],
+        micro_batch_size=spec["micro_batch_size"],
+        max_steps=spec["steps"],
+        learning_rate=spec["learning_rate"],
+        seed=spec["seed"],
+        dtype=variant.get("dtype", "auto"),
+        quantization=variant.get("quantization", "none"),
+        logging_steps=spec["steps"],
+        data=DataConfig(
+            data_path=spec["data_path"],
+            val_set_size=0,
+            cutoff_len=spec["cutoff_len"],
+            packing=variant.get("packing", True),
+        ),
+    )
+
+
+def examples_in_order(cfg: Any, tokenizer: Any) -> tuple[list[Any], list[list[int]]]:
+    """The encoded training examples and the micro-batches our trainer draws in epoch 0."""
+    from finetune import prompts
+    from finetune.batching import micro_batches
+    from finetune.records import read_records, split_records
+    from finetune.trainer import encode_records
+
+    train_records, _ = split_records(read_records(cfg.data.data_path), cfg.data.val_set_size, cfg.seed)
+    template = prompts.load_template(cfg.data.prompt_template_name)
+    examples = encode_records(train_records, tokenizer, template, cfg)
+    batches = micro_batches(examples, cfg.micro_batch_size, cfg.seed, 0, cfg.data.group_by_length)
+    return examples, batches
+
+
+class StepClock:
+    """End-of-step timestamps (wall and process CPU) and losses."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.loss: list[float] = []
+        self.start: float | None = None  # training start, where the trainer exposes it
+
+    def tick(self, loss: float | None = None) -> None:
+        sync(self.device)
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        if loss is not None:
+            self.loss.append(float(loss))
+
+
+Run = tuple[dict[str, Any], list[Any], list[list[int]]]
+
+
+def run_hf(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepClock) -> Run:
+    """The classic alpaca-lora loop: transformers.Trainer, DataCollatorForSeq2Seq padding to the
+    longest row (labels padded with -100), no packing."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from finetune.modeling import load_tokenizer
+    from finetune.weights import resolve_base_model
+
+    base = resolve_base_model(cfg.base_model)
+    tokenizer = load_tokenizer(base)
+    examples, batches = examples_in_order(cfg, tokenizer)
+    # The trainer's micro-batch order, flattened; a sequential sampler replays it exactly.
+    dataset = [
+        {"input_ids": e.input_ids, "attention_mask": [1] * len(e), "labels": e.labels}
+        for e in (examples[i] for batch in batches for i in batch)
+    ]
+    device = spec["device"]
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False
+    lora = cfg.lora
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.lora_r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=list(lora.lora_target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    accum = cfg.batch_size // cfg.micro_batch_size
+    args = TrainingArguments(
+        output_dir=str(Path(spec["workdir"]) / "hf-output"),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=accum,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),  # ours: int(ratio * steps)
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=bool(variant.get("amp")),
+        use_cpu=device == "cpu",
+        seed=cfg.seed,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        label_names=["labels"],
+    )
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            clock.start = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            clock.tick()
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    clock.loss = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "compute_dtype": "bfloat16 (autocast)" if variant.get("amp") else "float32",
+    }, examples, batches
+
+
+def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepClock) -> Run:
+    from finetune.modeling import load_tokenizer
+    from finetune.trainer import train
+    from finetune.weights import resolve_base_model
+
+    examples, batches = examples_in_order(cfg, load_tokenizer(resolve_base_model(cfg.base_model)))
+    result = train(cfg, on_step=lambda entry: clock.tick(entry["loss"]), log=lambda text: log(text))
+    t = result.card["training"]
+    return {
+        "total_params": t["total_params"],
+        "compute_dtype": t["compute_dtype"] + (" (autocast)" if t["compute_dtype"] != t["weights_dtype"] else ""),
+        "card_tokens_per_second": t["tokens_per_second"],
+        "card_tokens": t["tokens"],
+        "adapter_dir": str(result.adapter_dir),
+    }, examples, batches
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = read_json(spec_path)
+    setup_torch(spec["device"], spec["threads"])
+    import torch
+
+    name = spec["variant"]
+    variant = VARIANTS[name]
+    cfg = make_config(spec, variant, Path(spec["workdir"]) / f"adapter-{name}")
+    clock = StepClock(spec["device"])
+    load_before = load_avg()
+    started = time.perf_counter()
+    runner = run_hf if variant["trainer"] == "hf" else run_ours
+    info, examples, batches = runner(spec, variant, cfg, clock)
+
+    accum = cfg.batch_size // cfg.micro_batch_size
+    step_tokens = [
+        sum(len(examples[i]) for batch in batches[k * accum : (k + 1) * accum] for i in batch)
+        for k in range(cfg.max_steps)
+    ]
+    padded_tokens = [
+        sum(max(len(examples[i]) for i in b) * len(b) for b in batches[k * accum : (k + 1) * accum])
+        for k in range(cfg.max_steps)
+    ]
+    if len(clock.wall) != cfg.max_steps:
+        raise RuntimeError(f"{name}: saw {len(clock.wall)} step ends for {cfg.max_steps} steps")
+    steady_s = clock.wall[-1] - clock.wall[0]
+    steady_cpu = clock.cpu[-1] - clock.cpu[0]
+    steady_tokens = sum(step_tokens[1:])
+    if clock.start is not None:  # same definition as our card: all steps, step 1 included
+        info["all_steps_tokens_per_second"] = round(sum(step_tokens) / (clock.wall[-1] - clock.start), 2)
+    out = {
+        "variant": name,
+        "about": variant["about"],
+        "device": spec["device"],
+        "threads": torch.get_num_threads(),
+        "steps": cfg.max_steps,
+        "micro_batch_size": cfg.micro_batch_size,
+        "gradient_accumulation": accum,
+        "tokens_per_step": step_tokens,
+        "padding_efficiency": round(sum(step_tokens) / sum(padded_tokens), 3),
+        "tokens_per_second": round(steady_tokens / steady_s, 2),
+        "seconds_per_step": round(steady_s / (cfg.max_steps - 1), 3),
+        "step_seconds": [round(b - a, 3) for a, b in zip(clock.wall, clock.wall[1:], strict=False)],
+        # CPU seconds per wall second over the timed steps: ~threads when the machine is ours alone.
+        "cpu_utilisation": round(steady_cpu / steady_s, 2),
+        "loss_per_step": [round(x, 4) for x in clock.loss],
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_gpu_mb": peak_gpu_mb(spec["device"]),
+        "process_seconds": round(time.perf_counter() - started, 1),
+        "load_avg_before": load_before,
+        "load_avg_after": load_avg(),
+        **info,
+    }
+    write_json(out_path, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
