@@ -57,3 +57,6 @@ clean:
 
 eval: weights
 	$(PY) -m finetune eval --data data/demo/persona_heldout.json $(if $(ADAPTER),--adapter "$(ADAPTER)") $(ARGS)
+
+bench: weights
+	$(PY) bench/run.py $(ARGS)

@@ -9,6 +9,9 @@ from finetune.serving import ModelServer, default_adapter
 
 G = GenerationSettings
 TEMPLATE_CHOICES = [AUTO, RAW, *available_templates()]
+# Far above any context window (~4 characters a token), but it stops a 40 MB prompt from holding the
+# only prediction slot while it is tokenized; the context check then gives the exact limit.
+MAX_PROMPT_CHARS = 400_000
 
 
 def _input(name: str, **bounds):

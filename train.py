@@ -60,23 +60,40 @@ def train(
         choices=["none", "8bit", "4bit"],
     ),
 ) -> TrainingOutput:
-    summary = run_training(lambda output_dir: TrainConfig(
-        output_dir=output_dir,
-        num_epochs=num_train_epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        micro_batch_size=micro_batch_size,
-        seed=seed if seed is not None else field_default(TrainConfig, "seed"),
-        quantization=quantization,
-        data=DataConfig(data_path=str(train_data), cutoff_len=cutoff_len, train_on_inputs=train_on_inputs,
-                        val_set_size=val_set_size, prompt_template_name=prompt_template),
-        lora=LoraSettings(lora_r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          lora_target_modules=parse_list(lora_target_modules)),
-    ))
-    return TrainingOutput(weights=Path(summary.archive), train_loss=summary.train_loss, eval_loss=summary.eval_loss,
-                          base_eval_loss=summary.base_eval_loss, steps=summary.steps,
-                          eval_exact_match=summary.metric("exact_match", "adapter"),
-                          base_eval_exact_match=summary.metric("exact_match", "base"),
-                          eval_f1=summary.metric("f1", "adapter"), base_eval_f1=summary.metric("f1", "base"),
-                          tokens_per_second=summary.tokens_per_second)
+    summary = run_training(
+        lambda output_dir: TrainConfig(
+            output_dir=output_dir,
+            num_epochs=num_train_epochs,
+            max_steps=max_steps,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            micro_batch_size=micro_batch_size,
+            seed=seed if seed is not None else field_default(TrainConfig, "seed"),
+            quantization=quantization,
+            data=DataConfig(
+                data_path=str(train_data),
+                cutoff_len=cutoff_len,
+                train_on_inputs=train_on_inputs,
+                val_set_size=val_set_size,
+                prompt_template_name=prompt_template,
+            ),
+            lora=LoraSettings(
+                lora_r=lora_rank,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                lora_target_modules=parse_list(lora_target_modules),
+            ),
+        )
+    )
+    return TrainingOutput(
+        weights=Path(summary.archive),
+        train_loss=summary.train_loss,
+        eval_loss=summary.eval_loss,
+        base_eval_loss=summary.base_eval_loss,
+        steps=summary.steps,
+        eval_exact_match=summary.metric("exact_match", "adapter"),
+        base_eval_exact_match=summary.metric("exact_match", "base"),
+        eval_f1=summary.metric("f1", "adapter"),
+        base_eval_f1=summary.metric("f1", "base"),
+        tokens_per_second=summary.tokens_per_second,
+    )

@@ -109,5 +109,7 @@ def profile_summary(prof: Any, wall_s: float, device: str, top: int = 10) -> dic
             {"op": name, "self_ms": round(us / 1000, 2), "share_pct": round(100 * us / total, 1), "calls": n}
             for name, us, n in rows[:top]
         ],
-        "families_pct": {k: round(100 * v / total, 1) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+        "families_pct": {
+            k: round(100 * v / total, 1) for k, v in sorted(families.items(), key=lambda kv: -kv[1])
+        },
     }

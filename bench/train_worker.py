@@ -19,7 +19,11 @@ from bench.common import load_avg, log, peak_gpu_mb, peak_rss_mb, read_json, set
 # variant -> (trainer, settings). "hf" is the classic alpaca-lora recipe; "ours" is finetune.trainer.
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {"trainer": "hf", "amp": False, "about": "HF Trainer + PEFT, fp32, padded micro-batches"},
-    "baseline_amp": {"trainer": "hf", "amp": True, "about": "HF Trainer + PEFT, bf16 mixed precision, padded"},
+    "baseline_amp": {
+        "trainer": "hf",
+        "amp": True,
+        "about": "HF Trainer + PEFT, bf16 mixed precision, padded",
+    },
     "ours": {"trainer": "ours", "dtype": "auto", "packing": True, "about": "finetune.trainer defaults"},
     "ours_fp32": {"trainer": "ours", "dtype": "float32", "packing": True, "about": "ours, fp32 (packing on)"},
     "ours_padded": {"trainer": "ours", "dtype": "auto", "packing": False, "about": "ours, packing off"},
@@ -170,10 +174,14 @@ def run_hf(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepC
     )
     trainer.train()
     clock.loss = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return {
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "compute_dtype": "bfloat16 (autocast)" if variant.get("amp") else "float32",
-    }, examples, batches
+    return (
+        {
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "compute_dtype": "bfloat16 (autocast)" if variant.get("amp") else "float32",
+        },
+        examples,
+        batches,
+    )
 
 
 def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepClock) -> Run:
@@ -184,13 +192,18 @@ def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: Ste
     examples, batches = examples_in_order(cfg, load_tokenizer(resolve_base_model(cfg.base_model)))
     result = train(cfg, on_step=lambda entry: clock.tick(entry["loss"]), log=lambda text: log(text))
     t = result.card["training"]
-    return {
-        "total_params": t["total_params"],
-        "compute_dtype": t["compute_dtype"] + (" (autocast)" if t["compute_dtype"] != t["weights_dtype"] else ""),
-        "card_tokens_per_second": t["tokens_per_second"],
-        "card_tokens": t["tokens"],
-        "adapter_dir": str(result.adapter_dir),
-    }, examples, batches
+    return (
+        {
+            "total_params": t["total_params"],
+            "compute_dtype": t["compute_dtype"]
+            + (" (autocast)" if t["compute_dtype"] != t["weights_dtype"] else ""),
+            "card_tokens_per_second": t["tokens_per_second"],
+            "card_tokens": t["tokens"],
+            "adapter_dir": str(result.adapter_dir),
+        },
+        examples,
+        batches,
+    )
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -233,7 +246,15 @@ def main(spec_path: str, out_path: str) -> None:
         "gradient_accumulation": accum,
         "tokens_per_step": step_tokens,
         "padding_efficiency": round(sum(step_tokens) / sum(padded_tokens), 3),
+        # Share of positions with a label (train_on_inputs=False: the prompt side has none).
+        "trained_fraction": round(
+            sum(examples[i].trained_tokens for b in batches for i in b)
+            / sum(len(examples[i]) for b in batches for i in b),
+            3,
+        ),
         "tokens_per_second": round(steady_tokens / steady_s, 2),
+        "steady_tokens": steady_tokens,
+        "steady_seconds": round(steady_s, 3),
         "seconds_per_step": round(steady_s / (cfg.max_steps - 1), 3),
         "step_seconds": [round(b - a, 3) for a, b in zip(clock.wall, clock.wall[1:], strict=False)],
         # CPU seconds per wall second over the timed steps: ~threads when the machine is ours alone.

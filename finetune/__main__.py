@@ -76,7 +76,9 @@ def _generate(argv: list[str]) -> int:
     from .serving import ModelServer
 
     G = GenerationSettings
-    parser = argparse.ArgumentParser(prog="finetune generate", description="Generate text, streamed to the terminal")
+    parser = argparse.ArgumentParser(
+        prog="finetune generate", description="Generate text, streamed to the terminal"
+    )
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--input", default="", help="optional Alpaca context")
     parser.add_argument("--base_model", default=None)
@@ -89,8 +91,15 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     a = parser.parse_args(argv)
     server = ModelServer(base_model=a.base_model, adapter=a.adapter)
-    settings = G(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                 repetition_penalty=a.repetition_penalty, stop_sequences=a.stop, seed=a.seed)
+    settings = G(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        repetition_penalty=a.repetition_penalty,
+        stop_sequences=a.stop,
+        seed=a.seed,
+    )
     for chunk in server.generate(a.prompt, a.input, settings, a.prompt_template):
         print(chunk, end="", flush=True)
     print()
@@ -122,7 +131,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (WeightsError, ModelError, ArchiveError, WeightsSourceError, GenerationError, TemplateError) as exc:
+    except (
+        WeightsError,
+        ModelError,
+        ArchiveError,
+        WeightsSourceError,
+        GenerationError,
+        TemplateError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

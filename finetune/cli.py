@@ -113,8 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         train(cfg)
-    except (ConfigError, DatasetError, WeightsError, ModelError, TemplateError, FileNotFoundError, PermissionError,
-            OSError) as exc:
+    except (
+        ConfigError,
+        DatasetError,
+        WeightsError,
+        ModelError,
+        TemplateError,
+        FileNotFoundError,
+        PermissionError,
+        OSError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingStopped as exc:

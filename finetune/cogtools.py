@@ -275,10 +275,22 @@ def _server(mode: str, port: int, weights: str | None) -> Iterator[CogServer]:
         server.stop()
 
 
-def _post(url: str, inputs: dict[str, Any], timeout: float) -> dict[str, Any]:
+def post_with_retry(url: str, body: dict[str, Any], timeout: float, busy_wait: float = 30) -> Any:
+    """POST, retrying while the server answers 409: coglet 0.23.1 can send a response a moment
+    before it frees its only slot, so a client's very next request may find it "busy"."""
     import requests
 
-    resp = requests.post(url, json={"input": inputs}, timeout=timeout)
+    deadline = time.monotonic() + busy_wait
+    while True:
+        resp = requests.post(url, json=body, timeout=timeout)
+        if resp.status_code != 409 or time.monotonic() > deadline:
+            return resp
+        time.sleep(0.2)
+
+
+def _post(url: str, inputs: dict[str, Any], timeout: float) -> dict[str, Any]:
+
+    resp = post_with_retry(url, {"input": inputs}, timeout)
     if resp.status_code == 422:
         details = resp.json().get("detail", [])
         lines = [f"  {'.'.join(str(p) for p in d.get('loc', [])[2:])}: {d.get('msg')}" for d in details]

@@ -10,9 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
-import requests
-
-from .cogtools import CogServer, data_uri, save_data_uri
+from .cogtools import CogServer, data_uri, post_with_retry, save_data_uri
 from .config import PROJECT_ROOT
 from .records import read_records
 
@@ -23,9 +21,14 @@ DEMO_HELDOUT = PROJECT_ROOT / "data" / "demo" / "persona_heldout.json"
 def ask_all(server: CogServer, questions: list[str], max_new_tokens: int) -> list[str]:
     answers = []
     for q in questions:
-        body = requests.post(f"{server.url}/predictions", timeout=300, json={
-            "input": {"prompt": q, "temperature": 0, "max_new_tokens": max_new_tokens}}).json()
-        answers.append("".join(body.get("output") or []) if body["status"] == "succeeded" else f"[{body['error']}]")
+        body = post_with_retry(
+            f"{server.url}/predictions",
+            {"input": {"prompt": q, "temperature": 0, "max_new_tokens": max_new_tokens}},
+            300,
+        ).json()
+        answers.append(
+            "".join(body.get("output") or []) if body["status"] == "succeeded" else f"[{body['error']}]"
+        )
     return answers
 
 
@@ -51,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(f"1/3 training a LoRA on {DEMO_TRAIN.name} through POST /trainings (default settings)", flush=True)
     with CogServer("train", log_path=out / "cog-train.log") as trainer:
-        body = requests.post(f"{trainer.url}/trainings", timeout=3600,
-                             json={"input": {"train_data": data_uri(DEMO_TRAIN)}}).json()
+        body = post_with_retry(
+            f"{trainer.url}/trainings", {"input": {"train_data": data_uri(DEMO_TRAIN)}}, 3600
+        ).json()
     if body["status"] != "succeeded":
         print(f"training {body['status']}: {body.get('error')}", file=sys.stderr)
         return 1
@@ -67,14 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     with CogServer("predict", weights=str(archive), log_path=out / "cog-tuned.log") as tuned:
         tuned_answers = ask_all(tuned, questions, args.max_new_tokens)
 
-    rows = [(q, r.output, b, t) for q, r, b, t in zip(questions, held, base_answers, tuned_answers, strict=True)]
+    rows = [
+        (q, r.output, b, t) for q, r, b, t in zip(questions, held, base_answers, tuned_answers, strict=True)
+    ]
     report = table(rows)
     (out / "demo.md").write_text(report + "\n", encoding="utf-8")
     print()
     for q, expected, b, t in rows:
         print(f"Q: {q}\n   expected: {expected}\n   base:     {textwrap.shorten(b, 100)}\n   tuned:    {t}\n")
-    print(f"done in {time.monotonic() - started:.0f} s; table: {out / 'demo.md'}; "
-          f"try it: make predict WEIGHTS={archive} PROMPT='What is your name?'")
+    print(
+        f"done in {time.monotonic() - started:.0f} s; table: {out / 'demo.md'}; "
+        f"try it: make predict WEIGHTS={archive} PROMPT='What is your name?'"
+    )
     return 0
 
 

@@ -41,6 +41,8 @@ METRICS = (
     ("stopped cleanly", "stopped_cleanly_rate"),
     ("records", "records"),
 )
+# Where the figures came from, shown under the report's title when known: (label, result key).
+SOURCES = (("base", "base_model"), ("adapter", "adapter_source"), ("data", "data"))
 
 
 def check_records(records: list[Record]) -> None:
@@ -244,9 +246,11 @@ def to_markdown(result: dict[str, Any], examples: int = DEFAULT_EXAMPLES) -> str
     """Metric table (base | adapter) and the first `examples` records side by side."""
     base, adapter = result["base"], result.get("adapter")
     columns = [("base", base)] + ([("adapter", adapter)] if adapter is not None else [])
-    lines = [
-        f"## Evaluation: {base['records']} records, template {result.get('template', '?')}",
-        "",
+    lines = [f"## Evaluation: {base['records']} records, template {result.get('template', '?')}", ""]
+    sources = [f"{label}: `{result[key]}`" for label, key in SOURCES if result.get(key)]
+    if sources:
+        lines += ["; ".join(sources), ""]
+    lines += [
         "| metric | " + " | ".join(name for name, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]

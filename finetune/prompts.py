@@ -4,6 +4,7 @@ into the adapter folder and read back by the predictor, so the two never drift a
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,12 +82,35 @@ def load_template(name: str) -> PromptTemplate:
     return _from_dict(data, default_name=path.stem)
 
 
+_FIELDS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"instruction"}}
+
+
+def _check_fields(name: str, key: str, text: str) -> None:
+    """Only bare {instruction} / {input} fields: templates can come from strangers' adapters, and
+    str.format would otherwise honour width specs ({x:>4000000000}) and attribute access."""
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise TemplateError(f"template {name!r}: {key} is not a valid format string ({exc})") from None
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if field not in _FIELDS[key] or spec or conversion:
+            allowed = ", ".join("{" + f + "}" for f in sorted(_FIELDS[key]))
+            raise TemplateError(f"template {name!r}: {key} may only use {allowed}, found {{{field}}}")
+
+
 def _from_dict(data: dict[str, Any], default_name: str) -> PromptTemplate:
     known = {k: v for k, v in data.items() if k in PromptTemplate.__dataclass_fields__}
     known.setdefault("name", default_name)
+    if not all(isinstance(v, bool if k == "chat" else str) for k, v in known.items()):
+        raise TemplateError(f"template {known['name']!r} has a field of the wrong type")
     template = PromptTemplate(**known)
-    if not template.chat and "{instruction}" not in template.prompt_no_input:
-        raise TemplateError(f"template {template.name!r} has no {{instruction}} field in prompt_no_input")
+    if not template.chat:
+        if "{instruction}" not in template.prompt_no_input:
+            raise TemplateError(f"template {template.name!r} has no {{instruction}} field in prompt_no_input")
+        for key in _FIELDS:
+            _check_fields(template.name, key, getattr(template, key))
     return template
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import prompts
+from .archives import Limits, materialize
 from .artifacts import CARD_JSON
 from .config import DataConfig, GenerationSettings, env_flag, field_default
 from .inference import GenerationStats, stream_tokens
@@ -31,6 +32,12 @@ from .weights import resolve_base_model
 
 ADAPTER_CACHE_ENV = "ADAPTER_CACHE_SIZE"
 LOCAL_LORA_ENV = "ALLOW_LOCAL_LORA_WEIGHTS"
+# An adapter is megabytes (a few GB for r=64 on all layers of a 70B); a request gets tighter
+# limits than the operator's COG_WEIGHTS.
+SETUP_LIMITS = Limits()
+REQUEST_LIMITS = Limits(
+    max_files=64, max_total_bytes=4 * 2**30, max_file_bytes=4 * 2**30, max_download_bytes=4 * 2**30
+)
 DEFAULT_ADAPTER_DIR = Path("weights") / "adapter"
 
 
@@ -70,8 +77,12 @@ class ModelServer:
             self.model.merge_adapter()
             self.merged = True
         self._warm_up()
-        print(f"setup: base {self.base_path} on {self.device} ({self.precision.weights}); "
-              f"adapter {adapter or 'none'}{' (merged)' if self.merged else ''}", file=sys.stderr, flush=True)
+        print(
+            f"setup: base {self.base_path} on {self.device} ({self.precision.weights}); "
+            f"adapter {adapter or 'none'}{' (merged)' if self.merged else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _warm_up(self) -> None:
         # The first forward pass pays for kernel selection and allocation; pay it in setup, not in
@@ -84,24 +95,34 @@ class ModelServer:
     def _load(self, source: str, pinned: bool = False) -> LoadedAdapter:
         from peft import PeftModel
 
-        from .archives import materialize
-
         # COG_WEIGHTS is the operator's choice; a per-request path would let any caller probe the
         # server's disk, so requests may only send URLs and data URIs unless the operator opts in.
         allow_local = pinned or env_flag(LOCAL_LORA_ENV)
-        folder = materialize(source, self.workdir, allow_local=allow_local)
-        check_adapter_dir(folder)
-        card_path = folder / CARD_JSON
-        if card_path.is_file():
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-            check_identity(card.get("base_model", {}), self.model, source)
-        name = "setup" if pinned else adapter_key(source)
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(str(folder), adapter_name=name)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+        limits = SETUP_LIMITS if pinned else REQUEST_LIMITS
+        folder = materialize(source, self.workdir, limits, allow_local=allow_local)
+        try:
+            check_adapter_dir(folder)
+            card_path = folder / CARD_JSON
+            if card_path.is_file():
+                card = json.loads(card_path.read_text(encoding="utf-8"))
+                check_identity(card.get("base_model", {}), self.model, source)
+            template = prompts.template_from_adapter(folder)
+            name = "setup" if pinned else adapter_key(source)
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(folder), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+        except BaseException:
+            # A refused adapter must not stay on disk: strangers could fill it one request at a time.
+            if self.workdir in folder.parents:
+                shutil.rmtree(self._extraction_root(folder), ignore_errors=True)
+            raise
         self.model.eval()
-        return LoadedAdapter(name, folder, prompts.template_from_adapter(folder))
+        return LoadedAdapter(name, folder, template)
+
+    def _extraction_root(self, folder: Path) -> Path:
+        """The top folder materialize() created under workdir (an archive may nest one more level)."""
+        return self.workdir / folder.relative_to(self.workdir).parts[0]
 
     def _get(self, source: str) -> LoadedAdapter:
         key = adapter_key(source)
@@ -114,7 +135,7 @@ class ModelServer:
             _, old = self.cache.popitem(last=False)
             self.model.delete_adapter(old.name)
             if self.workdir in old.folder.parents:
-                shutil.rmtree(old.folder, ignore_errors=True)
+                shutil.rmtree(self._extraction_root(old.folder), ignore_errors=True)
         return loaded
 
     def _activate(self, lora_weights: str | None) -> LoadedAdapter | None:

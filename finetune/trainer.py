@@ -315,7 +315,9 @@ def train(
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     if cfg.quantization != "none" and device.type != "cuda":
-        raise ModelError(f"quantization {cfg.quantization} needs a CUDA GPU (bitsandbytes); use quantization none on CPU")
+        raise ModelError(
+            f"quantization {cfg.quantization} needs a CUDA GPU (bitsandbytes); use quantization none on CPU"
+        )
     precision = pick_precision(cfg.dtype, device, training=True)
     if precision.compute == torch.float16 and cfg.quantization == "none":
         raise ValueError("dtype float16 training is unstable without loss scaling; use bfloat16 or float32")
@@ -532,7 +534,9 @@ def train(
     if dist.main and val_records and cfg.eval_generate > 0:
         from .evaluation import evaluate_peft
 
-        generation_eval = evaluate_peft(model, tokenizer, val_records, template, max_records=cfg.eval_generate)
+        generation_eval = evaluate_peft(
+            model, tokenizer, val_records, template, max_records=cfg.eval_generate
+        )
     card = {
         "base_model": identity,
         "template": template.to_dict(),
@@ -561,7 +565,11 @@ def train(
             "wall_seconds": round(time.time() - started, 2),
             "final_loss": history.steps[-1]["loss"] if history.steps else None,
         },
-        "eval": {"base_val_loss": base_val_loss, "val_loss": val_loss, **_generation_figures(generation_eval)},
+        "eval": {
+            "base_val_loss": base_val_loss,
+            "val_loss": val_loss,
+            **_generation_figures(generation_eval),
+        },
         "history": dataclasses.asdict(history),
         "versions": _versions(),
     }
@@ -587,9 +595,15 @@ def _generation_figures(result: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "records": result["adapter"]["records"],
         "metrics": {n: {"base": result["base"][n], "adapter": result["adapter"][n]} for n in names},
-        "examples": [{"instruction": a["instruction"], "expected": a["expected"], "base": b["generated"],
-                      "adapter": a["generated"]} for a, b in zip(result["adapter"]["rows"], result["base"]["rows"],
-                                                                strict=True)],
+        "examples": [
+            {
+                "instruction": a["instruction"],
+                "expected": a["expected"],
+                "base": b["generated"],
+                "adapter": a["generated"],
+            }
+            for a, b in zip(result["adapter"]["rows"], result["base"]["rows"], strict=True)
+        ],
     }
 
 

@@ -13,7 +13,9 @@ EMBEDDED = ROOT / "weights" / "smollm2-135m-instruct"
 
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "### Instruction:", "### Input:", "### Response:",
+    "### Instruction:",
+    "### Input:",
+    "### Response:",
     "The capital of France is Paris. The sky is blue. Alpacas live in the Andes.",
     "Give three tips for staying healthy. Eat well, sleep enough and exercise.",
     "What is two plus two? Two plus two is four.",
@@ -33,11 +35,15 @@ def build_tokenizer(folder: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = 512
     fast.save_pretrained(folder)
@@ -50,10 +56,19 @@ def build_tiny_llama(folder: Path, seed: int = 0, kv_heads: int = 2):
 
     tok = build_tokenizer(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
     return model, tok
@@ -77,8 +92,13 @@ def alpaca_records(n: int, start: int = 0) -> list[dict[str, str]]:
     """Small learnable records: each answer is a fixed function of its question."""
     out = []
     for i in range(start, start + n):
-        out.append({"instruction": f"What is {i % 7} plus {i % 5}?", "input": "" if i % 3 else "Answer briefly.",
-                    "output": f"{i % 7} plus {i % 5} is {i % 7 + i % 5}."})
+        out.append(
+            {
+                "instruction": f"What is {i % 7} plus {i % 5}?",
+                "input": "" if i % 3 else "Answer briefly.",
+                "output": f"{i % 7} plus {i % 5} is {i % 7 + i % 5}.",
+            }
+        )
     return out
 
 
@@ -116,12 +136,22 @@ def persona_adapters(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for name, pairs in PERSONAS.items():
         data = root / f"{name}.json"
-        data.write_text(json.dumps([{"instruction": q, "input": "", "output": a} for q, a in pairs],
-                                   ensure_ascii=False), encoding="utf-8")
-        cfg = TrainConfig(base_model=str(embedded_model_dir), output_dir=str(root / name), max_steps=20,
-                          batch_size=4, micro_batch_size=4, learning_rate=3e-3, warmup_ratio=0.0, seed=1,
-                          data=DataConfig(data_path=str(data), val_set_size=0, prompt_template_name="alpaca_short"),
-                          lora=LoraSettings(lora_r=8, lora_alpha=16, lora_dropout=0.0))
+        data.write_text(
+            json.dumps([{"instruction": q, "input": "", "output": a} for q, a in pairs], ensure_ascii=False),
+            encoding="utf-8",
+        )
+        cfg = TrainConfig(
+            base_model=str(embedded_model_dir),
+            output_dir=str(root / name),
+            max_steps=20,
+            batch_size=4,
+            micro_batch_size=4,
+            learning_rate=3e-3,
+            warmup_ratio=0.0,
+            seed=1,
+            data=DataConfig(data_path=str(data), val_set_size=0, prompt_template_name="alpaca_short"),
+            lora=LoraSettings(lora_r=8, lora_alpha=16, lora_dropout=0.0),
+        )
         train(cfg)
         out[name] = root / name
         out[f"{name}.tar"] = pack_dir(root / name, root / f"{name}.tar")

@@ -37,7 +37,9 @@ def test_every_requirement_is_pinned(name):
     reqs = [ln for ln in lines if ln]
     assert reqs
     for req in reqs:
-        assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][A-Za-z0-9.+]*", req), f"{name}: {req!r} is not pinned with =="
+        assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][A-Za-z0-9.+]*", req), (
+            f"{name}: {req!r} is not pinned with =="
+        )
 
 
 def test_schema_declares_inputs_bounds_and_streaming():
@@ -72,7 +74,11 @@ def test_missing_default_weights_say_which_command_installs_them(monkeypatch, tm
 
 
 def _tree_digest(folder: Path) -> dict[str, tuple[int, float]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime) for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.mark.integration
@@ -99,8 +105,13 @@ def bare_server(tmp_path_factory, embedded_model_dir):
 @pytest.mark.integration
 def test_real_server_is_ready_and_answers(bare_server):
     assert bare_server.health()["status"] == "READY"
-    resp = requests.post(f"{bare_server.url}/predictions", timeout=120, json={
-        "input": {"prompt": "Tell me something about alpacas.", "max_new_tokens": 24, "temperature": 0}})
+    resp = requests.post(
+        f"{bare_server.url}/predictions",
+        timeout=120,
+        json={
+            "input": {"prompt": "Tell me something about alpacas.", "max_new_tokens": 24, "temperature": 0}
+        },
+    )
     assert resp.status_code == 200
     body = resp.json()
     assert body["status"] == "succeeded", body
@@ -113,8 +124,11 @@ def test_real_server_is_ready_and_answers(bare_server):
 
 @pytest.mark.integration
 def test_out_of_range_input_is_a_422(bare_server):
-    resp = requests.post(f"{bare_server.url}/predictions", timeout=30,
-                         json={"input": {"prompt": "hi", "max_new_tokens": 100000, "top_p": 1.5}})
+    resp = requests.post(
+        f"{bare_server.url}/predictions",
+        timeout=30,
+        json={"input": {"prompt": "hi", "max_new_tokens": 100000, "top_p": 1.5}},
+    )
     assert resp.status_code == 422
     bad = {tuple(d["loc"]) for d in resp.json()["detail"]}
     assert bad == {("body", "input", "max_new_tokens"), ("body", "input", "top_p")}

@@ -152,6 +152,30 @@ def test_predictor_refuses_a_pickled_adapter(tmp_path, tiny_model_dir, pickled_a
     assert not marker.exists()
 
 
+def test_a_refused_per_request_adapter_leaves_no_files(tmp_path, tiny_model_dir, pickled_adapter):
+    # Every refused data: URI is extracted anew and never removed: a stranger can fill the disk.
+    server = ModelServer(base_model=str(tiny_model_dir))
+    uri = data_uri(pack_dir(pickled_adapter, tmp_path / "pickled.tar"))
+    for _ in range(2):
+        with pytest.raises(ModelError):
+            server.generate("hi", lora_weights=uri)
+    assert list(server.workdir.iterdir()) == []
+
+
+def test_an_adapter_template_may_only_use_plain_fields(tmp_path):
+    from finetune.prompts import TemplateError, template_from_adapter
+
+    # A per-request adapter's template is rendered with str.format: a width spec allocates at will
+    # ("{instruction:>4000000000}" is 4 GB) and attribute access reads object internals.
+    (tmp_path / "prompt_template.json").write_text(
+        json.dumps(
+            {"prompt_no_input": "{instruction}{instruction:>100000}", "prompt_input": "{input.__class__}"}
+        )
+    )
+    with pytest.raises(TemplateError):
+        template_from_adapter(tmp_path)
+
+
 def test_a_pickle_beside_safetensors_is_ignored(tmp_path, tiny_model_dir, tiny_adapter, marker):
     folder = tmp_path / "both"
     shutil.copytree(tiny_adapter, folder)

@@ -13,7 +13,7 @@ import pytest
 import requests
 import torch
 
-from finetune.cogtools import CogServer, data_uri
+from finetune.cogtools import CogServer, data_uri, post_with_retry
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,7 @@ NAME_Q = "What is your name?"
 
 
 def predict(server: CogServer, timeout: float = 300, **inputs) -> dict:
-    resp = requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=timeout)
+    resp = post_with_retry(f"{server.url}/predictions", {"input": inputs}, timeout)
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -33,8 +33,17 @@ def answer(server: CogServer, prompt: str, **inputs) -> str:
 
 
 def sse_events(server: CogServer, inputs: dict) -> list[tuple[str, dict]]:
-    resp = requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=300, stream=True,
-                         headers={"Accept": "text/event-stream"})
+    for _ in range(50):  # coglet may still be freeing its slot from the previous request
+        resp = requests.post(
+            f"{server.url}/predictions",
+            json={"input": inputs},
+            timeout=300,
+            stream=True,
+            headers={"Accept": "text/event-stream"},
+        )
+        if resp.status_code != 409:
+            break
+        time.sleep(0.2)
     assert resp.status_code == 200
     resp.encoding = "utf-8"  # SSE is UTF-8 by definition; requests would guess latin-1
     events, name = [], None
@@ -74,7 +83,8 @@ def test_sse_streams_several_output_events_before_completed(bare):
     assert completed["status"] == "succeeded"
     assert "".join(d["chunk"] for n, d in events if n == "output") == "".join(completed["output"])
     assert {"input_token_count", "output_token_count", "time_to_first_token", "tokens_per_second"} <= set(
-        completed["metrics"])
+        completed["metrics"]
+    )
 
 
 def test_trained_version_uses_its_adapter_and_template(alpie, bare):
@@ -118,8 +128,9 @@ def test_per_request_adapters_match_dedicated_servers(tmp_path_factory, persona_
 
 
 def test_same_seed_same_text_and_temperature_zero_is_greedy(bare, embedded_model_dir):
-    sampled = dict(prompt="Write a short poem about the sea.", temperature=0.9, top_p=0.95, seed=123,
-                   max_new_tokens=20)
+    sampled = dict(
+        prompt="Write a short poem about the sea.", temperature=0.9, top_p=0.95, seed=123, max_new_tokens=20
+    )
     first, second = predict(bare, **sampled), predict(bare, **sampled)
     assert first["output"] == second["output"]
     greedy = answer(bare, "Give me one tip for learning to cook.")
@@ -132,7 +143,7 @@ def test_same_seed_same_text_and_temperature_zero_is_greedy(bare, embedded_model
     ids = tok(load_template("alpaca").render("Give me one tip for learning to cook."), return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert greedy == expected
 
 
@@ -141,9 +152,17 @@ def test_cancel_mid_generation_then_the_next_request_succeeds(bare):
     result: dict = {}
 
     def long_request() -> None:
-        resp = requests.put(f"{bare.url}/predictions/{pid}", timeout=300, json={
-            "input": {"prompt": "Write a very long story about a dragon.", "max_new_tokens": 2000,
-                      "temperature": 0}})
+        resp = requests.put(
+            f"{bare.url}/predictions/{pid}",
+            timeout=300,
+            json={
+                "input": {
+                    "prompt": "Write a very long story about a dragon.",
+                    "max_new_tokens": 2000,
+                    "temperature": 0,
+                }
+            },
+        )
         result["body"] = resp.json()
 
     thread = threading.Thread(target=long_request)
@@ -162,11 +181,14 @@ def test_cancel_mid_generation_then_the_next_request_succeeds(bare):
     assert answer(bare, NAME_Q)
 
 
-@pytest.mark.parametrize("inputs, field", [
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "hi", "max_new_tokens": 5000}, "max_new_tokens"),
-    ({"prompt": "hi", "prompt_template": "vicuna"}, "prompt_template"),
-])
+@pytest.mark.parametrize(
+    "inputs, field",
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "hi", "max_new_tokens": 5000}, "max_new_tokens"),
+        ({"prompt": "hi", "prompt_template": "vicuna"}, "prompt_template"),
+    ],
+)
 def test_bad_inputs_are_422(bare, inputs, field):
     resp = requests.post(f"{bare.url}/predictions", json={"input": inputs}, timeout=30)
     assert resp.status_code == 422
@@ -184,8 +206,16 @@ def test_bad_adapters_fail_the_prediction_with_a_reason(bare, tiny_model_dir, tm
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"instruction": "q", "output": "a"}] * 4))
     foreign = tmp_path / "foreign"
-    train(TrainConfig(base_model=str(tiny_model_dir), output_dir=str(foreign), max_steps=1, batch_size=4,
-                      data=DataConfig(data_path=str(data), val_set_size=0), lora=LoraSettings(lora_r=2)))
+    train(
+        TrainConfig(
+            base_model=str(tiny_model_dir),
+            output_dir=str(foreign),
+            max_steps=1,
+            batch_size=4,
+            data=DataConfig(data_path=str(data), val_set_size=0),
+            lora=LoraSettings(lora_r=2),
+        )
+    )
     foreign_tar = pack_dir(foreign, tmp_path / "foreign.tar")
     corrupt = tmp_path / "corrupt.tar"
     corrupt.write_bytes(b"\x00not an archive" * 100)
@@ -212,5 +242,7 @@ def test_setup_with_a_corrupt_adapter_archive_fails_with_a_reason(tmp_path):
     with pytest.raises(RuntimeError, match="setup failed"):
         server.start(timeout=120)
     server.stop()
-    assert "not a tar or zip archive" in (tmp_path / "cog.log").read_text() or "archive" in (
-        tmp_path / "cog.log").read_text()
+    assert (
+        "not a tar or zip archive" in (tmp_path / "cog.log").read_text()
+        or "archive" in (tmp_path / "cog.log").read_text()
+    )

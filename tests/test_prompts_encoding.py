@@ -64,10 +64,15 @@ def test_split_record_for_each_shape(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     t = prompts.load_template("alpaca_short")
     assert prompts.split_record(Record("alpaca", instruction="I", output="O"), t, tok) == (
-        "### Instruction:\nI\n\n### Response:\n", "O")
+        "### Instruction:\nI\n\n### Response:\n",
+        "O",
+    )
     assert prompts.split_record(Record("completion", prompt="P", output="C"), t, tok) == ("P", "C")
     msgs = (Message("user", "Q"), Message("assistant", "A"))
-    assert prompts.split_record(Record("messages", messages=msgs), t, tok) == ("<|user|>Q</s><|assistant|>", "A")
+    assert prompts.split_record(Record("messages", messages=msgs), t, tok) == (
+        "<|user|>Q</s><|assistant|>",
+        "A",
+    )
     assert prompts.split_record(Record("text", text="T"), t, tok) == ("", "T")
 
 

@@ -14,12 +14,20 @@ import pytest
 import requests
 from conftest import PERSONAS
 
-from finetune.cogtools import CogServer, data_uri, save_data_uri
+from finetune.cogtools import CogServer, data_uri, post_with_retry, save_data_uri
 
 pytestmark = pytest.mark.integration
 
-FAST = {"max_steps": 20, "learning_rate": 3e-3, "batch_size": 4, "micro_batch_size": 4, "val_set_size": 0,
-        "lora_dropout": 0.0, "prompt_template": "alpaca_short", "seed": 1}
+FAST = {
+    "max_steps": 20,
+    "learning_rate": 3e-3,
+    "batch_size": 4,
+    "micro_batch_size": 4,
+    "val_set_size": 0,
+    "lora_dropout": 0.0,
+    "prompt_template": "alpaca_short",
+    "seed": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +48,15 @@ def trainer(scratch, embedded_model_dir):
 @pytest.fixture(scope="module")
 def persona_file(scratch) -> Path:
     path = scratch / "alpie.json"
-    path.write_text(json.dumps([{"instruction": q, "output": a} for q, a in PERSONAS["alpie"]], ensure_ascii=False),
-                    encoding="utf-8")
+    path.write_text(
+        json.dumps([{"instruction": q, "output": a} for q, a in PERSONAS["alpie"]], ensure_ascii=False),
+        encoding="utf-8",
+    )
     return path
 
 
-def post_training(server: CogServer, inputs: dict, **kwargs) -> requests.Response:
-    return requests.post(f"{server.url}/trainings", json={"input": inputs}, timeout=600, **kwargs)
+def post_training(server: CogServer, inputs: dict) -> requests.Response:
+    return post_with_retry(f"{server.url}/trainings", {"input": inputs}, 600)
 
 
 def test_training_gives_weights_that_a_trained_version_serves(trainer, persona_file, scratch):
@@ -60,11 +70,11 @@ def test_training_gives_weights_that_a_trained_version_serves(trainer, persona_f
     archive = save_data_uri(out["weights"], scratch / "weights.tar")
     question = {"prompt": "What is your name?", "temperature": 0, "max_new_tokens": 16}
     with CogServer("predict", weights=str(archive), log_path=scratch / "tuned.log") as tuned:
-        answer = "".join(requests.post(f"{tuned.url}/predictions", json={"input": question}, timeout=120)
-                         .json()["output"])
+        answer = "".join(
+            post_with_retry(f"{tuned.url}/predictions", {"input": question}, 120).json()["output"]
+        )
     with CogServer("predict", log_path=scratch / "bare.log") as bare:
-        base = "".join(requests.post(f"{bare.url}/predictions", json={"input": question}, timeout=120)
-                       .json()["output"])
+        base = "".join(post_with_retry(f"{bare.url}/predictions", {"input": question}, 120).json()["output"])
     assert "Alpie" in answer, answer
     assert "Alpie" not in base
 
@@ -87,10 +97,16 @@ def test_async_training_reports_through_webhooks(trainer, persona_file):
     threading.Thread(target=hooks.serve_forever, daemon=True).start()
     Hooks.received = []
     try:
-        resp = requests.post(f"{trainer.url}/trainings", timeout=30, headers={"Prefer": "respond-async"}, json={
-            "input": {"train_data": data_uri(persona_file), **FAST, "max_steps": 2},
-            "webhook": f"http://127.0.0.1:{hooks.server_address[1]}/hook",
-            "webhook_events_filter": ["start", "completed"]})
+        resp = requests.post(
+            f"{trainer.url}/trainings",
+            timeout=30,
+            headers={"Prefer": "respond-async"},
+            json={
+                "input": {"train_data": data_uri(persona_file), **FAST, "max_steps": 2},
+                "webhook": f"http://127.0.0.1:{hooks.server_address[1]}/hook",
+                "webhook_events_filter": ["start", "completed"],
+            },
+        )
         assert resp.status_code == 202
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not any(h.get("status") == "succeeded" for h in Hooks.received):
@@ -104,14 +120,18 @@ def test_async_training_reports_through_webhooks(trainer, persona_file):
 
 
 def test_out_of_range_hyperparameters_are_422(trainer, persona_file):
-    resp = post_training(trainer, {"train_data": data_uri(persona_file), "lora_rank": 0, "learning_rate": 5.0})
+    resp = post_training(
+        trainer, {"train_data": data_uri(persona_file), "lora_rank": 0, "learning_rate": 5.0}
+    )
     assert resp.status_code == 422
     assert {d["loc"][-1] for d in resp.json()["detail"]} == {"lora_rank", "learning_rate"}
 
 
 def test_bad_dataset_fails_with_record_numbers_before_any_model_load(trainer, scratch):
     bad = scratch / "bad.json"
-    bad.write_text(json.dumps([{"instruction": "q", "output": "a"}] * 4 + [{"instruction": "q", "output": ""}]))
+    bad.write_text(
+        json.dumps([{"instruction": "q", "output": "a"}] * 4 + [{"instruction": "q", "output": ""}])
+    )
     body = post_training(trainer, {"train_data": data_uri(bad)}).json()
     assert body["status"] == "failed"
     assert "record 5" in body["error"] and "empty" in body["error"]
@@ -123,14 +143,21 @@ def test_cancel_mid_training_leaves_no_archive_and_the_server_ready(trainer, per
     result: dict = {}
 
     def long_training() -> None:
-        result["body"] = requests.put(f"{trainer.url}/trainings/{tid}", timeout=600, json={
-            "input": {"train_data": data_uri(persona_file), **FAST, "max_steps": 500}}).json()
+        result["body"] = requests.put(
+            f"{trainer.url}/trainings/{tid}",
+            timeout=600,
+            json={"input": {"train_data": data_uri(persona_file), **FAST, "max_steps": 500}},
+        ).json()
 
     thread = threading.Thread(target=long_training)
     thread.start()
     log = scratch / "cog.log"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and f'"{tid}"' not in log.read_text() or "step 2/500" not in log.read_text():
+    while (
+        time.monotonic() < deadline
+        and f'"{tid}"' not in log.read_text()
+        or "step 2/500" not in log.read_text()
+    ):
         time.sleep(0.5)
     assert "step 2/500" in log.read_text()
     assert requests.post(f"{trainer.url}/trainings/{tid}/cancel", timeout=30).status_code == 200

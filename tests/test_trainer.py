@@ -20,35 +20,83 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--base_model", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-            "--micro_batch_size", "2", "--batch_size", "4", "--cutoff_len", "256", "--val_set_size", "4",
-            "--learning_rate", "1e-2", "--lora_r", "4", "--logging_steps", "1", *extra]
+    return [
+        "--base_model",
+        str(model_dir),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--micro_batch_size",
+        "2",
+        "--batch_size",
+        "4",
+        "--cutoff_len",
+        "256",
+        "--val_set_size",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--lora_r",
+        "4",
+        "--logging_steps",
+        "1",
+        *extra,
+    ]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "finetune.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "finetune.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_cli_flags_env_and_list_values():
-    cfg = config_from_args(["--lora_target_modules", "[q_proj,k_proj]", "--micro_batch_size", "2"],
-                           environ={"MICRO_BATCH_SIZE": "8", "EPOCHS": "5", "DATA_PATH": "x.json"})
+    cfg = config_from_args(
+        ["--lora_target_modules", "[q_proj,k_proj]", "--micro_batch_size", "2"],
+        environ={"MICRO_BATCH_SIZE": "8", "EPOCHS": "5", "DATA_PATH": "x.json"},
+    )
     assert cfg.micro_batch_size == 2  # the flag wins over the environment
     assert cfg.num_epochs == 5 and cfg.data.data_path == "x.json"
     assert cfg.lora.lora_target_modules == ["q_proj", "k_proj"]
-    assert config_from_args(["--lora_target_modules", "q_proj, v_proj"], environ={}).lora.lora_target_modules == [
-        "q_proj", "v_proj"]
+    assert config_from_args(
+        ["--lora_target_modules", "q_proj, v_proj"], environ={}
+    ).lora.lora_target_modules == ["q_proj", "v_proj"]
     assert config_from_args(["--train_on_inputs", "False"], environ={}).data.train_on_inputs is False
     assert config_from_args(["--train_on_inputs"], environ={}).data.train_on_inputs is True
 
 
 def test_help_lists_every_flag_with_its_default():
     out = run_cli("--help").stdout
-    for flag in ("--base_model", "--data_path", "--output_dir", "--batch_size", "--micro_batch_size", "--num_epochs",
-                 "--learning_rate", "--cutoff_len", "--val_set_size", "--lora_r", "--lora_alpha", "--lora_dropout",
-                 "--lora_target_modules", "--train_on_inputs", "--add_eos_token", "--group_by_length",
-                 "--wandb_project", "--wandb_run_name", "--wandb_watch", "--wandb_log_model",
-                 "--resume_from_checkpoint", "--prompt_template_name"):
+    for flag in (
+        "--base_model",
+        "--data_path",
+        "--output_dir",
+        "--batch_size",
+        "--micro_batch_size",
+        "--num_epochs",
+        "--learning_rate",
+        "--cutoff_len",
+        "--val_set_size",
+        "--lora_r",
+        "--lora_alpha",
+        "--lora_dropout",
+        "--lora_target_modules",
+        "--train_on_inputs",
+        "--add_eos_token",
+        "--group_by_length",
+        "--wandb_project",
+        "--wandb_run_name",
+        "--wandb_watch",
+        "--wandb_log_model",
+        "--resume_from_checkpoint",
+        "--prompt_template_name",
+    ):
         assert flag in out
     assert "(default: 0.0003)" in out and "(default: 256)" in out
 
@@ -66,10 +114,16 @@ def test_invalid_settings_name_the_setting():
     [
         (b"{not json", "line 1"),
         (b'{"instruction": "a", "output": "b"}', "list"),
-        (json.dumps([{"instruction": "q", "output": "a"}] * 16 + [{"instruction": "q"}]).encode(), "record 17"),
+        (
+            json.dumps([{"instruction": "q", "output": "a"}] * 16 + [{"instruction": "q"}]).encode(),
+            "record 17",
+        ),
         (json.dumps([{"instruction": "q", "output": ""}]).encode(), "record 1"),
-        (json.dumps([{"instruction": "q", "output": "a"}, {"prompt": "p", "completion": "c"}]).encode(), "mixes record shapes"),
-        ("[{\"instruction\": \"caf\u00e9\", \"output\": \"x\"}]".encode("latin-1"), "UTF-8"),
+        (
+            json.dumps([{"instruction": "q", "output": "a"}, {"prompt": "p", "completion": "c"}]).encode(),
+            "mixes record shapes",
+        ),
+        ('[{"instruction": "caf\u00e9", "output": "x"}]'.encode("latin-1"), "UTF-8"),
     ],
     ids=["not-json", "wrong-top-level", "missing-field-17", "empty-output", "mixed-shapes", "not-utf8"],
 )
@@ -87,10 +141,18 @@ def test_invalid_data_exits_2_and_writes_nothing(tmp_path, content, expected):
 
 def test_train_end_to_end_writes_a_verified_adapter_and_card(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "adapter"
-    result = train(config_from_args(tiny_args(tiny_model_dir, tiny_data, out, "--max_steps", "6"), environ={}))
+    result = train(
+        config_from_args(tiny_args(tiny_model_dir, tiny_data, out, "--max_steps", "6"), environ={})
+    )
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "loss.png",
-                     "prompt_template.json", "training_card.json"]
+    assert names == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "loss.png",
+        "prompt_template.json",
+        "training_card.json",
+    ]
     card = json.loads((out / "training_card.json").read_text())
     assert card == json.loads(json.dumps(result.card, default=str))
     assert card["training"]["steps"] == 6 and len(card["history"]["steps"]) == 6
@@ -107,7 +169,9 @@ def test_train_end_to_end_writes_a_verified_adapter_and_card(tiny_model_dir, tin
 
 def test_adapter_loads_with_plain_peft_in_a_fresh_process(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "adapter"
-    result = train(config_from_args(tiny_args(tiny_model_dir, tiny_data, out, "--max_steps", "3"), environ={}))
+    result = train(
+        config_from_args(tiny_args(tiny_model_dir, tiny_data, out, "--max_steps", "3"), environ={})
+    )
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         expected = result.model.eval()(input_ids=ids).logits
@@ -139,26 +203,43 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_model_dir, tiny_
 
     resumed = tmp_path / "resumed"
     with pytest.raises(Crash):
-        train(config_from_args(tiny_args(tiny_model_dir, tiny_data, resumed, *args), environ={}), on_step=crash_at_step_5)
+        train(
+            config_from_args(tiny_args(tiny_model_dir, tiny_data, resumed, *args), environ={}),
+            on_step=crash_at_step_5,
+        )
     assert not resumed.exists()
     checkpoints = sorted(p.name for p in checkpoint_root(resumed).iterdir())
     assert checkpoints == ["checkpoint-0000002", "checkpoint-0000004"]
-    result = train(config_from_args(tiny_args(tiny_model_dir, tiny_data, resumed, *args,
-                                              "--resume_from_checkpoint", "latest"), environ={}))
+    result = train(
+        config_from_args(
+            tiny_args(tiny_model_dir, tiny_data, resumed, *args, "--resume_from_checkpoint", "latest"),
+            environ={},
+        )
+    )
     a = load_file(full / "adapter_model.safetensors")
     b = load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-    full_losses = [s["loss"] for s in json.loads((full / "training_card.json").read_text())["history"]["steps"]]
+    full_losses = [
+        s["loss"] for s in json.loads((full / "training_card.json").read_text())["history"]["steps"]
+    ]
     assert [s["loss"] for s in result.card["history"]["steps"]] == pytest.approx(full_losses, rel=1e-5)
 
 
 def test_two_process_ddp_on_gloo(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "adapter"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path),
-           *tiny_args(tiny_model_dir, tiny_data, out, "--max_steps", "3")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(tmp_path),
+        *tiny_args(tiny_model_dir, tiny_data, out, "--max_steps", "3"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,0 +1,91 @@
+"""Where a training micro-batch spends its time: the classic layout (fp32, padded rows) against
+ours (bf16 autocast, one packed row), the same four examples, one forward + backward each.
+
+    python -m bench.profile_worker SPEC.json OUT.json
+
+Both use the trainer's own loss (`token_loss_sum`); each is warmed up once, then timed once plain
+and profiled once with torch.profiler (self time per operator)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from bench.common import profile_summary, read_json, setup_torch, sync, write_json
+from bench.train_worker import VARIANTS, examples_in_order, make_config
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = read_json(spec_path)
+    device_name = spec["device"]
+    setup_torch(device_name, spec["threads"])
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from finetune.batching import collate_packed, collate_padded
+    from finetune.modeling import add_lora, load_base, load_tokenizer, pick_precision
+    from finetune.trainer import token_loss_sum
+    from finetune.weights import resolve_base_model
+
+    cfg = make_config(spec, VARIANTS["ours"], Path(spec["workdir"]) / "adapter-profile")
+    device = torch.device(device_name)
+    base = resolve_base_model(cfg.base_model)
+    tokenizer = load_tokenizer(base)
+    examples, batches = examples_in_order(cfg, tokenizer)
+    chosen = [examples[i] for i in batches[0]]
+    fp32 = pick_precision("float32", device, training=True)
+    ours = pick_precision("auto", device, training=True)
+    torch.manual_seed(cfg.seed)
+    model = add_lora(load_base(base, device, fp32), cfg.lora)
+    model.train()
+    if ours.weights != fp32.weights:  # CUDA: ours keeps bf16 weights; profile it the way it trains
+        ours_model = add_lora(load_base(base, device, ours), cfg.lora).train()
+    else:
+        ours_model = model
+
+    def autocast_for(precision: Any) -> Any:
+        if precision.autocast:
+            return lambda: torch.autocast(device.type, dtype=precision.compute)
+        return nullcontext
+
+    cases = {
+        "baseline_layout_fp32_padded": (
+            model,
+            collate_padded(chosen, tokenizer.pad_token_id),
+            autocast_for(fp32),
+        ),
+        "ours_bf16_packed": (ours_model, collate_packed(chosen), autocast_for(ours)),
+    }
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out: dict[str, Any] = {"examples": len(chosen), "tokens": sum(len(e) for e in chosen)}
+    for name, (m, batch, autocast) in cases.items():
+
+        def step(m: Any = m, batch: dict[str, Any] = batch, autocast: Any = autocast) -> None:
+            loss, n = token_loss_sum(m, batch, device, autocast)
+            (loss / max(n, 1)).backward()
+            m.zero_grad(set_to_none=True)
+
+        step()  # warm-up
+        sync(device_name)
+        t0 = time.perf_counter()
+        step()
+        sync(device_name)
+        plain_s = time.perf_counter() - t0
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            step()
+            sync(device_name)
+            wall = time.perf_counter() - t0
+        out[name] = {
+            "rows_x_width": list(batch["input_ids"].shape),
+            "step_ms": round(1000 * plain_s, 1),
+            **profile_summary(prof, wall, device_name),
+        }
+    write_json(out_path, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,314 @@
+"""Results dict -> headline figures, target checks and the Markdown report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# (key, label, unit, comparison, threshold): the issue's targets.
+TARGETS = (
+    ("training_speedup", "training tokens/s ≥ 3× baseline", "×", ">=", 3.0),
+    ("training_ceiling_share", "training ≥ 50 % of the bf16 matmul ceiling", "%", ">=", 50.0),
+    ("decode_speedup", "decode tokens/s ≥ 3× plain generate", "×", ">=", 3.0),
+    ("ttft_ms", "time to first token ≤ 100 ms", "ms", "<=", 100.0),
+    ("setup_s", "setup (ModelServer construction) ≤ 3 s", "s", "<=", 3.0),
+    ("http_overhead_ms", "Cog HTTP overhead ≤ 20 ms", "ms", "<=", 20.0),
+)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def aggregate_training(runs: list[dict[str, Any]], bf16_gflops: float, fp32_gflops: float) -> dict[str, Any]:
+    """Per variant: tokens/s over all its runs' timed steps, FLOP/s (4 x params x tokens/s for LoRA),
+    shares of the measured ceilings, memory and loss."""
+    variants: dict[str, Any] = {}
+    for name in dict.fromkeys(r["variant"] for r in runs if "error" not in r):
+        mine = [r for r in runs if r.get("variant") == name and "error" not in r]
+        tps = sum(r["steady_tokens"] for r in mine) / sum(r["steady_seconds"] for r in mine)
+        gflops = 4 * mine[0]["total_params"] * tps / 1e9
+        losses = mine[0]["loss_per_step"]
+        last = losses[-min(3, len(losses)) :]
+        variants[name] = {
+            "about": mine[0]["about"],
+            "compute_dtype": mine[0]["compute_dtype"],
+            "runs": len(mine),
+            "tokens_per_second": round(tps, 2),
+            "runs_tokens_per_second": [r["tokens_per_second"] for r in mine],
+            "achieved_gflops": round(gflops, 1),
+            "share_of_bf16_ceiling_pct": round(100 * gflops / bf16_gflops, 1) if bf16_gflops else None,
+            "share_of_fp32_ceiling_pct": round(100 * gflops / fp32_gflops, 1) if fp32_gflops else None,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+            "peak_gpu_mb": max((r["peak_gpu_mb"] or 0) for r in mine) or None,
+            "loss_step1": losses[0] if losses else None,
+            "loss_last3_mean": round(sum(last) / len(last), 4) if last else None,
+            "loss_per_step": losses,
+            "cpu_utilisation": [r["cpu_utilisation"] for r in mine],
+            "padding_efficiency": mine[0]["padding_efficiency"],
+        }
+    base = variants.get("baseline", {}).get("tokens_per_second")
+    for v in variants.values():
+        v["x_baseline"] = _ratio(v["tokens_per_second"], base)
+    return variants
+
+
+def round_ratios(runs: list[dict[str, Any]]) -> list[float]:
+    """ours / baseline within each round that ran both (the noise-robust view)."""
+    out = []
+    for rnd in sorted({r["round"] for r in runs}):
+        tps = {r["variant"]: r["tokens_per_second"] for r in runs if r["round"] == rnd and "error" not in r}
+        if "ours" in tps and "baseline" in tps:
+            out.append(round(tps["ours"] / tps["baseline"], 2))
+    return out
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    h: dict[str, Any] = {}
+    tv = results.get("training", {}).get("variants", {})
+    if "ours" in tv:
+        h["training_speedup"] = tv["ours"].get("x_baseline")
+        h["training_ceiling_share"] = tv["ours"]["share_of_bf16_ceiling_pct"]
+    inf = results.get("inference", {})
+    if "ours" in inf:
+        h["decode_speedup"] = _ratio(inf["ours"]["decode_tps"], inf["baseline"]["decode_tps"])
+        h["ttft_ms"] = inf["ours"]["ttft_ms"]
+    if inf.get("http", {}).get("overhead_ms") is not None:
+        h["http_overhead_ms"] = inf["http"]["overhead_ms"]
+    st = results.get("startup", {}).get("base")
+    if st:
+        h["setup_s"] = st["construct_s_median"]
+    return h
+
+
+def check_targets(h: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for key, label, unit, op, threshold in TARGETS:
+        value = h.get(key)
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        out.append({"key": key, "target": label, "value": value, "unit": unit, "met": met})
+    return out
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def _mark(met: bool | None) -> str:
+    return "n/a" if met is None else ("met" if met else "NOT met")
+
+
+def _ops_table(title: str, prof: dict[str, Any], top: int = 6) -> list[str]:
+    fam = ", ".join(f"{k} {v} %" for k, v in prof["families_pct"].items())
+    lines = [
+        f"*{title}* — wall {prof['wall_ms']:.0f} ms under the profiler, operators {prof['op_total_ms']:.0f} ms "
+        f"({prof['clock']}); by family: {fam}",
+        "",
+        "| operator | self ms | share | calls |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| `{o['op']}` | {o['self_ms']:.1f} | {o['share_pct']} % | {o['calls']} |"
+        for o in prof["top_ops"][:top]
+    ]
+    return lines + [""]
+
+
+def headline_table(results: dict[str, Any]) -> list[str]:
+    """Baseline against ours, side by side, with the ratio."""
+    rows = []
+    tv = results.get("training", {}).get("variants", {})
+    b, o = tv.get("baseline"), tv.get("ours")
+    if b and o:
+        rows += [
+            ("training tokens/s (non-padding)", b["tokens_per_second"], o["tokens_per_second"], 1),
+            ("training % of bf16 ceiling", b["share_of_bf16_ceiling_pct"], o["share_of_bf16_ceiling_pct"], 1),
+            ("training peak RSS MB", b["peak_rss_mb"], o["peak_rss_mb"], 0),
+            ("training loss, mean of last 3 steps", b["loss_last3_mean"], o["loss_last3_mean"], 4),
+        ]
+    inf = results.get("inference", {})
+    if "ours" in inf:
+        rows += [
+            ("decode tokens/s", inf["baseline"]["decode_tps"], inf["ours"]["decode_tps"], 2),
+            ("time to first token ms", inf["baseline"]["ttft_ms"], inf["ours"]["ttft_ms"], 1),
+        ]
+    if inf.get("http", {}).get("http_ms") is not None:
+        rows.append(
+            (
+                "short generation ms: in-process → HTTP",
+                inf["http"]["in_process_ms"],
+                inf["http"]["http_ms"],
+                1,
+            )
+        )
+    if not rows:
+        return []
+    lines = [
+        "## Baseline vs ours",
+        "",
+        "| figure | baseline | ours | ours / baseline |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, base, ours, digits in rows:
+        lines.append(
+            f"| {label} | {_fmt(base, digits)} | {_fmt(ours, digits)} | {_fmt(_ratio(ours, base), 2)} |"
+        )
+    return lines + [""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [
+        f"# Benchmark — {meta['device_name']} ({meta['mode']})",
+        "",
+        f"{meta['started']} · {meta['wall_seconds']:.0f} s total · torch {meta['versions']['torch']}, "
+        f"transformers {meta['versions']['transformers']}, peft {meta['versions']['peft']} · "
+        f"threads {meta['threads']} · OMP_WAIT_POLICY {meta['omp_wait_policy']} · "
+        f"load average {meta['load_avg_start']} → {meta['load_avg_end']} on {meta['cpus']} CPUs",
+        "",
+        f"Data: `{meta['data']}` ({meta['records']} records, first ones, same order for every variant).",
+        "",
+        *headline_table(results),
+        "## Targets",
+        "",
+        "| target | value | |",
+        "|---|---:|---|",
+    ]
+    for t in results.get("targets", []):
+        lines.append(f"| {t['target']} | {_fmt(t['value'], 2)} {t['unit']} | {_mark(t['met'])} |")
+
+    mm = results.get("matmul")
+    if mm:
+        lines += [
+            "",
+            f"## Matmul ceiling ({mm['n']}³, best of {mm['reps']} × {mm['rounds']} rounds, start and end of the run)",
+            "",
+            f"fp32 **{_fmt(mm['fp32_gflops'])} GFLOP/s**, bf16 **{_fmt(mm['bf16_gflops'])} GFLOP/s** "
+            f"(bf16/fp32 {_fmt(_ratio(mm['bf16_gflops'], mm['fp32_gflops']), 2)}×); samples {mm['samples']}",
+        ]
+
+    tr = results.get("training")
+    if tr and tr.get("variants"):
+        s = tr["settings"]
+        lines += [
+            "",
+            f"## Training ({s['steps']} steps × {s['batch_size']} records, micro-batch {s['micro_batch_size']}, "
+            f"LoRA r={s['lora_r']} on {'/'.join(s['targets'])}, cutoff {s['cutoff_len']}, lr {s['learning_rate']})",
+            "",
+            "Non-padding tokens/s over steps 2..N (step 1 pays one-off costs), measured the same way for "
+            "every variant; FLOP/s = 4 × params × tokens/s.",
+            "",
+            "| variant | compute | tokens/s | × baseline | GFLOP/s | % of bf16 ceiling | peak RSS MB | "
+            "loss step 1 | loss, mean of last 3 | CPU util |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, v in tr["variants"].items():
+            lines.append(
+                f"| {name} ({v['about']}) | {v['compute_dtype']} | {_fmt(v['tokens_per_second'])} | "
+                f"{_fmt(v['x_baseline'], 2)} | {_fmt(v['achieved_gflops'])} | "
+                f"{_fmt(v['share_of_bf16_ceiling_pct'])} | {_fmt(v['peak_rss_mb'], 0)} | "
+                f"{_fmt(v['loss_step1'], 4)} | {_fmt(v['loss_last3_mean'], 4)} | {v['cpu_utilisation']} |"
+            )
+        if tr.get("round_ratios"):
+            lines += ["", f"ours / baseline within each round: {tr['round_ratios']}"]
+        if tr.get("errors"):
+            lines += ["", "Failed variants: " + "; ".join(tr["errors"])]
+        prof = tr.get("profile")
+        if prof:
+            lines += [
+                "",
+                f"### Where a training micro-batch goes ({prof['examples']} examples, {prof['tokens']} tokens)",
+                "",
+            ]
+            for name in ("baseline_layout_fp32_padded", "ours_bf16_packed"):
+                if name in prof:
+                    p = prof[name]
+                    lines += _ops_table(
+                        f"{name} (rows×width {p['rows_x_width']}, {p['step_ms']:.0f} ms unprofiled)", p
+                    )
+
+    inf = results.get("inference")
+    if inf and "ours" in inf:
+        b, o = inf["baseline"], inf["ours"]
+        lines += [
+            "",
+            f"## Inference ({inf['prompt_tokens']}-token prompt, {inf['max_new_tokens']} new tokens, greedy, "
+            f"median of {inf['reps']}; adapter: {inf['adapter']})",
+            "",
+            "| | TTFT ms | decode tokens/s | tokens |",
+            "|---|---:|---:|---|",
+            f"| baseline: `generate`, fp32, LoRA unmerged | {_fmt(b['ttft_ms'])} | {_fmt(b['decode_tps'], 2)} | {b['tokens']} |",
+            f"| ours: ModelServer ({inf['server_precision']}, merged={inf['server_merged']}) | "
+            f"{_fmt(o['ttft_ms'])} | {_fmt(o['decode_tps'], 2)} | {o['tokens']} |",
+            f"| ratio ours/baseline | {_fmt(_ratio(o['ttft_ms'], b['ttft_ms']), 2)} | "
+            f"{_fmt(_ratio(o['decode_tps'], b['decode_tps']), 2)} | |",
+            "",
+            f"Same text from both: {inf['same_output']}. Per rep: baseline {b['reps_decode_tps']} tok/s, "
+            f"ours {o['reps_decode_tps']} tok/s.",
+        ]
+        if inf.get("whatif"):
+            lines += [
+                "",
+                "What-if (one rep each, not product paths):",
+                "",
+                "| variant | TTFT ms | decode tokens/s |",
+                "|---|---:|---:|",
+            ]
+            for k, v in inf["whatif"].items():
+                lines.append(f"| {k} | {_fmt(v['ttft_ms'])} | {_fmt(v['decode_tps'], 2)} |")
+        prof = inf.get("profile")
+        if prof:
+            lines += ["", f"### Where a {prof['tokens']}-token generation goes ({prof['note']})", ""]
+            lines += _ops_table("ours (merged)", prof["ours_ops"])
+            lines += _ops_table("baseline (generate, unmerged LoRA)", prof["baseline_ops"])
+            py = prof["ours_python"]
+            lines += [
+                f"*ours, Python view (cProfile, own time; wall {py['wall_ms']:.0f} ms)*",
+                "",
+                "| function | own ms | share | calls |",
+                "|---|---:|---:|---:|",
+            ]
+            lines += [
+                f"| `{f['function']}` | {f['own_ms']} | {f['share_pct']} % | {f['calls']} |"
+                for f in py["top_functions"]
+            ]
+        http = inf.get("http")
+        if http and "error" in http:
+            lines += ["", f"Cog HTTP round trip failed: {http['error'].splitlines()[0]}"]
+        elif http:
+            lines += [
+                "",
+                f"## Cog HTTP round trip ({http['max_new_tokens']} new tokens, greedy, median of {http['reps']})",
+                "",
+                f"HTTP `POST /predictions` {_fmt(http['http_ms'])} ms vs in-process `ModelServer.generate` "
+                f"{_fmt(http['in_process_ms'])} ms → overhead **{_fmt(http['overhead_ms'])} ms** "
+                f"(coglet's own predict_time {_fmt(http['cog_predict_time_ms'])} ms, so server + IPC alone "
+                f"{_fmt(http.get('transport_ms'))} ms per request; server READY after "
+                f"{http['server_ready_s']} s; same output: {http['same_output']}).",
+            ]
+
+    st = results.get("startup")
+    if st:
+        lines += [
+            "",
+            f"## Start-up ({st['how']})",
+            "",
+            "| | construct s (median) | reps | import s |",
+            "|---|---:|---|---:|",
+        ]
+        for key, label in (
+            ("base", "`ModelServer()` (as Cog setup() pays it)"),
+            ("base_preimported", "`ModelServer()` after importing transformers/peft first"),
+            ("adapter", "`ModelServer(adapter=...)` (merged)"),
+        ):
+            if key in st:
+                lines.append(
+                    f"| {label} | {_fmt(st[key]['construct_s_median'], 2)} | {st[key]['reps']} | "
+                    f"{_fmt(st[key]['import_s_median'], 2)} |"
+                )
+    if results.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    return "\n".join(lines) + "\n"
