@@ -16,6 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # The real data set lives beside the project (never copied into it); tests' sample data otherwise.
 REAL_DATA = ROOT.parent / "shared" / "data" / "gsm8k_train_alpaca.json"
 SAMPLE_DATA = ROOT / "data" / "sample_alpaca.json"
+# The compared LoRA, pinned (the classic alpaca-lora one) rather than read from the project's
+# defaults, so that a change of defaults does not silently change what the bench compares.
+BENCH_LORA = {
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "lora_target_modules": ["q_proj", "v_proj"],
+}
 
 
 def data_path() -> Path:

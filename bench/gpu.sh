@@ -32,9 +32,21 @@ if ! "$PY" -c "import bitsandbytes" 2>/dev/null; then
         || echo "bench/gpu.sh: bitsandbytes unavailable; the 4-bit variant will be reported as failed" >&2
 fi
 
-# The embedded default model (a no-op when weights/ already holds it).
-if [ ! -f weights/smollm2-135m-instruct/model.safetensors ]; then
-    "$PY" -m finetune fetch-default
+# The embedded default model (a no-op when weights/ already holds it, or BASE_MODEL names another).
+# A GPU box without network access can run on random weights of the same shape instead (every
+# throughput figure holds, the losses do not): BENCH_RANDOM_WEIGHTS=1 with the model folder's
+# config and tokenizer files present.
+MODEL_DIR=weights/smollm2-135m-instruct
+if [ -z "${BASE_MODEL:-}" ] && [ ! -f "$MODEL_DIR/model.safetensors" ]; then
+    if [ "${BENCH_RANDOM_WEIGHTS:-0}" = 1 ] && [ -f "$MODEL_DIR/config.json" ]; then
+        echo "bench/gpu.sh: BENCH_RANDOM_WEIGHTS=1: random weights in $MODEL_DIR (losses meaningless)" >&2
+        "$PY" -c 'import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[1])' "$MODEL_DIR"
+    else
+        "$PY" -m finetune fetch-default
+    fi
 fi
 
 # 300 s is the hard stop; the plan's optional runs are skipped past --budget-min.

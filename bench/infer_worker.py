@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    BENCH_LORA,
     load_avg,
     log,
     median,
@@ -38,14 +39,16 @@ PROMPT = "Write a long story about an alpaca who travels around the world, count
 
 
 def random_adapter(base: str, dest: Path, seed: int = 0) -> Path:
-    """A LoRA adapter (our default r/targets) with random B, so merged and unmerged both matter."""
+    """A LoRA adapter (the bench's r/targets) with random B, so merged and unmerged both matter."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from finetune.config import LoraSettings
     from finetune.modeling import add_lora
 
-    model = add_lora(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraSettings())
+    model = add_lora(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraSettings(**BENCH_LORA)
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -293,6 +296,14 @@ def main(spec_path: str, out_path: str) -> None:
         "ours_stop_reason": runs["ours"][-1]["stop_reason"],
     }
 
+    # Before the profilers and what-ifs, so the in-process side runs in the same state as above.
+    if spec.get("http_reps"):
+        log("Cog HTTP round trip")
+        try:
+            result["http"] = http_round_trip(spec, server, adapter)
+        except Exception as exc:  # e.g. cog not installed on a GPU box: report, keep the rest
+            result["http"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+
     if spec.get("explore"):
         # What-if variants, one rep each: where would a faster decode come from?
         whatif: dict[str, Any] = {}
@@ -326,13 +337,6 @@ def main(spec_path: str, out_path: str) -> None:
             ),
             "ours_python": cprofile_top(lambda: ours_generate(server, PROMPT, n)),
         }
-
-    if spec.get("http_reps"):
-        log("Cog HTTP round trip")
-        try:
-            result["http"] = http_round_trip(spec, server, adapter)
-        except Exception as exc:  # e.g. cog not installed on a GPU box: report, keep the rest
-            result["http"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
 
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     result["peak_gpu_mb"] = peak_gpu_mb(device)

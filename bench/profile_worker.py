@@ -1,5 +1,6 @@
-"""Where a training micro-batch spends its time: the classic layout (fp32, padded rows) against
-ours (bf16 autocast, one packed row), the same four examples, one forward + backward each.
+"""Where a training micro-batch spends its time: the classic layout (fp32 weights, padded rows)
+against ours (the model prepared as finetune.trainer.train prepares it, in both the padded and the
+packed layout), the same four examples, one forward + backward each.
 
     python -m bench.profile_worker SPEC.json OUT.json
 
@@ -37,30 +38,36 @@ def main(spec_path: str, out_path: str) -> None:
     examples, batches = examples_in_order(cfg, tokenizer)
     chosen = [examples[i] for i in batches[0]]
     fp32 = pick_precision("float32", device, training=True)
-    ours = pick_precision("auto", device, training=True)
+    ours = pick_precision(cfg.dtype, device, training=True)
     torch.manual_seed(cfg.seed)
-    model = add_lora(load_base(base, device, fp32), cfg.lora)
-    model.train()
-    if ours.weights != fp32.weights:  # CUDA: ours keeps bf16 weights; profile it the way it trains
-        ours_model = add_lora(load_base(base, device, ours), cfg.lora).train()
-    else:
-        ours_model = model
+    model = add_lora(load_base(base, device, fp32), cfg.lora).train()
+    # As the trainer does: with autocast, the frozen base is stored in the compute dtype.
+    ours_base = load_base(base, device, ours)
+    if ours.autocast:
+        ours_base.to(ours.compute)
+    ours_model = add_lora(ours_base, cfg.lora).train()
 
     def autocast_for(precision: Any) -> Any:
         if precision.autocast:
             return lambda: torch.autocast(device.type, dtype=precision.compute)
         return nullcontext
 
-    cases = {
-        "baseline_layout_fp32_padded": (
-            model,
-            collate_padded(chosen, tokenizer.pad_token_id),
-            autocast_for(fp32),
-        ),
-        "ours_bf16_packed": (ours_model, collate_packed(chosen), autocast_for(ours)),
-    }
+    dtype = str(ours.compute).removeprefix("torch.")
+    padded = collate_padded(chosen, tokenizer.pad_token_id)
+    packed = collate_packed(chosen)
+    ours_cases = [("packed", packed), ("padded", padded)]
+    if not cfg.data.packing:  # the project's default layout first
+        ours_cases.reverse()
+    cases = {"baseline_layout_fp32_padded": (model, padded, autocast_for(fp32))}
+    for layout, batch in ours_cases:
+        cases[f"ours_{dtype}_{layout}"] = (ours_model, batch, autocast_for(ours))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    out: dict[str, Any] = {"examples": len(chosen), "tokens": sum(len(e) for e in chosen)}
+    out: dict[str, Any] = {
+        "examples": len(chosen),
+        "tokens": sum(len(e) for e in chosen),
+        "cases": list(cases),
+        "ours_default_packing": cfg.data.packing,
+    }
     for name, (m, batch, autocast) in cases.items():
 
         def step(m: Any = m, batch: dict[str, Any] = batch, autocast: Any = autocast) -> None:

@@ -223,7 +223,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"### Where a training micro-batch goes ({prof['examples']} examples, {prof['tokens']} tokens)",
                 "",
             ]
-            for name in ("baseline_layout_fp32_padded", "ours_bf16_packed"):
+            for name in prof.get("cases", []):
                 if name in prof:
                     p = prof[name]
                     lines += _ops_table(

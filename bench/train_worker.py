@@ -14,9 +14,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import load_avg, log, peak_gpu_mb, peak_rss_mb, read_json, setup_torch, sync, write_json
+from bench.common import (
+    BENCH_LORA,
+    load_avg,
+    log,
+    peak_gpu_mb,
+    peak_rss_mb,
+    read_json,
+    setup_torch,
+    sync,
+    write_json,
+)
 
-# variant -> (trainer, settings). "hf" is the classic alpaca-lora recipe; "ours" is finetune.trainer.
+# variant -> settings. "hf" is the classic alpaca-lora recipe; "ours" is finetune.trainer.train with
+# the project's defaults (dtype, packing), except the LoRA, which is pinned for every variant. A
+# key left out means "the project's default".
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {"trainer": "hf", "amp": False, "about": "HF Trainer + PEFT, fp32, padded micro-batches"},
     "baseline_amp": {
@@ -24,21 +36,27 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "amp": True,
         "about": "HF Trainer + PEFT, bf16 mixed precision, padded",
     },
-    "ours": {"trainer": "ours", "dtype": "auto", "packing": True, "about": "finetune.trainer defaults"},
-    "ours_fp32": {"trainer": "ours", "dtype": "float32", "packing": True, "about": "ours, fp32 (packing on)"},
-    "ours_padded": {"trainer": "ours", "dtype": "auto", "packing": False, "about": "ours, packing off"},
+    "ours": {"trainer": "ours", "about": "finetune.trainer defaults"},
+    "ours_fp32": {"trainer": "ours", "dtype": "float32", "about": "ours, fp32"},
+    "ours_packed": {"trainer": "ours", "packing": True, "about": "ours, packing on"},
+    "ours_padded": {"trainer": "ours", "packing": False, "about": "ours, packing off"},
     "ours_qlora4": {
         "trainer": "ours",
-        "dtype": "auto",
-        "packing": True,
         "quantization": "4bit",
         "about": "ours, 4-bit QLoRA (bitsandbytes nf4)",
     },
 }
 
 
+def other_packing_variant() -> str:
+    """The variant that flips the project's packing default: what packing buys or costs."""
+    from finetune.config import DataConfig, field_default
+
+    return "ours_padded" if field_default(DataConfig, "packing") else "ours_packed"
+
+
 def make_config(spec: dict[str, Any], variant: dict[str, Any], output_dir: Path) -> Any:
-    from finetune.config import DataConfig, TrainConfig
+    from finetune.config import DataConfig, LoraSettings, TrainConfig
 
     return TrainConfig(
         output_dir=str(output_dir),
@@ -47,14 +65,14 @@ def make_config(spec: dict[str, Any], variant: dict[str, Any], output_dir: Path)
         max_steps=spec["steps"],
         learning_rate=spec["learning_rate"],
         seed=spec["seed"],
-        dtype=variant.get("dtype", "auto"),
-        quantization=variant.get("quantization", "none"),
+        **{k: variant[k] for k in ("dtype", "quantization") if k in variant},
         logging_steps=spec["steps"],
+        lora=LoraSettings(**BENCH_LORA),
         data=DataConfig(
             data_path=spec["data_path"],
             val_set_size=0,
             cutoff_len=spec["cutoff_len"],
-            packing=variant.get("packing", True),
+            **{k: variant[k] for k in ("packing",) if k in variant},
         ),
     )
 
@@ -239,6 +257,7 @@ def main(spec_path: str, out_path: str) -> None:
     out = {
         "variant": name,
         "about": variant["about"],
+        "packing": cfg.data.packing,
         "device": spec["device"],
         "threads": torch.get_num_threads(),
         "steps": cfg.max_steps,

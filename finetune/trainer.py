@@ -43,6 +43,7 @@ from .records import Record, dataset_fingerprint, read_records, split_records
 from .weights import resolve_base_model
 
 CHECKPOINT_PREFIX = "checkpoint-"
+MAX_AUTO_EPOCHS = 20  # min_steps never makes a run go over the data more often than this
 
 
 class TrainingStopped(Exception):
@@ -335,6 +336,10 @@ def train(
     model = load_base(base_path, device, precision, cfg.quantization)
     identity = base_identity(model, base_path)
     model.config.use_cache = False
+    if precision.autocast:
+        # The frozen base is only ever read: storing it in the compute dtype saves autocast from
+        # re-casting every weight on every forward pass (LoRA weights stay fp32 for the optimizer).
+        model.to(precision.compute)
     model = add_lora(model, cfg.lora, cfg.gradient_checkpointing, quantized=cfg.quantization != "none")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
@@ -366,6 +371,9 @@ def train(
         )
     steps_per_epoch = max(1, micro_per_epoch // accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+    if not cfg.max_steps and total_steps < cfg.min_steps:
+        # A few dozen records give a handful of steps per epoch: too few to learn anything.
+        total_steps = min(cfg.min_steps, math.ceil(MAX_AUTO_EPOCHS * steps_per_epoch))
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],

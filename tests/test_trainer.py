@@ -98,7 +98,7 @@ def test_help_lists_every_flag_with_its_default():
         "--prompt_template_name",
     ):
         assert flag in out
-    assert "(default: 0.0003)" in out and "(default: 256)" in out
+    assert "(default: 0.001)" in out and "(default: 256)" in out
 
 
 def test_invalid_settings_name_the_setting():
@@ -160,7 +160,7 @@ def test_train_end_to_end_writes_a_verified_adapter_and_card(tiny_model_dir, tin
     assert card["data"]["sha256"].startswith("sha256:")
     assert card["template"]["name"] == "alpaca"
     assert card["eval"]["val_loss"] < card["eval"]["base_val_loss"]
-    assert card["adapter"]["tensors"] == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    assert card["adapter"]["tensors"] == 2 * 7 * 2  # 2 layers x 7 linear layers (all-linear) x (A, B)
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"{card['eval']['val_loss']:.4f}" in (out / "README.md").read_text()
     # Left behind: nothing but the adapter (no temporary folders).
