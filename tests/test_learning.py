@@ -20,12 +20,21 @@ pytestmark = pytest.mark.integration
 
 def test_default_settings_learn_the_demo_persona(tmp_path, embedded_model_dir):
     out = tmp_path / "adapter"
-    result = train(config_from_args(["--data_path", str(ROOT / "data/demo/persona_train.json"),
-                                     "--output_dir", str(out)], environ={}))
+    result = train(
+        config_from_args(
+            ["--data_path", str(ROOT / "data/demo/persona_train.json"), "--output_dir", str(out)], environ={}
+        )
+    )
     card = json.loads((out / "training_card.json").read_text())
     # The training card carries the base-vs-adapter validation figures.
     assert card["eval"]["val_loss"] < card["eval"]["base_val_loss"]
-    assert set(card["eval"]["metrics"]) >= {"loss", "exact_match", "f1", "repetition_rate", "stopped_cleanly_rate"}
+    assert set(card["eval"]["metrics"]) >= {
+        "loss",
+        "exact_match",
+        "f1",
+        "repetition_rate",
+        "stopped_cleanly_rate",
+    }
     assert result.card["training"]["steps"] >= 60
 
     held = compare(None, out, read_records(ROOT / "data/demo/persona_heldout.json"))
