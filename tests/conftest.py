@@ -50,6 +50,31 @@ def build_tokenizer(folder: Path):
     return fast
 
 
+def train_llama_sentencepiece(lines: list[str], vocab_size: int = 320) -> bytes:
+    """A LLaMA-style sentencepiece model (BPE, byte fallback, BOS 1 / EOS 2), trained in milliseconds."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,  # 3 specials + 256 byte-fallback pieces + merges
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
 def build_tiny_llama(folder: Path, seed: int = 0, kv_heads: int = 2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

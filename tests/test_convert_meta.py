@@ -5,7 +5,6 @@ pass written in Meta's own layout."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
+from conftest import train_llama_sentencepiece
 
 from finetune.convert_meta import (
     ConversionError,
@@ -44,23 +44,7 @@ def sp_model() -> bytes:
     """A BPE sentencepiece model trained like LLaMA's (byte fallback, no whitespace normalization)."""
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=320,  # 3 specials + 256 byte-fallback pieces + merges
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    return model.getvalue()
+    return train_llama_sentencepiece(lines, vocab_size=320)
 
 
 def make_weights(params: dict, vocab_size: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:

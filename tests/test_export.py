@@ -5,7 +5,6 @@ convert-meta and transformers' GGUF loader; then the embedded default model."""
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
@@ -16,6 +15,7 @@ from typing import Any
 import gguf
 import pytest
 import torch
+from conftest import train_llama_sentencepiece
 
 from finetune.artifacts import CARD_JSON
 from finetune.convert_meta import convert_meta, meta_params_to_hf_config, permute_for_hf
@@ -44,25 +44,10 @@ def corpus() -> list[str]:
 
 def sentencepiece_tokenizer(folder: Path) -> Any:
     """A LLaMA-style sentencepiece BPE (byte fallback) saved the way convert-meta saves one."""
-    import sentencepiece as spm
     from transformers import LlamaTokenizerFast
 
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus()),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=300,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    model_bytes = train_llama_sentencepiece(corpus(), vocab_size=300)
+    (folder / "tokenizer.model").write_bytes(model_bytes)
     tokenizer = LlamaTokenizerFast.from_pretrained(
         str(folder), bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True
     )

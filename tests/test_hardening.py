@@ -5,7 +5,6 @@ outputs fail before training starts, and the context and dataset limits fail wit
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_llama_sentencepiece
 from safetensors.torch import load_file
 
 from finetune import cli
@@ -203,28 +203,14 @@ def test_convert_adapter_refuses_a_pickle_with_code(tiny_adapter, pickled_adapte
 def meta_layout(root: Path, marker: Path) -> Path:
     """Meta's download layout (tokenizer + checklists + params.json) around a malicious shard; the
     checklists match, as an attacker who ships the files would make them."""
-    import sentencepiece as spm
 
     words = ["llama", "alpaca", "weights", "the", "quick", "brown", "fox", "2023"]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([" ".join(words[(i + j) % len(words)] for j in range(8)) for i in range(200)]),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=300,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
+    model_bytes = train_llama_sentencepiece(
+        [" ".join(words[(i + j) % len(words)] for j in range(8)) for i in range(200)], vocab_size=300
     )
     size_dir = root / "tiny"
     size_dir.mkdir(parents=True)
-    (root / "tokenizer.model").write_bytes(model.getvalue())
+    (root / "tokenizer.model").write_bytes(model_bytes)
     plant_pickle(size_dir / "consolidated.00.pth", marker)
     (size_dir / "params.json").write_text(
         json.dumps(

@@ -168,13 +168,28 @@ def test_train_end_to_end_writes_a_verified_adapter_and_card(tiny_model_dir, tin
 
 
 def test_adapter_loads_with_plain_peft_in_a_fresh_process(tiny_model_dir, tiny_data, tmp_path):
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
     out = tmp_path / "adapter"
     result = train(
         config_from_args(tiny_args(tiny_model_dir, tiny_data, out, "--max_steps", "3"), environ={})
     )
-    ids = torch.tensor([[5, 6, 7, 8]])
+    # The saved tensors are the trained ones ...
+    trained = get_peft_model_state_dict(result.model)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved.keys() == trained.keys()
+    for key, value in trained.items():
+        assert torch.equal(saved[key], value.cpu()), key
+    # ... and a fresh process with nothing but transformers + peft gets the same logits as here.
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
     with torch.no_grad():
-        expected = result.model.eval()(input_ids=ids).logits
+        expected = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+    with torch.no_grad(), model.disable_adapter():
+        assert not torch.allclose(
+            expected, model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+        )  # it learned
     torch.save(expected, tmp_path / "expected.pt")
     script = (
         "import sys, torch; from transformers import AutoModelForCausalLM; from peft import PeftModel\n"
