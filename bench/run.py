@@ -1,6 +1,6 @@
 """`make bench`: our training loop and predictor against the classic recipe, in one run.
 
-    .venv/bin/python bench/run.py                   # full CPU run (~12 min on 2 idle cores)
+    .venv/bin/python bench/run.py                   # full CPU run (~7 min on 2 quiet cores)
     .venv/bin/python bench/run.py --quick           # smoke test (~3 min)
     .venv/bin/python bench/run.py --device cuda     # what bench/gpu.sh runs
 
@@ -56,7 +56,7 @@ class Plan:
 
 
 PLANS = {
-    # A fp32 baseline step of 8 GSM8K records (~1,400 tokens) takes ~13 s on 2 idle cores.
+    # A fp32 baseline step of 8 GSM8K records (~1,400 tokens) takes ~7 s on 2 quiet cores.
     ("cpu", False): Plan(
         steps=6,
         batch_size=8,
@@ -414,7 +414,7 @@ def _standard_notes(results: dict[str, Any]) -> list[str]:
         )
     if meta["omp_wait_policy"] == "passive":
         notes.append(
-            "OMP_WAIT_POLICY=PASSIVE was set (busy machine): sleeping OpenMP threads are woken for every "
+            "OMP_WAIT_POLICY=PASSIVE was set for every measured process: sleeping OpenMP threads are woken for every "
             "operator, which costs small-operator work such as decoding the most; absolute decode and TTFT "
             "figures are pessimistic"
         )
