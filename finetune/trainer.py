@@ -32,12 +32,14 @@ from .config import TrainConfig
 from .encoding import IGNORE_INDEX, Encoded, encode_example
 from .modeling import (
     ModelError,
+    Precision,
     add_lora,
     base_identity,
     load_base,
     load_tokenizer,
     pick_device,
     pick_precision,
+    use_fast_dropout,
 )
 from .records import Record, dataset_fingerprint, read_records, split_records
 from .weights import resolve_base_model
@@ -170,22 +172,65 @@ def encode_records(
     return out
 
 
+# Causal LMs whose logits are exactly lm_head(final hidden state): for these the loss projects only
+# the positions that carry a label (others, e.g. Gemma's soft-capping, take the full forward).
+LABELED_ONLY_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3"})
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+class TokenLoss(torch.nn.Module):
+    """Summed cross-entropy over trained tokens (labels shift inside), as a module so that DDP wraps
+    the whole computation.
+
+    Two shortcuts, both exact for right-padded causal batches: the vocabulary projection runs only
+    at positions that have a label (the prompt and padding never need logits; with
+    train_on_inputs=False that is about half the rows of a 49k-wide projection), and the padding
+    mask is dropped, because under a causal mask no real token can see a pad to its right; SDPA
+    then takes its causal kernel instead of a masked one."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
+        self.head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        self.labeled_only = (
+            getattr(lm.config, "model_type", None) in LABELED_ONLY_MODEL_TYPES
+            and self.decoder is not None
+            and self.head is not None
+        )
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        mask = inputs.get("attention_mask")
+        if mask is not None and _right_padded(mask):
+            inputs.pop("attention_mask")
+        targets = labels[:, 1:]
+        if self.labeled_only:
+            hidden = self.decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+            keep = targets != IGNORE_INDEX
+            logits = self.head(hidden[:, :-1][keep])
+            targets = targets[keep]
+        else:
+            logits = self.model(input_ids=input_ids, use_cache=False, **inputs).logits[:, :-1]
+            logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def token_loss_sum(
     model: Any, batch: dict[str, torch.Tensor], device: torch.device, autocast: Any
 ) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over trained tokens and their count (labels shift inside)."""
+    """Summed cross-entropy over trained tokens and their count. `model` is a causal LM (plain or
+    PEFT) or a TokenLoss, possibly inside DDP."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    loss_fn = model if isinstance(model, TokenLoss | DistributedDataParallel) else TokenLoss(model)
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    labels = batch.pop("labels")
     with autocast():
-        logits = model(**batch, use_cache=False).logits
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((targets != IGNORE_INDEX).sum())
+        loss = loss_fn(**batch)
+    return loss, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -333,22 +378,24 @@ def train(
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = load_base(base_path, device, precision, cfg.quantization)
+    # The frozen base is only ever read: stored in the compute dtype (loaded straight into it, so no
+    # fp32 copy ever exists) it saves autocast from re-casting every weight on every forward pass.
+    # LoRA weights stay fp32 for the optimizer (peft upcasts them).
+    stored = Precision(precision.compute, precision.compute) if precision.autocast else precision
+    model = load_base(base_path, device, stored, cfg.quantization)
     identity = base_identity(model, base_path)
     model.config.use_cache = False
-    if precision.autocast:
-        # The frozen base is only ever read: storing it in the compute dtype saves autocast from
-        # re-casting every weight on every forward pass (LoRA weights stay fp32 for the optimizer).
-        model.to(precision.compute)
     model = add_lora(model, cfg.lora, cfg.gradient_checkpointing, quantized=cfg.quantization != "none")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
-    ddp_model: Any = model
+    if device.type == "cpu":
+        use_fast_dropout(model)
+    ddp_model: Any = TokenLoss(model)
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            ddp_model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
     per_pass = cfg.micro_batch_size * dist.world_size
