@@ -4,8 +4,9 @@ packed layout), the same four examples, one forward + backward each.
 
     python -m bench.profile_worker SPEC.json OUT.json
 
-Both use the trainer's own loss (`token_loss_sum`); each is warmed up once, then timed once plain
-and profiled once with torch.profiler (self time per operator)."""
+The baseline computes the classic full forward (padding mask, logits everywhere), ours the
+trainer's own loss (`token_loss_sum`); each is warmed up once, then timed once plain and profiled
+once with torch.profiler (self time per operator)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,14 @@ def main(spec_path: str, out_path: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from finetune.batching import collate_packed, collate_padded
-    from finetune.modeling import add_lora, load_base, load_tokenizer, pick_precision
+    from finetune.modeling import (
+        Precision,
+        add_lora,
+        load_base,
+        load_tokenizer,
+        pick_precision,
+        use_fast_dropout,
+    )
     from finetune.trainer import token_loss_sum
     from finetune.weights import resolve_base_model
 
@@ -41,11 +49,26 @@ def main(spec_path: str, out_path: str) -> None:
     ours = pick_precision(cfg.dtype, device, training=True)
     torch.manual_seed(cfg.seed)
     model = add_lora(load_base(base, device, fp32), cfg.lora).train()
-    # As the trainer does: with autocast, the frozen base is stored in the compute dtype.
-    ours_base = load_base(base, device, ours)
-    if ours.autocast:
-        ours_base.to(ours.compute)
-    ours_model = add_lora(ours_base, cfg.lora).train()
+    # As the trainer prepares it: with autocast the frozen base is loaded in the compute dtype, and
+    # on CPU the LoRA dropout is FastDropout.
+    stored = Precision(ours.compute, ours.compute) if ours.autocast else ours
+    ours_model = add_lora(load_base(base, device, stored), cfg.lora).train()
+    if device.type == "cpu":
+        use_fast_dropout(ours_model)
+
+    def classic_loss_sum(m: Any, batch: dict[str, Any], device: Any, autocast: Any) -> tuple[Any, int]:
+        """The classic recipe's loss: the full forward with the padding mask, logits everywhere."""
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")[:, 1:]
+        with autocast():
+            logits = m(**batch).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        return loss, int((labels != -100).sum())
 
     def autocast_for(precision: Any) -> Any:
         if precision.autocast:
@@ -58,9 +81,9 @@ def main(spec_path: str, out_path: str) -> None:
     ours_cases = [("packed", packed), ("padded", padded)]
     if not cfg.data.packing:  # the project's default layout first
         ours_cases.reverse()
-    cases = {"baseline_layout_fp32_padded": (model, padded, autocast_for(fp32))}
+    cases = {"baseline_layout_fp32_padded": (model, padded, autocast_for(fp32), classic_loss_sum)}
     for layout, batch in ours_cases:
-        cases[f"ours_{dtype}_{layout}"] = (ours_model, batch, autocast_for(ours))
+        cases[f"ours_{dtype}_{layout}"] = (ours_model, batch, autocast_for(ours), token_loss_sum)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out: dict[str, Any] = {
         "examples": len(chosen),
@@ -68,10 +91,12 @@ def main(spec_path: str, out_path: str) -> None:
         "cases": list(cases),
         "ours_default_packing": cfg.data.packing,
     }
-    for name, (m, batch, autocast) in cases.items():
+    for name, (m, batch, autocast, loss_sum) in cases.items():
 
-        def step(m: Any = m, batch: dict[str, Any] = batch, autocast: Any = autocast) -> None:
-            loss, n = token_loss_sum(m, batch, device, autocast)
+        def step(
+            m: Any = m, batch: dict[str, Any] = batch, autocast: Any = autocast, loss_sum: Any = loss_sum
+        ) -> None:
+            loss, n = loss_sum(m, batch, device, autocast)
             (loss / max(n, 1)).backward()
             m.zero_grad(set_to_none=True)
 

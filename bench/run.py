@@ -60,7 +60,10 @@ PLANS = {
     ("cpu", False): Plan(
         steps=6,
         batch_size=8,
-        rounds=[["baseline", "ours", "ours_fp32", "ours_other_packing"], ["ours", "baseline"]],
+        rounds=[
+            ["baseline", "ours", "ours_fp32", "ours_grouped", "ours_other_packing"],
+            ["ours", "baseline"],
+        ],
         decode_tokens=128,
         reps=3,
         http_reps=5,

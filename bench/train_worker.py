@@ -40,6 +40,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ours_fp32": {"trainer": "ours", "dtype": "float32", "about": "ours, fp32"},
     "ours_packed": {"trainer": "ours", "packing": True, "about": "ours, packing on"},
     "ours_padded": {"trainer": "ours", "packing": False, "about": "ours, packing off"},
+    "ours_grouped": {
+        "trainer": "ours",
+        "group_by_length": True,
+        "about": "ours, length-grouped micro-batches",
+    },
     "ours_qlora4": {
         "trainer": "ours",
         "quantization": "4bit",
@@ -72,7 +77,7 @@ def make_config(spec: dict[str, Any], variant: dict[str, Any], output_dir: Path)
             data_path=spec["data_path"],
             val_set_size=0,
             cutoff_len=spec["cutoff_len"],
-            **{k: variant[k] for k in ("packing",) if k in variant},
+            **{k: variant[k] for k in ("packing", "group_by_length") if k in variant},
         ),
     )
 

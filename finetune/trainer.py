@@ -227,10 +227,11 @@ def token_loss_sum(
     from torch.nn.parallel import DistributedDataParallel
 
     loss_fn = model if isinstance(model, TokenLoss | DistributedDataParallel) else TokenLoss(model)
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # counted before the copy: no device sync
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with autocast():
         loss = loss_fn(**batch)
-    return loss, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return loss, n
 
 
 @torch.no_grad()
@@ -245,18 +246,20 @@ def evaluate_loss(
 ) -> float:
     """Mean loss per trained token over the validation split (all ranks together)."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensor
     order = [
         list(range(i, min(i + cfg.micro_batch_size, len(examples))))
         for i in range(0, len(examples), cfg.micro_batch_size)
     ]
     for batch in iter_collated(examples, order[dist.rank :: dist.world_size], pad_id, cfg.data.packing):
         loss, n = token_loss_sum(model, batch, device, autocast)
-        total += torch.tensor([loss.item(), n], dtype=torch.float64)
+        total[0] += loss.detach()
+        total[1] += n
     if dist.world_size > 1:
         torch.distributed.all_reduce(total)
     model.train()
-    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+    loss_sum, count = total.tolist()
+    return loss_sum / count if count > 0 else float("nan")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -492,12 +495,17 @@ def train(
             t0 = time.perf_counter()
             group = [[train_examples[i] for i in batch_at(step * accum + k)] for k in range(accum)]
             batches = [next(iter_collated(b, [list(range(len(b)))], pad_id, cfg.data.packing)) for b in group]
+            # Collective tensors live on the device: NCCL cannot reduce CPU tensors.
             n_targets = torch.tensor(
-                float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches))
+                float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)),
+                dtype=torch.float64,
+                device=device,
             )
             if dist.world_size > 1:
                 torch.distributed.all_reduce(n_targets)
-            loss_total = 0.0
+            step_targets = max(float(n_targets), 1.0)
+            # Summed on the device and read once per step: one host sync, not one per micro-batch.
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for k, batch in enumerate(batches):
                 # Gradients are all-reduced once per step, on the last micro-batch.
                 last = k == accum - 1
@@ -505,9 +513,9 @@ def train(
                     loss_sum, _ = token_loss_sum(ddp_model, batch, device, autocast)
                     # Normalise by trained tokens over the whole step (all micro-batches, all
                     # ranks); DDP averages over ranks, so scale back up by world size.
-                    loss = loss_sum * dist.world_size / n_targets.clamp(min=1).item()
+                    loss = loss_sum * dist.world_size / step_targets
                     loss.backward()
-                loss_total += loss_sum.item()
+                step_loss += loss_sum.detach()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -519,14 +527,17 @@ def train(
                 int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                 for b in batches
             )
-            totals = torch.tensor([loss_total, float(local_tokens)], dtype=torch.float64)
+            totals = torch.stack(
+                [step_loss, torch.tensor(float(local_tokens), dtype=torch.float64, device=device)]
+            )
             if dist.world_size > 1:
                 torch.distributed.all_reduce(totals)
-            loss_total, step_tokens = float(totals[0]), int(totals[1])
+            loss_total, tokens = totals.tolist()
+            step_tokens = int(tokens)
             total_tokens += step_tokens
             window_tokens += step_tokens
             train_seconds += time.perf_counter() - t0
-            mean_loss = loss_total / max(n_targets.item(), 1)
+            mean_loss = loss_total / step_targets
             entry = {
                 "step": step + 1,
                 "epoch": round((step + 1) / steps_per_epoch, 4),
@@ -561,7 +572,7 @@ def train(
                 on_step(entry)
             stop_now = stop.set
             if dist.world_size > 1:
-                flag = torch.tensor([int(stop_now)])
+                flag = torch.tensor([int(stop_now)], device=device)
                 torch.distributed.all_reduce(flag)
                 stop_now = bool(flag.item())
             want_ckpt = cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total_steps
