@@ -73,7 +73,7 @@ def _convert_adapter(argv: list[str]) -> int:
 def _generate(argv: list[str]) -> int:
     from .config import GenerationSettings, field_default
     from .prompts import AUTO
-    from .serving import ModelServer
+    from .serving import DTYPES, ModelServer
 
     G = GenerationSettings
     parser = argparse.ArgumentParser(
@@ -89,8 +89,14 @@ def _generate(argv: list[str]) -> int:
         parser.add_argument(f"--{name}", type=type(default), default=default)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="weights dtype (default: $SERVE_DTYPE or auto = fp32 on CPU, bf16 on GPUs that have it)",
+    )
     a = parser.parse_args(argv)
-    server = ModelServer(base_model=a.base_model, adapter=a.adapter)
+    server = ModelServer(base_model=a.base_model, adapter=a.adapter, dtype=a.dtype)
     settings = G(
         max_new_tokens=a.max_new_tokens,
         temperature=a.temperature,

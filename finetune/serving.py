@@ -21,6 +21,7 @@ from .artifacts import CARD_JSON
 from .config import DataConfig, GenerationSettings, env_flag, field_default
 from .inference import GenerationStats, stream_tokens
 from .modeling import (
+    ModelError,
     check_adapter_dir,
     check_identity,
     load_base,
@@ -32,6 +33,8 @@ from .weights import resolve_base_model
 
 ADAPTER_CACHE_ENV = "ADAPTER_CACHE_SIZE"
 LOCAL_LORA_ENV = "ALLOW_LOCAL_LORA_WEIGHTS"
+DTYPE_ENV = "SERVE_DTYPE"  # auto | float32 | bfloat16 | float16
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # An adapter is megabytes (a few GB for r=64 on all layers of a 70B); a request gets tighter
 # limits than the operator's COG_WEIGHTS.
 SETUP_LIMITS = Limits()
@@ -58,10 +61,13 @@ class ModelServer:
         base_model: str | None = None,
         adapter: str | None = None,
         device: str | None = None,
-        dtype: str = "auto",
+        dtype: str | None = None,
         cache_size: int | None = None,
     ) -> None:
         self.device = pick_device(device)
+        dtype = dtype or os.environ.get(DTYPE_ENV) or "auto"
+        if dtype not in DTYPES:
+            raise ModelError(f"{DTYPE_ENV}={dtype!r} is not a dtype: use one of {', '.join(DTYPES)}")
         self.precision = pick_precision(dtype, self.device, training=False)
         self.base_path = resolve_base_model(base_model)
         self.tokenizer = load_tokenizer(self.base_path)

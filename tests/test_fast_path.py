@@ -179,3 +179,26 @@ def test_fast_training_path_follows_the_plain_loss_curve(tiny_model_dir, tiny_da
     # bf16 compute on a bf16 frozen base (what AMX CPUs and GPUs run): same curve within bf16 noise.
     fast = curve("bfloat16")
     assert fast == pytest.approx(plain, rel=0.03)
+
+
+def test_bfloat16_serving_on_cpu_runs_bf16_weights(tiny_model_dir, monkeypatch):
+    from finetune.config import GenerationSettings
+    from finetune.inference import GenerationStats
+    from finetune.modeling import ModelError
+    from finetune.serving import ModelServer
+
+    monkeypatch.setenv("SERVE_DTYPE", "bfloat16")
+    bf16 = ModelServer(base_model=str(tiny_model_dir))
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}  # was silently fp32
+    fp32 = ModelServer(base_model=str(tiny_model_dir), dtype="float32")
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    ids = torch.tensor([[1, 17, 42, 99, 5, 63]])
+    with torch.no_grad():
+        a, b = fp32.model(ids).logits[0].float(), bf16.model(ids).logits[0].float()
+    assert F.cosine_similarity(a, b, dim=-1).min() > 0.999
+    stats = GenerationStats()
+    "".join(bf16.generate("hello", settings=GenerationSettings(max_new_tokens=5, temperature=0), stats=stats))
+    assert stats.output_token_count == 5 or stats.stop_reason == "eos"
+    monkeypatch.setenv("SERVE_DTYPE", "float64")
+    with pytest.raises(ModelError, match="SERVE_DTYPE='float64'.*auto, float32, bfloat16, float16"):
+        ModelServer(base_model=str(tiny_model_dir))
