@@ -13,7 +13,6 @@ the same short greedy generation through a real `CogServer` vs in-process `Model
 
 from __future__ import annotations
 
-import copy
 import cProfile
 import pstats
 import sys
@@ -120,23 +119,6 @@ def ours_generate(server: Any, prompt: str, max_new_tokens: int) -> dict[str, An
     }
 
 
-def loop_generate(model: Any, tokenizer: Any, text: str, max_new_tokens: int) -> dict[str, Any]:
-    """Our decode loop (`stream_tokens`) on any model object, for the what-if variants."""
-    from finetune.config import GenerationSettings
-    from finetune.inference import GenerationStats, stream_tokens
-
-    stats = GenerationStats()
-    out = "".join(
-        stream_tokens(model, tokenizer, text, GenerationSettings(max_new_tokens, temperature=0), stats)
-    )
-    return {
-        "ttft_s": stats.time_to_first_token,
-        "decode_tps": stats.tokens_per_second,
-        "tokens": stats.output_token_count,
-        "text": out,
-    }
-
-
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "ttft_ms": round(1000 * median([r["ttft_s"] for r in runs]), 1),
@@ -237,8 +219,43 @@ def http_round_trip(spec: dict[str, Any], server: Any, adapter: str) -> dict[str
     }
 
 
+def weight_stream_floor(model: Any, reps: int = 5) -> dict[str, Any]:
+    """A lower bound on one decode step: one matrix-vector product over every Linear weight of the
+    model (lm_head included) and nothing else, fp32 and bf16, best of `reps` passes. Decoding one
+    token must read all of these weights once, so no decode loop can beat this on this machine."""
+    import torch
+
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    out: dict[str, Any] = {"matrices": len(weights), "parameters": sum(w.numel() for w in weights)}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ws = [w.to(dtype).contiguous() for w in weights]
+        xs = {n: torch.randn(1, n, dtype=dtype) for n in {w.shape[1] for w in ws}}
+        best = float("inf")
+        for _ in range(reps + 1):  # the first pass warms the kernels up
+            t0 = time.perf_counter()
+            for w in ws:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+            best = min(best, time.perf_counter() - t0)
+        nbytes = sum(w.numel() * w.element_size() for w in ws)
+        out[name] = {
+            "ms": round(1000 * best, 2),
+            "gb_per_s": round(nbytes / best / 1e9, 1),
+            "mb": round(nbytes / 1e6),
+        }
+        del ws
+    return out
+
+
 def main(spec_path: str, out_path: str) -> None:
-    spec = read_json(spec_path)
+    from finetune.compute import ComputeThread
+
+    # Everything, baseline included, on the one thread the server computes on: two threads that
+    # start OpenMP regions slow each other down (finetune/compute.py), which would skew the ratio.
+    compute = ComputeThread()
+    compute.call(measure, read_json(spec_path), out_path, compute)
+
+
+def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
     device = spec["device"]
     setup_torch(device, spec["threads"])
     import torch
@@ -255,7 +272,7 @@ def main(spec_path: str, out_path: str) -> None:
     load_before = load_avg()
 
     t0 = time.perf_counter()
-    server = ModelServer(adapter=adapter, device=device)
+    server = ModelServer(adapter=adapter, device=device, compute=compute)
     server_s = time.perf_counter() - t0
     tokenizer = load_tokenizer(base)
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
@@ -309,10 +326,13 @@ def main(spec_path: str, out_path: str) -> None:
         whatif: dict[str, Any] = {}
         whatif["hf_generate_merged"] = baseline_generate(server.model, tokenizer, text, max_new, device)
         if device == "cpu":
-            bf16 = copy.deepcopy(server.model).to(torch.bfloat16)
-            loop_generate(bf16, tokenizer, text, 4)
-            whatif["our_loop_bf16_weights"] = loop_generate(bf16, tokenizer, text, max_new)
-            del bf16
+            # The product's opt-in (SERVE_DTYPE=bfloat16): bf16 weights, the same adapter merged.
+            bf16_server = ModelServer(adapter=adapter, device=device, dtype="bfloat16", compute=compute)
+            whatif["server_bf16_weights"] = ours_generate(bf16_server, PROMPT, max_new)
+            whatif["server_bf16_weights"]["same_text_as_fp32"] = (
+                whatif["server_bf16_weights"]["text"] == runs["ours"][-1]["text"]
+            )
+            del bf16_server
             torch.set_num_threads(1)
             whatif["our_loop_1_thread"] = ours_generate(server, PROMPT, max_new)
             torch.set_num_threads(spec["threads"])
@@ -321,9 +341,13 @@ def main(spec_path: str, out_path: str) -> None:
                 "ttft_ms": round(1000 * v["ttft_s"], 1),
                 "decode_tps": round(v["decode_tps"], 2),
                 "tokens": v["tokens"],
+                **({"same_text_as_fp32": v["same_text_as_fp32"]} if "same_text_as_fp32" in v else {}),
             }
             for k, v in whatif.items()
         }
+        if device == "cpu":
+            log("weight-streaming floor")
+            result["floor"] = weight_stream_floor(server.model)
 
     if spec.get("profile"):
         n = spec.get("profile_tokens", 32)

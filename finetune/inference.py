@@ -6,6 +6,7 @@ UTF-8 characters are held back until complete."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ class GenerationStats:
     output_token_count: int = 0
     time_to_first_token: float = 0.0
     decode_seconds: float = 0.0
-    stop_reason: str = ""  # "eos", "stop_sequence", "length"
+    stop_reason: str = ""  # "eos", "stop_sequence", "length", "cancelled"
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -92,9 +93,10 @@ def stream_tokens(
     prompt: str,
     settings: GenerationSettings,
     stats: GenerationStats | None = None,
+    cancel: threading.Event | None = None,
 ) -> Iterator[str]:
-    """Yield text chunks for `prompt` (already templated). Stops at EOS, a stop sequence, or
-    max_new_tokens; the stop sequence itself is never yielded."""
+    """Yield text chunks for `prompt` (already templated). Stops at EOS, a stop sequence,
+    max_new_tokens or `cancel` (checked before every token); the stop sequence is never yielded."""
     stats = stats if stats is not None else GenerationStats()
     device = next(model.parameters()).device
     prompt_ids = tokenizer(prompt, add_special_tokens=True, return_tensors="pt")["input_ids"].to(device)
@@ -126,6 +128,9 @@ def stream_tokens(
     t_first = 0.0
     stats.stop_reason = "length"
     for _ in range(settings.max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            stats.stop_reason = "cancelled"
+            break
         # logits_to_keep=1: the prompt's other positions need no vocabulary projection.
         out = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
         scores = out.logits[:, -1, :].float()

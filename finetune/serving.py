@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 from . import prompts
 from .archives import Limits, materialize
 from .artifacts import CARD_JSON
+from .compute import ComputeThread
 from .config import DataConfig, GenerationSettings, env_flag, field_default
 from .inference import GenerationStats, stream_tokens
 from .modeling import (
@@ -63,6 +65,7 @@ class ModelServer:
         device: str | None = None,
         dtype: str | None = None,
         cache_size: int | None = None,
+        compute: ComputeThread | None = None,
     ) -> None:
         self.device = pick_device(device)
         dtype = dtype or os.environ.get(DTYPE_ENV) or "auto"
@@ -70,13 +73,19 @@ class ModelServer:
             raise ModelError(f"{DTYPE_ENV}={dtype!r} is not a dtype: use one of {', '.join(DTYPES)}")
         self.precision = pick_precision(dtype, self.device, training=False)
         self.base_path = resolve_base_model(base_model)
-        self.tokenizer = load_tokenizer(self.base_path)
-        self.model: Any = load_base(self.base_path, self.device, self.precision).eval()
         self.workdir = Path(tempfile.mkdtemp(prefix="adapters-"))
         self.capacity = cache_size or int(os.environ.get(ADAPTER_CACHE_ENV, "4"))
         self.cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self.setup_adapter: LoadedAdapter | None = None
         self.merged = False
+        # Every torch call of this server runs on this thread (see compute.py for why); a process
+        # that runs other torch work beside the server passes one thread for all of it.
+        self.compute = compute or ComputeThread()
+        self.compute.call(self._setup, adapter)
+
+    def _setup(self, adapter: str | None) -> None:
+        self.tokenizer = load_tokenizer(self.base_path)
+        self.model: Any = load_base(self.base_path, self.device, self.precision).eval()
         if adapter:
             self.setup_adapter = self._load(adapter, pinned=True)
             # One fixed adapter: fold it into the base weights, so decoding costs what the base does.
@@ -183,13 +192,16 @@ class ModelServer:
         settings = settings or GenerationSettings()
         if not prompt.strip():
             raise ValueError("prompt is empty: send the instruction or question as `prompt`")
-        adapter = self._activate(lora_weights)
+        adapter = self.compute.call(self._activate, lora_weights)
         template = self.resolve_template(prompt_template, adapter)
         if template is None:
             text = f"{prompt}\n\n{input}" if input else prompt
         else:
             text = template.render(prompt, input, self.tokenizer)
-        return stream_tokens(self.model, self.tokenizer, text, settings, stats)
+        cancel = threading.Event()
+        return self.compute.stream(
+            lambda: stream_tokens(self.model, self.tokenizer, text, settings, stats, cancel), cancel
+        )
 
 
 def default_adapter() -> str | None:
