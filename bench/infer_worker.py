@@ -328,6 +328,7 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
         if device == "cpu":
             # The product's opt-in (SERVE_DTYPE=bfloat16): bf16 weights, the same adapter merged.
             bf16_server = ModelServer(adapter=adapter, device=device, dtype="bfloat16", compute=compute)
+            ours_generate(bf16_server, PROMPT, 4)  # warm-up: bf16 kernels for this prompt's shapes
             whatif["server_bf16_weights"] = ours_generate(bf16_server, PROMPT, max_new)
             whatif["server_bf16_weights"]["same_text_as_fp32"] = (
                 whatif["server_bf16_weights"]["text"] == runs["ours"][-1]["text"]
