@@ -225,7 +225,12 @@ def weight_stream_floor(model: Any, reps: int = 5) -> dict[str, Any]:
     token must read all of these weights once, so no decode loop can beat this on this machine."""
     import torch
 
-    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    # The base's matrices only: a merged adapter's LoRA factors are folded in and never run.
+    weights = [
+        m.weight.detach()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lora_" not in name
+    ]
     out: dict[str, Any] = {"matrices": len(weights), "parameters": sum(w.numel() for w in weights)}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         ws = [w.to(dtype).contiguous() for w in weights]

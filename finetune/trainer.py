@@ -227,7 +227,10 @@ def token_loss_sum(
     from torch.nn.parallel import DistributedDataParallel
 
     loss_fn = model if isinstance(model, TokenLoss | DistributedDataParallel) else TokenLoss(model)
-    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # counted before the copy: no device sync
+    # Counted and checked on the host, before the copy: no device sync per micro-batch.
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    if "attention_mask" in batch and _right_padded(batch["attention_mask"]):
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with autocast():
         loss = loss_fn(**batch)
