@@ -262,7 +262,8 @@ def markdown(results: dict[str, Any]) -> str:
         if inf.get("whatif"):
             lines += [
                 "",
-                "What-if (one rep each; `server_bf16_weights` is the `SERVE_DTYPE=bfloat16` opt-in):",
+                "What-if (one rep each after a warm-up; `server_bf16_weights` is the `SERVE_DTYPE=bfloat16` opt-in, "
+                "median of the reps):",
                 "",
                 "| variant | TTFT ms | decode tokens/s | same text as ours (fp32) |",
                 "|---|---:|---:|---|",
