@@ -10,11 +10,15 @@ import shutil
 import sys
 import tempfile
 import threading
+import types
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 from . import prompts
 from .archives import Limits, materialize
@@ -91,6 +95,7 @@ class ModelServer:
             # One fixed adapter: fold it into the base weights, so decoding costs what the base does.
             self.model.merge_adapter()
             self.merged = True
+        flatten_head_input(self.model)
         self._warm_up()
         print(
             f"setup: base {self.base_path} on {self.device} ({self.precision.weights}); "
@@ -202,6 +207,19 @@ class ModelServer:
         return self.compute.stream(
             lambda: stream_tokens(self.model, self.tokenizer, text, settings, stats, cancel), cancel
         )
+
+
+def _flat_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).view(*x.shape[:-1], -1)
+
+
+def flatten_head_input(model: Any) -> None:
+    """Feed the vocabulary projection a 2-D input. On CPU, a bf16 3-D input against a frozen weight
+    (every PEFT-wrapped base) takes a batched-matmul path that copies the whole 49k x 576 weight on
+    each call: 80 ms of a 150 ms time to first token. Same math, same tied Parameter."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is torch.nn.Linear:
+        head.forward = types.MethodType(_flat_linear, head)
 
 
 def default_adapter() -> str | None:

@@ -202,3 +202,22 @@ def test_bfloat16_serving_on_cpu_runs_bf16_weights(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("SERVE_DTYPE", "float64")
     with pytest.raises(ModelError, match="SERVE_DTYPE='float64'.*auto, float32, bfloat16, float16"):
         ModelServer(base_model=str(tiny_model_dir))
+
+
+def test_flattened_head_input_computes_the_same_logits(tiny_model_dir):
+    from finetune.serving import flatten_head_input
+
+    model = load_base(str(tiny_model_dir), CPU, Precision(torch.bfloat16, torch.bfloat16)).eval()
+    model.requires_grad_(False)  # frozen, as under PEFT: the case that copied the weight per call
+    ids = torch.tensor([[1, 17, 42, 99, 5, 63, 7]])
+    with torch.no_grad():
+        before = model(ids, logits_to_keep=1).logits
+        weight = model.get_output_embeddings().weight
+        flatten_head_input(model)
+        after = model(ids, logits_to_keep=1).logits
+        full = model(ids).logits
+    assert model.get_output_embeddings().weight is weight
+    assert after.shape == before.shape == (1, 1, model.config.vocab_size)
+    torch.testing.assert_close(after, before)
+    assert full.shape == (1, 7, model.config.vocab_size)
+    torch.testing.assert_close(full[:, -1:], after)
