@@ -477,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or ("gpu" if args.device == "cuda" else "latest")
+    # The work folder is gone after the run: record its files relative to it, not as machine paths.
+    results = json.loads(json.dumps(results).replace(str(bench.workdir), "<workdir>"))
     write_json(out / f"{stem}.json", results)
     text = report.markdown(results)
     (out / f"{stem}.md").write_text(text)
