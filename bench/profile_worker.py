@@ -29,12 +29,11 @@ def main(spec_path: str, out_path: str) -> None:
 
     from finetune.batching import collate_packed, collate_padded
     from finetune.modeling import (
-        Precision,
         add_lora,
         load_base,
+        load_for_training,
         load_tokenizer,
         pick_precision,
-        use_fast_dropout,
     )
     from finetune.trainer import token_loss_sum
     from finetune.weights import resolve_base_model
@@ -49,12 +48,7 @@ def main(spec_path: str, out_path: str) -> None:
     ours = pick_precision(cfg.dtype, device, training=True)
     torch.manual_seed(cfg.seed)
     model = add_lora(load_base(base, device, fp32), cfg.lora).train()
-    # As the trainer prepares it: with autocast the frozen base is loaded in the compute dtype, and
-    # on CPU the LoRA dropout is FastDropout.
-    stored = Precision(ours.compute, ours.compute) if ours.autocast else ours
-    ours_model = add_lora(load_base(base, device, stored), cfg.lora).train()
-    if device.type == "cpu":
-        use_fast_dropout(ours_model)
+    ours_model = load_for_training(base, device, ours, cfg.lora).train()  # as the trainer prepares it
 
     def classic_loss_sum(m: Any, batch: dict[str, Any], device: Any, autocast: Any) -> tuple[Any, int]:
         """The classic recipe's loss: the full forward with the padding mask, logits everywhere."""

@@ -205,6 +205,27 @@ def use_fast_dropout(model: Any) -> int:
     return swapped
 
 
+def load_for_training(
+    path: str,
+    device: torch.device,
+    precision: Precision,
+    lora: LoraSettings,
+    gradient_checkpointing: bool = False,
+    quantization: str = "none",
+) -> Any:
+    """The base with a new LoRA, prepared as training runs it. With autocast the frozen base is
+    loaded straight into the compute dtype (no fp32 copy ever exists), which saves autocast from
+    re-casting every weight on every forward pass; LoRA weights stay fp32 for the optimizer (peft
+    upcasts them). On CPU the LoRA dropout is FastDropout."""
+    stored = Precision(precision.compute, precision.compute) if precision.autocast else precision
+    model = load_base(path, device, stored, quantization)
+    model.config.use_cache = False
+    model = add_lora(model, lora, gradient_checkpointing, quantized=quantization != "none")
+    if device.type == "cpu":
+        use_fast_dropout(model)
+    return model
+
+
 def base_identity(model: Any, source: str) -> dict[str, Any]:
     cfg = model.config
     fields = {k: getattr(cfg, k, None) for k in IDENTITY_FIELDS}

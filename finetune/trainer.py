@@ -32,14 +32,11 @@ from .config import TrainConfig
 from .encoding import IGNORE_INDEX, Encoded, encode_example
 from .modeling import (
     ModelError,
-    Precision,
-    add_lora,
     base_identity,
-    load_base,
+    load_for_training,
     load_tokenizer,
     pick_device,
     pick_precision,
-    use_fast_dropout,
 )
 from .records import Record, dataset_fingerprint, read_records, split_records
 from .weights import resolve_base_model
@@ -185,11 +182,9 @@ class TokenLoss(torch.nn.Module):
     """Summed cross-entropy over trained tokens (labels shift inside), as a module so that DDP wraps
     the whole computation.
 
-    Two shortcuts, both exact for right-padded causal batches: the vocabulary projection runs only
-    at positions that have a label (the prompt and padding never need logits; with
-    train_on_inputs=False that is about half the rows of a 49k-wide projection), and the padding
-    mask is dropped, because under a causal mask no real token can see a pad to its right; SDPA
-    then takes its causal kernel instead of a masked one."""
+    The vocabulary projection runs only at positions that have a label: the prompt and padding
+    never need logits (with train_on_inputs=False that is about half the rows of a 49k-wide
+    projection). Exact, like token_loss_sum's dropping of a right-padded batch's mask."""
 
     def __init__(self, model: Any) -> None:
         super().__init__()
@@ -204,9 +199,6 @@ class TokenLoss(torch.nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:
-        mask = inputs.get("attention_mask")
-        if mask is not None and _right_padded(mask):
-            inputs.pop("attention_mask")
         targets = labels[:, 1:]
         if self.labeled_only:
             hidden = self.decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
@@ -227,7 +219,9 @@ def token_loss_sum(
     from torch.nn.parallel import DistributedDataParallel
 
     loss_fn = model if isinstance(model, TokenLoss | DistributedDataParallel) else TokenLoss(model)
-    # Counted and checked on the host, before the copy: no device sync per micro-batch.
+    # Counted and checked on the host, before the copy: no device sync per micro-batch. A
+    # right-padded batch needs no mask: under a causal mask no real token can see a pad to its
+    # right, and without one SDPA takes its causal kernel instead of a masked one.
     n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     if "attention_mask" in batch and _right_padded(batch["attention_mask"]):
         batch = {k: v for k, v in batch.items() if k != "attention_mask"}
@@ -384,18 +378,12 @@ def train(
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    # The frozen base is only ever read: stored in the compute dtype (loaded straight into it, so no
-    # fp32 copy ever exists) it saves autocast from re-casting every weight on every forward pass.
-    # LoRA weights stay fp32 for the optimizer (peft upcasts them).
-    stored = Precision(precision.compute, precision.compute) if precision.autocast else precision
-    model = load_base(base_path, device, stored, cfg.quantization)
-    identity = base_identity(model, base_path)
-    model.config.use_cache = False
-    model = add_lora(model, cfg.lora, cfg.gradient_checkpointing, quantized=cfg.quantization != "none")
+    model = load_for_training(
+        base_path, device, precision, cfg.lora, cfg.gradient_checkpointing, cfg.quantization
+    )
+    identity = base_identity(model.get_base_model(), base_path)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
-    if device.type == "cpu":
-        use_fast_dropout(model)
     ddp_model: Any = TokenLoss(model)
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
