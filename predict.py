@@ -1,6 +1,8 @@
 """Cog predictor: base model + LoRA adapter, streaming text. Thin: the work is in finetune/."""
 
-from cog import BaseRunner, ConcatenateIterator, Input, current_scope, streaming
+from collections.abc import Iterator
+
+from cog import BaseRunner, ConcatenateIterator, Input, concurrent, current_scope, streaming
 
 from finetune.config import GenerationSettings, field_default, field_doc
 from finetune.inference import GenerationStats
@@ -9,8 +11,8 @@ from finetune.serving import ModelServer, default_adapter
 
 G = GenerationSettings
 TEMPLATE_CHOICES = [AUTO, RAW, *available_templates()]
-# Far above any context window (~4 characters a token), but it stops a 40 MB prompt from holding the
-# only prediction slot while it is tokenized; the context check then gives the exact limit.
+# Far above any context window (~4 characters a token), but a 40 MB prompt gets 422 before anything
+# tokenizes it; the context check then gives the exact limit.
 MAX_PROMPT_CHARS = 400_000
 
 
@@ -23,12 +25,24 @@ class Predictor(BaseRunner):
         """Load the base model once; `weights` (COG_WEIGHTS) is an adapter folder, archive, URL or data URI."""
         self.server = ModelServer(adapter=weights or default_adapter())
 
+    # Predictions Cog accepts at once (more get 409). They decode together in batches of up to
+    # MAX_BATCH_SIZE (8) rows; the rest wait in the engine's queue, so a client that sends its next
+    # request the moment an answer arrives never meets a slot that coglet has not freed yet. A
+    # literal: the Cog CLI writes COG_MAX_CONCURRENCY into the image from it, and the local server
+    # (finetune/cogtools.py) reads it back from here.
+    # run() is async and returns a plain generator: coglet iterates that on a thread of its own and
+    # sends each chunk as it comes (an async generator's chunks would arrive only at the end).
+    @concurrent(max=16)
     @streaming
-    def run(
+    async def run(
         self,
-        prompt: str = Input(description="Instruction or question for the model.", min_length=1),
+        prompt: str = Input(
+            description="Instruction or question for the model.", min_length=1, max_length=MAX_PROMPT_CHARS
+        ),
         input: str = Input(
-            description="Optional context for the instruction (Alpaca's `input`).", default=""
+            description="Optional context for the instruction (Alpaca's `input`).",
+            default="",
+            max_length=MAX_PROMPT_CHARS,
         ),
         max_new_tokens: int = _input("max_new_tokens", ge=1, le=4096),
         temperature: float = _input("temperature", ge=0.0, le=5.0),
@@ -59,9 +73,13 @@ class Predictor(BaseRunner):
             stop_sequences=[s for s in stop_sequences.split(",") if s],
             seed=seed,
         )
+        request = (prompt, input, settings, prompt_template, lora_weights)
+        return self._stream(request, current_scope())
+
+    def _stream(self, request: tuple, scope) -> Iterator[str]:
+        # Here, not in run(): fetching a lora_weights adapter blocks, and run() holds the event loop.
         stats = GenerationStats()
-        yield from self.server.generate(prompt, input, settings, prompt_template, lora_weights, stats)
-        scope = current_scope()
+        yield from self.server.generate(*request, stats=stats)
         scope.record_metric("input_token_count", stats.input_token_count)
         scope.record_metric("output_token_count", stats.output_token_count)
         scope.record_metric("time_to_first_token", round(stats.time_to_first_token, 4))

@@ -13,7 +13,18 @@ TARGETS = (
     ("ttft_ms", "time to first token ≤ 100 ms", "ms", "<=", 100.0),
     ("setup_s", "setup (ModelServer construction) ≤ 3 s", "s", "<=", 3.0),
     ("http_overhead_ms", "Cog HTTP overhead ≤ 20 ms", "ms", "<=", 20.0),
+    ("serve_scaling", "serving: 8 clients' throughput ≥ 4× one client's", "×", ">=", 4.0),
+    ("serve_ttft_p95_ms", "serving: p95 time to first token at 8 clients ≤ 1 s", "ms", "<=", 1000.0),
+    ("serve_mixed_share", "serving: 4 mixed adapters ≥ 0.8× the setup adapter's throughput", "×", ">=", 0.8),
+    ("serve_one_client", "serving: one client no slower than the one-at-a-time server", "×", ">=", 1.0),
 )
+
+
+def serving_rows(results: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
+    """case -> clients -> row."""
+    return {
+        c["case"]: {r["clients"]: r for r in c["rows"]} for c in results.get("serving", {}).get("cases", [])
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -85,6 +96,15 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     st = results.get("startup", {}).get("base")
     if st:
         h["setup_s"] = st["construct_s_median"]
+    sv = serving_rows(results)
+    ours, base, mixed = sv.get("setup_adapter", {}), sv.get("baseline", {}), sv.get("four_adapters", {})
+    if 1 in ours and 8 in ours:
+        h["serve_scaling"] = _ratio(ours[8]["tokens_per_second"], ours[1]["tokens_per_second"])
+        h["serve_ttft_p95_ms"] = ours[8]["ttft_ms_p95"]
+    if 8 in ours and 8 in mixed:
+        h["serve_mixed_share"] = _ratio(mixed[8]["tokens_per_second"], ours[8]["tokens_per_second"])
+    if 1 in ours and 1 in base:
+        h["serve_one_client"] = _ratio(ours[1]["tokens_per_second"], base[1]["tokens_per_second"])
     return h
 
 
@@ -313,6 +333,32 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_fmt(http.get('transport_ms'))} ms per request; server READY after "
                 f"{http['server_ready_s']} s; same output: {http['same_output']}).",
             ]
+
+    sv = results.get("serving")
+    if sv:
+        lines += [
+            "",
+            f"## Serving through the Cog server ({sv['max_new_tokens']} new tokens, greedy, SSE; each client sends "
+            f"{sv['per_client']} requests back to back; concurrency {sv['concurrency']})",
+            "",
+            sv["how"],
+            "",
+            "| case | clients | tokens/s | × 1 client | × baseline | TTFT p50 / p95 ms | per token p50 / p95 ms | 409s |",
+            "|---|---:|---:|---:|---:|---|---|---:|",
+        ]
+        rows = serving_rows(results)
+        for case, by_clients in rows.items():
+            one = by_clients.get(min(by_clients))
+            for n, r in by_clients.items():
+                base = rows.get("baseline", {}).get(n)
+                err = f" ({len(r['errors'])} failed)" if r["errors"] else ""
+                lines.append(
+                    f"| {case}{err} | {n} | {_fmt(r['tokens_per_second'])} | "
+                    f"{_fmt(_ratio(r['tokens_per_second'], one['tokens_per_second']), 2)} | "
+                    f"{_fmt(_ratio(r['tokens_per_second'], base['tokens_per_second']) if base else None, 2)} | "
+                    f"{_fmt(r['ttft_ms_p50'])} / {_fmt(r['ttft_ms_p95'])} | "
+                    f"{_fmt(r['tpot_ms_p50'])} / {_fmt(r['tpot_ms_p95'])} | {r['refused_409']} |"
+                )
 
     st = results.get("startup")
     if st:

@@ -6,7 +6,7 @@
 
 Sections: matmul ceiling, training (each variant in its own process, baseline and ours
 alternating), inference (baseline and ours alternating rep by rep, plus the Cog HTTP round trip),
-start-up. Writes bench/results/<name>.json and .md and prints the Markdown."""
+start-up, serving (1-8 concurrent clients through the real Cog server, one-at-a-time baseline). Writes bench/results/<name>.json and .md and prints the Markdown."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the project importable
 from bench import report  # noqa: E402
 from bench.common import BENCH_LORA, data_path, load_avg, log, median, read_json, write_json  # noqa: E402
 
-SECTIONS = ("matmul", "train", "infer", "startup")
+SECTIONS = ("matmul", "train", "infer", "startup", "serve")
 
 
 @dataclass
@@ -52,6 +52,9 @@ class Plan:
     learning_rate: float = 3e-4
     seed: int = 42
     http_tokens: int = 8
+    serve_clients: tuple[int, ...] = (1, 2, 4, 8)
+    serve_per_client: int = 3
+    serve_tokens: int = 32
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,6 +88,9 @@ PLANS = {
         explore=False,
         matmul_n=2048,
         matmul_reps=2,
+        serve_clients=(1, 8),
+        serve_per_client=2,
+        serve_tokens=16,
     ),
     # A GPU run must fit 5 minutes: most of it is process start-up (imports, CUDA context, loading).
     ("cuda", False): Plan(
@@ -293,6 +299,16 @@ class Bench:
                 }
         return out
 
+    def serving(self, adapter: str) -> dict[str, Any]:
+        p = self.plan
+        spec = {
+            "adapter_dir": adapter,
+            "clients": list(p.serve_clients),
+            "per_client": p.serve_per_client,
+            "max_new_tokens": p.serve_tokens,
+        }
+        return self.worker("serve_worker", "serve", spec)
+
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         import peft
@@ -332,6 +348,17 @@ class Bench:
         if "startup" in sections:
             try:
                 results["startup"] = self.startup(adapter)
+            except Exception as exc:
+                self.failures.append(str(exc))
+                log(str(exc))
+        if "serve" in sections:
+            try:
+                if adapter is None:
+                    from bench.infer_worker import random_adapter
+                    from finetune.weights import resolve_base_model
+
+                    adapter = str(random_adapter(resolve_base_model(None), self.workdir / "random-adapter"))
+                results["serving"] = self.serving(adapter)
             except Exception as exc:
                 self.failures.append(str(exc))
                 log(str(exc))

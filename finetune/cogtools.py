@@ -116,10 +116,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def predictor_concurrency(root: Path = PROJECT_ROOT) -> int:
+    """`@concurrent(max=N)` on predict.py's run(): the Cog CLI bakes it into the image as
+    COG_MAX_CONCURRENCY, so the local server sets the same (read from the source, as the CLI does,
+    without importing predict.py and its torch stack)."""
+    import ast
+
+    tree = ast.parse((root / PREDICTOR_REF.split(":")[0]).read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in ("run", "predict"):
+            for deco in node.decorator_list:
+                if (
+                    isinstance(deco, ast.Call)
+                    and getattr(deco.func, "id", getattr(deco.func, "attr", "")) == "concurrent"
+                ):
+                    for kw in deco.keywords:
+                        if kw.arg == "max" and isinstance(kw.value, ast.Constant):
+                            return int(kw.value.value)
+    return 1
+
+
 def server_env(
     mode: str, port: int, weights: str | None = None, extra: dict[str, str] | None = None
 ) -> dict[str, str]:
     env = dict(os.environ)
+    if mode == "predict":
+        env.setdefault("COG_MAX_CONCURRENCY", str(predictor_concurrency()))
     # coglet starts its worker as a bare `python`: the interpreter running us must come first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PORT"] = str(port)

@@ -5,14 +5,17 @@ manages more OpenMP threads than it has CPUs, every pool waits for work with a s
 spin: each operator then pays for waking a sleeping thread. Cog runs setup() and the predictions
 on different threads, which on 2 cores made decoding through the Cog server ~1.6x slower than the
 same code in process (bench: 32 tokens in 1.9 s against 1.2 s). Running all of a server's torch work
-on one thread keeps one pool, whichever thread the request arrives on."""
+on one thread keeps one pool, whichever thread the request arrives on.
+
+The thread runs submitted calls and, between them, the steps of registered loops (the serving
+engine): a call waits at most one step, and a step never waits for a call's queue to empty."""
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -23,55 +26,52 @@ POLL_S = 0.05
 
 class ComputeThread:
     def __init__(self, name: str = "model") -> None:
-        self._ident: int | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=self._remember)
+        self._tasks: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._loops: list[Callable[[], bool]] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
-    def _remember(self) -> None:
-        self._ident = threading.get_ident()
+    @property
+    def ident(self) -> int | None:
+        return self._thread.ident
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """fn(*args, **kwargs) on the compute thread; its result or exception here."""
-        if threading.get_ident() == self._ident:
+        if threading.get_ident() == self._thread.ident:
             return fn(*args, **kwargs)  # already on it (a nested call would wait for itself)
-        return _wait(self._pool.submit(fn, *args, **kwargs))
+        future: Future[T] = Future()
+        self._tasks.put((lambda: fn(*args, **kwargs), future))
+        return wait(future)
 
-    def stream(self, make: Callable[[], Iterator[T]], cancel: threading.Event) -> Iterator[T]:
-        """Iterate make() on the compute thread, yielding its items here as they come. Closing or
-        abandoning this iterator (a cancelled prediction) sets `cancel`, which the producer checks."""
-        items: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+    def add_loop(self, step: Callable[[], bool]) -> None:
+        """Run step() on the compute thread whenever it has work; step returns True while it has more."""
+        self._tasks.put((lambda: self._loops.append(step), Future()))
 
-        def produce() -> None:
+    def wake(self) -> None:
+        """A loop has new work (its step() would now return True)."""
+        self._tasks.put(None)
+
+    def _run(self) -> None:
+        busy = False
+        while True:
             try:
-                for item in make():
-                    items.put((True, item))
-                    if cancel.is_set():
-                        break
-            except BaseException as exc:  # handed to the consumer, raised there
-                items.put((False, exc))
-                return
-            items.put((False, None))
-
-        if threading.get_ident() == self._ident:
-            yield from make()
-            return
-        self._pool.submit(produce)
-        try:
-            while True:
-                try:
-                    ok, item = items.get(timeout=POLL_S)
-                except queue.Empty:
-                    continue
-                if ok:
-                    yield item
-                elif item is None:
-                    return
-                else:
-                    raise item
-        finally:
-            cancel.set()
+                task = self._tasks.get(block=not busy)
+            except queue.Empty:
+                task = None
+            if task is not None:
+                fn, future = task
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # handed to the caller, raised there
+                        future.set_exception(exc)
+            busy = False
+            for step in self._loops:
+                busy = step() or busy
 
 
-def _wait(future: Future[T]) -> T:
+def wait(future: Future[T]) -> T:
+    """future.result(), waking every POLL_S so a Cog cancel can land in this thread."""
     while True:
         try:
             return future.result(timeout=POLL_S)

@@ -39,7 +39,7 @@ def encode_example(
     its tail keeps the response marker); a response longer than the budget keeps its last tokens
     after a short prompt tail, since a model that never sees EOS never learns to stop.
     """
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else _bos(tokenizer)
+    prompt_ids = encode_prompt(tokenizer, prompt) if prompt else _bos(tokenizer)
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id
     if add_eos_token and eos is not None and (not response_ids or response_ids[-1] != eos):
@@ -52,6 +52,17 @@ def encode_example(
     input_ids = prompt_ids + response_ids
     labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
     return Encoded(input_ids=input_ids, labels=labels, truncated=truncated)
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """A rendered prompt's ids with the tokenizer's special tokens (LLaMA's BOS) exactly once: chat
+    templates that start with `{{ bos_token }}` (Llama 2/3, Mistral) already wrote BOS as text, and
+    the tokenizer would add a second one in front."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos] and text.startswith(tokenizer.bos_token):
+        return ids[1:]
+    return ids
 
 
 def _bos(tokenizer: Any) -> list[int]:

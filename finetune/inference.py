@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .config import GenerationSettings
+from .encoding import encode_prompt
 
 
 class GenerationError(ValueError):
@@ -75,18 +74,84 @@ def _logits_processors(settings: GenerationSettings) -> Any:
     return processors
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters might still become a stop sequence (or a split character)."""
-    hold = 1 if text.endswith("\ufffd") else 0
+class TextStream:
+    """Token ids in, text out, incrementally: each token decodes only a short window of ids, not the
+    whole output again (O(1) per token instead of O(n)).
+
+    The window starts at the token before the last emitted text, so tokenizers that change a
+    token's text by what precedes it (sentencepiece drops a leading space at the start of a decode)
+    decode both the old and the new window the same way. While the window ends in U+FFFD the last
+    character is incomplete (a byte-level BPE split, or a sentencepiece byte-fallback run, which
+    decodes as one U+FFFD per byte) and nothing is emitted. Text that might still become a stop
+    sequence is held back; a stop sequence ends the stream and is never emitted."""
+
+    def __init__(self, tokenizer: Any, stops: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops or [] if s]
+        self.ids: list[int] = []
+        self.prefix = 0  # the window's first id
+        self.read = 0  # ids before this one have been turned into text
+        self.pending = ""  # decoded, not yet emitted
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text that is now final (maybe ""). Sets `stopped` on a stop sequence."""
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.pending += now[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release()
+
+    def flush(self) -> str:
+        """The rest at the end of the stream; an incomplete last character is dropped."""
+        if not self.stopped:
+            before = self._decode(self.ids[self.prefix : self.read])
+            self.pending += self._decode(self.ids[self.prefix :])[len(before) :].rstrip("\ufffd")
+            self.prefix = self.read = len(self.ids)
+        out = self._release(final=True)
+        self.pending = ""
+        return out
+
+    def _release(self, final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        hits = [pos for pos in (self.pending.find(s) for s in self.stops) if pos >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        keep = 0 if final else _stop_prefix_len(self.pending, self.stops)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """The longest suffix of `text` that is the start of a stop sequence (it may still become one)."""
+    hold = 0
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
             if text.endswith(stop[:k]):
-                hold = max(hold, k)
+                hold = k
                 break
     return hold
 
 
-@torch.inference_mode()
+def check_fits(model: Any, n_prompt: int, max_new_tokens: int) -> None:
+    limit = context_length(model)
+    if n_prompt == 0:
+        raise GenerationError("the prompt is empty after tokenization")
+    if n_prompt + max_new_tokens > limit:
+        raise GenerationError(
+            f"the prompt is {n_prompt} tokens and max_new_tokens is {max_new_tokens}, but this model's "
+            f"context is {limit} tokens: shorten the prompt or lower max_new_tokens to {max(limit - n_prompt, 0)}"
+        )
+
+
 def stream_tokens(
     model: Any,
     tokenizer: Any,
@@ -95,76 +160,21 @@ def stream_tokens(
     stats: GenerationStats | None = None,
     cancel: threading.Event | None = None,
 ) -> Iterator[str]:
-    """Yield text chunks for `prompt` (already templated). Stops at EOS, a stop sequence,
-    max_new_tokens or `cancel` (checked before every token); the stop sequence is never yielded."""
-    stats = stats if stats is not None else GenerationStats()
-    device = next(model.parameters()).device
-    prompt_ids = tokenizer(prompt, add_special_tokens=True, return_tensors="pt")["input_ids"].to(device)
-    n_prompt = prompt_ids.shape[1]
-    limit = context_length(model)
-    if n_prompt == 0:
-        raise GenerationError("the prompt is empty after tokenization")
-    if n_prompt + settings.max_new_tokens > limit:
-        raise GenerationError(
-            f"the prompt is {n_prompt} tokens and max_new_tokens is {settings.max_new_tokens}, but this model's "
-            f"context is {limit} tokens: shorten the prompt or lower max_new_tokens to {max(limit - n_prompt, 0)}"
-        )
-    stats.input_token_count = n_prompt
-    processors = _logits_processors(settings)
-    generator = None
-    if settings.temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
-    stop_ids = eos_ids(model, tokenizer)
-    stops = [s for s in settings.stop_sequences if s]
+    """Yield text chunks for `prompt` (already templated), in this thread: the serving engine with
+    one request. Stops at EOS, a stop sequence, max_new_tokens or `cancel` (checked before every
+    token); the stop sequence is never yielded."""
+    from .engine import Engine, Request
 
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    all_ids = prompt_ids
-    step_input = prompt_ids
-    generated: list[int] = []
-    emitted = 0
-    t_first = 0.0
-    stats.stop_reason = "length"
-    for _ in range(settings.max_new_tokens):
-        if cancel is not None and cancel.is_set():
-            stats.stop_reason = "cancelled"
-            break
-        # logits_to_keep=1: the prompt's other positions need no vocabulary projection.
-        out = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
-        scores = out.logits[:, -1, :].float()
-        scores = processors(all_ids, scores)
-        if settings.temperature > 0:
-            next_id = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
-        else:
-            next_id = scores.argmax(dim=-1, keepdim=True)
-        token = int(next_id)
-        if not generated:
-            t_first = time.perf_counter()
-            stats.time_to_first_token = t_first - stats.started
-        if token in stop_ids:
-            stats.stop_reason = "eos"
-            break
-        generated.append(token)
-        stats.output_token_count = len(generated)
-        all_ids = torch.cat([all_ids, next_id], dim=1)
-        step_input = next_id
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        hits = [pos for pos in (text.find(s) for s in stops) if pos >= 0]
-        if hits:
-            stats.stop_reason = "stop_sequence"
-            if min(hits) > emitted:
-                yield text[emitted : min(hits)]
-            break
-        ready = len(text) - _held_back(text, stops)
-        if ready > emitted:
-            yield text[emitted:ready]
-            emitted = ready
-    if stats.stop_reason != "stop_sequence":
-        # Flush what was held back; a character cut off by the token limit is dropped.
-        tail = tokenizer.decode(generated, skip_special_tokens=True)[emitted:].rstrip("\ufffd")
-        if tail:
-            yield tail
-    stats.output_token_count = len(generated)
-    stats.decode_seconds = time.perf_counter() - t_first if t_first else 0.0
+    engine = Engine(model, tokenizer)
+    request = Request(encode_prompt(tokenizer, prompt), settings, stats=stats or GenerationStats())
+    if cancel is not None:
+        request.cancel = cancel
+    engine.submit(request)
+    while True:
+        engine.step()
+        for item in request.drain():
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        if request.done:
+            return

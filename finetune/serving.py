@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
 import sys
 import tempfile
@@ -13,19 +14,23 @@ import threading
 import types
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.nn.functional as F
 
 from . import prompts
 from .archives import Limits, materialize
 from .artifacts import CARD_JSON
-from .compute import ComputeThread
+from .compute import POLL_S, ComputeThread, wait
 from .config import DataConfig, GenerationSettings, env_flag, field_default
-from .inference import GenerationStats, stream_tokens
+from .encoding import encode_prompt
+from .engine import DONE, PEFT_BASE, Engine, EngineLimits, Request
+from .inference import GenerationStats, context_length
 from .modeling import (
     ModelError,
     check_adapter_dir,
@@ -41,6 +46,12 @@ ADAPTER_CACHE_ENV = "ADAPTER_CACHE_SIZE"
 LOCAL_LORA_ENV = "ALLOW_LOCAL_LORA_WEIGHTS"
 DTYPE_ENV = "SERVE_DTYPE"  # auto | float32 | bfloat16 | float16
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_BATCH_ENV = "MAX_BATCH_SIZE"
+KV_TOKENS_ENV = "KV_CACHE_TOKENS"
+PREFILL_CHUNK_ENV = "PREFILL_CHUNK_TOKENS"
+QUEUE_TIMEOUT_ENV = "QUEUE_TIMEOUT_S"
+KV_MEMORY_SHARE = 0.25
+SETUP_NAME = "setup"
 # An adapter is megabytes (a few GB for r=64 on all layers of a 70B); a request gets tighter
 # limits than the operator's COG_WEIGHTS.
 SETUP_LIMITS = Limits()
@@ -50,18 +61,48 @@ REQUEST_LIMITS = Limits(
 DEFAULT_ADAPTER_DIR = Path("weights") / "adapter"
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedAdapter:
     name: str
     folder: Path
     template: prompts.PromptTemplate | None
+    users: int = 0  # queued or running requests; an adapter in use is never evicted
 
 
 def adapter_key(source: str) -> str:
     return "a" + hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
+def engine_limits(model: Any, device: torch.device) -> EngineLimits:
+    """Batch and KV budget from the environment, else sized for the machine: a quarter of the
+    memory available after loading the model (at most max_batch full contexts)."""
+    defaults = EngineLimits()
+    max_batch = int(os.environ.get(MAX_BATCH_ENV, defaults.max_batch))
+    per_token = kv_bytes_per_token(model)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    budget = min(int(free * KV_MEMORY_SHARE) // per_token, max_batch * context_length(model))
+    return EngineLimits(
+        max_batch=max_batch,
+        kv_tokens=int(os.environ.get(KV_TOKENS_ENV, budget)),
+        prefill_chunk=int(os.environ.get(PREFILL_CHUNK_ENV, defaults.prefill_chunk)),
+        queue_timeout_s=float(os.environ.get(QUEUE_TIMEOUT_ENV, defaults.queue_timeout_s)),
+    )
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    element = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element
+
+
 class ModelServer:
+    """One resident base model serving many requests at once through the engine (engine.py): the
+    setup adapter merged while it is the only one in use, per-request adapters in an LRU cache,
+    rows of one batch on different adapters."""
+
     def __init__(
         self,
         base_model: str | None = None,
@@ -70,6 +111,7 @@ class ModelServer:
         dtype: str | None = None,
         cache_size: int | None = None,
         compute: ComputeThread | None = None,
+        limits: EngineLimits | None = None,
     ) -> None:
         self.device = pick_device(device)
         dtype = dtype or os.environ.get(DTYPE_ENV) or "auto"
@@ -78,28 +120,37 @@ class ModelServer:
         self.precision = pick_precision(dtype, self.device, training=False)
         self.base_path = resolve_base_model(base_model)
         self.workdir = Path(tempfile.mkdtemp(prefix="adapters-"))
-        self.capacity = cache_size or int(os.environ.get(ADAPTER_CACHE_ENV, "4"))
+        self.capacity = cache_size if cache_size is not None else int(os.environ.get(ADAPTER_CACHE_ENV, "4"))
         self.cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._loading: dict[str, Future[LoadedAdapter]] = {}
+        self._lock = threading.Lock()  # cache, _loading and users, shared by request threads
+        self._encode_lock = threading.Lock()
         self.setup_adapter: LoadedAdapter | None = None
         self.merged = False
+        self._mode: tuple[Any, ...] | None = None  # how the model is set up for the last forward pass
+        self._base_weights: BaseWeights | None = None
         # Every torch call of this server runs on this thread (see compute.py for why); a process
         # that runs other torch work beside the server passes one thread for all of it.
         self.compute = compute or ComputeThread()
-        self.compute.call(self._setup, adapter)
+        self.compute.call(self._setup, adapter, limits)
+        self.compute.add_loop(self.engine.step)
 
-    def _setup(self, adapter: str | None) -> None:
+    def _setup(self, adapter: str | None, limits: EngineLimits | None) -> None:
         self.tokenizer = load_tokenizer(self.base_path)
         self.model: Any = load_base(self.base_path, self.device, self.precision).eval()
         if adapter:
-            self.setup_adapter = self._load(adapter, pinned=True)
-            # One fixed adapter: fold it into the base weights, so decoding costs what the base does.
-            self.model.merge_adapter()
-            self.merged = True
+            folder = materialize(adapter, self.workdir, SETUP_LIMITS, allow_local=True)
+            self.setup_adapter = self._attach(folder, SETUP_NAME, adapter)
+            self._merge()
         flatten_head_input(self.model)
+        self.engine = Engine(
+            self.model, self.tokenizer, limits or engine_limits(self.model, self.device), self._prepare
+        )
         self._warm_up()
         print(
             f"setup: base {self.base_path} on {self.device} ({self.precision.weights}); "
-            f"adapter {adapter or 'none'}{' (merged)' if self.merged else ''}",
+            f"adapter {adapter or 'none'}{' (merged)' if self.merged else ''}; "
+            f"batch {self.engine.limits.max_batch}, KV cache {self.engine.limits.kv_tokens} tokens",
             file=sys.stderr,
             flush=True,
         )
@@ -108,18 +159,23 @@ class ModelServer:
         # The first forward pass pays for kernel selection and allocation; pay it in setup, not in
         # the first user's time to first token.
         settings = GenerationSettings(max_new_tokens=2, temperature=0)
-        for _ in stream_tokens(self.model, self.tokenizer, "Hello", settings):
+        adapter = SETUP_NAME if self.setup_adapter else None
+        request = self.engine.submit(
+            Request(encode_prompt(self.tokenizer, "Hello"), settings, adapter=adapter)
+        )
+        while self.engine.step():
             pass
+        for item in request.drain():
+            if isinstance(item, BaseException):
+                raise item
 
     # -- adapters ---------------------------------------------------------------------------
-    def _load(self, source: str, pinned: bool = False) -> LoadedAdapter:
+    def _attach(self, folder: Path, name: str, source: str) -> LoadedAdapter:
+        """Load an extracted adapter folder into the model (compute thread)."""
         from peft import PeftModel
 
-        # COG_WEIGHTS is the operator's choice; a per-request path would let any caller probe the
-        # server's disk, so requests may only send URLs and data URIs unless the operator opts in.
-        allow_local = pinned or env_flag(LOCAL_LORA_ENV)
-        limits = SETUP_LIMITS if pinned else REQUEST_LIMITS
-        folder = materialize(source, self.workdir, limits, allow_local=allow_local)
+        if self.merged:
+            self._unmerge()  # PEFT would unmerge by subtraction to add a layer's new adapter
         try:
             check_adapter_dir(folder)
             card_path = folder / CARD_JSON
@@ -127,53 +183,121 @@ class ModelServer:
                 card = json.loads(card_path.read_text(encoding="utf-8"))
                 check_identity(card.get("base_model", {}), self.model, source)
             template = prompts.template_from_adapter(folder)
-            name = "setup" if pinned else adapter_key(source)
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(folder), adapter_name=name)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+                if hasattr(self, "engine"):
+                    self.engine.model = self.model
         except BaseException:
             # A refused adapter must not stay on disk: strangers could fill it one request at a time.
-            if self.workdir in folder.parents:
-                shutil.rmtree(self._extraction_root(folder), ignore_errors=True)
+            self._remove_files(folder)
             raise
         self.model.eval()
+        self._mode = None
         return LoadedAdapter(name, folder, template)
 
-    def _extraction_root(self, folder: Path) -> Path:
-        """The top folder materialize() created under workdir (an archive may nest one more level)."""
-        return self.workdir / folder.relative_to(self.workdir).parts[0]
+    def _remove_files(self, folder: Path) -> None:
+        if self.workdir in folder.parents:
+            # The top folder materialize() created under workdir (an archive may nest one more level).
+            shutil.rmtree(self.workdir / folder.relative_to(self.workdir).parts[0], ignore_errors=True)
 
-    def _get(self, source: str) -> LoadedAdapter:
+    def _acquire(self, source: str | None) -> LoadedAdapter | None:
+        """The adapter a request needs, loaded and counted as in use (None: the bare base; no
+        lora_weights: the setup adapter). Downloading and extracting run on the caller's thread,
+        so the engine keeps decoding other requests meanwhile."""
+        if not source:
+            return self.setup_adapter
         key = adapter_key(source)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
-        loaded = self._load(source)
-        self.cache[key] = loaded
-        while len(self.cache) > self.capacity:
-            _, old = self.cache.popitem(last=False)
-            self.model.delete_adapter(old.name)
-            if self.workdir in old.folder.parents:
-                shutil.rmtree(self._extraction_root(old.folder), ignore_errors=True)
-        return loaded
+        while True:
+            with self._lock:
+                if key in self.cache:
+                    self.cache.move_to_end(key)
+                    self.cache[key].users += 1
+                    return self.cache[key]
+                pending = self._loading.get(key)
+                if pending is None:
+                    self._loading[key] = mine = Future()
+            if pending is not None:
+                wait(pending)  # another request is loading the same adapter; then take it from the cache
+                continue
+            try:
+                # COG_WEIGHTS is the operator's choice; a per-request path would let any caller probe the
+                # server's disk, so requests may only send URLs and data URIs unless the operator opts in.
+                folder = materialize(
+                    source, self.workdir, REQUEST_LIMITS, allow_local=env_flag(LOCAL_LORA_ENV)
+                )
+                loaded = self.compute.call(self._attach, folder, key, source)
+            except BaseException as exc:
+                with self._lock:
+                    del self._loading[key]
+                mine.set_exception(exc)
+                raise
+            with self._lock:
+                loaded.users = 1
+                self.cache[key] = loaded
+                del self._loading[key]
+            mine.set_result(loaded)
+            return loaded
 
-    def _activate(self, lora_weights: str | None) -> LoadedAdapter | None:
-        """Point the model at the adapter this request needs and return it (None: bare base)."""
-        wanted = self._get(lora_weights) if lora_weights else self.setup_adapter
-        if self.merged and wanted is self.setup_adapter:
-            return wanted  # already folded into the weights
+    def _release(self, adapter: LoadedAdapter | None) -> None:
+        """A request that used `adapter` has finished (compute thread): evict what is over capacity."""
+        if adapter is None or adapter is self.setup_adapter:
+            return
+        with self._lock:
+            adapter.users -= 1
+            evicted = []
+            idle = [k for k, a in self.cache.items() if a.users == 0]  # least recently used first
+            while len(self.cache) > self.capacity and idle:
+                evicted.append(self.cache.pop(idle.pop(0)))
+        for old in evicted:
+            self.model.delete_adapter(old.name)
+            self._mode = None
+            self._remove_files(old.folder)
+
+    # -- the model for one forward pass (the engine's prepare hook, compute thread) -----------
+    def _prepare(self, adapters: list[str | None]) -> dict[str, Any]:
+        wanted = set(adapters)
+        if self.setup_adapter is not None:
+            only_setup = wanted == {SETUP_NAME} and self.engine.active_adapters() <= {SETUP_NAME}
+            if self.merged and not only_setup:
+                self._unmerge()
+            elif only_setup and not self.merged:
+                self._merge()
         if self.merged:
-            # Another adapter is needed: from now on serve unmerged, so adapters switch exactly.
-            self.model.unmerge_adapter()
-            self.merged = False
-        if wanted is None:
-            if hasattr(self.model, "base_model") and hasattr(self.model, "peft_config"):
+            return {}
+        if len(wanted) > 1:
+            mode: tuple[Any, ...] = ("mixed",)
+            if self._mode != mode:
+                self.model.base_model.enable_adapter_layers()
+                self._mode = mode
+            return {"adapter_names": [a or PEFT_BASE for a in adapters]}
+        (only,) = wanted
+        if self._mode != ("one", only) and hasattr(self.model, "peft_config"):
+            if only is None:
                 self.model.base_model.disable_adapter_layers()
-            return None
+            else:
+                self.model.base_model.enable_adapter_layers()
+                self.model.set_adapter(only)
+            self._mode = ("one", only)
+        return {}
+
+    def _merge(self) -> None:
+        """Fold the setup adapter into the base weights: while it is the only adapter in use, a
+        trained version decodes at the base model's speed."""
+        if self._base_weights is None:
+            self._base_weights = BaseWeights(self.base_path, self.model)
         self.model.base_model.enable_adapter_layers()
-        self.model.set_adapter(wanted.name)
-        return wanted
+        self.model.set_adapter(SETUP_NAME)
+        self.model.merge_adapter([SETUP_NAME])
+        self.merged, self._mode = True, None
+
+    def _unmerge(self) -> None:
+        # Subtracting the adapter again would leave the rounding of W + BA - BA in the base (in
+        # bf16 a visible drift); the base weights are put back as they were loaded instead.
+        assert self._base_weights is not None
+        self._base_weights.restore(self.model)
+        self.merged, self._mode = False, None
 
     # -- generation -------------------------------------------------------------------------
     def resolve_template(self, name: str, adapter: LoadedAdapter | None) -> prompts.PromptTemplate | None:
@@ -194,19 +318,100 @@ class ModelServer:
         lora_weights: str | None = None,
         stats: GenerationStats | None = None,
     ) -> Iterator[str]:
+        """Queue one request and return its text chunks as they are produced. Closing the iterator
+        early (a cancelled prediction) cancels the request."""
         settings = settings or GenerationSettings()
         if not prompt.strip():
             raise ValueError("prompt is empty: send the instruction or question as `prompt`")
-        adapter = self.compute.call(self._activate, lora_weights)
-        template = self.resolve_template(prompt_template, adapter)
-        if template is None:
-            text = f"{prompt}\n\n{input}" if input else prompt
-        else:
-            text = template.render(prompt, input, self.tokenizer)
-        cancel = threading.Event()
-        return self.compute.stream(
-            lambda: stream_tokens(self.model, self.tokenizer, text, settings, stats, cancel), cancel
+        adapter = self._acquire(lora_weights)
+        try:
+            template = self.resolve_template(prompt_template, adapter)
+            if template is None:
+                text = f"{prompt}\n\n{input}" if input else prompt
+            else:
+                text = template.render(prompt, input, self.tokenizer)
+            with self._encode_lock:
+                ids = encode_prompt(self.tokenizer, text)
+        except BaseException:
+            self.compute.call(self._release, adapter)
+            raise
+        request = Request(
+            ids,
+            settings,
+            adapter=adapter.name if adapter else None,
+            stats=stats or GenerationStats(),
+            on_finish=lambda _: self._release(adapter),
         )
+        self.engine.submit(request)
+        self.compute.wake()
+        return self._chunks(request)
+
+    def _chunks(self, request: Request) -> Iterator[str]:
+        try:
+            while True:
+                try:
+                    item = request.outbox.get(timeout=POLL_S)  # wakes so a Cog cancel can land here
+                except queue.Empty:
+                    continue
+                if item is DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not request.done:
+                request.cancel.set()
+                self.compute.wake()
+
+
+class BaseWeights:
+    """The base weights under the LoRA layers, as loaded, to undo a merge exactly: read back from
+    the checkpoint's safetensors (no memory kept), or a copy taken before merging when the base
+    did not come from a local safetensors folder."""
+
+    def __init__(self, base_path: str, model: Any) -> None:
+        self.targets = {_checkpoint_key(name): layer for name, layer in _lora_layers(model)}
+        self.files: dict[str, Path] = {}
+        folder = Path(base_path)
+        if folder.is_dir():
+            from safetensors import safe_open
+
+            for path in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as f:
+                    self.files.update({k: path for k in f.keys() if k in self.targets})  # noqa: SIM118
+        self.copies: dict[str, torch.Tensor] = {}
+        if set(self.files) != set(self.targets):
+            self.files = {}
+            self.copies = {
+                k: layer.get_base_layer().weight.detach().clone() for k, layer in self.targets.items()
+            }
+
+    def restore(self, model: Any) -> None:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for key, path in self.files.items():
+            by_file.setdefault(path, []).append(key)
+        for path, keys in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for key in keys:
+                    weight = self.targets[key].get_base_layer().weight
+                    weight.data.copy_(f.get_tensor(key).to(weight.dtype))
+        for key, saved in self.copies.items():
+            self.targets[key].get_base_layer().weight.data.copy_(saved)
+        for layer in self.targets.values():
+            layer.merged_adapters.clear()
+
+
+def _lora_layers(model: Any) -> list[tuple[str, Any]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _checkpoint_key(module_name: str) -> str:
+    """PEFT's module name -> the base checkpoint's tensor name."""
+    return module_name.removeprefix("base_model.model.") + ".weight"
 
 
 def _flat_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -38,40 +38,37 @@ def test_exceptions_reach_the_caller_unchanged():
     assert compute.call(lambda: 7) == 7  # the thread survives
 
 
-def test_stream_yields_in_order_and_forwards_errors():
+def test_a_loop_steps_between_calls_and_calls_wait_at_most_a_step():
     compute = ComputeThread()
+    work = {"left": 0}
+    threads: set[int] = set()
 
-    def make():
-        yield "a"
-        yield "b"
-        raise ValueError("prompt too long")
+    def step() -> bool:
+        threads.add(threading.get_ident())
+        if work["left"]:
+            time.sleep(0.01)
+            work["left"] -= 1
+        return work["left"] > 0
 
-    got = []
-    with pytest.raises(ValueError, match="prompt too long"):
-        for item in compute.stream(make, threading.Event()):
-            got.append(item)
-    assert got == ["a", "b"]
+    compute.add_loop(step)
+    compute.call(lambda: work.update(left=200))
+    compute.wake()
+    started = time.monotonic()
+    assert compute.call(lambda: work["left"]) > 100  # answered between steps, not after all 200
+    assert time.monotonic() - started < 0.5
+    while compute.call(lambda: work["left"]):
+        time.sleep(0.05)
+    assert threads == {compute.ident}
 
 
-def test_closing_the_stream_stops_the_producer():
+def test_an_idle_loop_costs_no_steps():
     compute = ComputeThread()
-    cancel = threading.Event()
-    produced = []
-
-    def make():
-        for i in range(1000):
-            if cancel.is_set():
-                return
-            produced.append(i)
-            time.sleep(0.002)
-            yield i
-
-    stream = compute.stream(make, cancel)
-    assert next(stream) == 0
-    stream.close()  # what a cancelled prediction does to its iterator
-    assert cancel.is_set()
-    compute.call(lambda: None)  # queued behind the producer: returns once it has stopped
-    assert len(produced) < 50
+    calls = []
+    compute.add_loop(lambda: calls.append(1) and False)
+    compute.call(lambda: None)
+    before = len(calls)
+    time.sleep(0.3)
+    assert len(calls) == before  # it blocks on the task queue instead of spinning
 
 
 def test_a_server_runs_every_forward_pass_on_its_compute_thread(tiny_model_dir):

@@ -163,3 +163,34 @@ def test_packed_loss_equals_padded_loss(tiny_model_dir):
         packed, n_pack = token_loss_sum(model, collate_packed(examples), torch.device("cpu"), nullcontext)
     assert n_pad == n_pack == sum(n - 2 for n in (5, 9, 3))
     assert torch.allclose(padded, packed, atol=1e-4), (padded, packed)
+
+
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_a_chat_template_that_writes_bos_gets_exactly_one(tmp_path):
+    """Llama 2/3 and Mistral templates start with {{ bos_token }}; the tokenizer adds BOS as well."""
+    from conftest import train_llama_sentencepiece
+    from transformers import LlamaTokenizerFast
+
+    from finetune.encoding import encode_prompt
+
+    lines = ["what is the capital of france? paris is the capital of france."] * 50
+    (tmp_path / "tokenizer.model").write_bytes(train_llama_sentencepiece(lines, vocab_size=300))
+    tok = LlamaTokenizerFast.from_pretrained(
+        str(tmp_path), bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True
+    )
+    tok.chat_template = MISTRAL_TEMPLATE
+    prompt = prompts.load_template("chat").render("what is the capital of france?", "", tok)
+    assert prompt.startswith("<s>[INST]")
+    assert tok(prompt)["input_ids"][:2] == [tok.bos_token_id] * 2  # what a plain call gives
+    served = encode_prompt(tok, prompt)
+    trained = encode_example(prompt, "paris.", tok, cutoff_len=256).input_ids
+    for ids in (served, trained):
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert served == trained[: len(served)]
+    plain = encode_prompt(tok, "what is the capital of france?")  # no BOS in the text: the tokenizer adds it
+    assert plain[0] == tok.bos_token_id and plain.count(tok.bos_token_id) == 1

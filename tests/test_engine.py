@@ -1,0 +1,299 @@
+"""The serving engine on a tiny in-process Llama: a request decoded in a batch gives what it gives
+alone, whenever it joins; seeds stay per request; cancel, limits and the queue timeout act on one
+request only; mixed adapters in one batch; a merged setup adapter switches exactly."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.config import GenerationSettings
+from finetune.encoding import encode_prompt
+from finetune.engine import Engine, EngineLimits, Request
+
+PROMPTS = [
+    "What is two plus two?",
+    "The capital of France is",
+    "Alpacas live in the Andes. Give three tips for staying healthy, and explain each one.",
+    "hi",
+    "中国的首都是北京。",
+]
+GREEDY = GenerationSettings(max_new_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def run(engine: Engine, requests: list[Request], join_at: dict[int, int] | None = None) -> list[list[int]]:
+    """Step the engine until every request is done; request i is submitted at step join_at[i]."""
+    join_at = join_at or {}
+    for i, r in enumerate(requests):
+        if join_at.get(i, 0) == 0:
+            engine.submit(r)
+    step = 0
+    while engine.busy or any(not r.done for r in requests):
+        step += 1
+        for i, r in enumerate(requests):
+            if join_at.get(i, 0) == step:
+                engine.submit(r)
+        engine.step()
+        assert step < 1000
+    return [list(r.generated) for r in requests]
+
+
+def solo(model, tokenizer, prompt: str, settings: GenerationSettings = GREEDY, **limits) -> list[int]:
+    engine = Engine(model, tokenizer, EngineLimits(**limits))
+    return run(engine, [Request(encode_prompt(tokenizer, prompt), settings)])[0]
+
+
+def requests_for(tokenizer, prompts: list[str], settings: GenerationSettings = GREEDY) -> list[Request]:
+    return [Request(encode_prompt(tokenizer, p), settings) for p in prompts]
+
+
+def test_a_batch_gives_each_request_its_solo_output(tiny):
+    model, tokenizer = tiny
+    alone = [solo(model, tokenizer, p) for p in PROMPTS]
+    assert len({tuple(a) for a in alone}) > 1  # the prompts lead to different outputs
+    batched = run(Engine(model, tokenizer), requests_for(tokenizer, PROMPTS))
+    assert batched == alone
+
+
+def test_requests_that_join_and_leave_mid_decode_keep_their_solo_output(tiny):
+    model, tokenizer = tiny
+    lengths = [3, 12, 7, 12, 1]
+    settings = [GenerationSettings(max_new_tokens=n, temperature=0) for n in lengths]
+    alone = [solo(model, tokenizer, p, s) for p, s in zip(PROMPTS, settings, strict=True)]
+    requests = [Request(encode_prompt(tokenizer, p), s) for p, s in zip(PROMPTS, settings, strict=True)]
+    engine = Engine(model, tokenizer)
+    got = run(engine, requests, join_at={1: 2, 2: 4, 3: 9, 4: 10})
+    assert got == alone
+    assert engine.batch.rows == [] and engine.batch.cache is None  # all KV memory let go
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny):
+    model, tokenizer = tiny
+    long_prompt = " ".join(PROMPTS * 6)
+    assert len(encode_prompt(tokenizer, long_prompt)) > 100
+    chunked = solo(model, tokenizer, long_prompt, prefill_chunk=16)
+    assert chunked == solo(model, tokenizer, long_prompt, prefill_chunk=4096)
+
+    engine = Engine(model, tokenizer, EngineLimits(prefill_chunk=16))
+    short = Request(
+        encode_prompt(tokenizer, PROMPTS[0]), GenerationSettings(max_new_tokens=40, temperature=0)
+    )
+    engine.submit(short)
+    for _ in range(3):
+        engine.step()
+    tokens_before = len(short.generated)
+    engine.submit(Request(encode_prompt(tokenizer, long_prompt), GREEDY))
+    for _ in range(4):  # four chunks of the long prompt: the short request decodes at each step
+        engine.step()
+    assert len(short.generated) == tokens_before + 4
+
+
+def test_seeds_are_per_request_whatever_else_is_in_the_batch(tiny):
+    model, tokenizer = tiny
+    sampled = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=50, seed=7)
+    alone = solo(model, tokenizer, PROMPTS[0], sampled)
+    others = requests_for(tokenizer, PROMPTS[1:], GenerationSettings(max_new_tokens=12, temperature=0.8))
+    mine = Request(encode_prompt(tokenizer, PROMPTS[0]), sampled)
+    got = run(Engine(model, tokenizer), [*others[:2], mine, *others[2:]])
+    assert got[2] == alone
+    assert alone != solo(model, tokenizer, PROMPTS[0], GREEDY)  # it did sample
+
+
+def test_repetition_penalty_and_stop_sequences_hold_per_request(tiny):
+    model, tokenizer = tiny
+    penalised = GenerationSettings(max_new_tokens=12, temperature=0, repetition_penalty=1.5)
+    text = tokenizer.decode(solo(model, tokenizer, PROMPTS[1]), skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    stopping = GenerationSettings(max_new_tokens=12, temperature=0, stop_sequences=[stop])
+    alone = [solo(model, tokenizer, PROMPTS[0], penalised), solo(model, tokenizer, PROMPTS[1], stopping)]
+    assert alone[0] != solo(model, tokenizer, PROMPTS[0])
+    requests = [
+        Request(encode_prompt(tokenizer, PROMPTS[0]), penalised),
+        Request(encode_prompt(tokenizer, PROMPTS[1]), stopping),
+        *requests_for(tokenizer, PROMPTS[2:]),
+    ]
+    engine = Engine(model, tokenizer)
+    assert run(engine, requests)[:2] == alone
+    streamed = "".join(requests[1].drain())
+    assert requests[1].stats.stop_reason == "stop_sequence" and stop not in streamed
+    assert text.startswith(streamed)
+
+
+def test_cancelling_one_request_leaves_the_batch_within_a_step(tiny):
+    model, tokenizer = tiny
+    settings = GenerationSettings(max_new_tokens=30, temperature=0)
+    alone = [solo(model, tokenizer, p, settings) for p in PROMPTS[:4]]
+    requests = requests_for(tokenizer, PROMPTS[:4], settings)
+    engine = Engine(model, tokenizer)
+    for r in requests:
+        engine.submit(r)
+    for _ in range(6):
+        engine.step()
+    assert len(engine.batch.rows) == 4
+    requests[1].cancel.set()
+    engine.step()
+    assert requests[1].done and requests[1].stats.stop_reason == "cancelled"
+    assert requests[1] not in engine.batch.rows and len(engine.batch.rows) == 3
+    cut = len(requests[1].generated)
+    got = run(engine, [])
+    assert got == [] and len(requests[1].generated) == cut
+    assert [r.generated for i, r in enumerate(requests) if i != 1] == [
+        a for i, a in enumerate(alone) if i != 1
+    ]
+
+
+def test_the_batch_bound_queues_the_rest(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, EngineLimits(max_batch=2))
+    requests = requests_for(tokenizer, PROMPTS)
+    for r in requests:
+        engine.submit(r)
+    most = 0
+    while engine.step():
+        most = max(most, len(engine.batch.rows) + (engine.prefilling is not None))
+    assert most == 2  # a request being prefilled holds its row already
+    assert [r.generated for r in requests] == [solo(model, tokenizer, p) for p in PROMPTS]
+
+
+def test_the_kv_budget_bounds_the_batch_and_refuses_what_can_never_fit(tiny):
+    model, tokenizer = tiny
+    n = max(len(encode_prompt(tokenizer, p)) for p in PROMPTS[:2]) + GREEDY.max_new_tokens
+    engine = Engine(model, tokenizer, EngineLimits(kv_tokens=n))
+    fits = requests_for(tokenizer, PROMPTS[:2])
+    too_big = Request(
+        encode_prompt(tokenizer, PROMPTS[2]), GenerationSettings(max_new_tokens=n, temperature=0)
+    )
+    for r in [*fits, too_big]:
+        engine.submit(r)
+    most = 0
+    while engine.step():
+        most = max(most, len(engine.batch.rows))
+    assert most == 1  # one row of n slots at a time
+    assert all(r.stats.stop_reason in ("length", "eos") for r in fits)
+    errors = [item for item in too_big.drain() if isinstance(item, BaseException)]
+    assert too_big.stats.stop_reason == "error" and "KV cache slots" in str(errors[0])
+    assert "lower max_new_tokens" in str(errors[0])
+
+
+def test_a_request_that_cannot_start_in_time_fails_with_a_reason(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, EngineLimits(max_batch=1, queue_timeout_s=0.2))
+    first, second = requests_for(tokenizer, PROMPTS[:2], GenerationSettings(max_new_tokens=30, temperature=0))
+    engine.submit(first)
+    engine.step()
+    engine.submit(second)
+    engine.step()
+    time.sleep(0.3)  # the second is still queued behind the only row
+    run(engine, [])
+    assert first.stats.stop_reason in ("length", "eos")
+    errors = [item for item in second.drain() if isinstance(item, BaseException)]
+    assert second.stats.stop_reason == "error" and "at capacity" in str(errors[0])
+
+
+# -- the server: adapters in one batch, exact switching ---------------------------------------
+def make_adapter(model_dir: Path, folder: Path, seed: int) -> Path:
+    """A LoRA adapter with random, non-zero B (a fresh LoRA is a no-op), saved like ours."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(tiny_model_dir, root / f"a{i}", seed=i) for i in range(3)]
+
+
+def serve(server, prompt: str, lora: str | None = None, settings: GenerationSettings = GREEDY) -> str:
+    return "".join(server.generate(prompt, settings=settings, prompt_template="none", lora_weights=lora))
+
+
+def together(server, asks: list[tuple[str, str | None]]) -> list[str]:
+    """Send every request at once from its own thread (they decode in one batch)."""
+    out: list[str | None] = [None] * len(asks)
+    barrier = threading.Barrier(len(asks))
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        out[i] = serve(server, *asks[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(o is not None for o in out)
+    return out  # type: ignore[return-value]
+
+
+def test_mixed_adapters_in_one_batch_match_each_alone(tiny_model_dir, adapters, monkeypatch):
+    from finetune.serving import ModelServer
+
+    monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
+    server = ModelServer(base_model=str(tiny_model_dir), dtype="float32")
+    asks = [(PROMPTS[1], str(a)) for a in adapters] + [(PROMPTS[1], None), (PROMPTS[3], None)]
+    alone = [serve(server, *ask) for ask in asks]
+    assert len(set(alone[:4])) == 4  # each adapter changes the text
+    seen_batches: list[list[str | None]] = []
+    prepare = server.engine.prepare
+    server.engine.prepare = lambda names: (seen_batches.append(list(names)), prepare(names))[1]
+    assert together(server, asks) == alone
+    assert max(len(set(b)) for b in seen_batches) >= 3  # different adapters did share a forward pass
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_merged_setup_adapter_switches_exactly(tiny_model_dir, adapters, dtype, monkeypatch):
+    """Setup adapter merged -> a per-request adapter (unmerge) -> setup only again (merge) -> ...:
+    the base weights are the loaded ones after every switch, bit for bit, and each adapter's text
+    stays the same."""
+    from finetune.serving import ModelServer
+
+    monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
+    fresh = ModelServer(base_model=str(tiny_model_dir), dtype=dtype)
+    base = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
+    server = ModelServer(base_model=str(tiny_model_dir), adapter=str(adapters[0]), dtype=dtype)
+    assert server.merged
+    setup_text = serve(server, PROMPTS[0])
+    other_text = serve(server, PROMPTS[0], str(adapters[1]))
+    assert not server.merged
+    for _ in range(3):
+        assert serve(server, PROMPTS[0]) == setup_text
+        assert server.merged  # only the setup adapter in use: merged again
+        assert serve(server, PROMPTS[0], str(adapters[1])) == other_text
+
+    def base_weights() -> dict[str, torch.Tensor]:
+        return {
+            n.removeprefix("base_model.model.").replace(".base_layer", ""): p
+            for n, p in server.model.named_parameters()
+            if "lora_" not in n
+        }
+
+    assert not server.merged
+    now = server.compute.call(base_weights)
+    assert now.keys() == base.keys()
+    assert all(torch.equal(now[n], base[n]) for n in base)
