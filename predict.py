@@ -26,13 +26,14 @@ class Predictor(BaseRunner):
         self.server = ModelServer(adapter=weights or default_adapter())
 
     # Predictions Cog accepts at once (more get 409). They decode together in batches of up to
-    # MAX_BATCH_SIZE (8) rows; the rest wait in the engine's queue, so a client that sends its next
-    # request the moment an answer arrives never meets a slot that coglet has not freed yet. A
+    # MAX_BATCH_SIZE (8) rows; the rest wait in the engine's queue. coglet answers a prediction a
+    # moment before it frees the slot, and on a loaded machine that moment grows: with 16 slots, 8
+    # clients sending back to back still met one 409 in 200 requests; 32 leave room. A
     # literal: the Cog CLI writes COG_MAX_CONCURRENCY into the image from it, and the local server
     # (finetune/cogtools.py) reads it back from here.
     # run() is async and returns a plain generator: coglet iterates that on a thread of its own and
     # sends each chunk as it comes (an async generator's chunks would arrive only at the end).
-    @concurrent(max=16)
+    @concurrent(max=32)
     @streaming
     async def run(
         self,

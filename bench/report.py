@@ -343,8 +343,9 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             sv["how"],
             "",
-            "| case | clients | tokens/s | × 1 client | × baseline | TTFT p50 / p95 ms | per token p50 / p95 ms | 409s |",
-            "|---|---:|---:|---:|---:|---|---|---:|",
+            "| case | clients | tokens/s | × 1 client | × baseline | TTFT p50 / p95 ms | per token p50 / p95 ms | 409s "
+            "| same text as solo (as fp32) |",
+            "|---|---:|---:|---:|---:|---|---|---:|---|",
         ]
         rows = serving_rows(results)
         for case, by_clients in rows.items():
@@ -352,13 +353,32 @@ def markdown(results: dict[str, Any]) -> str:
             for n, r in by_clients.items():
                 base = rows.get("baseline", {}).get(n)
                 err = f" ({len(r['errors'])} failed)" if r["errors"] else ""
+                as_fp32 = f" ({r['same_as_fp32']})" if "same_as_fp32" in r else ""
                 lines.append(
                     f"| {case}{err} | {n} | {_fmt(r['tokens_per_second'])} | "
                     f"{_fmt(_ratio(r['tokens_per_second'], one['tokens_per_second']), 2)} | "
                     f"{_fmt(_ratio(r['tokens_per_second'], base['tokens_per_second']) if base else None, 2)} | "
                     f"{_fmt(r['ttft_ms_p50'])} / {_fmt(r['ttft_ms_p95'])} | "
-                    f"{_fmt(r['tpot_ms_p50'])} / {_fmt(r['tpot_ms_p95'])} | {r['refused_409']} |"
+                    f"{_fmt(r['tpot_ms_p50'])} / {_fmt(r['tpot_ms_p95'])} | {r['refused_409']} | "
+                    f"{r.get('same_as_solo', '–')}{as_fp32} |"
                 )
+
+        ip = sv.get("in_process")
+        if ip:
+            cb = (
+                f"transformers' `generate_batch` (paged KV cache) {_fmt(ip['transformers_cb_tps'])} tokens/s "
+                f"(greedy tokens agreeing with ours: {ip['transformers_cb_same_greedy']})"
+                if "transformers_cb_tps" in ip
+                else f"transformers' `generate_batch` failed: {ip.get('transformers_cb_error')}"
+            )
+            mm = ", ".join(f"{k} {v} µs" for k, v in ip["linear_us"].items())
+            lines += [
+                "",
+                f"In process, {ip['requests']} requests, {ip['tokens']} tokens: our engine one at a time "
+                f"{_fmt(ip['engine_one_at_a_time_tps'])} tokens/s, all at once {_fmt(ip['engine_batch_tps'])} "
+                f"tokens/s (same greedy tokens as alone: {ip['engine_batch_same_as_solo']}); {cb}. "
+                f"Why 8 rows cost more than one step: fp32 `F.linear` at 1 and 8 rows: {mm}.",
+            ]
 
     st = results.get("startup")
     if st:

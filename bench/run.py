@@ -53,8 +53,8 @@ class Plan:
     seed: int = 42
     http_tokens: int = 8
     serve_clients: tuple[int, ...] = (1, 2, 4, 8)
-    serve_per_client: int = 3
-    serve_tokens: int = 32
+    serve_per_client: int = 2
+    serve_tokens: int = 64
     extras: dict[str, Any] = field(default_factory=dict)
 
 

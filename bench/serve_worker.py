@@ -11,7 +11,13 @@ first, in three set-ups:
   clients retry a 409 after 50 ms), the setup adapter merged;
 * ours, setup adapter: the default concurrency, every request on the merged setup adapter;
 * ours, 4 adapters: a bare server, requests spread round-robin over 4 `lora_weights` adapters
-  (data URIs, warm in the adapter cache), decoding in mixed batches."""
+  (data URIs, warm in the adapter cache), decoding in mixed batches;
+* ours, bf16: the setup-adapter case with SERVE_DTYPE=bfloat16 (AMX runs a matmul of 8 rows about as
+  fast as one, where fp32's small-batch kernels slow down).
+
+Each case first sends each distinct request alone; `same_as_solo` is the share of the loaded
+requests whose greedy text equals that (1.0 is exact batching), `same_as_fp32` compares with the
+baseline's solo texts."""
 
 from __future__ import annotations
 
@@ -62,11 +68,13 @@ def one_request(url: str, body: dict[str, Any]) -> dict[str, Any]:
     resp.encoding = "utf-8"
     stamps: list[float] = []
     status, name = None, None
+    chunks = []
     for line in resp.iter_lines(decode_unicode=True):
         if line.startswith("event:"):
             name = line.split(":", 1)[1].strip()
         elif line.startswith("data:") and name == "output":
             stamps.append(time.perf_counter())
+            chunks.append(json.loads(line.split(":", 1)[1])["chunk"])
         elif line.startswith("data:") and name == "completed":
             done = json.loads(line.split(":", 1)[1])
             status = done["status"]
@@ -78,10 +86,13 @@ def one_request(url: str, body: dict[str, Any]) -> dict[str, Any]:
         "tpot_s": (stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 else None,
         "tokens": tokens,
         "refused": refused,
+        "text": "".join(chunks),
     }
 
 
-def load(url: str, clients: int, per_client: int, body_for: Any) -> dict[str, Any]:
+def load(
+    url: str, clients: int, per_client: int, body_for: Any, solo: dict[int, str] | None = None
+) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -90,8 +101,10 @@ def load(url: str, clients: int, per_client: int, body_for: Any) -> dict[str, An
     def client(c: int) -> None:
         barrier.wait()
         for i in range(per_client):
+            index = c * per_client + i
             try:
-                r = one_request(url, body_for(c * per_client + i))
+                r = one_request(url, body_for(index))
+                r["key"] = index % len(PROMPTS)
             except Exception as exc:  # reported, not hidden: a failed request fails the case
                 with lock:
                     errors.append(str(exc))
@@ -121,6 +134,7 @@ def load(url: str, clients: int, per_client: int, body_for: Any) -> dict[str, An
         "ttft_ms_p95": round(percentile(ttft, 0.95), 1) if ttft else None,
         "tpot_ms_p50": round(statistics.median(tpot), 1) if tpot else None,
         "tpot_ms_p95": round(percentile(tpot, 0.95), 1) if tpot else None,
+        "texts_raw": [(r["key"], r["text"]) for r in results],
     }
 
 
@@ -141,6 +155,91 @@ def variant_adapters(adapter_dir: Path, dest: Path, n: int) -> list[Path]:
     return out
 
 
+def in_process(tokens: int) -> dict[str, Any]:
+    """What a batch of 8 costs without the server, and why: our engine one request at a time and 8 at
+    once, transformers' own continuous batching (`generate_batch`, paged KV cache) on the same 8
+    requests, and fp32 matmuls of this model's shapes at 1 and 8 rows."""
+    import torch
+    import torch.nn.functional as F
+
+    from finetune.config import GenerationSettings
+    from finetune.encoding import encode_prompt
+    from finetune.engine import Engine, Request
+    from finetune.modeling import load_base, load_tokenizer, pick_device, pick_precision
+    from finetune.prompts import load_template
+    from finetune.serving import flatten_head_input
+    from finetune.weights import resolve_base_model
+
+    path = resolve_base_model(None)
+    device = pick_device("cpu")
+    tokenizer = load_tokenizer(path)
+    model = load_base(path, device, pick_precision("float32", device, training=False)).eval()
+    flatten_head_input(model)
+    template = load_template("alpaca")
+    prompts = [encode_prompt(tokenizer, template.render(p, "", tokenizer)) for p in PROMPTS * 2]
+    settings = GenerationSettings(max_new_tokens=tokens, temperature=0)
+
+    def engine_run(batch: list[list[int]]) -> tuple[float, list[list[int]]]:
+        engine = Engine(model, tokenizer)
+        requests = [engine.submit(Request(ids, settings)) for ids in batch]
+        t0 = time.perf_counter()
+        while engine.step():
+            pass
+        return time.perf_counter() - t0, [r.generated for r in requests]
+
+    engine_run(prompts[:1])  # warm-up
+    solo_s, solo_out = 0.0, []
+    for ids in prompts:
+        dt, out = engine_run([ids])
+        solo_s += dt
+        solo_out += out
+    batch_s, batch_out = engine_run(prompts)
+    n_tokens = sum(len(o) for o in batch_out)
+    out: dict[str, Any] = {
+        "requests": len(prompts),
+        "tokens": n_tokens,
+        "engine_one_at_a_time_tps": round(n_tokens / solo_s, 2),
+        "engine_batch_tps": round(n_tokens / batch_s, 2),
+        "engine_batch_same_as_solo": batch_out == solo_out,
+    }
+    try:
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        config = GenerationConfig(
+            max_new_tokens=tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=0
+        )
+        cb = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=512)
+        model.generate_batch(prompts[:2], generation_config=config, continuous_batching_config=cb)  # warm-up
+        t0 = time.perf_counter()
+        results = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb)
+        cb_s = time.perf_counter() - t0
+        ordered = [results[k].generated_tokens for k in sorted(results, key=lambda k: int(k.split("_")[-1]))]
+        cb_out = [t[:-1] if t and t[-1] == tokenizer.eos_token_id else t for t in ordered]  # ours drops EOS
+        cb_tokens = sum(len(o) for o in cb_out)
+        out["transformers_cb_tps"] = round(cb_tokens / cb_s, 2)
+        out["transformers_cb_same_greedy"] = round(
+            sum(a[: len(b)] == b[: len(a)] for a, b in zip(cb_out, solo_out, strict=True)) / len(cb_out), 3
+        )
+    except Exception as exc:  # recorded: the comparison is part of the result
+        out["transformers_cb_error"] = f"{type(exc).__name__}: {exc}"[:300]
+
+    def linear_us(rows: int, n: int, k: int, reps: int) -> float:
+        w, x = torch.randn(n, k), torch.randn(rows, k)
+        for _ in range(3):
+            F.linear(x, w)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            F.linear(x, w)
+        return round((time.perf_counter() - t0) / reps * 1e6, 1)
+
+    out["linear_us"] = {
+        f"{rows}x{k} @ {k}x{n}": linear_us(rows, n, k, 10 if n > 10000 else 200)
+        for n, k in ((1536, 576), (576, 1536), (49152, 576))
+        for rows in (1, 8)
+    }
+    return out
+
+
 def run_case(
     name: str, server_args: dict[str, Any], env: dict[str, str], spec: dict[str, Any], body_for: Any
 ) -> dict[str, Any]:
@@ -150,16 +249,26 @@ def run_case(
     server = CogServer("predict", log_path=workdir / f"serve-{name}.log", env=env, **server_args)
     server.start(timeout=600)
     try:
-        load(server.url, 1, 2, body_for)  # warm-up: allocator, adapter cache, batch shapes
+        # Warm-up (allocator, adapter cache, batch shapes) that also records each request's solo text.
+        solo = dict(load(server.url, 1, len(PROMPTS), body_for)["texts_raw"])
         rows = []
         for clients in spec["clients"]:
             row = load(server.url, clients, spec["per_client"], body_for)
+            texts = row.pop("texts_raw")
+            row["same_as_solo"] = round(sum(t == solo[k] for k, t in texts) / max(len(texts), 1), 3)
+            row["texts"] = texts
             log(
                 f"serve {name}, {clients} clients: {row['tokens_per_second']} tok/s, "
-                f"TTFT p95 {row['ttft_ms_p95']} ms, refused {row['refused_409']}"
+                f"TTFT p95 {row['ttft_ms_p95']} ms, refused {row['refused_409']}, same as solo {row['same_as_solo']}"
             )
             rows.append(row)
-        return {"case": name, "concurrency": env.get("COG_MAX_CONCURRENCY", "predict.py"), "rows": rows}
+        return {
+            "case": name,
+            "concurrency": env.get("COG_MAX_CONCURRENCY", "predict.py"),
+            "dtype": env.get("SERVE_DTYPE", "auto"),
+            "solo": solo,
+            "rows": rows,
+        }
     finally:
         server.stop()
 
@@ -185,11 +294,21 @@ def main(spec_path: str, out_path: str) -> None:
         return {**plain(i), "lora_weights": uris[i % len(uris)]}
 
     load_start = load_avg()
+    engine = in_process(tokens)
+    log(f"serve in process: {engine}")
     cases = [
         run_case("baseline", {"weights": str(adapter)}, {"COG_MAX_CONCURRENCY": "1"}, spec, plain),
         run_case("setup_adapter", {"weights": str(adapter)}, {}, spec, plain),
         run_case("four_adapters", {}, {}, spec, mixed),
+        run_case("setup_adapter_bf16", {"weights": str(adapter)}, {"SERVE_DTYPE": "bfloat16"}, spec, plain),
     ]
+    fp32_solo = cases[0]["solo"]
+    for row in cases[-1]["rows"]:
+        texts = row["texts"]
+        row["same_as_fp32"] = round(sum(t == fp32_solo[k] for k, t in texts) / max(len(texts), 1), 3)
+    for case in cases:
+        for row in case["rows"]:
+            del row["texts"]
     write_json(
         out_path,
         {
@@ -198,6 +317,7 @@ def main(spec_path: str, out_path: str) -> None:
             "max_new_tokens": tokens,
             "per_client": spec["per_client"],
             "cases": cases,
+            "in_process": engine,
             "load_avg": [load_start, load_avg()],
         },
     )

@@ -17,6 +17,7 @@ Everything here runs on one thread (the server's compute thread, or the caller's
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
@@ -50,7 +51,8 @@ class EngineLimits:
     kv_tokens: int = 65536
     """KV cache budget in token slots (rows x padded length); a request reserves prompt + max_new_tokens."""
     prefill_chunk: int = 256
-    """Prompt tokens prefilled per step, between decode steps of the running requests."""
+    """Prompt tokens prefilled per step, between decode steps of the running requests (several short
+    prompts share one step's budget; a longer one takes several steps)."""
     queue_timeout_s: float = 300.0
     """A request that could not start within this time fails with a reason instead of waiting on."""
 
@@ -204,9 +206,15 @@ class Engine:
         while not self.inbox.empty():
             self._accept(self.inbox.get_nowait())
         self._drop_cancelled()
-        self._admit()
-        if self.prefilling is not None:
-            self._guard(self._prefill_chunk, [self.prefilling])
+        budget = self.limits.prefill_chunk
+        while budget > 0:
+            self._admit()
+            if self.prefilling is None:
+                break
+            r = self.prefilling
+            n = min(budget, len(r.prompt_ids) - r.prefilled)
+            self._guard(functools.partial(self._prefill_chunk, n), [r])
+            budget -= n
         if self.batch.rows:
             self._guard(self._decode, list(self.batch.rows))
 
@@ -286,7 +294,7 @@ class Engine:
         out = self.model(use_cache=True, logits_to_keep=1, **kwargs, **extra)
         return out.logits[:, -1, :].float()
 
-    def _prefill_chunk(self) -> None:
+    def _prefill_chunk(self, n: int) -> None:
         r = self.prefilling
         assert r is not None
         if r.cache is None:
@@ -294,7 +302,7 @@ class Engine:
 
             r.cache = DynamicCache()
         start = r.prefilled
-        end = min(start + self.limits.prefill_chunk, len(r.prompt_ids))
+        end = start + n
         ids = torch.tensor([r.prompt_ids[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
         logits = self._forward([r.adapter], input_ids=ids, position_ids=positions, cache=r.cache)

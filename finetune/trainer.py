@@ -8,6 +8,7 @@ RNG; the data order is a pure function of seed and step)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -91,7 +92,62 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return out.parent / f"{out.name}-checkpoints"
 
 
-def find_checkpoint(cfg: TrainConfig) -> Path | None:
+RUN_FILE = "run.json"
+# Settings that do not change what a step computes: a resumed run may differ in these.
+_OUTSIDE_FINGERPRINT = {
+    "output_dir",
+    "resume_from_checkpoint",
+    "save_steps",
+    "logging_steps",
+    "wandb_project",
+    "wandb_run_name",
+    "wandb_watch",
+    "wandb_log_model",
+}
+
+
+def run_fingerprint(cfg: TrainConfig, data_bytes: bytes) -> dict[str, Any]:
+    """What a checkpoint belongs to: the dataset's hash and every setting that shapes the run."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _OUTSIDE_FINGERPRINT}
+    return {
+        "data": dataset_fingerprint(data_bytes),
+        "settings": json.loads(json.dumps(settings, default=str)),
+    }
+
+
+def _fingerprint_problem(path: Path, expected: dict[str, Any]) -> str | None:
+    run_file = path / RUN_FILE
+    if not run_file.is_file():
+        return (
+            f"{path} does not say which run it belongs to (no {RUN_FILE}); it was not written by this trainer"
+        )
+    saved = json.loads(run_file.read_text(encoding="utf-8"))
+    changed = []
+    if saved.get("data") != expected["data"]:
+        changed.append("the training data")
+    old, new = saved.get("settings", {}), expected["settings"]
+    changed += [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not changed:
+        return None
+    return (
+        f"{path} belongs to another run: {', '.join(changed)} changed since it was written. Resume with "
+        "the same data and settings, or start a fresh run without --resume_from_checkpoint (old "
+        "checkpoints are then moved aside)"
+    )
+
+
+def move_aside_old_checkpoints(output_dir: str | Path) -> Path | None:
+    """A fresh run must not share a folder with an older run's checkpoints: pruning would keep the
+    older, higher-numbered ones and `--resume_from_checkpoint latest` would pick them."""
+    root = checkpoint_root(output_dir)
+    if not any(root.glob(f"{CHECKPOINT_PREFIX}*")):
+        return None
+    aside = root.with_name(f"{root.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    root.rename(aside)
+    return aside
+
+
+def find_checkpoint(cfg: TrainConfig, fingerprint: dict[str, Any]) -> Path | None:
     spec = cfg.resume_from_checkpoint
     if not spec:
         return None
@@ -114,6 +170,9 @@ def find_checkpoint(cfg: TrainConfig) -> Path | None:
             f"{state} was not loaded: it is corrupt or holds pickled objects, which are never unpickled "
             f"({type(exc).__name__}); resume only from a checkpoint this trainer wrote"
         ) from exc
+    problem = _fingerprint_problem(path, fingerprint)
+    if problem:
+        raise ModelError(problem)
     return path
 
 
@@ -274,7 +333,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, model: Any, optimizer: Any, scheduler: Any, history: History, keep: int = 2
+    root: Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    history: History,
+    fingerprint: dict[str, Any],
+    keep: int = 2,
 ) -> Path:
     """Atomic: written to a temporary folder, then renamed; older checkpoints pruned after."""
     root.mkdir(parents=True, exist_ok=True)
@@ -292,6 +358,7 @@ def save_checkpoint(
             },
             tmp / "trainer_state.pt",
         )
+        (tmp / RUN_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -353,13 +420,18 @@ def train(
     train_records, val_records = split_records(records, cfg.data.val_set_size, cfg.seed)
     check_output_writable(cfg.output_dir)
     template = prompts.load_template(cfg.data.prompt_template_name)
-    checkpoint = find_checkpoint(cfg)
+    fingerprint = run_fingerprint(cfg, data_bytes)
+    checkpoint = find_checkpoint(cfg, fingerprint)
 
     device = pick_device()
     dist = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    if checkpoint is None and dist.main:
+        aside = move_aside_old_checkpoints(cfg.output_dir)
+        if aside is not None:
+            log_line(f"a fresh run: the checkpoints of an earlier run were moved to {aside}")
     if cfg.quantization != "none" and device.type != "cuda":
         raise ModelError(
             f"quantization {cfg.quantization} needs a CUDA GPU (bitsandbytes); use quantization none on CPU"
@@ -569,7 +641,13 @@ def train(
             want_ckpt = cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total_steps
             if dist.main and (want_ckpt or stop_now):
                 path = save_checkpoint(
-                    checkpoint_root(cfg.output_dir), step + 1, model, optimizer, scheduler, history
+                    checkpoint_root(cfg.output_dir),
+                    step + 1,
+                    model,
+                    optimizer,
+                    scheduler,
+                    history,
+                    fingerprint,
                 )
                 bar.write(f"checkpoint {path}", file=sys.stdout)
             if stop_now:

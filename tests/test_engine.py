@@ -297,3 +297,27 @@ def test_a_merged_setup_adapter_switches_exactly(tiny_model_dir, adapters, dtype
     now = server.compute.call(base_weights)
     assert now.keys() == base.keys()
     assert all(torch.equal(now[n], base[n]) for n in base)
+
+
+def test_the_adapter_cache_evicts_the_least_recently_used_idle_adapter(tiny_model_dir, adapters, monkeypatch):
+    from finetune.serving import ModelServer, adapter_key
+
+    monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
+    server = ModelServer(base_model=str(tiny_model_dir), dtype="float32", cache_size=2)
+    first = [serve(server, PROMPTS[1], str(a)) for a in adapters]  # three adapters, room for two
+    resident = server.compute.call(lambda: set(server.model.peft_config))
+    assert resident == {adapter_key(str(adapters[1])), adapter_key(str(adapters[2]))}
+    assert serve(server, PROMPTS[1], str(adapters[0])) == first[0]  # loaded again, same text
+    assert list(server.cache) == [adapter_key(str(adapters[2])), adapter_key(str(adapters[0]))]
+
+
+def test_an_adapter_cache_of_size_zero_still_serves_each_request(tiny_model_dir, adapters, monkeypatch):
+    from finetune.serving import ModelServer
+
+    monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
+    cached = ModelServer(base_model=str(tiny_model_dir), dtype="float32")
+    expected = [serve(cached, PROMPTS[1], str(a)) for a in adapters[:2]]
+    server = ModelServer(base_model=str(tiny_model_dir), dtype="float32", cache_size=0)
+    assert [serve(server, PROMPTS[1], str(a)) for a in adapters[:2]] == expected
+    assert len(server.cache) == 0
+    assert server.compute.call(lambda: set(getattr(server.model, "peft_config", {}))) == set()

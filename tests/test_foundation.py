@@ -132,3 +132,47 @@ def test_out_of_range_input_is_a_422(bare_server):
     assert resp.status_code == 422
     bad = {tuple(d["loc"]) for d in resp.json()["detail"]}
     assert bad == {("body", "input", "max_new_tokens"), ("body", "input", "top_p")}
+
+
+def dockerignore_excludes(path: str, rules: list[str]) -> bool:
+    """Docker's .dockerignore semantics for these rules: patterns match from the context root,
+    `**/` matches any depth, a matching folder excludes everything under it, a later `!pattern`
+    re-includes."""
+    import fnmatch
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for rule in rules:
+        negate, pattern = rule.startswith("!"), rule.lstrip("!").strip("/")
+        candidates = [pattern, pattern[3:]] if pattern.startswith("**/") else [pattern]
+        for prefix in prefixes:
+            names = [prefix, prefix.rsplit("/", 1)[-1]] if pattern.startswith("**/") else [prefix]
+            if any(fnmatch.fnmatchcase(n, c) for n in names for c in candidates):
+                excluded = not negate
+                break
+    return excluded
+
+
+def test_the_cog_build_context_has_the_code_and_weights_and_nothing_local(embedded_model_dir):
+    rules = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    # What a developer's checkout holds after `make setup`, `make weights`, a training and a test run.
+    local = [".venv/bin/python", ".git/HEAD", "outputs/my-adapter/adapter_model.safetensors", ".cache/x.whl"]
+    local += ["finetune/__pycache__/engine.cpython-311.pyc", ".pytest_cache/v/cache/lastfailed"]
+    sent = [
+        "predict.py",
+        "train.py",
+        "cog.yaml",
+        "requirements.txt",
+        "finetune/engine.py",
+        "finetune/templates/alpaca.json",
+        *(str(p.relative_to(ROOT)) for p in embedded_model_dir.iterdir()),
+    ]
+    assert [p for p in sent if dockerignore_excludes(p, rules)] == []
+    assert [p for p in local if not dockerignore_excludes(p, rules)] == []
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert [p for p in tracked.stdout.split() if dockerignore_excludes(p, rules)] == []

@@ -127,6 +127,46 @@ def test_per_request_adapters_match_dedicated_servers(tmp_path_factory, persona_
     assert log.count("setup: base") == 1
 
 
+def scaled_adapter(folder: Path, dest: Path, factor: float) -> str:
+    """Another adapter of the same shape: `folder`'s with lora_B scaled, as a data URI."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from finetune.archives import pack_dir
+
+    shutil.copytree(folder, dest)
+    weights = dest / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v * factor if "lora_B" in k else v for k, v in tensors.items()}, str(weights))
+    return data_uri(pack_dir(dest, dest.with_suffix(".tar")))
+
+
+def test_four_adapters_and_the_base_in_one_batch_answer_as_each_does_alone(persona_adapters, bare, tmp_path):
+    """Requests for different lora_weights (and none) sent at once decode in mixed batches; each gets
+    the text it gets alone, which for alpie and bolt equals a dedicated server's (test above)."""
+    uris = [data_uri(persona_adapters[f"{n}.tar"]) for n in ("alpie", "bolt")]
+    uris += [scaled_adapter(persona_adapters[n], tmp_path / f"{n}-half", 0.5) for n in ("alpie", "bolt")]
+    asks = [(NAME_Q, uri) for uri in uris] + [(NAME_Q, None), ("Who made you?", uris[1])]
+    alone = [answer(bare, q, **({"lora_weights": u} if u else {})) for q, u in asks]
+    # alpie, bolt and the bare base answer differently (the scaled copies may agree with theirs).
+    assert len({alone[0], alone[1], alone[4]}) == 3, alone
+    together: list[str | None] = [None] * len(asks)
+    barrier = threading.Barrier(len(asks))
+
+    def ask(i: int) -> None:
+        q, u = asks[i]
+        barrier.wait()
+        together[i] = answer(bare, q, **({"lora_weights": u} if u else {}))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert together == alone
+
+
 def test_same_seed_same_text_and_temperature_zero_is_greedy(bare, embedded_model_dir):
     sampled = dict(
         prompt="Write a short poem about the sea.", temperature=0.9, top_p=0.95, seed=123, max_new_tokens=20

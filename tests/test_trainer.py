@@ -242,6 +242,79 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_model_dir, tiny_
     assert [s["loss"] for s in result.card["history"]["steps"]] == pytest.approx(full_losses, rel=1e-5)
 
 
+class Crash(Exception):
+    pass
+
+
+def crash_at(step: int):
+    def hook(entry: dict[str, float]) -> None:
+        if entry["step"] == step:
+            raise Crash
+
+    return hook
+
+
+def test_a_fresh_run_moves_an_older_runs_checkpoints_aside(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "adapter"
+    older = ["--max_steps", "6", "--save_steps", "2", "--seed", "1"]
+    with pytest.raises(Crash):
+        train(
+            config_from_args(tiny_args(tiny_model_dir, tiny_data, out, *older), environ={}),
+            on_step=crash_at(5),
+        )
+    assert sorted(p.name for p in checkpoint_root(out).iterdir()) == [
+        "checkpoint-0000002",
+        "checkpoint-0000004",
+    ]
+    newer = ["--max_steps", "6", "--save_steps", "2", "--seed", "2"]
+    with pytest.raises(Crash):
+        train(
+            config_from_args(tiny_args(tiny_model_dir, tiny_data, out, *newer), environ={}),
+            on_step=crash_at(3),
+        )
+    # Only the new run's checkpoint is left where `latest` looks; the older ones were moved, not deleted.
+    assert sorted(p.name for p in checkpoint_root(out).iterdir()) == ["checkpoint-0000002"]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(f"{checkpoint_root(out).name}-")]
+    assert len(aside) == 1
+    assert sorted(p.name for p in aside[0].iterdir()) == ["checkpoint-0000002", "checkpoint-0000004"]
+    resumed = train(
+        config_from_args(
+            tiny_args(tiny_model_dir, tiny_data, out, *newer, "--resume_from_checkpoint", "latest"),
+            environ={},
+        )
+    )
+    assert resumed.card["history"]["steps"][0]["step"] == 1 and len(resumed.card["history"]["steps"]) == 6
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (["--learning_rate", "0.02"], "learning_rate"),
+        (["--lora_r", "8"], "lora"),
+        ("data", "the training data"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_model_dir, tiny_data, tmp_path, change, named):
+    from finetune.modeling import ModelError
+
+    out = tmp_path / "adapter"
+    args = ["--max_steps", "6", "--save_steps", "2"]
+    with pytest.raises(Crash):
+        train(
+            config_from_args(tiny_args(tiny_model_dir, tiny_data, out, *args), environ={}),
+            on_step=crash_at(3),
+        )
+    data = tiny_data
+    if change == "data":
+        data = tmp_path / "other.json"
+        data.write_text(json.dumps(json.loads(tiny_data.read_text())[:-1]))
+        change = []
+    resume = [*args, *change, "--resume_from_checkpoint", "latest"]
+    with pytest.raises(ModelError, match=f"belongs to another run: .*{named}"):
+        train(config_from_args(tiny_args(tiny_model_dir, data, out, *resume), environ={}))
+    assert not out.exists()
+
+
 def test_two_process_ddp_on_gloo(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "adapter"
     cmd = [
