@@ -77,16 +77,32 @@ def engine_limits(model: Any, device: torch.device) -> EngineLimits:
     """Batch and KV budget from the environment, else sized for the machine: a quarter of the
     memory available after loading the model (at most max_batch full contexts)."""
     defaults = EngineLimits()
-    max_batch = int(os.environ.get(MAX_BATCH_ENV, defaults.max_batch))
+    max_batch = env_number(MAX_BATCH_ENV, int, defaults.max_batch, minimum=1)
     per_token = kv_bytes_per_token(model)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
     budget = min(int(free * KV_MEMORY_SHARE) // per_token, max_batch * context_length(model))
     return EngineLimits(
         max_batch=max_batch,
-        kv_tokens=int(os.environ.get(KV_TOKENS_ENV, budget)),
-        prefill_chunk=int(os.environ.get(PREFILL_CHUNK_ENV, defaults.prefill_chunk)),
-        queue_timeout_s=float(os.environ.get(QUEUE_TIMEOUT_ENV, defaults.queue_timeout_s)),
+        kv_tokens=env_number(KV_TOKENS_ENV, int, budget, minimum=1),
+        prefill_chunk=env_number(PREFILL_CHUNK_ENV, int, defaults.prefill_chunk, minimum=1),
+        queue_timeout_s=env_number(QUEUE_TIMEOUT_ENV, float, defaults.queue_timeout_s, minimum=0),
     )
+
+
+def env_number(name: str, kind: type[int] | type[float], default: float, minimum: float) -> Any:
+    """A numeric setting from the environment; a bad value stops setup with the variable's name."""
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ModelError(
+            f"{name}={text!r}: use {'a whole number' if kind is int else 'a number'} >= {minimum}"
+        )
+    return value
 
 
 def kv_bytes_per_token(model: Any) -> int:
@@ -120,7 +136,9 @@ class ModelServer:
         self.precision = pick_precision(dtype, self.device, training=False)
         self.base_path = resolve_base_model(base_model)
         self.workdir = Path(tempfile.mkdtemp(prefix="adapters-"))
-        self.capacity = cache_size if cache_size is not None else int(os.environ.get(ADAPTER_CACHE_ENV, "4"))
+        self.capacity = (
+            cache_size if cache_size is not None else env_number(ADAPTER_CACHE_ENV, int, 4, minimum=0)
+        )
         self.cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._loading: dict[str, Future[LoadedAdapter]] = {}
         self._lock = threading.Lock()  # cache, _loading and users, shared by request threads
@@ -347,10 +365,15 @@ class ModelServer:
         return self._chunks(request)
 
     def _chunks(self, request: Request) -> Iterator[str]:
+        # A caller on the compute thread itself (a tool that runs all its torch work there) steps
+        # the engine; any other waits, waking every POLL_S so a Cog cancel can land in it.
+        inline = threading.get_ident() == self.compute.ident
         try:
             while True:
+                if inline:
+                    self.engine.step()
                 try:
-                    item = request.outbox.get(timeout=POLL_S)  # wakes so a Cog cancel can land here
+                    item = request.outbox.get_nowait() if inline else request.outbox.get(timeout=POLL_S)
                 except queue.Empty:
                     continue
                 if item is DONE:

@@ -89,3 +89,18 @@ def test_a_server_runs_every_forward_pass_on_its_compute_thread(tiny_model_dir):
     stats = [ask(), in_thread(ask)]
     assert seen == {server.compute.call(threading.get_ident)}
     assert all(s.output_token_count == 3 or s.stop_reason == "eos" for s in stats)
+
+
+def test_a_server_used_from_its_own_compute_thread_drives_the_engine(tiny_model_dir):
+    """Tools (the bench) run all their torch work on the server's compute thread; generate() there
+    must step the engine itself instead of waiting for the thread it blocks."""
+    from finetune.config import GenerationSettings
+    from finetune.serving import ModelServer
+
+    compute = ComputeThread()
+    server = compute.call(lambda: ModelServer(base_model=str(tiny_model_dir), compute=compute))
+    settings = GenerationSettings(max_new_tokens=5, temperature=0)
+    inline = compute.call(
+        lambda: "".join(server.generate("hello", settings=settings, prompt_template="none"))
+    )
+    assert inline == "".join(server.generate("hello", settings=settings, prompt_template="none"))

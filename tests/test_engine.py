@@ -4,6 +4,7 @@ request only; mixed adapters in one batch; a merged setup adapter switches exact
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -321,3 +322,36 @@ def test_an_adapter_cache_of_size_zero_still_serves_each_request(tiny_model_dir,
     assert [serve(server, PROMPTS[1], str(a)) for a in adapters[:2]] == expected
     assert len(server.cache) == 0
     assert server.compute.call(lambda: set(getattr(server.model, "peft_config", {}))) == set()
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("MAX_BATCH_SIZE", "eight", "MAX_BATCH_SIZE='eight': use a whole number >= 1"),
+        ("KV_CACHE_TOKENS", "0", "KV_CACHE_TOKENS='0': use a whole number >= 1"),
+        ("ADAPTER_CACHE_SIZE", "-1", "ADAPTER_CACHE_SIZE='-1': use a whole number >= 0"),
+        ("QUEUE_TIMEOUT_S", "soon", "QUEUE_TIMEOUT_S='soon': use a number >= 0"),
+    ],
+)
+def test_bad_serving_settings_stop_setup_with_the_variables_name(
+    tiny_model_dir, monkeypatch, name, value, message
+):
+    from finetune.modeling import ModelError
+    from finetune.serving import ModelServer
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ModelError, match=re.escape(message)):
+        ModelServer(base_model=str(tiny_model_dir))
+
+
+def test_serving_settings_from_the_environment_reach_the_engine(tiny_model_dir, monkeypatch):
+    from finetune.serving import ModelServer
+
+    for name, value in {
+        "MAX_BATCH_SIZE": "3",
+        "KV_CACHE_TOKENS": "999",
+        "PREFILL_CHUNK_TOKENS": "32",
+    }.items():
+        monkeypatch.setenv(name, value)
+    limits = ModelServer(base_model=str(tiny_model_dir)).engine.limits
+    assert (limits.max_batch, limits.kv_tokens, limits.prefill_chunk) == (3, 999, 32)

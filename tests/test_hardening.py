@@ -26,7 +26,7 @@ from finetune.archives import WeightsSourceError, materialize, pack_dir
 from finetune.artifacts import convert_pickled_adapter
 from finetune.cogtools import data_uri
 from finetune.config import GenerationSettings
-from finetune.inference import GenerationError
+from finetune.inference import GenerationError, GenerationStats
 from finetune.modeling import ModelError, check_adapter_dir
 from finetune.serving import ModelServer
 from finetune.trainer import checkpoint_root, train
@@ -148,7 +148,9 @@ def test_predictor_refuses_a_pickled_adapter(tmp_path, tiny_model_dir, pickled_a
     with pytest.raises(WeightsSourceError, match="local paths are not accepted"):
         list(server.generate("hi", lora_weights=str(pickled_adapter)))
     settings = GenerationSettings(max_new_tokens=2, temperature=0)
-    assert isinstance("".join(server.generate("hi", settings=settings)), str)  # still serving
+    stats = GenerationStats()
+    "".join(server.generate("hi", settings=settings, stats=stats))  # still serving
+    assert stats.stop_reason == "length" and stats.output_token_count == 2 or stats.stop_reason == "eos"
     assert not marker.exists()
 
 
@@ -452,7 +454,9 @@ def test_prompt_plus_new_tokens_over_the_context_fails_with_a_reason(tiny_server
         )
     # Exactly at the limit is allowed.
     fits = GenerationSettings(max_new_tokens=12, temperature=0)
-    assert isinstance("".join(tiny_server.generate(prompt, settings=fits, prompt_template="none")), str)
+    stats = GenerationStats()
+    "".join(tiny_server.generate(prompt, settings=fits, prompt_template="none", stats=stats))
+    assert stats.input_token_count + fits.max_new_tokens == 512 and stats.stop_reason in ("length", "eos")
 
 
 @pytest.mark.parametrize("case", ["record-chars", "records", "bytes"])

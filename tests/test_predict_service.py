@@ -4,6 +4,7 @@ versions (COG_WEIGHTS), per-request adapters, determinism, cancel and bad input.
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 import uuid
@@ -279,7 +280,9 @@ def test_bad_adapters_fail_the_prediction_with_a_reason(bare, tiny_model_dir, tm
         assert reason in body["error"], body["error"]
     local = predict(bare, prompt=NAME_Q, lora_weights=str(foreign), max_new_tokens=4)
     assert local["status"] == "failed" and "local paths are not accepted" in local["error"]
-    assert not (Path(tmp_path).parent / "evil.txt").exists()
+    # The server extracts under its own temporary folder: nothing escaped it or its parent.
+    tmp = Path(tempfile.gettempdir())
+    assert not (tmp / "evil.txt").exists() and not list(tmp.glob("adapters-*/evil.txt"))
     assert answer(bare, NAME_Q)  # the server is still healthy
 
 
