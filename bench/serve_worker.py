@@ -21,7 +21,6 @@ baseline's solo texts."""
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import threading
@@ -48,37 +47,27 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def one_request(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    import requests
+    from finetune.cogtools import iter_sse, post_sse
 
     refused = 0
     while True:
         sent = time.perf_counter()
-        resp = requests.post(
-            f"{url}/predictions",
-            json={"input": body},
-            timeout=600,
-            stream=True,
-            headers={"Accept": "text/event-stream"},
-        )
+        resp = post_sse(url, body, timeout=600)
         if resp.status_code != 409:
             break
         resp.close()
         refused += 1
         time.sleep(RETRY_S)
-    resp.encoding = "utf-8"
     stamps: list[float] = []
-    status, name = None, None
-    chunks = []
-    for line in resp.iter_lines(decode_unicode=True):
-        if line.startswith("event:"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("data:") and name == "output":
+    chunks: list[str] = []
+    status, tokens = None, 0
+    for name, data in iter_sse(resp):
+        if name == "output":
             stamps.append(time.perf_counter())
-            chunks.append(json.loads(line.split(":", 1)[1])["chunk"])
-        elif line.startswith("data:") and name == "completed":
-            done = json.loads(line.split(":", 1)[1])
-            status = done["status"]
-            tokens = done.get("metrics", {}).get("output_token_count", len(stamps))
+            chunks.append(data["chunk"])
+        elif name == "completed":
+            status = data["status"]
+            tokens = data.get("metrics", {}).get("output_token_count", len(stamps))
     if status != "succeeded" or not stamps:
         raise RuntimeError(f"prediction ended {status} with {len(stamps)} chunks")
     return {

@@ -16,11 +16,13 @@ import dataclasses
 import gzip
 import hashlib
 import http.client
+import io
 import lzma
 import os
 import re
 import shutil
 import stat
+import struct
 import tarfile
 import tempfile
 import zipfile
@@ -270,7 +272,37 @@ def _unwritable(name: str, e: OSError) -> ArchiveError:
     return ArchiveError(f"could not write archive entry {name!r}: {e.strerror or e}")
 
 
+def _zip_entry_count(f: BinaryIO) -> int | None:
+    """The entry count a zip's end-of-central-directory record declares (ZIP64 included), read from
+    the last 64 KiB: zipfile builds its whole directory first, so a zip that lists millions of
+    entries would be read into memory before any cap applies. None when there is no such record."""
+    f.seek(0, io.SEEK_END)
+    size = f.tell()
+    f.seek(max(0, size - 65557))  # the record (22 bytes) plus the longest comment
+    tail = f.read()
+    f.seek(0)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return None
+    count = struct.unpack("<H", tail[at + 10 : at + 12])[0]
+    locator = at - 20
+    if count == 0xFFFF and locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+        offset = struct.unpack("<Q", tail[locator + 8 : locator + 16])[0]
+        f.seek(offset)
+        record = f.read(56)
+        f.seek(0)
+        if record[:4] == b"PK\x06\x06" and len(record) == 56:
+            count = struct.unpack("<Q", record[32:40])[0]
+    return count
+
+
 def _extract_zip(f: BinaryIO, tree: _Tree) -> None:
+    declared = _zip_entry_count(f)
+    if declared is not None and declared > tree.limits.max_files:
+        raise ArchiveError(
+            f"the archive's directory lists {declared} entries, more than {tree.limits.max_files} entries "
+            "allowed; pack only the adapter or model folder"
+        )
     with zipfile.ZipFile(f) as zf:
         # The central directory is read up front, so every entry is checked before any is inflated.
         planned = []

@@ -310,6 +310,31 @@ def post_with_retry(url: str, body: dict[str, Any], timeout: float, busy_wait: f
         time.sleep(0.2)
 
 
+def post_sse(url: str, inputs: dict[str, Any], timeout: float = 300) -> Any:
+    """POST /predictions asking for Server-Sent Events; the caller checks the status (409: busy)."""
+    import requests
+
+    resp = requests.post(
+        f"{url}/predictions",
+        json={"input": inputs},
+        timeout=timeout,
+        stream=True,
+        headers={"Accept": "text/event-stream"},
+    )
+    resp.encoding = "utf-8"  # SSE is UTF-8 by definition; requests would guess latin-1
+    return resp
+
+
+def iter_sse(resp: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event name, decoded data) for each event of a prediction's SSE stream, as it arrives."""
+    name = None
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and name:
+            yield name, json.loads(line.split(":", 1)[1])
+
+
 def _post(url: str, inputs: dict[str, Any], timeout: float) -> dict[str, Any]:
 
     resp = post_with_retry(url, {"input": inputs}, timeout)

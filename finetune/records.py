@@ -12,7 +12,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -227,7 +227,44 @@ def _guess_format(text: str, name: str) -> Format:
     return "json"
 
 
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
 def _json_list_entries(text: str, name: str, max_records: int) -> list[tuple[int, str, Any]]:
+    """A top-level JSON list, decoded one item at a time so the record cap holds before a huge file
+    is turned into objects (512 MiB of `{}` is ~13 GB of dicts). Anything but a well-formed list
+    goes to json.loads, for its exact message."""
+    decoder = json.JSONDecoder()
+    pos = _JSON_SPACE.match(text).end()
+    if not text.startswith("[", pos):
+        return _json_whole(text, name, max_records)
+    items: list[Any] = []
+    pos = _JSON_SPACE.match(text, pos + 1).end()
+    closed = text.startswith("]", pos)
+    pos += closed
+    while not closed:
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError):
+            return _json_whole(text, name, max_records)
+        items.append(item)
+        if len(items) > max_records:
+            raise DatasetError([_too_many(max_records)], name)
+        pos = _JSON_SPACE.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _JSON_SPACE.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            pos, closed = pos + 1, True
+        else:
+            return _json_whole(text, name, max_records)
+    if _JSON_SPACE.match(text, pos).end() != len(text):
+        return _json_whole(text, name, max_records)  # data after the list
+    if not items:
+        raise DatasetError(["no records: the list is empty; add at least one record"], name)
+    return [(i, f"record {i}", item) for i, item in enumerate(items, 1)]
+
+
+def _json_whole(text: str, name: str, max_records: int) -> list[tuple[int, str, Any]]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -242,7 +279,7 @@ def _json_list_entries(text: str, name: str, max_records: int) -> list[tuple[int
     if not value:
         raise DatasetError(["no records: the list is empty; add at least one record"], name)
     if len(value) > max_records:
-        raise DatasetError([_too_many(len(value), max_records)], name)
+        raise DatasetError([_too_many(max_records)], name)
     return [(i, f"record {i}", item) for i, item in enumerate(value, 1)]
 
 
@@ -256,11 +293,14 @@ class _Unreadable:
 def _jsonl_entries(text: str, name: str, max_records: int) -> list[tuple[int, str, Any]]:
     # Split on "\n" only: str.splitlines would also split on U+2028, U+0085 and others that JSON
     # allows raw inside strings. A trailing "\r" (CRLF files) is JSON whitespace.
-    lines = [(i, line) for i, line in enumerate(text.split("\n"), 1) if line and not line.isspace()]
+    lines = []
+    for i, line in _numbered_lines(text):
+        if line and not line.isspace():
+            lines.append((i, line))
+            if len(lines) > max_records:  # before the rest is split into strings
+                raise DatasetError([_too_many(max_records)], name)
     if not lines:
         raise DatasetError(["no records: the file has only blank lines"], name)
-    if len(lines) > max_records:
-        raise DatasetError([_too_many(len(lines), max_records)], name)
     entries: list[tuple[int, str, Any]] = []
     for i, line in lines:
         try:
@@ -272,6 +312,16 @@ def _jsonl_entries(text: str, name: str, max_records: int) -> list[tuple[int, st
             value = _Unreadable(_unreadable(e))
         entries.append((i, f"line {i}", value))
     return entries
+
+
+def _numbered_lines(text: str) -> Iterator[tuple[int, str]]:
+    start, number = 0, 0
+    while start <= len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        number += 1
+        yield number, text[start:end]
+        start = end + 1
 
 
 def _json_hint(e: json.JSONDecodeError, usual: str) -> str:
@@ -453,8 +503,8 @@ def _size(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
-def _too_many(count: int, max_records: int) -> str:
-    return f"{count:,} records, over the limit of {max_records:,}; use fewer records (or raise max_records)"
+def _too_many(max_records: int) -> str:
+    return f"more than {max_records:,} records, the limit; use fewer records (or raise max_records)"
 
 
 _JSON_TYPES = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}

@@ -13,6 +13,7 @@ import lzma
 import os
 import socket
 import stat
+import struct
 import tarfile
 import threading
 import time
@@ -195,10 +196,34 @@ def write_archive(path: Path, files: dict[str, bytes], kind: str) -> Path:
     return write_tar(path, [t_file(name, data) for name, data in files.items()], kind)
 
 
-@pytest.mark.parametrize("kind", [*TAR_KINDS, "zip"])
+@pytest.mark.parametrize("kind", TAR_KINDS)
 def test_too_many_entries(tmp_path, kind):
     archive = write_archive(tmp_path / "in" / "a", {f"f{i}": b"x" for i in range(5)}, kind)
     assert_rejected(tmp_path, archive, ["more than 4 entries", "'f4'"], Limits(max_files=4))
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_a_zip_listing_too_many_entries_is_refused_before_its_directory_is_read(tmp_path, monkeypatch, zip64):
+    """zipfile reads the whole central directory when it opens an archive (millions of entries:
+    gigabytes); the entry count in the end record is checked first."""
+    import zipfile
+
+    archive = tmp_path / "in" / "a.zip"
+    archive.parent.mkdir(parents=True)
+    with zipfile.ZipFile(archive, "w", allowZip64=True) as zf:
+        for i in range(5):
+            zf.writestr(f"f{i}", b"x")
+    if zip64:  # what a writer emits past 65,535 entries: 0xFFFF in the end record, the count in ZIP64's
+        data = bytearray(archive.read_bytes())
+        eocd = data.rfind(b"PK\x05\x06")
+        cd_size, cd_offset = struct.unpack("<II", data[eocd + 12 : eocd + 20])
+        zip64_eocd = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, 5, 5, cd_size, cd_offset)
+        locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd, 1)
+        end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, cd_size, cd_offset, 0)
+        archive.write_bytes(bytes(data[:eocd]) + zip64_eocd + locator + end)
+        assert len(zipfile.ZipFile(archive).infolist()) == 5  # still a valid zip
+    monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: pytest.fail("the directory was read"))
+    assert_rejected(tmp_path, archive, ["lists 5 entries", "more than 4 entries"], Limits(max_files=4))
 
 
 @pytest.mark.parametrize("kind", [*TAR_KINDS, "zip"])

@@ -471,7 +471,7 @@ def test_dataset_caps_stop_training_with_a_reason(tiny_model_dir, tmp_path, caps
     elif case == "records":
         data = tmp_path / "data.jsonl"
         data.write_text('{"text": "a"}\n' * 1_000_001)
-        expected = "1,000,001 records, over the limit of 1,000,000"
+        expected = "more than 1,000,000 records, the limit"
     else:
         data = tmp_path / "data.json"
         with open(data, "wb") as f:  # sparse: the size is refused before a byte is read

@@ -5,7 +5,6 @@ stay separate, the server's memory comes back, and prompts over the context fail
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from finetune.cogtools import CogServer, predictor_concurrency
+from finetune.cogtools import CogServer, iter_sse, post_sse, predictor_concurrency
 from finetune.engine import EngineLimits
 
 pytestmark = pytest.mark.integration
@@ -211,21 +210,10 @@ def test_clients_over_capacity_are_refused_then_succeed_on_retry(bare, solo):
 def sse(server: CogServer, body: dict, events: list, started: threading.Barrier) -> None:
     started.wait()
     t0 = time.monotonic()
-    resp = requests.post(
-        f"{server.url}/predictions",
-        json={"input": body},
-        timeout=300,
-        stream=True,
-        headers={"Accept": "text/event-stream"},
-    )
+    resp = post_sse(server.url, body)
     assert resp.status_code == 200, resp.text
-    resp.encoding = "utf-8"
-    name = None
-    for line in resp.iter_lines(decode_unicode=True):
-        if line.startswith("event:"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("data:") and name:
-            events.append((time.monotonic() - t0, name, json.loads(line.split(":", 1)[1])))
+    for name, data in iter_sse(resp):
+        events.append((time.monotonic() - t0, name, data))
 
 
 def test_concurrent_sse_streams_each_get_their_own_tokens_as_produced(bare, solo):

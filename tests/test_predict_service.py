@@ -14,7 +14,7 @@ import pytest
 import requests
 import torch
 
-from finetune.cogtools import CogServer, data_uri, post_with_retry
+from finetune.cogtools import CogServer, data_uri, iter_sse, post_sse, post_with_retry
 
 pytestmark = pytest.mark.integration
 
@@ -35,25 +35,12 @@ def answer(server: CogServer, prompt: str, **inputs) -> str:
 
 def sse_events(server: CogServer, inputs: dict) -> list[tuple[str, dict]]:
     for _ in range(50):  # coglet may still be freeing its slot from the previous request
-        resp = requests.post(
-            f"{server.url}/predictions",
-            json={"input": inputs},
-            timeout=300,
-            stream=True,
-            headers={"Accept": "text/event-stream"},
-        )
+        resp = post_sse(server.url, inputs)
         if resp.status_code != 409:
             break
         time.sleep(0.2)
     assert resp.status_code == 200
-    resp.encoding = "utf-8"  # SSE is UTF-8 by definition; requests would guess latin-1
-    events, name = [], None
-    for line in resp.iter_lines(decode_unicode=True):
-        if line.startswith("event:"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("data:") and name:
-            events.append((name, json.loads(line.split(":", 1)[1])))
-    return events
+    return list(iter_sse(resp))
 
 
 def start(tmp_path_factory, name: str, weights: str | None = None, env: dict | None = None) -> CogServer:

@@ -385,11 +385,12 @@ def test_caps_name_the_limit_and_the_fix(tmp_path):
         " shorten or split the record (or raise max_record_chars)"
     ]
     assert problems_of(data, max_records=1) == [
-        "2 records, over the limit of 1; use fewer records (or raise max_records)"
+        "more than 1 records, the limit; use fewer records (or raise max_records)"
     ]
     assert problems_of(as_jsonl([{"text": "a"}] * 3), "d.jsonl", max_records=2) == [
-        "3 records, over the limit of 2; use fewer records (or raise max_records)"
+        "more than 2 records, the limit; use fewer records (or raise max_records)"
     ]
+
     expected = f"the file is {len(data)} bytes, over the limit of 10 bytes; split it into smaller files (or raise max_bytes)"
     assert problems_of(data, max_bytes=10) == [expected]
     path = tmp_path / "d.json"
@@ -397,6 +398,18 @@ def test_caps_name_the_limit_and_the_fix(tmp_path):
     with pytest.raises(DatasetError) as info:
         read_records(path, max_bytes=10)
     assert info.value.problems == [expected]
+
+
+def test_the_record_cap_holds_before_a_json_list_is_decoded_whole(monkeypatch):
+    """512 MiB of `{}` is ~13 GB of dicts: the items are decoded one by one and counted."""
+    from finetune import records
+
+    monkeypatch.setattr(records.json, "loads", lambda *a, **k: pytest.fail("decoded the whole file"))
+    data = as_json([{"text": "a"}] * 5)
+    assert problems_of(data, max_records=3) == [
+        "more than 3 records, the limit; use fewer records (or raise max_records)"
+    ]
+    assert [r.text for r in parse_records(as_json([{"text": "a"}, {"text": "b"}]))] == ["a", "b"]
 
 
 def test_default_size_cap_is_reported_in_mib():

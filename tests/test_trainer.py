@@ -234,12 +234,12 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_model_dir, tiny_
     a = load_file(full / "adapter_model.safetensors")
     b = load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    for key in a:  # bit for bit on CPU, as README says
+        assert torch.equal(a[key], b[key]), key
     full_losses = [
         s["loss"] for s in json.loads((full / "training_card.json").read_text())["history"]["steps"]
     ]
-    assert [s["loss"] for s in result.card["history"]["steps"]] == pytest.approx(full_losses, rel=1e-5)
+    assert [s["loss"] for s in result.card["history"]["steps"]] == full_losses
 
 
 class Crash(Exception):
