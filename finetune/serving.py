@@ -268,6 +268,8 @@ class ModelServer:
             idle = [k for k, a in self.cache.items() if a.users == 0]  # least recently used first
             while len(self.cache) > self.capacity and idle:
                 evicted.append(self.cache.pop(idle.pop(0)))
+        if evicted and self.merged:
+            self._unmerge()  # PEFT unmerges by subtraction when it re-points a merged model's layers
         for old in evicted:
             self.model.delete_adapter(old.name)
             self._mode = None
