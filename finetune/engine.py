@@ -18,7 +18,6 @@ Everything here runs on one thread (the server's compute thread, or the caller's
 from __future__ import annotations
 
 import functools
-import itertools
 import queue
 import threading
 import time
@@ -41,7 +40,6 @@ from .inference import (
 
 PEFT_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 DONE = None  # the outbox item after the last chunk
-_ids = itertools.count(1)
 
 
 @dataclass
@@ -68,7 +66,6 @@ class Request:
     stats: GenerationStats = field(default_factory=GenerationStats)
     cancel: threading.Event = field(default_factory=threading.Event)
     on_finish: Callable[[Request], None] | None = None
-    id: int = field(default_factory=lambda: next(_ids))
     outbox: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     done: bool = False
     # Engine state.
