@@ -177,6 +177,18 @@ class Engine:
         self.inbox.put(request)
         return request
 
+    def drive(self, request: Request) -> Iterator[str]:
+        """Step the engine in this thread until a submitted `request` is done, yielding its chunks
+        (and raising its error): for callers that own the thread the engine runs on."""
+        while True:
+            self.step()
+            for item in request.drain():
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            if request.done:
+                return
+
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.batch.rows or not self.inbox.empty())

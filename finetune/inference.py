@@ -169,12 +169,4 @@ def stream_tokens(
     request = Request(encode_prompt(tokenizer, prompt), settings, stats=stats or GenerationStats())
     if cancel is not None:
         request.cancel = cancel
-    engine.submit(request)
-    while True:
-        engine.step()
-        for item in request.drain():
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-        if request.done:
-            return
+    yield from engine.drive(engine.submit(request))

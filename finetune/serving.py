@@ -178,14 +178,8 @@ class ModelServer:
         # the first user's time to first token.
         settings = GenerationSettings(max_new_tokens=2, temperature=0)
         adapter = SETUP_NAME if self.setup_adapter else None
-        request = self.engine.submit(
-            Request(encode_prompt(self.tokenizer, "Hello"), settings, adapter=adapter)
-        )
-        while self.engine.step():
-            pass
-        for item in request.drain():
-            if isinstance(item, BaseException):
-                raise item
+        request = Request(encode_prompt(self.tokenizer, "Hello"), settings, adapter=adapter)
+        "".join(self.engine.drive(self.engine.submit(request)))
 
     # -- adapters ---------------------------------------------------------------------------
     def _attach(self, folder: Path, name: str, source: str) -> LoadedAdapter:
@@ -369,13 +363,13 @@ class ModelServer:
     def _chunks(self, request: Request) -> Iterator[str]:
         # A caller on the compute thread itself (a tool that runs all its torch work there) steps
         # the engine; any other waits, waking every POLL_S so a Cog cancel can land in it.
-        inline = threading.get_ident() == self.compute.ident
         try:
+            if threading.get_ident() == self.compute.ident:
+                yield from self.engine.drive(request)
+                return
             while True:
-                if inline:
-                    self.engine.step()
                 try:
-                    item = request.outbox.get_nowait() if inline else request.outbox.get(timeout=POLL_S)
+                    item = request.outbox.get(timeout=POLL_S)
                 except queue.Empty:
                     continue
                 if item is DONE:
