@@ -1,6 +1,9 @@
 """Cog predictor: base model + LoRA adapter, streaming text. Thin: the work is in finetune/."""
 
+import asyncio
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from cog import BaseRunner, ConcatenateIterator, Input, concurrent, current_scope, streaming
 
@@ -14,6 +17,7 @@ TEMPLATE_CHOICES = [AUTO, RAW, *available_templates()]
 # Far above any context window (~4 characters a token), but a 40 MB prompt gets 422 before anything
 # tokenizes it; the context check then gives the exact limit.
 MAX_PROMPT_CHARS = 400_000
+CONCURRENCY = 32  # = @concurrent(max=...) below, which must be a literal for the Cog CLI
 
 
 def _input(name: str, **bounds):
@@ -24,6 +28,9 @@ class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
         """Load the base model once; `weights` (COG_WEIGHTS) is an adapter folder, archive, URL or data URI."""
         self.server = ModelServer(adapter=weights or default_adapter())
+        # One thread per concurrent prediction: the loop's default pool has cpu+4 threads, and a
+        # few slow downloads would hold up every request behind them.
+        self.io = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="request")
 
     # Predictions Cog accepts at once (more get 409). They decode together in batches of up to
     # MAX_BATCH_SIZE (8) rows; the rest wait in the engine's queue. coglet answers a prediction a
@@ -33,6 +40,9 @@ class Predictor(BaseRunner):
     # (finetune/cogtools.py) reads it back from here.
     # run() is async and returns a plain generator: coglet iterates that on a thread of its own and
     # sends each chunk as it comes (an async generator's chunks would arrive only at the end).
+    # coglet delivers a cancel only while run() itself is pending, so the part that can take long
+    # before the first token (fetching a lora_weights adapter) happens in run(), on a worker
+    # thread, and a cancel then stops the download.
     @concurrent(max=32)
     @streaming
     async def run(
@@ -74,13 +84,22 @@ class Predictor(BaseRunner):
             stop_sequences=[s for s in stop_sequences.split(",") if s],
             seed=seed,
         )
-        request = (prompt, input, settings, prompt_template, lora_weights)
-        return self._stream(request, current_scope())
-
-    def _stream(self, request: tuple, scope) -> Iterator[str]:
-        # Here, not in run(): fetching a lora_weights adapter blocks, and run() holds the event loop.
         stats = GenerationStats()
-        yield from self.server.generate(*request, stats=stats)
+        cancel = threading.Event()
+        try:
+            chunks = await asyncio.get_running_loop().run_in_executor(
+                self.io,
+                lambda: self.server.generate(
+                    prompt, input, settings, prompt_template, lora_weights, stats=stats, cancel=cancel
+                ),
+            )
+        except asyncio.CancelledError:
+            cancel.set()  # stops the download, or the request if it was queued just now
+            raise
+        return self._stream(chunks, stats, current_scope())
+
+    def _stream(self, chunks: Iterator[str], stats: GenerationStats, scope) -> Iterator[str]:
+        yield from chunks
         scope.record_metric("input_token_count", stats.input_token_count)
         scope.record_metric("output_token_count", stats.output_token_count)
         scope.record_metric("time_to_first_token", round(stats.time_to_first_token, 4))

@@ -33,7 +33,7 @@ def train(
         description="Training data: JSON list or JSONL of Alpaca {instruction, input, output}, "
         "{prompt, completion}, {messages} or {text} records."
     ),
-    num_train_epochs: float = _input(TrainConfig, "num_epochs", ge=0.01, le=100),
+    num_train_epochs: Optional[float] = _input(TrainConfig, "num_epochs", ge=0.01, le=100),
     max_steps: int = _input(TrainConfig, "max_steps", ge=0, le=1_000_000),
     learning_rate: float = _input(TrainConfig, "learning_rate", ge=1e-8, le=0.1),
     batch_size: int = _input(TrainConfig, "batch_size", ge=1, le=4096),

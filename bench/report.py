@@ -13,6 +13,11 @@ TARGETS = (
     ("ttft_ms", "time to first token ≤ 100 ms", "ms", "<=", 100.0),
     ("setup_s", "setup (ModelServer construction) ≤ 3 s", "s", "<=", 3.0),
     ("http_overhead_ms", "Cog HTTP overhead ≤ 20 ms", "ms", "<=", 20.0),
+    ("quant_decode_x", "default serving precision decodes ≥ 2.5× plain generate fp32", "×", ">=", 2.5),
+    ("quant_decode_tps", "default serving precision decodes ≥ 70 tokens/s", "tok/s", ">=", 70.0),
+    ("quant_ttft_ms", "default serving precision: time to first token ≤ 60 ms", "ms", "<=", 60.0),
+    ("quant_setup_s", "default serving precision: setup ≤ 3 s warm", "s", "<=", 3.0),
+    ("quant_loss_delta_pct", "default serving precision: held-out loss within 2 % of fp32", "%", "<=", 2.0),
     ("serve_scaling", "serving: 8 clients' throughput ≥ 4× one client's", "×", ">=", 4.0),
     ("serve_ttft_p95_ms", "serving: p95 time to first token at 8 clients ≤ 1 s", "ms", "<=", 1000.0),
     ("serve_mixed_share", "serving: 4 mixed adapters ≥ 0.8× the setup adapter's throughput", "×", ">=", 0.8),
@@ -96,6 +101,18 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     st = results.get("startup", {}).get("base")
     if st:
         h["setup_s"] = st["construct_s_median"]
+    qt = results.get("quant")
+    if qt:
+        by_mode = {r["mode"]: r for r in qt["rows"]}
+        d, fp32 = by_mode.get(qt["default"]), by_mode.get("fp32")
+        if d:
+            h["quant_default"] = qt["default"]
+            h["quant_decode_x"] = d["vs_generate_fp32"]
+            h["quant_decode_tps"] = d["decode_tps"]
+            h["quant_ttft_ms"] = d["ttft_ms"]
+            h["quant_setup_s"] = d["setup_s"]
+            if fp32:
+                h["quant_loss_delta_pct"] = round(100 * abs(d["heldout_loss"] / fp32["heldout_loss"] - 1), 2)
     sv = serving_rows(results)
     ours, base, mixed = sv.get("setup_adapter", {}), sv.get("baseline", {}), sv.get("four_adapters", {})
     if 1 in ours and 8 in ours:
@@ -333,6 +350,29 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_fmt(http.get('transport_ms'))} ms per request; server READY after "
                 f"{http['server_ready_s']} s; same output: {http['same_output']}).",
             ]
+
+    qt = results.get("quant")
+    if qt:
+        fp32 = next((r for r in qt["rows"] if r["mode"] == "fp32"), None)
+        lines += [
+            "",
+            f"## Serving precision (one stream, greedy, setup adapter merged; default: {qt['default']})",
+            "",
+            "Each mode in its own process, alternating rep by rep with plain `generate` fp32. Held-out loss: "
+            "`data/demo/persona_heldout.json` with every row through the quantized kernels; agreement: "
+            "share of greedy tokens equal to fp32's, position by position, on 4 prompts.",
+            "",
+            "| mode | decode tok/s | × generate fp32 | TTFT ms | setup s | RSS MB | low-bit MB | held-out loss "
+            "| Δ vs fp32 | greedy agreement |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in qt["rows"]:
+            delta = 100 * (r["heldout_loss"] / fp32["heldout_loss"] - 1) if fp32 else None
+            lines.append(
+                f"| {r['mode']} | {_fmt(r['decode_tps'])} | {_fmt(r['vs_generate_fp32'], 2)} | "
+                f"{_fmt(r['ttft_ms'])} | {_fmt(r['setup_s'], 2)} | {r['rss_mb']} | {_fmt(r['quantized_mb'])} | "
+                f"{r['heldout_loss']:.4f} | {_fmt(delta, 2)} % | {_fmt(r['greedy_agreement'], 3)} |"
+            )
 
     sv = results.get("serving")
     if sv:

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the project importable
 from bench import report  # noqa: E402
 from bench.common import BENCH_LORA, data_path, load_avg, log, median, read_json, write_json  # noqa: E402
 
-SECTIONS = ("matmul", "train", "infer", "startup", "serve")
+SECTIONS = ("matmul", "train", "infer", "startup", "quant", "serve")
 
 
 @dataclass
@@ -299,6 +299,19 @@ class Bench:
                 }
         return out
 
+    def quant(self, adapter: str) -> dict[str, Any]:
+        """One process per serving precision, fp32 first (the others compare their greedy tokens
+        with its); each alternates with plain `generate` fp32 for its ratio."""
+        from finetune.serving import pick_quantization
+
+        default = pick_quantization(os.environ.get("SERVE_QUANT") or "none", *_cpu_fp32())
+        p = self.plan
+        rows = []
+        for mode in ("fp32", "bf16", "int8", "int4"):
+            spec = {"mode": mode, "adapter_dir": adapter, "decode_tokens": p.decode_tokens, "reps": p.reps}
+            rows.append(self.worker("quant_worker", f"quant-{mode}", spec))
+        return {"default": "fp32" if default == "none" else default, "rows": rows}
+
     def serving(self, adapter: str) -> dict[str, Any]:
         p = self.plan
         spec = {
@@ -351,6 +364,17 @@ class Bench:
             except Exception as exc:
                 self.failures.append(str(exc))
                 log(str(exc))
+        if "quant" in sections and self.device == "cpu":
+            try:
+                if adapter is None:
+                    from bench.infer_worker import random_adapter
+                    from finetune.weights import resolve_base_model
+
+                    adapter = str(random_adapter(resolve_base_model(None), self.workdir / "random-adapter"))
+                results["quant"] = self.quant(adapter)
+            except Exception as exc:
+                self.failures.append(str(exc))
+                log(str(exc))
         if "serve" in sections:
             try:
                 if adapter is None:
@@ -398,6 +422,12 @@ class Bench:
         if self.failures:
             results["failures"] = self.failures
         return results
+
+
+def _cpu_fp32() -> tuple[Any, Any]:
+    import torch
+
+    return torch.device("cpu"), torch.float32
 
 
 def _merge_matmul(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -13,7 +13,8 @@ first, in three set-ups:
 * ours, 4 adapters: a bare server, requests spread round-robin over 4 `lora_weights` adapters
   (data URIs, warm in the adapter cache), decoding in mixed batches;
 * ours, bf16: the setup-adapter case with SERVE_DTYPE=bfloat16 (AMX runs a matmul of 8 rows about as
-  fast as one, where fp32's small-batch kernels slow down).
+  fast as one, where fp32's small-batch kernels slow down);
+* ours, int8: the setup-adapter case with SERVE_QUANT=int8 (weight-only int8 decoding).
 
 Each case first sends each distinct request alone; `same_as_solo` is the share of the loaded
 requests whose greedy text equals that (1.0 is exact batching), `same_as_fp32` compares with the
@@ -255,6 +256,7 @@ def run_case(
             "case": name,
             "concurrency": env.get("COG_MAX_CONCURRENCY", "predict.py"),
             "dtype": env.get("SERVE_DTYPE", "auto"),
+            "quantization": env.get("SERVE_QUANT", "none"),
             "solo": solo,
             "rows": rows,
         }
@@ -290,11 +292,13 @@ def main(spec_path: str, out_path: str) -> None:
         run_case("setup_adapter", {"weights": str(adapter)}, {}, spec, plain),
         run_case("four_adapters", {}, {}, spec, mixed),
         run_case("setup_adapter_bf16", {"weights": str(adapter)}, {"SERVE_DTYPE": "bfloat16"}, spec, plain),
+        run_case("setup_adapter_int8", {"weights": str(adapter)}, {"SERVE_QUANT": "int8"}, spec, plain),
     ]
     fp32_solo = cases[0]["solo"]
-    for row in cases[-1]["rows"]:
-        texts = row["texts"]
-        row["same_as_fp32"] = round(sum(t == fp32_solo[k] for k, t in texts) / max(len(texts), 1), 3)
+    for case in cases[-2:]:
+        for row in case["rows"]:
+            texts = row["texts"]
+            row["same_as_fp32"] = round(sum(t == fp32_solo[k] for k, t in texts) / max(len(texts), 1), 3)
     for case in cases:
         for row in case["rows"]:
             del row["texts"]

@@ -25,6 +25,8 @@ import stat
 import struct
 import tarfile
 import tempfile
+import threading
+import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -81,6 +83,10 @@ class WeightsSourceError(ValueError):
     """A weights string cannot be turned into a local folder; the message lists the accepted forms."""
 
 
+class DownloadStopped(WeightsSourceError):
+    """The download was cancelled by its caller."""
+
+
 @dataclass(frozen=True)
 class Limits:
     max_files: int = 1000
@@ -93,6 +99,8 @@ class Limits:
     """Bytes one download or one decoded data: URI may hold."""
     timeout_s: float = 60.0
     """Seconds to wait for a connection, or for the next bytes of a download."""
+    deadline_s: float = 3600.0
+    """Seconds one download may take in all: a server that drips bytes never resets it."""
 
     def __post_init__(self) -> None:
         bad = [
@@ -499,14 +507,20 @@ def _walk(folder: Path, prefix: str = "") -> Iterator[tuple[str, Path, os.stat_r
 
 
 def materialize(
-    source: str, workdir: Path, limits: Limits = DEFAULT_LIMITS, *, allow_local: bool = True
+    source: str,
+    workdir: Path,
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    allow_local: bool = True,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """Turn a weights string (`COG_WEIGHTS`, a `lora_weights` input) into a local folder.
 
     A local folder is returned as is; a local archive, a downloaded http(s) URL or a base64 data:
     URI is extracted into a new folder under `workdir`. A URL's extraction is reused by later calls
     with the same URL (keyed by its sha256), so repeated requests do not download again.
-    `allow_local=False` refuses local paths, for inputs that strangers fill in.
+    `allow_local=False` refuses local paths, for inputs that strangers fill in. Setting `cancel`
+    stops a download within a moment (DownloadStopped), as does `limits.deadline_s`.
     """
     text = source.strip()
     workdir = Path(workdir)
@@ -515,7 +529,7 @@ def materialize(
     match = _SCHEME.match(text)
     scheme = match.group(1).lower() if match else ""
     if scheme in ("http", "https"):
-        return _from_url(text, workdir, limits)
+        return _from_url(text, workdir, limits, cancel or threading.Event())
     if scheme == "data":
         return _from_data_uri(text, workdir, limits)
     if scheme:
@@ -546,12 +560,12 @@ def _extract_fresh(archive: Path, workdir: Path, limits: Limits) -> Path:
         raise
 
 
-def _from_url(url: str, workdir: Path, limits: Limits) -> Path:
+def _from_url(url: str, workdir: Path, limits: Limits, cancel: threading.Event) -> Path:
     cached = workdir / f"url-{hashlib.sha256(url.encode()).hexdigest()}"
     if cached.is_dir():  # complete: safe_extract only ever renames a finished folder into place
         return _content_root(cached)
     workdir.mkdir(parents=True, exist_ok=True)
-    archive = _download(url, workdir, limits)
+    archive = _download(url, workdir, limits, cancel)
     try:
         return safe_extract(archive, cached, limits)
     except FileExistsError:  # a concurrent call for the same URL finished first
@@ -560,8 +574,67 @@ def _from_url(url: str, workdir: Path, limits: Limits) -> Path:
         archive.unlink(missing_ok=True)
 
 
-def _download(url: str, workdir: Path, limits: Limits) -> Path:
+class _Watchdog:
+    """Ends a download that runs past its deadline or is cancelled. A blocked read cannot see a flag,
+    and a server that drips one byte a minute never trips the read timeout, so a thread shuts the
+    socket (urllib3's HTTPResponse.shutdown), which makes the read return at once."""
+
+    def __init__(self, deadline: float, cancel: threading.Event) -> None:
+        self.deadline = deadline
+        self.cancel = cancel
+        self.reason: str | None = None
+        self._resp: urllib3.response.HTTPResponse | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="download-watchdog", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.05):
+            if self.cancel.is_set():
+                self.reason = "cancelled"
+            elif time.monotonic() > self.deadline:
+                self.reason = "deadline"
+            else:
+                continue
+            resp = self._resp
+            if resp is not None:
+                with contextlib.suppress(Exception):  # already closed or released: nothing to stop
+                    resp.shutdown()
+            return
+
+    def watch(self, resp: urllib3.response.HTTPResponse) -> None:
+        self._resp = resp
+        if self.reason is not None:  # fired while the headers were on their way
+            with contextlib.suppress(Exception):
+                resp.shutdown()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _download(url: str, workdir: Path, limits: Limits, cancel: threading.Event) -> Path:
     shown = _redact(url)
+    started = time.monotonic()
+    deadline = started + limits.deadline_s
+    watchdog = _Watchdog(deadline, cancel)
+    try:
+        return _fetch(url, shown, workdir, limits, watchdog)
+    except BaseException as e:
+        # What the shut socket raised is only the symptom; say why the download ended.
+        if watchdog.reason == "cancelled":
+            raise DownloadStopped(f"downloading {shown} was cancelled") from None
+        if watchdog.reason == "deadline" or time.monotonic() > deadline:
+            raise WeightsSourceError(
+                f"downloading {shown} took longer than {limits.deadline_s:g} s in all; "
+                "host the file somewhere faster or use a smaller archive"
+            ) from None
+        raise e
+    finally:
+        watchdog.stop()
+
+
+def _fetch(url: str, shown: str, workdir: Path, limits: Limits, watchdog: _Watchdog) -> Path:
     cap = limits.max_download_bytes
     too_big = f"{shown} is larger than the download limit of {_fmt_bytes(cap)}; use a smaller archive"
     fd, tmp_name = tempfile.mkstemp(prefix=".download-", suffix=".part", dir=workdir)
@@ -572,10 +645,12 @@ def _download(url: str, workdir: Path, limits: Limits) -> Path:
                 with requests.get(
                     url,
                     stream=True,
-                    timeout=(limits.timeout_s, limits.timeout_s),
+                    # The headers' wait is bounded by the read timeout, and by the deadline.
+                    timeout=(limits.timeout_s, min(limits.timeout_s, limits.deadline_s)),
                     # Identity keeps Content-Length equal to the bytes we will store.
                     headers={"Accept-Encoding": "identity"},
                 ) as resp:
+                    watchdog.watch(resp.raw)
                     if resp.status_code != 200:
                         phrase = http.client.responses.get(resp.status_code, "")
                         raise WeightsSourceError(
@@ -587,6 +662,8 @@ def _download(url: str, workdir: Path, limits: Limits) -> Path:
                         raise WeightsSourceError(too_big)
                     size = 0
                     for chunk in resp.iter_content(_CHUNK):
+                        if watchdog.reason is not None:
+                            raise WeightsSourceError("download stopped")  # replaced in _download
                         size += len(chunk)
                         if size > cap:
                             raise WeightsSourceError(too_big)
@@ -601,6 +678,8 @@ def _download(url: str, workdir: Path, limits: Limits) -> Path:
                 raise WeightsSourceError(
                     f"could not download {shown} ({type(e).__name__}); check the URL"
                 ) from None
+        if watchdog.reason is not None:  # the shut socket can look like a clean end of the body
+            raise WeightsSourceError("download stopped")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -101,6 +101,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"targets {cfg['lora']['lora_target_modules']}",
         f"- Steps: {t['steps']} (batch {cfg['batch_size']}, micro-batch {cfg['micro_batch_size']}, lr {cfg['learning_rate']}), "
         f"{t['tokens']} tokens at {t['tokens_per_second']} tok/s on {t['device']} ({t['compute_dtype']})",
+        f"- Training length: {t.get('steps_rule', '')}",
         f"- Wall time: {t['wall_seconds']} s; versions: "
         + ", ".join(f"{k} {v}" for k, v in card["versions"].items()),
         "",

@@ -45,9 +45,21 @@ def parse_list(text: str) -> list[str]:
     return [s for s in items if s]
 
 
+def parse_auto_float(text: str) -> float | None:
+    """A number, or "auto" for the value the trainer derives from the data."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def _converter(tp: Any) -> Any:
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args == [float] and len(typing.get_args(tp)) == 2:  # float | None: None reads as "auto"
+        return parse_auto_float
     if tp is bool:
         return parse_bool
     if origin is list:
@@ -70,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kwargs: dict[str, Any] = {
             "type": _converter(tp),
-            "default": default,
+            "default": "auto" if _converter(tp) is parse_auto_float and default is None else default,
             "help": field_doc(SECTIONS[section], f.name) or " ",
         }
         if tp is bool:

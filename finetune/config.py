@@ -95,13 +95,14 @@ class TrainConfig:
     """Effective batch size in examples; gradient accumulation = batch_size / (micro_batch_size * world)."""
     micro_batch_size: int = 4
     """Examples per forward pass (per process)."""
-    num_epochs: float = 3
-    """Passes over the training split (ignored when max_steps > 0)."""
+    num_epochs: float | None = None
+    """Passes over the training split. Unset or auto (the default): 3, raised for small datasets to
+    min_steps steps (at most 20 epochs). A number is exact. Ignored when max_steps > 0."""
     max_steps: int = 0
     """Optimizer steps to run; 0 means use num_epochs."""
     min_steps: int = 60
-    """Small datasets train at least this many steps (up to 20 epochs), so a 50-record dataset learns;
-    0 disables. Ignored when max_steps is set."""
+    """With num_epochs auto, small datasets train at least this many steps (up to 20 epochs), so a
+    50-record dataset learns; 0 disables."""
     learning_rate: float = 1e-3
     """Peak learning rate (AdamW)."""
     warmup_ratio: float = 0.05
@@ -147,8 +148,8 @@ class TrainConfig:
                 f"batch_size={self.batch_size} is smaller than micro_batch_size={self.micro_batch_size}:"
                 " raise batch_size or lower micro_batch_size"
             )
-        if self.num_epochs <= 0 and self.max_steps <= 0:
-            problems.append("set num_epochs > 0 or max_steps > 0")
+        if self.num_epochs is not None and self.num_epochs <= 0 and self.max_steps <= 0:
+            problems.append(f"num_epochs={self.num_epochs}: use a number > 0, auto, or max_steps > 0")
         if self.min_steps < 0:
             problems.append(f"min_steps={self.min_steps}: must be >= 0")
         if self.max_steps < 0:
@@ -158,6 +159,9 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         _check(problems)
+
+
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -176,6 +180,12 @@ class GenerationSettings:
     """Stop generating when any of these strings appears (it is not returned)."""
     seed: int | None = None
     """Sampling seed for reproducible output."""
+
+    @property
+    def samples(self) -> bool:
+        """Sampling, not greedy. Below 1e-6 the temperature is greedy in all but name, and divides
+        fp32 logits into inf from about 1e-38 on, so it decodes greedily."""
+        return self.temperature >= MIN_TEMPERATURE
 
 
 def field_default(cls: type, name: str):
@@ -203,7 +213,7 @@ def field_doc(cls: type, name: str) -> str:
             and isinstance(nxt, ast.Expr)
             and isinstance(nxt.value, ast.Constant)
         ):
-            return str(nxt.value.value)
+            return " ".join(str(nxt.value.value).split())
     return ""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import quant
 from .config import GenerationSettings
 from .inference import (
     GenerationError,
@@ -253,7 +254,7 @@ class Engine:
         r.stats.input_token_count = len(r.prompt_ids)
         r.text = TextStream(self.tokenizer, r.settings.stop_sequences)
         r.processors = _logits_processors(r.settings)
-        if r.settings.temperature > 0:
+        if r.settings.samples:
             r.generator = torch.Generator(device=self.device)
             r.generator.manual_seed(r.settings.seed if r.settings.seed is not None else torch.seed())
         self.waiting.append(r)
@@ -314,7 +315,8 @@ class Engine:
         end = start + n
         ids = torch.tensor([r.prompt_ids[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-        logits = self._forward([r.adapter], input_ids=ids, position_ids=positions, cache=r.cache)
+        with quant.fp32_weights():  # prompts: exact and fast; see quant.py
+            logits = self._forward([r.adapter], input_ids=ids, position_ids=positions, cache=r.cache)
         r.prefilled = end
         if end < len(r.prompt_ids):
             return
@@ -341,7 +343,7 @@ class Engine:
         greedy = logits.argmax(dim=-1).tolist()
         keep = []
         for i, r in enumerate(rows):
-            plain = r.settings.temperature <= 0 and not r.processors
+            plain = not r.settings.samples and not r.processors
             token = greedy[i] if plain else self._sample(r, logits[i : i + 1])
             if self._emit(r, token):
                 keep.append(i)
@@ -351,7 +353,7 @@ class Engine:
         if r.processors:
             ids = torch.tensor([r.prompt_ids + r.generated], device=self.device)
             scores = r.processors(ids, scores)
-        if r.settings.temperature > 0:
+        if r.settings.samples:
             return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=r.generator))
         return int(scores.argmax(dim=-1))
 

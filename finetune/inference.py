@@ -65,7 +65,7 @@ def _logits_processors(settings: GenerationSettings) -> Any:
     processors = LogitsProcessorList()
     if settings.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
-    if settings.temperature > 0:
+    if settings.samples:
         processors.append(TemperatureLogitsWarper(settings.temperature))
         if settings.top_k > 0:
             processors.append(TopKLogitsWarper(settings.top_k))

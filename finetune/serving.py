@@ -15,7 +15,7 @@ import types
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from . import prompts
+from . import prompts, quant
 from .archives import Limits, materialize
 from .artifacts import CARD_JSON
 from .compute import POLL_S, ComputeThread, wait
@@ -50,13 +50,18 @@ MAX_BATCH_ENV = "MAX_BATCH_SIZE"
 KV_TOKENS_ENV = "KV_CACHE_TOKENS"
 PREFILL_CHUNK_ENV = "PREFILL_CHUNK_TOKENS"
 QUEUE_TIMEOUT_ENV = "QUEUE_TIMEOUT_S"
+DOWNLOAD_DEADLINE_ENV = "LORA_DOWNLOAD_DEADLINE_S"
 KV_MEMORY_SHARE = 0.25
 SETUP_NAME = "setup"
 # An adapter is megabytes (a few GB for r=64 on all layers of a 70B); a request gets tighter
 # limits than the operator's COG_WEIGHTS.
 SETUP_LIMITS = Limits()
 REQUEST_LIMITS = Limits(
-    max_files=64, max_total_bytes=4 * 2**30, max_file_bytes=4 * 2**30, max_download_bytes=4 * 2**30
+    max_files=64,
+    max_total_bytes=4 * 2**30,
+    max_file_bytes=4 * 2**30,
+    max_download_bytes=4 * 2**30,
+    deadline_s=300,
 )
 DEFAULT_ADAPTER_DIR = Path("weights") / "adapter"
 
@@ -87,6 +92,20 @@ def engine_limits(model: Any, device: torch.device) -> EngineLimits:
         prefill_chunk=env_number(PREFILL_CHUNK_ENV, int, defaults.prefill_chunk, minimum=1),
         queue_timeout_s=env_number(QUEUE_TIMEOUT_ENV, float, defaults.queue_timeout_s, minimum=0),
     )
+
+
+def pick_quantization(mode: str, device: torch.device, weights: torch.dtype) -> str:
+    """none by default. int8 decodes one stream 1.3x faster with fp32's greedy text alone, but its
+    bf16 activations turn the last-bit differences of batched attention into different text in
+    a batch (README, Performance); serving stays batch-exact unless the operator opts in."""
+    if mode not in quant.MODES:
+        raise ModelError(f"{quant.QUANT_ENV}={mode!r}: use one of {', '.join(quant.MODES)}")
+    if mode != "none" and not (quant.supported(device) and weights == torch.float32):
+        raise ModelError(
+            f"{quant.QUANT_ENV}={mode} needs a CPU and float32 weights (got {device.type}, {weights}); "
+            f"use {quant.QUANT_ENV}=none, or SERVE_DTYPE=float32 on a CPU"
+        )
+    return mode
 
 
 def env_number(name: str, kind: type[int] | type[float], default: float, minimum: float) -> Any:
@@ -128,16 +147,24 @@ class ModelServer:
         cache_size: int | None = None,
         compute: ComputeThread | None = None,
         limits: EngineLimits | None = None,
+        quantization: str | None = None,
     ) -> None:
         self.device = pick_device(device)
         dtype = dtype or os.environ.get(DTYPE_ENV) or "auto"
         if dtype not in DTYPES:
             raise ModelError(f"{DTYPE_ENV}={dtype!r} is not a dtype: use one of {', '.join(DTYPES)}")
         self.precision = pick_precision(dtype, self.device, training=False)
+        self.quantization = pick_quantization(
+            quantization or os.environ.get(quant.QUANT_ENV) or "none", self.device, self.precision.weights
+        )
         self.base_path = resolve_base_model(base_model)
         self.workdir = Path(tempfile.mkdtemp(prefix="adapters-"))
         self.capacity = (
             cache_size if cache_size is not None else env_number(ADAPTER_CACHE_ENV, int, 4, minimum=0)
+        )
+        self.request_limits = replace(
+            REQUEST_LIMITS,
+            deadline_s=env_number(DOWNLOAD_DEADLINE_ENV, float, REQUEST_LIMITS.deadline_s, minimum=1),
         )
         self.cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._loading: dict[str, Future[LoadedAdapter]] = {}
@@ -156,17 +183,20 @@ class ModelServer:
     def _setup(self, adapter: str | None, limits: EngineLimits | None) -> None:
         self.tokenizer = load_tokenizer(self.base_path)
         self.model: Any = load_base(self.base_path, self.device, self.precision).eval()
+        flatten_head_input(self.model)
+        if self.quantization != "none":
+            quant.quantize(self.model, self.quantization)  # before any adapter: the bare base's copies
         if adapter:
             folder = materialize(adapter, self.workdir, SETUP_LIMITS, allow_local=True)
             self.setup_adapter = self._attach(folder, SETUP_NAME, adapter)
             self._merge()
-        flatten_head_input(self.model)
         self.engine = Engine(
             self.model, self.tokenizer, limits or engine_limits(self.model, self.device), self._prepare
         )
         self._warm_up()
         print(
-            f"setup: base {self.base_path} on {self.device} ({self.precision.weights}); "
+            f"setup: base {self.base_path} on {self.device} ({self.precision.weights}, "
+            f"{'not quantized' if self.quantization == 'none' else self.quantization + ' decoding'}); "
             f"adapter {adapter or 'none'}{' (merged)' if self.merged else ''}; "
             f"batch {self.engine.limits.max_batch}, KV cache {self.engine.limits.kv_tokens} tokens",
             file=sys.stderr,
@@ -214,10 +244,10 @@ class ModelServer:
             # The top folder materialize() created under workdir (an archive may nest one more level).
             shutil.rmtree(self.workdir / folder.relative_to(self.workdir).parts[0], ignore_errors=True)
 
-    def _acquire(self, source: str | None) -> LoadedAdapter | None:
+    def _acquire(self, source: str | None, cancel: threading.Event) -> LoadedAdapter | None:
         """The adapter a request needs, loaded and counted as in use (None: the bare base; no
         lora_weights: the setup adapter). Downloading and extracting run on the caller's thread,
-        so the engine keeps decoding other requests meanwhile."""
+        so the engine keeps decoding other requests meanwhile; `cancel` stops a download."""
         if not source:
             return self.setup_adapter
         key = adapter_key(source)
@@ -237,7 +267,11 @@ class ModelServer:
                 # COG_WEIGHTS is the operator's choice; a per-request path would let any caller probe the
                 # server's disk, so requests may only send URLs and data URIs unless the operator opts in.
                 folder = materialize(
-                    source, self.workdir, REQUEST_LIMITS, allow_local=env_flag(LOCAL_LORA_ENV)
+                    source,
+                    self.workdir,
+                    self.request_limits,
+                    allow_local=env_flag(LOCAL_LORA_ENV),
+                    cancel=cancel,
                 )
                 loaded = self.compute.call(self._attach, folder, key, source)
             except BaseException as exc:
@@ -304,6 +338,7 @@ class ModelServer:
         self.model.base_model.enable_adapter_layers()
         self.model.set_adapter(SETUP_NAME)
         self.model.merge_adapter([SETUP_NAME])
+        quant.use_merged(self._base_weights.base_layers())
         self.merged, self._mode = True, None
 
     def _unmerge(self) -> None:
@@ -311,6 +346,7 @@ class ModelServer:
         # bf16 a visible drift); the base weights are put back as they were loaded instead.
         assert self._base_weights is not None
         self._base_weights.restore(self.model)
+        quant.use_base(self._base_weights.base_layers())
         self.merged, self._mode = False, None
 
     # -- generation -------------------------------------------------------------------------
@@ -331,13 +367,15 @@ class ModelServer:
         prompt_template: str = prompts.AUTO,
         lora_weights: str | None = None,
         stats: GenerationStats | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Queue one request and return its text chunks as they are produced. Closing the iterator
-        early (a cancelled prediction) cancels the request."""
+        """Queue one request and return its text chunks as they are produced. Setting `cancel`
+        (or closing the iterator early) cancels the request, its adapter download included."""
         settings = settings or GenerationSettings()
+        cancel = cancel or threading.Event()
         if not prompt.strip():
             raise ValueError("prompt is empty: send the instruction or question as `prompt`")
-        adapter = self._acquire(lora_weights)
+        adapter = self._acquire(lora_weights, cancel)
         try:
             template = self.resolve_template(prompt_template, adapter)
             if template is None:
@@ -354,6 +392,7 @@ class ModelServer:
             settings,
             adapter=adapter.name if adapter else None,
             stats=stats or GenerationStats(),
+            cancel=cancel,
             on_finish=lambda _: self._release(adapter),
         )
         self.engine.submit(request)
@@ -404,6 +443,9 @@ class BaseWeights:
             self.copies = {
                 k: layer.get_base_layer().weight.detach().clone() for k, layer in self.targets.items()
             }
+
+    def base_layers(self) -> list[torch.nn.Linear]:
+        return [layer.get_base_layer() for layer in self.targets.values()]
 
     def restore(self, model: Any) -> None:
         from safetensors import safe_open

@@ -43,7 +43,27 @@ from .records import Record, dataset_fingerprint, read_records, split_records
 from .weights import resolve_base_model
 
 CHECKPOINT_PREFIX = "checkpoint-"
+AUTO_EPOCHS = 3  # num_epochs=auto: alpaca-lora's three passes for datasets large enough
 MAX_AUTO_EPOCHS = 20  # min_steps never makes a run go over the data more often than this
+
+
+def plan_steps(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, str]:
+    """Optimizer steps for the run and a line saying where the number came from. Only num_epochs=auto
+    is adjusted to the data: an explicit epoch or step count is exact."""
+    if cfg.max_steps:
+        return cfg.max_steps, f"max_steps={cfg.max_steps}"
+    if cfg.num_epochs is not None:
+        return max(1, math.ceil(cfg.num_epochs * steps_per_epoch)), f"num_epochs={cfg.num_epochs:g}"
+    steps = math.ceil(AUTO_EPOCHS * steps_per_epoch)
+    if steps >= cfg.min_steps:
+        return steps, f"num_epochs=auto: {AUTO_EPOCHS} epochs of {steps_per_epoch} steps"
+    # A few dozen records give a handful of steps per epoch: too few to learn anything.
+    steps = min(cfg.min_steps, math.ceil(MAX_AUTO_EPOCHS * steps_per_epoch))
+    return steps, (
+        f"num_epochs=auto: {AUTO_EPOCHS} epochs would be {math.ceil(AUTO_EPOCHS * steps_per_epoch)} steps, "
+        f"raised to min_steps={cfg.min_steps} (at most {MAX_AUTO_EPOCHS} epochs): "
+        f"{steps / steps_per_epoch:.1f} epochs"
+    )
 
 
 class TrainingStopped(Exception):
@@ -483,10 +503,7 @@ def train(
             f"x micro_batch_size {cfg.micro_batch_size}"
         )
     steps_per_epoch = max(1, micro_per_epoch // accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
-    if not cfg.max_steps and total_steps < cfg.min_steps:
-        # A few dozen records give a handful of steps per epoch: too few to learn anything.
-        total_steps = min(cfg.min_steps, math.ceil(MAX_AUTO_EPOCHS * steps_per_epoch))
+    total_steps, steps_reason = plan_steps(cfg, steps_per_epoch)
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -513,6 +530,7 @@ def train(
             f"process(es) | lr {cfg.learning_rate} {cfg.lr_scheduler} | packing {cfg.data.packing}"
             + (f" | resuming at step {start_step}" if start_step else "")
         )
+        log(f"steps: {steps_reason}")
 
     wandb_run = _wandb(cfg, dist) if cfg.wandb_project else None
     pad_id = tokenizer.pad_token_id
@@ -687,6 +705,7 @@ def train(
         },
         "training": {
             "steps": total_steps,
+            "steps_rule": steps_reason,
             "gradient_accumulation": accum,
             "world_size": dist.world_size,
             "trainable_params": trainable,

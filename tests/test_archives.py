@@ -25,7 +25,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from finetune.archives import ArchiveError, Limits, WeightsSourceError, materialize, pack_dir, safe_extract
+from finetune.archives import (
+    ArchiveError,
+    DownloadStopped,
+    Limits,
+    WeightsSourceError,
+    materialize,
+    pack_dir,
+    safe_extract,
+)
 
 MiB = 2**20
 ZEROS = bytes(2 * MiB)  # compresses ~1000:1, the stuff of zip bombs
@@ -540,6 +548,17 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/slow-head":
             time.sleep(1)
             self.reply(b"late")
+        elif path == "/drip":  # one byte every 50 ms: never trips a read timeout
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(2000):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.05)
         elif path == "/slow-body":
             self.send_response(200)
             self.send_header("Content-Length", "1000")
@@ -619,6 +638,37 @@ def test_url_timeout(tmp_path, server, path):
     with pytest.raises(WeightsSourceError, match=r"timed out \(nothing received for 0.2 s\)"):
         materialize(server.base + path, tmp_path / "work", Limits(timeout_s=0.2))
     assert time.monotonic() - started < 0.9
+    assert leftovers(tmp_path / "work") == []
+
+
+def test_url_total_deadline_ends_a_dripping_download(tmp_path, server):
+    started = time.monotonic()
+    with pytest.raises(WeightsSourceError, match=r"took longer than 0.5 s in all"):
+        materialize(server.base + "/drip", tmp_path / "work", Limits(timeout_s=5, deadline_s=0.5))
+    assert 0.5 <= time.monotonic() - started < 1.5  # not the 100 s the drip would take
+    assert leftovers(tmp_path / "work") == []
+
+
+def test_url_download_stops_when_cancelled(tmp_path, server):
+    cancel = threading.Event()
+    outcome: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            materialize(server.base + "/drip", tmp_path / "work", Limits(timeout_s=5), cancel=cancel)
+        except BaseException as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=fetch)
+    worker.start()
+    time.sleep(0.5)
+    assert worker.is_alive()  # still downloading
+    cancel.set()
+    started = time.monotonic()
+    worker.join(timeout=5)
+    assert not worker.is_alive() and time.monotonic() - started < 1
+    assert len(outcome) == 1 and isinstance(outcome[0], DownloadStopped)
+    assert "was cancelled" in str(outcome[0])
     assert leftovers(tmp_path / "work") == []
 
 

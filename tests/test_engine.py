@@ -113,6 +113,14 @@ def test_seeds_are_per_request_whatever_else_is_in_the_batch(tiny):
     assert alone != solo(model, tokenizer, PROMPTS[0], GREEDY)  # it did sample
 
 
+@pytest.mark.parametrize("temperature", [1e-39, 1e-30, 1e-7])
+def test_a_vanishing_temperature_decodes_greedily(tiny, temperature):
+    # 1e-39 used to divide the fp32 logits into inf and fail the request (found by the API fuzzer).
+    model, tokenizer = tiny
+    settings = GenerationSettings(max_new_tokens=12, temperature=temperature, seed=3)
+    assert solo(model, tokenizer, PROMPTS[1], settings) == solo(model, tokenizer, PROMPTS[1])
+
+
 def test_repetition_penalty_and_stop_sequences_hold_per_request(tiny):
     model, tokenizer = tiny
     penalised = GenerationSettings(max_new_tokens=12, temperature=0, repetition_penalty=1.5)
@@ -267,17 +275,22 @@ def test_mixed_adapters_in_one_batch_match_each_alone(tiny_model_dir, adapters, 
     assert max(len(set(b)) for b in seen_batches) >= 3  # different adapters did share a forward pass
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_merged_setup_adapter_switches_exactly(tiny_model_dir, adapters, dtype, monkeypatch):
+@pytest.mark.parametrize(
+    "dtype, quantization", [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")]
+)
+def test_a_merged_setup_adapter_switches_exactly(tiny_model_dir, adapters, dtype, quantization, monkeypatch):
     """Setup adapter merged -> a per-request adapter (unmerge) -> setup only again (merge) -> ...:
     the base weights are the loaded ones after every switch, bit for bit, and each adapter's text
-    stays the same."""
+    stays the same; with int8 decoding, so are the int8 copies the kernel reads."""
+    from finetune.quant import base_linears
     from finetune.serving import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
-    fresh = ModelServer(base_model=str(tiny_model_dir), dtype=dtype)
+    fresh = ModelServer(base_model=str(tiny_model_dir), dtype=dtype, quantization=quantization)
     base = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
-    server = ModelServer(base_model=str(tiny_model_dir), adapter=str(adapters[0]), dtype=dtype)
+    server = ModelServer(
+        base_model=str(tiny_model_dir), adapter=str(adapters[0]), dtype=dtype, quantization=quantization
+    )
     assert server.merged
     setup_text = serve(server, PROMPTS[0])
     other_text = serve(server, PROMPTS[0], str(adapters[1]))
@@ -298,6 +311,10 @@ def test_a_merged_setup_adapter_switches_exactly(tiny_model_dir, adapters, dtype
     now = server.compute.call(base_weights)
     assert now.keys() == base.keys()
     assert all(torch.equal(now[n], base[n]) for n in base)
+    fresh_int8 = [layer.qweight for layer in base_linears(fresh.model) if hasattr(layer, "qweight")]
+    now_int8 = [layer.qweight for layer in base_linears(server.model) if hasattr(layer, "qweight")]
+    assert len(now_int8) == len(fresh_int8) == (15 if quantization == "int8" else 0)  # 2 x 7 + head
+    assert all(torch.equal(a, b) for a, b in zip(now_int8, fresh_int8, strict=True))
 
 
 def test_the_adapter_cache_evicts_the_least_recently_used_idle_adapter(tiny_model_dir, adapters, monkeypatch):

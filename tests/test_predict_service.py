@@ -8,6 +8,7 @@ import tempfile
 import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,60 @@ def test_cancel_one_of_four_leaves_the_others_their_solo_outputs(bare):
     assert not results["cancelled"].get("output")
     assert [results[i] for i in range(3)] == solo
     assert answer(bare, NAME_Q) == solo[0]
+
+
+class Drip(BaseHTTPRequestHandler):
+    """An adapter archive that arrives one byte every 50 ms (a stalled or hostile host)."""
+
+    def do_GET(self) -> None:
+        self.server.started.set()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", "1000000")
+        self.end_headers()
+        try:
+            for _ in range(6000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            self.server.hung_up.set()  # type: ignore[attr-defined]
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_cancel_stops_a_lora_weights_download_while_others_decode(bare):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    httpd.daemon_threads = True
+    httpd.started, httpd.hung_up = threading.Event(), threading.Event()
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/adapter.tar"
+    solo = answer(bare, NAME_Q)
+    pid = f"download-{uuid.uuid4().hex[:8]}"
+    result: dict = {}
+
+    def download() -> None:
+        body = {"input": {"prompt": NAME_Q, "lora_weights": url}}
+        result["body"] = requests.put(f"{bare.url}/predictions/{pid}", timeout=300, json=body).json()
+
+    thread = threading.Thread(target=download)
+    try:
+        thread.start()
+        assert httpd.started.wait(60)
+        # The download runs off the compute thread: a request meanwhile is served at its usual speed.
+        during = predict(bare, prompt=NAME_Q, temperature=0, max_new_tokens=24)
+        assert "".join(during["output"]) == solo
+        assert during["metrics"]["time_to_first_token"] < 2
+        assert thread.is_alive()  # still downloading
+        assert requests.post(f"{bare.url}/predictions/{pid}/cancel", timeout=30).status_code == 200
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert result["body"]["status"] == "canceled", result["body"]
+        assert httpd.hung_up.wait(10)  # the server stopped reading the archive
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert answer(bare, NAME_Q) == solo
 
 
 @pytest.mark.parametrize(

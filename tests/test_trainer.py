@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import alpaca_records
 from safetensors.torch import load_file
 
 from finetune.cli import config_from_args
 from finetune.cogtools import free_port
-from finetune.trainer import checkpoint_root, train
+from finetune.config import TrainConfig
+from finetune.trainer import checkpoint_root, plan_steps, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,6 +71,43 @@ def test_cli_flags_env_and_list_values():
     ).lora.lora_target_modules == ["q_proj", "v_proj"]
     assert config_from_args(["--train_on_inputs", "False"], environ={}).data.train_on_inputs is False
     assert config_from_args(["--train_on_inputs"], environ={}).data.train_on_inputs is True
+
+
+def test_num_epochs_reads_auto_or_a_number():
+    assert config_from_args([], environ={}).num_epochs is None  # auto is the default
+    assert config_from_args(["--num_epochs", "auto"], environ={"EPOCHS": "2"}).num_epochs is None
+    assert config_from_args([], environ={"EPOCHS": "auto"}).num_epochs is None
+    assert config_from_args(["--num_epochs", "1.5"], environ={}).num_epochs == 1.5
+    with pytest.raises(SystemExit):
+        config_from_args(["--num_epochs", "lots"], environ={})
+
+
+@pytest.mark.parametrize(
+    "settings, steps_per_epoch, steps, rule",
+    [
+        ({}, 6, 60, "raised to min_steps=60"),  # 48 records: 3 epochs would be 18 steps
+        ({}, 2, 40, "at most 20 epochs"),  # the epoch cap bounds min_steps
+        ({}, 375, 1125, "3 epochs of 375 steps"),  # 3,000 records: alpaca-lora's 3 epochs
+        ({"num_epochs": 1}, 6, 6, "num_epochs=1"),  # explicit epochs are exact
+        ({"num_epochs": 0.5}, 6, 3, "num_epochs=0.5"),
+        ({"max_steps": 7, "num_epochs": 2}, 6, 7, "max_steps=7"),
+        ({"min_steps": 0}, 6, 18, "3 epochs of 6 steps"),
+    ],
+)
+def test_training_length(settings, steps_per_epoch, steps, rule):
+    got, reason = plan_steps(TrainConfig(**settings), steps_per_epoch)
+    assert got == steps and rule in reason
+
+
+def test_an_explicit_epoch_count_is_not_raised_to_min_steps(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "adapter"
+    result = train(
+        config_from_args(tiny_args(tiny_model_dir, tiny_data, out, "--num_epochs", "1"), environ={})
+    )
+    # 20 training records / micro-batch 2 / accumulation 2 = 5 steps (min_steps=60 would make it 60).
+    assert result.card["training"]["steps"] == 5
+    assert result.card["training"]["steps_rule"] == "num_epochs=1"
+    assert "Training length: num_epochs=1" in (out / "README.md").read_text()
 
 
 def test_help_lists_every_flag_with_its_default():
@@ -315,30 +354,72 @@ def test_resume_refuses_a_checkpoint_of_another_run(tiny_model_dir, tiny_data, t
     assert not out.exists()
 
 
-def test_two_process_ddp_on_gloo(tiny_model_dir, tiny_data, tmp_path):
-    out = tmp_path / "adapter"
+def run_ddp_worker(nproc: int, dump_dir: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Train under torch.distributed.run on CPU (gloo); the worker dumps each rank's weights and logs."""
+    dump_dir.mkdir()
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nproc_per_node=2",
+        f"--nproc_per_node={nproc}",
         "--master_port",
         str(free_port()),
         str(ROOT / "tests" / "ddp_worker.py"),
-        str(tmp_path),
-        *tiny_args(tiny_model_dir, tiny_data, out, "--max_steps", "3"),
+        str(dump_dir),
+        *args,
     ]
+    # One thread per process for both runs, so they share the same kernels.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert rank0.keys() == rank1.keys() and rank0
+    return proc
+
+
+def test_two_gloo_ranks_train_as_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path):
+    """Two ranks with micro-batch 2 and no accumulation against one process with micro-batch 2 and
+    accumulation 2: each step sees the same 4 examples, so the logged losses, the gradients and the
+    adapter must agree up to float rounding. They differ if the ranks share a shard, gradients are
+    not averaged, accumulation is miscounted for the world size, the loss is normalised per rank,
+    or only rank 0's loss is logged."""
+    records = alpaca_records(24)
+    for i, record in enumerate(records):
+        # Answers of 1 to 4 sentences, so that micro-batches hold different numbers of trained
+        # tokens and normalising by a rank's own count instead of the global one shows.
+        record["output"] = " ".join([record["output"]] * (1 + i % 4))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    # fp32 and no dropout: the two runs then differ only in summation order. 24 records less 4 for
+    # validation, 4 per step: 5 steps per epoch, so 6 steps cross an epoch boundary. (An odd number
+    # of micro-batches per epoch would not match: one process carries the odd one into the next
+    # epoch's first step, two ranks drop it.)
+    settings = ["--max_steps", "6", "--dtype", "float32", "--lora_dropout", "0", "--eval_generate", "0"]
+    single_out, ddp_out = tmp_path / "single-adapter", tmp_path / "ddp-adapter"
+    run_ddp_worker(1, tmp_path / "single", tiny_args(tiny_model_dir, data, single_out, *settings))
+    proc = run_ddp_worker(2, tmp_path / "ddp", tiny_args(tiny_model_dir, data, ddp_out, *settings))
+
+    single = json.loads((tmp_path / "single" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(single["losses"]) == len(single["grad_norms"]) == 6
+    rtol, atol = 1e-4, 1e-5
+    for logged in ranks:  # every rank logs the global figures, not its own shard's
+        for name in ("losses", "grad_norms", "base_val_loss", "val_loss"):
+            assert logged[name] == pytest.approx(single[name], rel=rtol, abs=atol), name
+
+    single_weights = load_file(single_out / "adapter_model.safetensors")
+    ddp_weights = load_file(ddp_out / "adapter_model.safetensors")
+    assert single_weights.keys() == ddp_weights.keys() and single_weights
+    for key, value in single_weights.items():
+        torch.testing.assert_close(
+            ddp_weights[key], value, rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}"
+        )
+    # DDP keeps the ranks' weights bit-identical, and rank 0 saved its own.
+    rank0, rank1 = torch.load(tmp_path / "ddp" / "rank0.pt"), torch.load(tmp_path / "ddp" / "rank1.pt")
+    assert rank0.keys() == rank1.keys() == ddp_weights.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    saved = load_file(out / "adapter_model.safetensors")
-    for key, value in saved.items():
-        assert torch.equal(value, rank0[key])
-    card = json.loads((out / "training_card.json").read_text())
-    assert card["training"]["world_size"] == 2
+        assert torch.equal(ddp_weights[key], rank0[key]), key
+
+    card = json.loads((ddp_out / "training_card.json").read_text())
+    assert card["training"]["world_size"] == 2 and card["training"]["gradient_accumulation"] == 1
     # Only rank 0 logs the step lines.
-    assert proc.stdout.count("step 3/3") == 1
+    assert proc.stdout.count("step 6/6") == 1

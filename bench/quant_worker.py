@@ -1,0 +1,147 @@
+"""Decode speed and quality for one serving precision, in its own process (so RSS is its own).
+
+    python -m bench.quant_worker SPEC.json OUT.json
+
+Modes: fp32 (SERVE_QUANT=none), bf16 (SERVE_DTYPE=bfloat16), int8 and int4 (weight-only, torch's
+CPU kernels). Each reports setup seconds, RSS after setup, time to first token and decode tokens/s
+of `ModelServer.generate` with the setup adapter merged, alternating rep by rep with plain
+`model.generate` fp32 (the PEFT model, as infer_worker's baseline) for the ratio; then quality:
+the held-out loss on data/demo/persona_heldout.json with every row through the quantized kernels
+(prompts normally take the fp32 matmul, which would hide the rounding), and the share of greedy
+tokens over the first `decode_tokens` that agree with fp32's (the fp32 run writes them)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.common import load_avg, log, median, read_json, setup_torch, write_json
+from bench.infer_worker import PROMPT, baseline_generate, ours_generate
+
+ROOT = Path(__file__).resolve().parent.parent
+HELDOUT = ROOT / "data" / "demo" / "persona_heldout.json"
+PROMPTS = [
+    PROMPT,
+    "What is the capital of France? Answer in one sentence, then explain why.",
+    "Give three tips for staying healthy, and explain each one.",
+    "请用中文介绍一下你自己。",
+]
+SETTINGS = {
+    "fp32": {"dtype": "float32", "quantization": "none"},
+    "bf16": {"dtype": "bfloat16", "quantization": "none"},
+    "int8": {"dtype": "float32", "quantization": "int8"},
+    "int4": {"dtype": "float32", "quantization": "int4"},
+}
+
+
+def greedy_ids(server: Any, prompt: str, n: int) -> list[int]:
+    from finetune.config import GenerationSettings
+    from finetune.encoding import encode_prompt
+    from finetune.engine import Request
+
+    template = server.resolve_template("auto", server.setup_adapter)
+    ids = encode_prompt(server.tokenizer, template.render(prompt, "", server.tokenizer))
+    request = Request(ids, GenerationSettings(max_new_tokens=n, temperature=0), adapter="setup")
+    server.engine.submit(request)
+    list(server.engine.drive(request))  # we are on the compute thread
+    return list(request.generated)
+
+
+def heldout_loss(server: Any) -> float:
+    from finetune.encoding import encode_example
+    from finetune.evaluation import _response_loss
+    from finetune.prompts import load_template, split_record
+    from finetune.records import read_records
+
+    template = load_template("alpaca")
+    total, count = 0.0, 0
+    # Outside the engine's fp32_weights() block: every row goes through the low-bit kernels.
+    for record in read_records(HELDOUT):
+        prompt, expected = split_record(record, template, server.tokenizer)
+        encoded = encode_example(prompt, expected, server.tokenizer, 256, False, True)
+        loss, n = _response_loss(server.model, encoded, server.tokenizer.pad_token_id, server.device)
+        total, count = total + loss, count + n
+    return total / count
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from finetune.compute import ComputeThread
+
+    compute = ComputeThread()
+    compute.call(measure, read_json(spec_path), out_path, compute)
+
+
+def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
+    setup_torch("cpu", spec["threads"])
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune import quant
+    from finetune.serving import ModelServer
+    from finetune.weights import resolve_base_model
+
+    mode, adapter, max_new = spec["mode"], spec["adapter_dir"], spec["decode_tokens"]
+    load_before = load_avg()
+    t0 = time.perf_counter()  # a warm start: earlier sections have read the weights already
+    server = ModelServer(adapter=adapter, compute=compute, **SETTINGS[mode])
+    setup_s = time.perf_counter() - t0
+    rss_mb = psutil.Process().memory_info().rss / 2**20
+    base = resolve_base_model(None)
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    baseline = PeftModel.from_pretrained(plain, adapter).eval()
+    text = server.resolve_template("auto", server.setup_adapter).render(PROMPT, "", server.tokenizer)
+    baseline_generate(baseline, server.tokenizer, text, 4, "cpu")
+    ours_generate(server, PROMPT, 4)
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": []}
+    for rep in range(spec["reps"]):
+        order = ("baseline", "ours") if rep % 2 == 0 else ("ours", "baseline")
+        for name in order:
+            if name == "baseline":
+                runs[name].append(baseline_generate(baseline, server.tokenizer, text, max_new, "cpu"))
+            else:
+                runs[name].append(ours_generate(server, PROMPT, max_new))
+    del baseline, plain
+
+    ids = {p: greedy_ids(server, p, max_new) for p in PROMPTS}
+    reference_path = Path(spec["workdir"]) / "quant-fp32-greedy.json"
+    if mode == "fp32":
+        reference_path.write_text(json.dumps(ids))
+    agreement = None
+    if reference_path.is_file():
+        reference = json.loads(reference_path.read_text())
+        shares = [
+            sum(a == b for a, b in zip(reference[p], ids[p], strict=False)) / max(1, len(reference[p]))
+            for p in PROMPTS
+        ]
+        agreement = round(sum(shares) / len(shares), 4)
+    loss = heldout_loss(server)
+    base_tps = median([r["decode_tps"] for r in runs["baseline"]])
+    ours_tps = median([r["decode_tps"] for r in runs["ours"]])
+    result = {
+        "mode": mode,
+        "settings": SETTINGS[mode],
+        "setup_s": round(setup_s, 2),
+        "rss_mb": round(rss_mb),
+        "quantized_mb": round(quant.quantized_bytes(server.model) / 2**20, 1),
+        "ttft_ms": round(1000 * median([r["ttft_s"] for r in runs["ours"]]), 1),
+        "decode_tps": round(ours_tps, 2),
+        "generate_fp32_tps": round(base_tps, 2),
+        "vs_generate_fp32": round(ours_tps / base_tps, 3) if base_tps else None,
+        "reps_decode_tps": [round(r["decode_tps"], 2) for r in runs["ours"]],
+        "heldout_loss": round(loss, 5),
+        "greedy_agreement": agreement,
+        "load_avg": [load_before, load_avg()],
+    }
+    log(f"quant {mode}: {json.dumps(result)}")
+    write_json(out_path, result)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1], sys.argv[2])

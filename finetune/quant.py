@@ -1,0 +1,179 @@
+"""Weight-only quantized decoding on CPU (`SERVE_QUANT=int8|int4`): every linear layer of the base
+gets a low-bit copy of its weight that one of torch's own CPU kernels multiplies with bf16
+activations: `aten._weight_int8pack_mm` (int8, one scale per output row) or
+`aten._weight_int4pack_mm_for_cpu` (int4, a scale and offset per 32 weights). Decoding a small
+model on a CPU is bound by reading the weights, and these read a quarter or an eighth of fp32's
+bytes.
+
+The fp32 weight stays: prompts (many rows at once) are faster through the fp32 matmul, merging
+and unmerging an adapter changes it exactly as without quantization, and the low-bit copies
+follow (`use_merged`/`use_base`). LoRA layers stay in fp32 on top of their quantized base layer."""
+
+from __future__ import annotations
+
+import threading
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+QUANT_ENV = "SERVE_QUANT"
+MODES = ("none", "int8", "int4")
+INT4_GROUP = 32
+_local = threading.local()
+
+
+@contextmanager
+def fp32_weights() -> Iterator[None]:
+    """Forward passes in this block use the fp32 weights: the engine prefills prompts so. At 64
+    rows and more the fp32 matmul is faster than the low-bit kernels (measured on this project's
+    2-core CPU), and the choice must not depend on the row count: a prompt prefilled in one chunk
+    or in several must leave the same cache, and a request decoded in a batch of 8 must give what
+    it gives alone."""
+    before = getattr(_local, "fp32", False)
+    _local.fp32 = True
+    try:
+        yield
+    finally:
+        _local.fp32 = before
+
+
+def supported(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = weight.detach().float()
+    # Symmetric per-row scales: the largest weight of a row maps to about 127. The kernel takes
+    # bf16 scales; rounding with the bf16 value itself keeps every weight within half a step.
+    scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+    q = torch.round(weight / scales.float()[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
+    return q, scales
+
+
+def _int4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group of 32: codes 0..15, scale and offset with w ~ code * scale + offset (the bf16
+    values the kernel will use, so rounding sees what it will compute with)."""
+    weight = weight.detach().float()
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // INT4_GROUP, INT4_GROUP)
+    low = groups.amin(dim=-1, keepdim=True)
+    scale = ((groups.amax(dim=-1, keepdim=True) - low) / 15).clamp(min=1e-12)
+    scale, low = scale.to(torch.bfloat16).float(), low.to(torch.bfloat16).float()
+    codes = torch.round((groups - low) / scale).clamp(0, 15)
+    return codes, scale, low
+
+
+def _quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scale, low = _int4_codes(weight)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        codes.to(torch.int32).reshape(weight.shape), 1
+    )
+    # The kernel computes (code - 8) * scale + zero, so zero = low + 8 * scale; [groups, rows, 2].
+    zeros = low + 8 * scale
+    scales_and_zeros = torch.stack([scale.squeeze(-1).T, zeros.squeeze(-1).T], dim=-1)
+    return packed, scales_and_zeros.to(torch.bfloat16).contiguous()
+
+
+def _dequantize(kind: str, weight: torch.Tensor) -> torch.Tensor:
+    """What the kernel's copy of `weight` stands for, for checking it."""
+    if kind == "int8":
+        q, scales = _quantize_int8(weight)
+        return q.float() * scales.float()[:, None]
+    codes, scale, low = _int4_codes(weight)
+    return (codes * scale + low).reshape(weight.shape)
+
+
+QUANTIZE = {"int8": _quantize_int8, "int4": _quantize_int4}
+
+
+def _matmul(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if kind == "int8":
+        return torch.ops.aten._weight_int8pack_mm(x, q, scales)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q, INT4_GROUP, scales)
+
+
+def _quantized_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    if getattr(_local, "fp32", False):
+        out = F.linear(flat, self.weight, self.bias)
+    else:
+        out = _matmul(self.qkind, flat.to(torch.bfloat16), self.qweight, self.qscales).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+    return out.view(*x.shape[:-1], -1)
+
+
+def kernel_fits(layer: torch.nn.Linear, kind: str) -> bool:
+    """The kernels are private and their limits are documented nowhere. Measured with torch 2.13:
+    int8 with an input width that is not a multiple of 16 gives wrong numbers (40) or crashes the
+    process (36); int4 needs outputs in multiples of 16 and inputs in whole groups. Those layers,
+    and any whose product disagrees with the dequantized weight on a test row, stay fp32."""
+    if kind == "int8" and layer.in_features % 16:
+        return False
+    if kind == "int4" and (layer.out_features % 16 or layer.in_features % INT4_GROUP):
+        return False
+    q, scales = QUANTIZE[kind](layer.weight)
+    x = torch.linspace(-1, 1, layer.in_features, dtype=torch.bfloat16)[None]
+    got = _matmul(kind, x, q, scales).float()
+    want = x.float() @ _dequantize(kind, layer.weight).T
+    return bool((got - want).abs().max() <= 0.02 * want.abs().max().clamp(min=1e-6))
+
+
+def base_linears(model: Any) -> list[torch.nn.Linear]:
+    """The model's own linear layers (the vocabulary projection included), not LoRA's A/B."""
+    return [
+        m
+        for name, m in model.named_modules()
+        if type(m) is torch.nn.Linear and not any(part.startswith("lora_") for part in name.split("."))
+    ]
+
+
+def quantize(model: Any, kind: str) -> int:
+    """Give every base linear layer a low-bit copy and the forward that uses it; returns the count.
+    Plain attributes, not buffers: the copies never reach a state dict or a saved adapter."""
+    checked: dict[tuple[int, int], bool] = {}
+    layers = []
+    for layer in base_linears(model):
+        shape = (layer.out_features, layer.in_features)
+        if shape not in checked:
+            checked[shape] = kernel_fits(layer, kind)
+        if checked[shape]:
+            layers.append(layer)
+    for layer in layers:
+        layer.qkind = kind
+        layer.q_base = QUANTIZE[kind](layer.weight)
+        layer.qweight, layer.qscales = layer.q_base
+        layer.forward = types.MethodType(_quantized_linear, layer)
+    return len(layers)
+
+
+def use_merged(layers: list[torch.nn.Linear]) -> None:
+    """The fp32 weights of `layers` now hold the setup adapter merged in: decode with low-bit copies
+    of those. The setup adapter never changes, so they are quantized once and kept, and switching
+    back and forth costs a pointer swap, not a second quantization."""
+    for layer in layers:
+        if hasattr(layer, "q_base"):
+            if not hasattr(layer, "q_merged"):
+                layer.q_merged = QUANTIZE[layer.qkind](layer.weight)
+            layer.qweight, layer.qscales = layer.q_merged
+
+
+def use_base(layers: list[torch.nn.Linear]) -> None:
+    """The fp32 weights of `layers` are the base's again."""
+    for layer in layers:
+        if hasattr(layer, "q_base"):
+            layer.qweight, layer.qscales = layer.q_base
+
+
+def quantized_bytes(model: Any) -> int:
+    """Bytes the low-bit copies take (both sets once the setup adapter has been merged)."""
+    total = 0
+    for m in base_linears(model):
+        for copy in (getattr(m, "q_base", None), getattr(m, "q_merged", None)):
+            if copy is not None:
+                total += sum(t.numel() * t.element_size() for t in copy)
+    return total
