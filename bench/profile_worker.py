@@ -28,6 +28,7 @@ def main(spec_path: str, out_path: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from finetune.batching import collate_packed, collate_padded
+    from finetune.losses import token_loss_sum
     from finetune.modeling import (
         add_lora,
         load_base,
@@ -35,7 +36,6 @@ def main(spec_path: str, out_path: str) -> None:
         load_tokenizer,
         pick_precision,
     )
-    from finetune.trainer import token_loss_sum
     from finetune.weights import resolve_base_model
 
     cfg = make_config(spec, VARIANTS["ours"], Path(spec["workdir"]) / "adapter-profile")

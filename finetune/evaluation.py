@@ -24,6 +24,7 @@ from .batching import collate_padded
 from .config import DataConfig, GenerationSettings, field_default
 from .encoding import Encoded, encode_example
 from .inference import GenerationStats, stream_tokens
+from .losses import token_loss_sum
 from .prompts import AUTO, PromptTemplate, load_template, split_record, template_from_adapter
 from .records import DatasetError, Record
 
@@ -130,9 +131,6 @@ def evaluate_model(
 
 def _response_loss(model: Any, encoded: Encoded, pad_id: int, device: torch.device) -> tuple[float, int]:
     """Summed loss over one example's trained tokens and their count: the training loss itself."""
-    # Imported here: the trainer imports this module for its end-of-training evaluation.
-    from .trainer import token_loss_sum
-
     # No autocast: at inference the weights already hold the compute dtype.
     loss, n = token_loss_sum(model, collate_padded([encoded], pad_id), device, nullcontext)
     return loss.item(), n

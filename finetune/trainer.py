@@ -24,15 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from . import __version__, prompts
 from .artifacts import save_adapter
 from .batching import iter_collated, micro_batches
 from .config import TrainConfig
 from .encoding import IGNORE_INDEX, Encoded, encode_example
+from .evaluation import evaluate_peft
+from .losses import Dist, TokenLoss, evaluate_loss, token_loss_sum
 from .modeling import (
     ModelError,
+    Precision,
     base_identity,
     load_for_training,
     load_tokenizer,
@@ -68,17 +72,6 @@ def plan_steps(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, str]:
 
 class TrainingStopped(Exception):
     """Training was asked to stop (SIGTERM); the last checkpoint holds the progress."""
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass
@@ -248,96 +241,6 @@ def encode_records(
     return out
 
 
-# Causal LMs whose logits are exactly lm_head(final hidden state): for these the loss projects only
-# the positions that carry a label (others, e.g. Gemma's soft-capping, take the full forward).
-LABELED_ONLY_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3"})
-
-
-def _right_padded(mask: torch.Tensor) -> bool:
-    return bool((mask[:, 1:] <= mask[:, :-1]).all())
-
-
-class TokenLoss(torch.nn.Module):
-    """Summed cross-entropy over trained tokens (labels shift inside), as a module so that DDP wraps
-    the whole computation.
-
-    The vocabulary projection runs only at positions that have a label: the prompt and padding
-    never need logits (with train_on_inputs=False that is about half the rows of a 49k-wide
-    projection). Exact, like token_loss_sum's dropping of a right-padded batch's mask."""
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
-        self.head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-        self.labeled_only = (
-            getattr(lm.config, "model_type", None) in LABELED_ONLY_MODEL_TYPES
-            and self.decoder is not None
-            and self.head is not None
-        )
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:
-        targets = labels[:, 1:]
-        if self.labeled_only:
-            hidden = self.decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
-            keep = targets != IGNORE_INDEX
-            logits = self.head(hidden[:, :-1][keep])
-            targets = targets[keep]
-        else:
-            logits = self.model(input_ids=input_ids, use_cache=False, **inputs).logits[:, :-1]
-            logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def token_loss_sum(
-    model: Any, batch: dict[str, torch.Tensor], device: torch.device, autocast: Any
-) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over trained tokens and their count. `model` is a causal LM (plain or
-    PEFT) or a TokenLoss, possibly inside DDP."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    loss_fn = model if isinstance(model, TokenLoss | DistributedDataParallel) else TokenLoss(model)
-    # Counted and checked on the host, before the copy: no device sync per micro-batch. A
-    # right-padded batch needs no mask: under a causal mask no real token can see a pad to its
-    # right, and without one SDPA takes its causal kernel instead of a masked one.
-    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    if "attention_mask" in batch and _right_padded(batch["attention_mask"]):
-        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    with autocast():
-        loss = loss_fn(**batch)
-    return loss, n
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: Any,
-    examples: list[Encoded],
-    cfg: TrainConfig,
-    pad_id: int,
-    device: torch.device,
-    autocast: Any,
-    dist: Dist,
-) -> float:
-    """Mean loss per trained token over the validation split (all ranks together)."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensor
-    order = [
-        list(range(i, min(i + cfg.micro_batch_size, len(examples))))
-        for i in range(0, len(examples), cfg.micro_batch_size)
-    ]
-    for batch in iter_collated(examples, order[dist.rank :: dist.world_size], pad_id, cfg.data.packing):
-        loss, n = token_loss_sum(model, batch, device, autocast)
-        total[0] += loss.detach()
-        total[1] += n
-    if dist.world_size > 1:
-        torch.distributed.all_reduce(total)
-    model.train()
-    loss_sum, count = total.tolist()
-    return loss_sum / count if count > 0 else float("nan")
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -429,12 +332,123 @@ def log_line(text: str) -> None:
     print(text, flush=True)
 
 
+# --- the run in stages: plan -> build -> loop -> finish ------------------------------------------
+
+
+@dataclass
+class Data:
+    """The dataset as read and split, and the run it belongs to; nothing here needs a model."""
+
+    records: list[Record]
+    data_bytes: bytes
+    train_records: list[Record]
+    val_records: list[Record]
+    template: prompts.PromptTemplate
+    fingerprint: dict[str, Any]
+    checkpoint: Path | None
+
+
+@dataclass
+class Placement:
+    """Where this process computes, among how many, and in which precision."""
+
+    device: torch.device
+    dist: Dist
+    precision: Precision
+    autocast: Callable[[], Any]
+
+
+@dataclass
+class Plan:
+    """The run as the data decides it, before any model loads: encoded examples and step counts."""
+
+    data: Data
+    place: Placement
+    base_path: str
+    tokenizer: Any
+    train_examples: list[Encoded]
+    val_examples: list[Encoded]
+    accum: int
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    steps_rule: str
+
+
+@dataclass
+class Built:
+    """The model and what trains it, at the step the run starts from (0, or a checkpoint's)."""
+
+    model: Any
+    loss_fn: Any  # TokenLoss around the model, inside DDP when there are several processes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    identity: dict[str, Any]
+    trainable: int
+    total_params: int
+    start_step: int
+    history: History
+
+
+@dataclass
+class Run:
+    """What the loop carries from one step to the next."""
+
+    bar: Any
+    wandb_run: Any
+    window_tokens: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+    total_tokens: int = 0
+    train_seconds: float = 0.0
+    epoch: int = -1  # the epoch whose micro-batch order is held below
+    epoch_order: list[list[int]] = field(default_factory=list)
+
+
 def train(
     cfg: TrainConfig,
     on_step: Callable[[dict[str, float]], None] | None = None,
     log: Callable[[str], None] = log_line,
 ) -> TrainResult:
+    """Dataset file -> adapter folder with its training card, in the order the data flows: plan the
+    run (no model yet), build the model and optimizer, run the steps, finish (evaluate, save)."""
     started = time.time()
+    plan = plan_run(cfg)
+    built = build_run(cfg, plan)
+    log_start(cfg, plan, built, log)
+    run = run_loop(cfg, plan, built, on_step)
+    return finish_run(cfg, plan, built, run, started, log)
+
+
+# --- plan ----------------------------------------------------------------------------------------
+
+
+def plan_run(cfg: TrainConfig) -> Plan:
+    """Read, split and encode the data and size the run; every check that needs no model runs here."""
+    data = read_data(cfg)
+    place = place_process(cfg, data.checkpoint)
+    base_path = resolve_base_model(cfg.base_model)
+    tokenizer = load_tokenizer(base_path)
+    train_examples = encode_records(data.train_records, tokenizer, data.template, cfg)
+    val_examples = encode_records(data.val_records, tokenizer, data.template, cfg)
+    accum, micro_per_epoch = _accumulation(cfg, train_examples, place.dist)
+    steps_per_epoch = max(1, micro_per_epoch // accum)
+    total_steps, steps_rule = plan_steps(cfg, steps_per_epoch)
+    return Plan(
+        data,
+        place,
+        base_path,
+        tokenizer,
+        train_examples,
+        val_examples,
+        accum,
+        micro_per_epoch,
+        steps_per_epoch,
+        total_steps,
+        steps_rule,
+    )
+
+
+def read_data(cfg: TrainConfig) -> Data:
     records = read_records(cfg.data.data_path)  # bad data fails here, before any model loads
     data_bytes = Path(cfg.data.data_path).read_bytes()
     train_records, val_records = split_records(records, cfg.data.val_set_size, cfg.seed)
@@ -442,7 +456,12 @@ def train(
     template = prompts.load_template(cfg.data.prompt_template_name)
     fingerprint = run_fingerprint(cfg, data_bytes)
     checkpoint = find_checkpoint(cfg, fingerprint)
+    return Data(records, data_bytes, train_records, val_records, template, fingerprint, checkpoint)
 
+
+def place_process(cfg: TrainConfig, checkpoint: Path | None) -> Placement:
+    """Device, rank and precision. A fresh run moves an earlier run's checkpoints aside here, once
+    the main process is known."""
     device = pick_device()
     dist = init_distributed(device.type)
     if device.type == "cuda":
@@ -462,28 +481,11 @@ def train(
     autocast = (
         (lambda: torch.autocast(device.type, dtype=precision.compute)) if precision.autocast else nullcontext
     )
+    return Placement(device, dist, precision, autocast)
 
-    base_path = resolve_base_model(cfg.base_model)
-    tokenizer = load_tokenizer(base_path)
-    train_examples = encode_records(train_records, tokenizer, template, cfg)
-    val_examples = encode_records(val_records, tokenizer, template, cfg)
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = load_for_training(
-        base_path, device, precision, cfg.lora, cfg.gradient_checkpointing, cfg.quantization
-    )
-    identity = base_identity(model.get_base_model(), base_path)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_params = sum(p.numel() for p in model.parameters())
-    ddp_model: Any = TokenLoss(model)
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp_model = DistributedDataParallel(
-            ddp_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
+def _accumulation(cfg: TrainConfig, train_examples: list[Encoded], dist: Dist) -> tuple[int, int]:
+    """Micro-batches per optimizer step, and this process's micro-batches per epoch."""
     per_pass = cfg.micro_batch_size * dist.world_size
     accum = max(1, cfg.batch_size // per_pass)
     micro_per_epoch = len(
@@ -502,243 +504,347 @@ def train(
             f"{len(train_examples)} training records are too few for {dist.world_size} processes "
             f"x micro_batch_size {cfg.micro_batch_size}"
         )
-    steps_per_epoch = max(1, micro_per_epoch // accum)
-    total_steps, steps_reason = plan_steps(cfg, steps_per_epoch)
+    return accum, micro_per_epoch
 
+
+# --- build ---------------------------------------------------------------------------------------
+
+
+def build_run(cfg: TrainConfig, plan: Plan) -> Built:
+    """Base model + a new LoRA, the optimizer and schedule; a checkpoint's state when resuming."""
+    place = plan.place
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = load_for_training(
+        plan.base_path, place.device, place.precision, cfg.lora, cfg.gradient_checkpointing, cfg.quantization
+    )
+    identity = base_identity(model.get_base_model(), plan.base_path)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    loss_fn: Any = TokenLoss(model)
+    if place.dist.world_size > 1:
+        loss_fn = DistributedDataParallel(
+            loss_fn, device_ids=[place.device.index] if place.device.type == "cuda" else None
+        )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, plan.total_steps))
     history = History()
     start_step = 0
-    if checkpoint is not None:
-        start_step, history = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    if plan.data.checkpoint is not None:
+        start_step, history = load_checkpoint(plan.data.checkpoint, model, optimizer, scheduler)
+    return Built(model, loss_fn, optimizer, scheduler, identity, trainable, total_params, start_step, history)
 
-    if dist.main:
-        log(
-            f"base {base_path} | {total_params / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable "
-            f"({100 * trainable / total_params:.2f}%) | device {device} weights {precision.weights} compute {precision.compute}"
-        )
-        log(
-            f"data {cfg.data.data_path}: {len(train_examples)} train / {len(val_examples)} val, "
-            f"{sum(e.truncated for e in train_examples)} truncated to {cfg.data.cutoff_len} tokens"
-        )
-        log(
-            f"{total_steps} steps x {accum} accumulation x {cfg.micro_batch_size} micro-batch x {dist.world_size} "
-            f"process(es) | lr {cfg.learning_rate} {cfg.lr_scheduler} | packing {cfg.data.packing}"
-            + (f" | resuming at step {start_step}" if start_step else "")
-        )
-        log(f"steps: {steps_reason}")
 
-    wandb_run = _wandb(cfg, dist) if cfg.wandb_project else None
-    pad_id = tokenizer.pad_token_id
-    if val_examples and history.base_val_loss is None:
-        with model.disable_adapter():
-            history.base_val_loss = evaluate_loss(model, val_examples, cfg, pad_id, device, autocast, dist)
-    base_val_loss = history.base_val_loss
-
-    model.train()
-    epoch_batches: dict[int, list[list[int]]] = {}
-
-    def batch_at(index: int) -> list[int]:
-        epoch, pos = divmod(index, micro_per_epoch)
-        if epoch not in epoch_batches:
-            epoch_batches.clear()
-            epoch_batches[epoch] = micro_batches(
-                train_examples,
-                cfg.micro_batch_size,
-                cfg.seed,
-                epoch,
-                cfg.data.group_by_length,
-                dist.rank,
-                dist.world_size,
-            )
-        return epoch_batches[epoch][pos]
-
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        desc="train",
-        disable=not dist.main,
-        file=sys.stderr,
-        dynamic_ncols=True,
+def log_start(cfg: TrainConfig, plan: Plan, built: Built, log: Callable[[str], None]) -> None:
+    place = plan.place
+    if not place.dist.main:
+        return
+    trainable, total_params, examples = built.trainable, built.total_params, plan.train_examples
+    log(
+        f"base {plan.base_path} | {total_params / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable "
+        f"({100 * trainable / total_params:.2f}%) | device {place.device} weights {place.precision.weights} compute {place.precision.compute}"
     )
-    window_tokens, window_start = 0, time.perf_counter()
-    total_tokens = 0
-    train_seconds = 0.0
+    log(
+        f"data {cfg.data.data_path}: {len(examples)} train / {len(plan.val_examples)} val, "
+        f"{sum(e.truncated for e in examples)} truncated to {cfg.data.cutoff_len} tokens"
+    )
+    log(
+        f"{plan.total_steps} steps x {plan.accum} accumulation x {cfg.micro_batch_size} micro-batch x {place.dist.world_size} "
+        f"process(es) | lr {cfg.learning_rate} {cfg.lr_scheduler} | packing {cfg.data.packing}"
+        + (f" | resuming at step {built.start_step}" if built.start_step else "")
+    )
+    log(f"steps: {plan.steps_rule}")
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+
+def run_loop(
+    cfg: TrainConfig, plan: Plan, built: Built, on_step: Callable[[dict[str, float]], None] | None
+) -> Run:
+    """From the start step to the last; on SIGTERM, checkpoint at the end of the step and stop."""
+    run = _start_loop(cfg, plan, built)
     stopped = False
     with _StopFlag() as stop:
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            group = [[train_examples[i] for i in batch_at(step * accum + k)] for k in range(accum)]
-            batches = [next(iter_collated(b, [list(range(len(b)))], pad_id, cfg.data.packing)) for b in group]
-            # Collective tensors live on the device: NCCL cannot reduce CPU tensors.
-            n_targets = torch.tensor(
-                float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)),
-                dtype=torch.float64,
-                device=device,
-            )
-            if dist.world_size > 1:
-                torch.distributed.all_reduce(n_targets)
-            step_targets = max(float(n_targets), 1.0)
-            # Summed on the device and read once per step: one host sync, not one per micro-batch.
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            for k, batch in enumerate(batches):
-                # Gradients are all-reduced once per step, on the last micro-batch.
-                last = k == accum - 1
-                with nullcontext() if last or dist.world_size == 1 else ddp_model.no_sync():
-                    loss_sum, _ = token_loss_sum(ddp_model, batch, device, autocast)
-                    # Normalise by trained tokens over the whole step (all micro-batches, all
-                    # ranks); DDP averages over ranks, so scale back up by world size.
-                    loss = loss_sum * dist.world_size / step_targets
-                    loss.backward()
-                step_loss += loss_sum.detach()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            # Non-padding tokens processed (packed rows have no padding).
-            local_tokens = sum(
-                int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                for b in batches
-            )
-            totals = torch.stack(
-                [step_loss, torch.tensor(float(local_tokens), dtype=torch.float64, device=device)]
-            )
-            if dist.world_size > 1:
-                torch.distributed.all_reduce(totals)
-            loss_total, tokens = totals.tolist()
-            step_tokens = int(tokens)
-            total_tokens += step_tokens
-            window_tokens += step_tokens
-            train_seconds += time.perf_counter() - t0
-            mean_loss = loss_total / step_targets
-            entry = {
-                "step": step + 1,
-                "epoch": round((step + 1) / steps_per_epoch, 4),
-                "loss": round(mean_loss, 5),
-                "lr": scheduler.get_last_lr()[0],
-            }
-            history.steps.append(entry)
-            bar.update(1)
-            if dist.main and ((step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps):
-                now = time.perf_counter()
-                tps = window_tokens / max(now - window_start, 1e-9)
-                window_tokens, window_start = 0, now
-                bar.write(
-                    f"epoch {entry['epoch']:.2f} | step {step + 1}/{total_steps} | loss {mean_loss:.4f} | "
-                    f"lr {entry['lr']:.2e} | tok/s {tps:.0f} | mem {_memory_gb(device):.2f} GB",
-                    file=sys.stdout,
-                )
-                sys.stdout.flush()
-            if (
-                cfg.eval_steps
-                and (step + 1) % cfg.eval_steps == 0
-                and val_examples
-                and step + 1 < total_steps
-            ):
-                val = evaluate_loss(model, val_examples, cfg, pad_id, device, autocast, dist)
-                history.evals.append({"step": step + 1, "val_loss": val})
-                if dist.main:
-                    bar.write(f"step {step + 1} | val_loss {val:.4f}", file=sys.stdout)
-            if wandb_run is not None:
-                wandb_run.log(entry, step=step + 1)
+        for step in range(built.start_step, plan.total_steps):
+            entry, mean_loss = optimizer_step(cfg, plan, built, run, step)
+            _after_step(cfg, plan, built, run, entry, mean_loss)
             if on_step is not None:
                 on_step(entry)
-            stop_now = stop.set
-            if dist.world_size > 1:
-                flag = torch.tensor([int(stop_now)], device=device)
-                torch.distributed.all_reduce(flag)
-                stop_now = bool(flag.item())
-            want_ckpt = cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total_steps
-            if dist.main and (want_ckpt or stop_now):
-                path = save_checkpoint(
-                    checkpoint_root(cfg.output_dir),
-                    step + 1,
-                    model,
-                    optimizer,
-                    scheduler,
-                    history,
-                    fingerprint,
-                )
-                bar.write(f"checkpoint {path}", file=sys.stdout)
+            stop_now = _stop_requested(stop, plan.place)
+            _checkpoint_hook(cfg, plan, built, run, step + 1, stop_now)
             if stop_now:
                 stopped = True
                 break
-    bar.close()
+    run.bar.close()
     if stopped:
         raise TrainingStopped(
             f"stopped by SIGTERM; resume with --resume_from_checkpoint latest "
             f"(checkpoints in {checkpoint_root(cfg.output_dir)})"
         )
+    return run
 
-    val_loss = (
-        evaluate_loss(model, val_examples, cfg, pad_id, device, autocast, dist) if val_examples else None
+
+def _start_loop(cfg: TrainConfig, plan: Plan, built: Built) -> Run:
+    """wandb, the base model's validation loss and the progress bar, before the first step."""
+    wandb_run = _wandb(cfg, plan.place.dist) if cfg.wandb_project else None
+    # Once per run: a resumed run has it in its history.
+    if plan.val_examples and built.history.base_val_loss is None:
+        with built.model.disable_adapter():
+            built.history.base_val_loss = _val_loss(cfg, plan, built)
+    built.model.train()
+    bar = tqdm(
+        total=plan.total_steps,
+        initial=built.start_step,
+        desc="train",
+        disable=not plan.place.dist.main,
+        file=sys.stderr,
+        dynamic_ncols=True,
     )
-    if val_examples:
-        history.evals.append({"step": total_steps, "val_loss": val_loss})
-    generation_eval = None
-    if dist.main and val_records and cfg.eval_generate > 0:
-        from .evaluation import evaluate_peft
+    return Run(bar, wandb_run)
 
-        generation_eval = evaluate_peft(
-            model, tokenizer, val_records, template, max_records=cfg.eval_generate
+
+def optimizer_step(
+    cfg: TrainConfig, plan: Plan, built: Built, run: Run, step: int
+) -> tuple[dict[str, float], float]:
+    """One optimizer step over `accum` micro-batches: its history entry and its unrounded mean loss."""
+    place = plan.place
+    t0 = time.perf_counter()
+    batches = [_micro_batch(cfg, plan, run, step * plan.accum + k) for k in range(plan.accum)]
+    step_targets = _step_targets(batches, place)
+    # Summed on the device and read once per step: one host sync, not one per micro-batch.
+    step_loss = torch.zeros((), dtype=torch.float64, device=place.device)
+    for k, batch in enumerate(batches):
+        # Gradients are all-reduced once per step, on the last micro-batch.
+        last = k == plan.accum - 1
+        with nullcontext() if last or place.dist.world_size == 1 else built.loss_fn.no_sync():
+            loss_sum, _ = token_loss_sum(built.loss_fn, batch, place.device, place.autocast)
+            # Normalise by trained tokens over the whole step (all micro-batches, all
+            # ranks); DDP averages over ranks, so scale back up by world size.
+            loss = loss_sum * place.dist.world_size / step_targets
+            loss.backward()
+        step_loss += loss_sum.detach()
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(built.model.parameters(), cfg.max_grad_norm)
+    built.optimizer.step()
+    built.scheduler.step()
+    built.optimizer.zero_grad(set_to_none=True)
+
+    loss_total, step_tokens = _step_totals(step_loss, batches, place)
+    run.total_tokens += step_tokens
+    run.window_tokens += step_tokens
+    run.train_seconds += time.perf_counter() - t0
+    mean_loss = loss_total / step_targets
+    entry = {
+        "step": step + 1,
+        "epoch": round((step + 1) / plan.steps_per_epoch, 4),
+        "loss": round(mean_loss, 5),
+        "lr": built.scheduler.get_last_lr()[0],
+    }
+    return entry, mean_loss
+
+
+def _micro_batch(cfg: TrainConfig, plan: Plan, run: Run, index: int) -> dict[str, torch.Tensor]:
+    """The index-th micro-batch of the run, collated; the order is a pure function of seed and epoch."""
+    epoch, pos = divmod(index, plan.micro_per_epoch)
+    if epoch != run.epoch:
+        dist = plan.place.dist
+        run.epoch = epoch
+        run.epoch_order = micro_batches(
+            plan.train_examples,
+            cfg.micro_batch_size,
+            cfg.seed,
+            epoch,
+            cfg.data.group_by_length,
+            dist.rank,
+            dist.world_size,
         )
-    card = {
-        "base_model": identity,
-        "template": template.to_dict(),
+    pad_id = plan.tokenizer.pad_token_id
+    return next(iter_collated(plan.train_examples, [run.epoch_order[pos]], pad_id, cfg.data.packing))
+
+
+def _step_targets(batches: list[dict[str, torch.Tensor]], place: Placement) -> float:
+    """Trained tokens in the step, over all ranks (at least 1: the loss divides by it)."""
+    # Collective tensors live on the device: NCCL cannot reduce CPU tensors.
+    n_targets = torch.tensor(
+        float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)),
+        dtype=torch.float64,
+        device=place.device,
+    )
+    if place.dist.world_size > 1:
+        torch.distributed.all_reduce(n_targets)
+    return max(float(n_targets), 1.0)
+
+
+def _step_totals(
+    step_loss: torch.Tensor, batches: list[dict[str, torch.Tensor]], place: Placement
+) -> tuple[float, int]:
+    """The step's summed loss and its non-padding tokens (packed rows have none), over all ranks."""
+    local_tokens = sum(
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
+    )
+    totals = torch.stack(
+        [step_loss, torch.tensor(float(local_tokens), dtype=torch.float64, device=place.device)]
+    )
+    if place.dist.world_size > 1:
+        torch.distributed.all_reduce(totals)
+    loss_total, tokens = totals.tolist()
+    return loss_total, int(tokens)
+
+
+def _after_step(
+    cfg: TrainConfig, plan: Plan, built: Built, run: Run, entry: dict[str, float], mean_loss: float
+) -> None:
+    built.history.steps.append(entry)
+    run.bar.update(1)
+    _log_step(cfg, plan, run, entry, mean_loss)
+    _eval_hook(cfg, plan, built, run, int(entry["step"]))
+    if run.wandb_run is not None:
+        run.wandb_run.log(entry, step=entry["step"])
+
+
+def _log_step(cfg: TrainConfig, plan: Plan, run: Run, entry: dict[str, float], mean_loss: float) -> None:
+    done = entry["step"]
+    if not plan.place.dist.main or (done % cfg.logging_steps != 0 and done != plan.total_steps):
+        return
+    now = time.perf_counter()
+    tps = run.window_tokens / max(now - run.window_start, 1e-9)
+    run.window_tokens, run.window_start = 0, now
+    run.bar.write(
+        f"epoch {entry['epoch']:.2f} | step {done}/{plan.total_steps} | loss {mean_loss:.4f} | "
+        f"lr {entry['lr']:.2e} | tok/s {tps:.0f} | mem {_memory_gb(plan.place.device):.2f} GB",
+        file=sys.stdout,
+    )
+    sys.stdout.flush()
+
+
+def _eval_hook(cfg: TrainConfig, plan: Plan, built: Built, run: Run, done: int) -> None:
+    """Validation loss every eval_steps steps; the last step's comes with the final evaluation."""
+    if not (cfg.eval_steps and done % cfg.eval_steps == 0 and plan.val_examples and done < plan.total_steps):
+        return
+    val = _val_loss(cfg, plan, built)
+    built.history.evals.append({"step": done, "val_loss": val})
+    if plan.place.dist.main:
+        run.bar.write(f"step {done} | val_loss {val:.4f}", file=sys.stdout)
+
+
+def _stop_requested(stop: _StopFlag, place: Placement) -> bool:
+    """SIGTERM on any rank stops every rank at the same step."""
+    if place.dist.world_size == 1:
+        return stop.set
+    flag = torch.tensor([int(stop.set)], device=place.device)
+    torch.distributed.all_reduce(flag)
+    return bool(flag.item())
+
+
+def _checkpoint_hook(cfg: TrainConfig, plan: Plan, built: Built, run: Run, done: int, stop_now: bool) -> None:
+    want = cfg.save_steps and done % cfg.save_steps == 0 and done < plan.total_steps
+    if not plan.place.dist.main or not (want or stop_now):
+        return
+    path = save_checkpoint(
+        checkpoint_root(cfg.output_dir),
+        done,
+        built.model,
+        built.optimizer,
+        built.scheduler,
+        built.history,
+        plan.data.fingerprint,
+    )
+    run.bar.write(f"checkpoint {path}", file=sys.stdout)
+
+
+def _val_loss(cfg: TrainConfig, plan: Plan, built: Built) -> float:
+    place = plan.place
+    pad_id = plan.tokenizer.pad_token_id
+    return evaluate_loss(
+        built.model, plan.val_examples, cfg, pad_id, place.device, place.autocast, place.dist
+    )
+
+
+# --- finish --------------------------------------------------------------------------------------
+
+
+def finish_run(
+    cfg: TrainConfig, plan: Plan, built: Built, run: Run, started: float, log: Callable[[str], None]
+) -> TrainResult:
+    """Final validation loss, base-vs-adapter generations, the card; the adapter folder on disk."""
+    place, data = plan.place, plan.data
+    val_loss = _val_loss(cfg, plan, built) if plan.val_examples else None
+    if plan.val_examples:
+        built.history.evals.append({"step": plan.total_steps, "val_loss": val_loss})
+    generation_eval = None
+    if place.dist.main and data.val_records and cfg.eval_generate > 0:
+        generation_eval = evaluate_peft(
+            built.model, plan.tokenizer, data.val_records, data.template, max_records=cfg.eval_generate
+        )
+    card = training_card(cfg, plan, built, run, val_loss, generation_eval, started)
+    adapter_dir = Path(cfg.output_dir)
+    base_val_loss = built.history.base_val_loss
+    if place.dist.main:
+        adapter_dir = save_adapter(built.model, cfg.output_dir, data.template, card)
+        log(
+            f"adapter written to {adapter_dir} (val_loss {val_loss if val_loss is None else round(val_loss, 4)}, "
+            f"base {base_val_loss if base_val_loss is None else round(base_val_loss, 4)})"
+        )
+    if place.dist.world_size > 1:
+        torch.distributed.barrier()
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
+    return TrainResult(adapter_dir, card, built.model, plan.tokenizer)
+
+
+def training_card(
+    cfg: TrainConfig,
+    plan: Plan,
+    built: Built,
+    run: Run,
+    val_loss: float | None,
+    generation_eval: dict[str, Any] | None,
+    started: float,
+) -> dict[str, Any]:
+    """What the adapter folder says about itself: base, template, settings, data, run, figures."""
+    place, data, history = plan.place, plan.data, built.history
+    return {
+        "base_model": built.identity,
+        "template": data.template.to_dict(),
         "config": dataclasses.asdict(cfg),
         "data": {
             "path": str(cfg.data.data_path),
-            "sha256": dataset_fingerprint(data_bytes),
-            "records": len(records),
-            "train_records": len(train_records),
-            "val_records": len(val_records),
-            "truncated": sum(e.truncated for e in train_examples),
-            "trained_tokens_per_epoch": sum(e.trained_tokens for e in train_examples),
+            "sha256": dataset_fingerprint(data.data_bytes),
+            "records": len(data.records),
+            "train_records": len(data.train_records),
+            "val_records": len(data.val_records),
+            "truncated": sum(e.truncated for e in plan.train_examples),
+            "trained_tokens_per_epoch": sum(e.trained_tokens for e in plan.train_examples),
         },
         "training": {
-            "steps": total_steps,
-            "steps_rule": steps_reason,
-            "gradient_accumulation": accum,
-            "world_size": dist.world_size,
-            "trainable_params": trainable,
-            "total_params": total_params,
-            "device": str(device),
-            "weights_dtype": str(precision.weights),
-            "compute_dtype": str(precision.compute),
-            "tokens": total_tokens,
-            "tokens_per_second": round(total_tokens / max(train_seconds, 1e-9), 2),
-            "train_seconds": round(train_seconds, 2),
+            "steps": plan.total_steps,
+            "steps_rule": plan.steps_rule,
+            "gradient_accumulation": plan.accum,
+            "world_size": place.dist.world_size,
+            "trainable_params": built.trainable,
+            "total_params": built.total_params,
+            "device": str(place.device),
+            "weights_dtype": str(place.precision.weights),
+            "compute_dtype": str(place.precision.compute),
+            "tokens": run.total_tokens,
+            "tokens_per_second": round(run.total_tokens / max(run.train_seconds, 1e-9), 2),
+            "train_seconds": round(run.train_seconds, 2),
             "wall_seconds": round(time.time() - started, 2),
             "final_loss": history.steps[-1]["loss"] if history.steps else None,
         },
         "eval": {
-            "base_val_loss": base_val_loss,
+            "base_val_loss": history.base_val_loss,
             "val_loss": val_loss,
             **_generation_figures(generation_eval),
         },
         "history": dataclasses.asdict(history),
         "versions": _versions(),
     }
-    adapter_dir = Path(cfg.output_dir)
-    if dist.main:
-        adapter_dir = save_adapter(model, cfg.output_dir, template, card)
-        log(
-            f"adapter written to {adapter_dir} (val_loss {val_loss if val_loss is None else round(val_loss, 4)}, "
-            f"base {base_val_loss if base_val_loss is None else round(base_val_loss, 4)})"
-        )
-    if dist.world_size > 1:
-        torch.distributed.barrier()
-    if wandb_run is not None:
-        wandb_run.finish()
-    return TrainResult(adapter_dir, card, model, tokenizer)
 
 
 def _generation_figures(result: dict[str, Any] | None) -> dict[str, Any]:

@@ -16,11 +16,11 @@ from finetune.__main__ import main as finetune_main
 from finetune.batching import collate_padded
 from finetune.encoding import encode_example
 from finetune.inference import GenerationStats
+from finetune.losses import token_loss_sum
 from finetune.metrics import exact_match, repeated_ngram_loop, token_f1
 from finetune.modeling import load_tokenizer
 from finetune.prompts import load_template, save_template, split_record
 from finetune.records import DatasetError, parse_records
-from finetune.trainer import token_loss_sum
 
 TOKENS = 6  # generated tokens per record: enough to exercise generation, cheap on CPU
 

@@ -12,6 +12,7 @@ from finetune import prompts
 from finetune.batching import collate_padded, micro_batches
 from finetune.config import DataConfig, LoraSettings, TrainConfig
 from finetune.encoding import IGNORE_INDEX, Encoded
+from finetune.losses import TokenLoss, token_loss_sum
 from finetune.modeling import (
     FastDropout,
     Precision,
@@ -21,7 +22,7 @@ from finetune.modeling import (
     use_fast_dropout,
 )
 from finetune.records import read_records, split_records
-from finetune.trainer import TokenLoss, encode_records, lr_lambda, token_loss_sum, train
+from finetune.trainer import encode_records, lr_lambda, train
 
 CPU = torch.device("cpu")
 FP32 = Precision(torch.float32, torch.float32)

@@ -148,7 +148,7 @@ def test_micro_batches_are_deterministic_and_cover_every_example():
 def test_packed_loss_equals_padded_loss(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from finetune.trainer import token_loss_sum
+    from finetune.losses import token_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     g = torch.Generator().manual_seed(0)
