@@ -209,6 +209,10 @@ def test_cancel_one_of_four_leaves_the_others_their_solo_outputs(bare):
     time.sleep(1.5)
     cancel = requests.post(f"{bare.url}/predictions/{pid}/cancel", timeout=30)
     assert cancel.status_code == 200
+    # The next request is not queued behind the cancelled one: it joins the batch at the next step.
+    after = predict(bare, prompt=NAME_Q, temperature=0, max_new_tokens=24)
+    assert "".join(after["output"]) == solo[0]
+    assert after["metrics"]["time_to_first_token"] < 2
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
