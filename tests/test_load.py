@@ -153,8 +153,12 @@ def solo(bare) -> dict[tuple[str, int], str]:
 
 
 def test_the_local_server_gets_the_containers_concurrency(bare):
+    import predict
+
     assert CONCURRENCY > 1
     assert bare.env["COG_MAX_CONCURRENCY"] == str(CONCURRENCY)
+    # The request thread pool is sized by predict.CONCURRENCY, which must follow the literal.
+    assert predict.CONCURRENCY == CONCURRENCY
 
 
 def test_8_clients_x_25_requests_all_succeed_unrefused_with_their_solo_outputs(bare, solo):
