@@ -558,6 +558,13 @@ def log_start(cfg: TrainConfig, plan: Plan, built: Built, log: Callable[[str], N
         + (f" | resuming at step {built.start_step}" if built.start_step else "")
     )
     log(f"steps: {plan.steps_rule}")
+    effective = plan.accum * cfg.micro_batch_size * place.dist.world_size
+    if effective != cfg.batch_size:
+        # Accumulation is a whole number of micro-batches: say what a step really trains on.
+        log(
+            f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size} x "
+            f"{place.dist.world_size} process(es): each step trains on {effective} examples"
+        )
 
 
 # --- run -----------------------------------------------------------------------------------------

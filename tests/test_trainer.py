@@ -110,6 +110,17 @@ def test_an_explicit_epoch_count_is_not_raised_to_min_steps(tiny_model_dir, tiny
     assert "Training length: num_epochs=1" in (out / "README.md").read_text()
 
 
+def test_a_batch_size_that_does_not_divide_says_what_a_step_trains_on(tiny_model_dir, tiny_data, tmp_path):
+    lines: list[str] = []
+    args = tiny_args(tiny_model_dir, tiny_data, tmp_path / "adapter", "--max_steps", "1", "--batch_size", "5")
+    result = train(config_from_args(args, environ={}), log=lines.append)
+    assert result.card["training"]["gradient_accumulation"] == 2
+    assert (
+        "batch_size=5 is not a multiple of micro_batch_size 2 x 1 process(es): each step trains on 4"
+        in "\n".join(lines)
+    )
+
+
 def test_help_lists_every_flag_with_its_default():
     out = run_cli("--help").stdout
     for flag in (
