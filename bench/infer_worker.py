@@ -119,6 +119,20 @@ def ours_generate(server: Any, prompt: str, max_new_tokens: int) -> dict[str, An
     }
 
 
+def alternate(reps: int, baseline: Any, ours: Any) -> dict[str, list[dict[str, Any]]]:
+    """`reps` timed runs of each, alternating which goes first, so neither always follows the
+    other's cache state."""
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": []}
+    for rep in range(reps):
+        order = ("baseline", "ours") if rep % 2 == 0 else ("ours", "baseline")
+        for name in order:
+            runs[name].append(baseline() if name == "baseline" else ours())
+            log(
+                f"  {name}: ttft {runs[name][-1]['ttft_s'] * 1000:.0f} ms, {runs[name][-1]['decode_tps']:.2f} tok/s"
+            )
+    return runs
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "ttft_ms": round(1000 * median([r["ttft_s"] for r in runs]), 1),
@@ -289,18 +303,11 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
     log(f"inference: prompt {n_prompt} tokens, {max_new} new tokens, {spec['reps']} reps each")
     baseline_generate(baseline, tokenizer, text, 4, device)  # warm-up, untimed
     ours_generate(server, PROMPT, 4)
-    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": []}
-    for rep in range(spec["reps"]):
-        # Alternate which goes first, so neither always follows the other's cache state.
-        order = ("baseline", "ours") if rep % 2 == 0 else ("ours", "baseline")
-        for name in order:
-            if name == "baseline":
-                runs[name].append(baseline_generate(baseline, tokenizer, text, max_new, device))
-            else:
-                runs[name].append(ours_generate(server, PROMPT, max_new))
-            log(
-                f"  {name}: ttft {runs[name][-1]['ttft_s'] * 1000:.0f} ms, {runs[name][-1]['decode_tps']:.2f} tok/s"
-            )
+    runs = alternate(
+        spec["reps"],
+        lambda: baseline_generate(baseline, tokenizer, text, max_new, device),
+        lambda: ours_generate(server, PROMPT, max_new),
+    )
     result: dict[str, Any] = {
         "device": device,
         "threads": torch.get_num_threads(),

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 
 from bench.common import load_avg, log, median, read_json, setup_torch, write_json
-from bench.infer_worker import PROMPT, baseline_generate, ours_generate
+from bench.infer_worker import PROMPT, alternate, baseline_generate, ours_generate
 
 ROOT = Path(__file__).resolve().parent.parent
 HELDOUT = ROOT / "data" / "demo" / "persona_heldout.json"
@@ -97,15 +97,12 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
     text = server.resolve_template("auto", server.setup_adapter).render(PROMPT, "", server.tokenizer)
     baseline_generate(baseline, server.tokenizer, text, 4, "cpu")
     ours_generate(server, PROMPT, 4)
-    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": []}
-    for rep in range(spec["reps"]):
-        order = ("baseline", "ours") if rep % 2 == 0 else ("ours", "baseline")
-        for name in order:
-            if name == "baseline":
-                runs[name].append(baseline_generate(baseline, server.tokenizer, text, max_new, "cpu"))
-            else:
-                runs[name].append(ours_generate(server, PROMPT, max_new))
-    del baseline, plain
+    runs = alternate(
+        spec["reps"],
+        lambda: baseline_generate(baseline, server.tokenizer, text, max_new, "cpu"),
+        lambda: ours_generate(server, PROMPT, max_new),
+    )
+    baseline = plain = None  # free the fp32 copy before the quality measurements
 
     ids = {p: greedy_ids(server, p, max_new) for p in PROMPTS}
     reference_path = Path(spec["workdir"]) / "quant-fp32-greedy.json"

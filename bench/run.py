@@ -299,6 +299,13 @@ class Bench:
                 }
         return out
 
+    def random_adapter(self) -> str:
+        """The adapter the serving sections load when no training section made one."""
+        from bench.infer_worker import random_adapter
+        from finetune.weights import resolve_base_model
+
+        return str(random_adapter(resolve_base_model(None), self.workdir / "random-adapter"))
+
     def quant(self, adapter: str) -> dict[str, Any]:
         """One process per serving precision, fp32 first (the others compare their greedy tokens
         with its); each alternates with plain `generate` fp32 for its ratio."""
@@ -366,22 +373,14 @@ class Bench:
                 log(str(exc))
         if "quant" in sections and self.device == "cpu":
             try:
-                if adapter is None:
-                    from bench.infer_worker import random_adapter
-                    from finetune.weights import resolve_base_model
-
-                    adapter = str(random_adapter(resolve_base_model(None), self.workdir / "random-adapter"))
+                adapter = adapter or self.random_adapter()
                 results["quant"] = self.quant(adapter)
             except Exception as exc:
                 self.failures.append(str(exc))
                 log(str(exc))
         if "serve" in sections:
             try:
-                if adapter is None:
-                    from bench.infer_worker import random_adapter
-                    from finetune.weights import resolve_base_model
-
-                    adapter = str(random_adapter(resolve_base_model(None), self.workdir / "random-adapter"))
+                adapter = adapter or self.random_adapter()
                 results["serving"] = self.serving(adapter)
             except Exception as exc:
                 self.failures.append(str(exc))
