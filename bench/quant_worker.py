@@ -8,7 +8,9 @@ of `ModelServer.generate` with the setup adapter merged, alternating rep by rep 
 `model.generate` fp32 (the PEFT model, as infer_worker's baseline) for the ratio; then quality:
 the held-out loss on data/demo/persona_heldout.json with every row through the quantized kernels
 (prompts normally take the fp32 matmul, which would hide the rounding), and the share of greedy
-tokens over the first `decode_tokens` that agree with fp32's (the fp32 run writes them)."""
+tokens over the first `decode_tokens` that agree with fp32's (the fp32 run writes them). Also, the
+same server with the engine on transformers' forward instead of ours (decoder.py), alternating, for
+what our forward and KV buffer gain at the same precision."""
 
 from __future__ import annotations
 
@@ -104,6 +106,12 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
     )
     baseline = plain = None  # free the fp32 copy before the quality measurements
 
+    def on(own: bool) -> Any:
+        server.engine.own_forward = own
+        return ours_generate(server, PROMPT, max_new)
+
+    forwards = alternate(spec["reps"], lambda: on(False), lambda: on(True))
+
     ids = {p: greedy_ids(server, p, max_new) for p in PROMPTS}
     reference_path = Path(spec["workdir"]) / "quant-fp32-greedy.json"
     if mode == "fp32":
@@ -130,6 +138,12 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
         "generate_fp32_tps": round(base_tps, 2),
         "vs_generate_fp32": round(ours_tps / base_tps, 3) if base_tps else None,
         "reps_decode_tps": [round(r["decode_tps"], 2) for r in runs["ours"]],
+        "transformers_forward_tps": round(median([r["decode_tps"] for r in forwards["baseline"]]), 2),
+        "vs_transformers_forward": round(
+            median([r["decode_tps"] for r in forwards["ours"]])
+            / median([r["decode_tps"] for r in forwards["baseline"]]),
+            3,
+        ),
         "heldout_loss": round(loss, 5),
         "greedy_agreement": agreement,
         "load_avg": [load_before, load_avg()],

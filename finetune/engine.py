@@ -6,9 +6,10 @@ request (so a long prompt delays the running decodes by one chunk, not by its wh
 batched decode step for every running request. A finished or cancelled request leaves the batch at
 once and its rows of the KV cache are freed.
 
-The KV cache is transformers' `DynamicCache` with one row per running request, left-padded to a
-common length; the 2-D attention mask hides the padding and `position_ids` carry each row's own
-positions, so a row computes what it would alone. Rows may use different LoRA adapters: the
+The KV cache (decoder.KV, allocated ahead) has one row per running request, left-padded to a common
+length; the attention mask hides the padding and the positions are each row's own, so a row
+computes what it would alone. Llama-architecture models run decoder.Decoder's forward, others
+transformers' own over the same cache. Rows may use different LoRA adapters: the
 server's `prepare` hook sets the model up for the step's adapters (a merged setup adapter, one
 active adapter, or PEFT's per-row `adapter_names`).
 
@@ -30,6 +31,7 @@ import torch
 
 from . import quant
 from .config import GenerationSettings
+from .decoder import KV, Decoder, hf_forward, unsupported
 from .inference import (
     GenerationError,
     GenerationStats,
@@ -41,6 +43,7 @@ from .inference import (
 
 PEFT_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 DONE = None  # the outbox item after the last chunk
+_NO_IDS = torch.empty(1, 0, dtype=torch.long)  # the samplers' ids argument when no processor reads it
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Request:
     cache: Any = None  # this request's own cache while it is being prefilled
     generator: torch.Generator | None = None
     processors: Any = None
+    seen: torch.Tensor | None = None  # prompt + generated ids, for a repetition penalty (filled as we go)
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float = 0.0
 
@@ -95,34 +99,29 @@ class Request:
 
 
 class Batch:
-    """The running requests and their KV cache: row i of every layer's keys/values is rows[i]."""
+    """The running requests and their KV cache: row i of the cache is rows[i]."""
 
     def __init__(self) -> None:
         self.rows: list[Request] = []
-        self.cache: Any = None  # a DynamicCache, its layers [rows, kv heads, length, head dim]
+        self.kv: KV | None = None
         self.mask: torch.Tensor | None = None  # [rows, length], False on left padding
+        self.padded = False  # some row has padding (else the mask can be left out)
 
     @property
     def length(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
+        return 0 if self.kv is None else self.kv.length
 
-    def join(self, request: Request, cache: Any) -> None:
+    def join(self, request: Request, kv: KV) -> None:
         """Add a prefilled request (its own one-row cache) as the last row."""
-        n = cache.get_seq_length()
-        mask = torch.ones(1, n, dtype=torch.bool, device=cache.layers[0].keys.device)
+        mask = torch.ones(1, kv.length, dtype=torch.bool, device=kv.keys.device)
         if not self.rows:
-            self.rows, self.cache, self.mask = [request], cache, mask
+            self.rows, self.kv, self.mask, self.padded = [request], kv, mask, False
             return
-        assert self.mask is not None
-        total = max(self.length, n)
-        for layer, new in zip(self.cache.layers, cache.layers, strict=True):
-            layer.keys = torch.cat(
-                [_pad_left(layer.keys, total - self.length), _pad_left(new.keys, total - n)]
-            )
-            layer.values = torch.cat(
-                [_pad_left(layer.values, total - self.length), _pad_left(new.values, total - n)]
-            )
-        self.mask = torch.cat([_pad_left(self.mask, total - self.length), _pad_left(mask, total - n)])
+        assert self.mask is not None and self.kv is not None
+        total = max(self.length, kv.length)
+        self.mask = torch.cat([_pad_left(self.mask, total - self.length), _pad_left(mask, total - kv.length)])
+        self.kv = KV.stack([self.kv, kv])
+        self.padded = not bool(self.mask.all())
         self.rows.append(request)
 
     def keep(self, rows: list[int]) -> None:
@@ -131,26 +130,19 @@ class Batch:
             return
         self.rows = [self.rows[i] for i in rows]
         if not rows:
-            self.cache, self.mask = None, None
+            self.kv, self.mask = None, None
             return
-        assert self.mask is not None
-        index = torch.tensor(rows, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
+        assert self.mask is not None and self.kv is not None
+        mask = self.mask.index_select(0, torch.tensor(rows, device=self.mask.device))
         start = int(mask.any(dim=0).int().argmax())  # the first column some row still uses
         self.mask = mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self.kv = self.kv.rows_of(rows, start)
+        self.padded = not bool(self.mask.all())
 
 
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Pad a mask's last dimension, or a KV tensor's sequence dimension (2), with n zeros on the left."""
-    if n == 0:
-        return t
-    dim = 2 if t.dim() == 4 else 1
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+def _pad_left(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Pad a mask's columns with n False on the left."""
+    return mask if n == 0 else torch.cat([mask.new_zeros(mask.shape[0], n), mask], dim=1)
 
 
 class Engine:
@@ -160,12 +152,17 @@ class Engine:
         tokenizer: Any,
         limits: EngineLimits | None = None,
         prepare: Callable[[list[str | None]], dict[str, Any]] | None = None,
+        own_forward: bool = True,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.limits = limits or EngineLimits()
         # Sets the model up for a forward pass whose rows use these adapters; returns extra forward kwargs.
         self.prepare = prepare or (lambda adapters: {})
         self.device = next(model.parameters()).device
+        # decoder.Decoder for Llama models; False: transformers' forward for every model (the bench
+        # compares the two on the same cache).
+        self.own_forward = own_forward
+        self._decoder: tuple[Any, Decoder | None] = (None, None)
         self.stop_ids = eos_ids(model, tokenizer)
         self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()  # from any thread
         self.waiting: deque[Request] = deque()
@@ -254,6 +251,11 @@ class Engine:
         r.stats.input_token_count = len(r.prompt_ids)
         r.text = TextStream(self.tokenizer, r.settings.stop_sequences)
         r.processors = _logits_processors(r.settings)
+        if r.settings.repetition_penalty != 1.0:
+            # Only the penalty reads the ids: one buffer filled token by token, not a new tensor of
+            # the whole sequence every step.
+            r.seen = torch.empty(1, r.reserve, dtype=torch.long, device=self.device)
+            r.seen[0, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
         if r.settings.samples:
             r.generator = torch.Generator(device=self.device)
             r.generator.manual_seed(r.settings.seed if r.settings.seed is not None else torch.seed())
@@ -299,24 +301,49 @@ class Engine:
         self.prefilling = r
 
     # -- the runner -------------------------------------------------------------------------
-    def _forward(self, adapters: list[str | None], **kwargs: Any) -> torch.Tensor:
+    def decoder(self) -> Decoder | None:
+        """Our forward for this model (None: transformers'); rebuilt when the server wraps the model."""
+        if not self.own_forward:
+            return None
+        if self._decoder[0] is not self.model:
+            self._decoder = (self.model, None if unsupported(self.model) else Decoder(self.model))
+        return self._decoder[1]
+
+    def _forward(
+        self,
+        adapters: list[str | None],
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KV,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         extra = self.prepare(adapters)
-        out = self.model(use_cache=True, logits_to_keep=1, **kwargs, **extra)
-        return out.logits[:, -1, :].float()
+        decoder = self.decoder()
+        if decoder is not None:
+            return decoder.forward(ids, positions, kv, mask, extra.get("adapter_names"))
+        return hf_forward(self.model, kv, extra, input_ids=ids, position_ids=positions, attention_mask=mask)
+
+    def new_kv(self, capacity: int) -> KV:
+        decoder = self.decoder()
+        if decoder is not None:
+            return decoder.new_kv(1, capacity)
+        config = self.model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return KV(config.num_hidden_layers, 1, kv_heads, head_dim, capacity, next(self.model.parameters()))
 
     def _prefill_chunk(self, n: int) -> None:
         r = self.prefilling
         assert r is not None
         if r.cache is None:
-            from transformers import DynamicCache
-
-            r.cache = DynamicCache()
+            r.cache = self.new_kv(len(r.prompt_ids))
         start = r.prefilled
         end = start + n
         ids = torch.tensor([r.prompt_ids[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
         with quant.fp32_weights():  # prompts: exact and fast; see quant.py
-            logits = self._forward([r.adapter], input_ids=ids, position_ids=positions, cache=r.cache)
+            logits = self._forward([r.adapter], ids, positions, r.cache, None)
         r.prefilled = end
         if end < len(r.prompt_ids):
             return
@@ -327,17 +354,13 @@ class Engine:
 
     def _decode(self) -> None:
         batch = self.batch
-        assert batch.mask is not None
+        assert batch.mask is not None and batch.kv is not None
         rows = batch.rows
         last = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
         positions = batch.mask.sum(dim=1, keepdim=True)
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
         logits = self._forward(
-            [r.adapter for r in rows],
-            input_ids=last,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=batch.cache,
+            [r.adapter for r in rows], last, positions, batch.kv, mask if batch.padded else None
         )
         batch.mask = mask
         greedy = logits.argmax(dim=-1).tolist()
@@ -351,7 +374,8 @@ class Engine:
 
     def _sample(self, r: Request, scores: torch.Tensor) -> int:
         if r.processors:
-            ids = torch.tensor([r.prompt_ids + r.generated], device=self.device)
+            n = len(r.prompt_ids) + len(r.generated)
+            ids = r.seen[:, :n] if r.seen is not None else _NO_IDS
             scores = r.processors(ids, scores)
         if r.settings.samples:
             return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=r.generator))
@@ -366,6 +390,8 @@ class Engine:
             self._finish(r, "eos")
             return False
         r.generated.append(token)
+        if r.seen is not None:
+            r.seen[0, len(r.prompt_ids) + len(r.generated) - 1] = token
         r.stats.output_token_count = len(r.generated)
         assert r.text is not None
         chunk = r.text.push(token)
@@ -383,7 +409,7 @@ class Engine:
         if r.done:
             return
         r.done = True
-        r.cache = None
+        r.cache = r.seen = None
         r.stats.stop_reason = reason
         if r.first_token_at:
             r.stats.decode_seconds = time.perf_counter() - r.first_token_at

@@ -165,7 +165,9 @@ def stream_tokens(
     token); the stop sequence is never yielded."""
     from .engine import Engine, Request
 
-    engine = Engine(model, tokenizer)
+    # transformers' forward: the model here may be mid-training (its precision, its autocast);
+    # decoder.py's forward serves (ModelServer), where the model is set up for it.
+    engine = Engine(model, tokenizer, own_forward=False)
     request = Request(encode_prompt(tokenizer, prompt), settings, stats=stats or GenerationStats())
     if cancel is not None:
         request.cancel = cancel

@@ -78,7 +78,8 @@ def test_a_server_runs_every_forward_pass_on_its_compute_thread(tiny_model_dir):
 
     server = ModelServer(base_model=str(tiny_model_dir))
     seen: set[int] = set()
-    server.model.register_forward_hook(lambda *_: seen.add(threading.get_ident()))
+    # The embedding runs in every forward pass, ours (decoder.py) and transformers'.
+    server.model.get_input_embeddings().register_forward_hook(lambda *_: seen.add(threading.get_ident()))
     settings = GenerationSettings(max_new_tokens=3, temperature=0)
 
     def ask() -> GenerationStats:

@@ -78,7 +78,7 @@ def test_requests_that_join_and_leave_mid_decode_keep_their_solo_output(tiny):
     engine = Engine(model, tokenizer)
     got = run(engine, requests, join_at={1: 2, 2: 4, 3: 9, 4: 10})
     assert got == alone
-    assert engine.batch.rows == [] and engine.batch.cache is None  # all KV memory let go
+    assert engine.batch.rows == [] and engine.batch.kv is None  # all KV memory let go
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny):
@@ -129,6 +129,14 @@ def test_repetition_penalty_and_stop_sequences_hold_per_request(tiny):
     stopping = GenerationSettings(max_new_tokens=12, temperature=0, stop_sequences=[stop])
     alone = [solo(model, tokenizer, PROMPTS[0], penalised), solo(model, tokenizer, PROMPTS[1], stopping)]
     assert alone[0] != solo(model, tokenizer, PROMPTS[0])
+    ids = encode_prompt(tokenizer, PROMPTS[0])
+    with torch.no_grad():  # the penalty as transformers applies it
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, repetition_penalty=1.5, pad_token_id=0
+        )
+    assert (
+        alone[0] == [t for t in out[0, len(ids) :].tolist() if t != tokenizer.eos_token_id][: len(alone[0])]
+    )
     requests = [
         Request(encode_prompt(tokenizer, PROMPTS[0]), penalised),
         Request(encode_prompt(tokenizer, PROMPTS[1]), stopping),
