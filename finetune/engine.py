@@ -113,7 +113,7 @@ class Batch:
 
     def join(self, request: Request, kv: KV) -> None:
         """Add a prefilled request (its own one-row cache) as the last row."""
-        mask = torch.ones(1, kv.length, dtype=torch.bool, device=kv.keys.device)
+        mask = torch.ones(1, kv.length, dtype=torch.bool, device=kv.keys[0].device)
         if not self.rows:
             self.rows, self.kv, self.mask, self.padded = [request], kv, mask, False
             return
@@ -323,21 +323,11 @@ class Engine:
             return decoder.forward(ids, positions, kv, mask, extra.get("adapter_names"))
         return hf_forward(self.model, kv, extra, input_ids=ids, position_ids=positions, attention_mask=mask)
 
-    def new_kv(self, capacity: int) -> KV:
-        decoder = self.decoder()
-        if decoder is not None:
-            return decoder.new_kv(1, capacity)
-        config = self.model.config
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return KV(config.num_hidden_layers, 1, kv_heads, head_dim, capacity, next(self.model.parameters()))
-
     def _prefill_chunk(self, n: int) -> None:
         r = self.prefilling
         assert r is not None
         if r.cache is None:
-            r.cache = self.new_kv(len(r.prompt_ids))
+            r.cache = KV(len(r.prompt_ids))
         start = r.prefilled
         end = start + n
         ids = torch.tensor([r.prompt_ids[start:end]], device=self.device)

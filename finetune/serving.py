@@ -28,6 +28,7 @@ from .archives import Limits, materialize
 from .artifacts import CARD_JSON
 from .compute import POLL_S, ComputeThread, wait
 from .config import DataConfig, GenerationSettings, env_flag, field_default
+from .decoder import kv_geometry
 from .encoding import encode_prompt
 from .engine import DONE, PEFT_BASE, Engine, EngineLimits, Request
 from .inference import GenerationStats, context_length
@@ -125,12 +126,8 @@ def env_number(name: str, kind: type[int] | type[float], default: float, minimum
 
 
 def kv_bytes_per_token(model: Any) -> int:
-    config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    element = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * element
+    layers, kv_heads, head_dim = kv_geometry(model.config)
+    return 2 * layers * kv_heads * head_dim * model.get_input_embeddings().weight.element_size()
 
 
 class ModelServer:

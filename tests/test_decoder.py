@@ -42,7 +42,7 @@ def test_chunked_prompt_and_decoding_match_transformers_logits(tiny):
     assert unsupported(model) is None
     decoder = Decoder(model)
     ids = encode_prompt(tokenizer, PROMPTS[2])
-    kv = decoder.new_kv(rows=1, capacity=3)  # smaller than the prompt: the buffer has to grow
+    kv = KV(capacity=3)  # smaller than the prompt: the buffer has to grow
     with torch.inference_mode():
         for start in range(0, len(ids), 5):
             chunk = ids[start : start + 5]
@@ -63,7 +63,7 @@ def test_a_left_padded_batch_gives_each_row_its_own_logits(tiny):
     with torch.inference_mode():
         parts = []
         for ids in rows:
-            kv = decoder.new_kv(1, len(ids))
+            kv = KV(len(ids))
             decoder.forward(torch.tensor([ids]), torch.arange(len(ids))[None], kv)
             parts.append(kv)
         kv = KV.stack(parts)
@@ -118,7 +118,7 @@ def test_fused_weights_stay_trainable_and_follow_in_place_changes(tiny):
 
     def ours(tokens: list[int]) -> torch.Tensor:
         with torch.inference_mode():
-            kv = decoder.new_kv(1, len(tokens))
+            kv = KV(len(tokens))
             return decoder.forward(torch.tensor([tokens]), torch.arange(len(tokens))[None], kv)[0]
 
     with torch.no_grad():
