@@ -13,7 +13,7 @@ WEIGHTS ?=
 DATA ?=
 ARGS ?=
 
-.PHONY: setup weights schema serve serve-train predict train demo test test-all lint bench eval clean
+.PHONY: setup weights schema serve serve-train predict train demo demo-facts test test-all lint bench eval clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,9 @@ train: weights schema
 
 demo: weights schema
 	$(PY) -m finetune.demo $(ARGS)
+
+demo-facts: weights schema
+	$(PY) -m finetune.demo --facts $(ARGS)
 
 test: weights
 	$(PY) -m pytest -q

@@ -101,7 +101,9 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"targets {cfg['lora']['lora_target_modules']}",
         f"- Steps: {t['steps']} (batch {cfg['batch_size']}, micro-batch {cfg['micro_batch_size']}, lr {cfg['learning_rate']}), "
         f"{t['tokens']} tokens at {t['tokens_per_second']} tok/s on {t['device']} ({t['compute_dtype']})",
-        f"- Training length: {t.get('steps_rule', '')}",
+        f"- Training length: {t.get('steps_rule', '')}"
+        + (f"; stopped early at {t['stopped_early']}" if t.get("stopped_early") else ""),
+        f"- Adapter kept: step {t.get('kept_step')}, {t.get('kept_rule', 'the last step')}",
         f"- Wall time: {t['wall_seconds']} s; versions: "
         + ", ".join(f"{k} {v}" for k, v in card["versions"].items()),
         "",
@@ -109,9 +111,29 @@ def card_markdown(card: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| validation loss | {_fmt(e.get('base_val_loss'))} | {_fmt(e.get('val_loss'))} |",
     ]
+    if e.get("recall_exact") is not None:
+        lines.append(
+            f"| recall of {e.get('recall_records')} training answers (exact / token accuracy) | | "
+            f"{_fmt(e['recall_exact'])} / {_fmt(e['recall_token_accuracy'])} |"
+        )
     for name, values in (e.get("metrics") or {}).items():
         lines.append(f"| {name} | {_fmt(values.get('base'))} | {_fmt(values.get('adapter'))} |")
     lines += ["", f"Final training loss {_fmt(t.get('final_loss'))}; the loss curve is in `{LOSS_PNG}`.", ""]
+    evals = card["history"]["evals"]
+    if evals:
+        lines += [
+            "Evaluations (recall: greedy answers to training questions, checked token for token):",
+            "",
+            "| step | validation loss | recall exact | recall token accuracy |",
+            "|---|---|---|---|",
+        ]
+        for ev in evals:
+            kept = " (kept)" if ev["step"] == t.get("kept_step") else ""
+            lines.append(
+                f"| {ev['step']}{kept} | {_fmt(ev.get('val_loss', '–'))} | {_fmt(ev.get('recall_exact', '–'))} | "
+                f"{_fmt(ev.get('recall_token_accuracy', '–'))} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -132,7 +154,22 @@ def plot_loss(card: dict[str, Any], path: Path) -> None:
         ax.axhline(base, color="grey", linestyle="--", label="base model (validation)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss per token")
-    ax.legend()
+    kept = card["training"].get("kept_step")
+    if kept is not None:
+        ax.axvline(kept, color="tab:red", linestyle=":", label="adapter kept")
+    handles, labels = ax.get_legend_handles_labels()
+    recall = [e for e in card["history"]["evals"] if e.get("recall_exact") is not None]
+    if recall:  # recall is a share: its own axis on the right
+        right = ax.twinx()
+        xs = [e["step"] for e in recall]
+        right.plot(xs, [e["recall_exact"] for e in recall], "s-", color="tab:green", label="recall exact")
+        accuracy = [e["recall_token_accuracy"] for e in recall]
+        right.plot(xs, accuracy, "^:", color="tab:olive", label="recall token accuracy")
+        right.set_ylim(-0.02, 1.02)
+        right.set_ylabel("recall of training answers")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

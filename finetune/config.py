@@ -96,13 +96,11 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Examples per forward pass (per process)."""
     num_epochs: float | None = None
-    """Passes over the training split. Unset or auto (the default): 3, raised for small datasets to
-    min_steps steps (at most 20 epochs). A number is exact. Ignored when max_steps > 0."""
+    """Passes over the training split. Unset or auto (the default): 3000 examples' worth (3 to 30
+    epochs), stopping early once the training answers are recalled (see stop_patience). A number
+    is exact. Ignored when max_steps > 0."""
     max_steps: int = 0
     """Optimizer steps to run; 0 means use num_epochs."""
-    min_steps: int = 60
-    """With num_epochs auto, small datasets train at least this many steps (up to 20 epochs), so a
-    50-record dataset learns; 0 disables."""
     learning_rate: float = 1e-3
     """Peak learning rate (AdamW)."""
     warmup_ratio: float = 0.05
@@ -124,7 +122,14 @@ class TrainConfig:
     logging_steps: int = 1
     """Print a step line every N optimizer steps."""
     eval_steps: int = 0
-    """Evaluate on the validation split every N steps (0: only at the end)."""
+    """Evaluate (validation loss, recall) every N steps; 0: ten times a run with num_epochs auto,
+    else only at the end."""
+    eval_recall: int = 16
+    """Training records whose answers each evaluation checks for greedy recall (exact match and
+    token accuracy); 0 turns recall off."""
+    stop_patience: int = 3
+    """With num_epochs auto: stop once every checked answer is recalled exactly, or after this many
+    evaluations without better recall; then keep the best evaluation's adapter. 0: run the budget."""
     eval_generate: int = 20
     """Validation records to also answer greedily at the end (base vs adapter exact match, F1); 0 skips."""
     save_steps: int = 0
@@ -150,8 +155,9 @@ class TrainConfig:
             )
         if self.num_epochs is not None and self.num_epochs <= 0 and self.max_steps <= 0:
             problems.append(f"num_epochs={self.num_epochs}: use a number > 0, auto, or max_steps > 0")
-        if self.min_steps < 0:
-            problems.append(f"min_steps={self.min_steps}: must be >= 0")
+        for name in ("eval_steps", "eval_recall", "stop_patience"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)}: must be >= 0")
         if self.max_steps < 0:
             problems.append(f"max_steps={self.max_steps}: must be >= 0")
         if not 0 < self.learning_rate < 1:

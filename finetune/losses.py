@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from .batching import iter_collated
+from .batching import collate_padded, iter_collated
 from .config import TrainConfig
 from .encoding import IGNORE_INDEX, Encoded
 
@@ -68,6 +68,22 @@ class TokenLoss(torch.nn.Module):
             logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
+    def greedy(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The argmax next token at every position, beside the shifted labels (both [rows, len-1]);
+        positions without a label hold IGNORE_INDEX in both."""
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        predicted = torch.full_like(targets, IGNORE_INDEX)
+        if self.labeled_only:
+            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            predicted[keep] = self.head(hidden.last_hidden_state[:, :-1][keep]).argmax(-1)
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            predicted[keep] = logits[:, :-1][keep].argmax(-1)
+        return predicted, targets
+
 
 def token_loss_sum(
     model: Any, batch: dict[str, torch.Tensor], device: torch.device, autocast: Any
@@ -113,3 +129,44 @@ def evaluate_loss(
     model.train()
     loss_sum, count = total.tolist()
     return loss_sum / count if count > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Recall:
+    """How well the model reproduces taught answers, greedily: the share of examples whose whole
+    answer (EOS included) greedy decoding would give back token for token, and the share of answer
+    tokens it predicts given the taught prefix."""
+
+    exact: float
+    token_accuracy: float
+    examples: int
+
+
+@torch.no_grad()
+def greedy_recall(
+    model: Any, examples: list[Encoded], pad_id: int, device: torch.device, autocast: Any, batch_size: int = 4
+) -> Recall:
+    """Greedy recall of the examples' labels in one teacher-forced pass each.
+
+    Exact because greedy decoding is deterministic: it returns the taught answer iff the argmax at
+    every answer position is the taught next token (induction over positions). One forward pass
+    instead of a decode loop: the cost of a validation pass, not of generating every answer."""
+    if not examples:
+        return Recall(float("nan"), float("nan"), 0)
+    was_training = model.training
+    model.eval()
+    loss_fn = TokenLoss(model)
+    exact = correct = total = 0
+    for start in range(0, len(examples), batch_size):
+        chosen = examples[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_padded(chosen, pad_id).items()}
+        with autocast():
+            predicted, targets = loss_fn.greedy(batch["input_ids"], batch["labels"], batch["attention_mask"])
+        hits = (predicted == targets) | (targets == IGNORE_INDEX)
+        exact += int(hits.all(dim=1).sum())
+        keep = targets != IGNORE_INDEX
+        correct += int((hits & keep).sum())
+        total += int(keep.sum())
+    if was_training:
+        model.train()
+    return Recall(exact / len(examples), correct / max(total, 1), len(examples))

@@ -120,3 +120,9 @@ def perplexity(mean_loss: float) -> float:
         return math.exp(mean_loss)
     except OverflowError:
         return math.inf
+
+
+def states_fact(answer: str, fact: str) -> bool:
+    """Whether `answer` states `fact` verbatim, after `normalize_text` on both (so case, width and
+    punctuation do not matter): the exact-match test for a fact inside a long answer."""
+    return normalize_text(fact) in normalize_text(answer)

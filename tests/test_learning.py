@@ -35,7 +35,9 @@ def test_default_settings_learn_the_demo_persona(tmp_path, embedded_model_dir):
         "repetition_rate",
         "stopped_cleanly_rate",
     }
-    assert result.card["training"]["steps"] >= 60
+    training = result.card["training"]
+    assert training["steps_rule"].startswith("num_epochs=auto: 30 epochs")  # 54 records: the 30-epoch cap
+    assert training["steps"] <= training["planned_steps"]
 
     held = compare(None, out, read_records(ROOT / "data/demo/persona_heldout.json"))
     base, tuned = held["base"], held["adapter"]
@@ -44,3 +46,51 @@ def test_default_settings_learn_the_demo_persona(tmp_path, embedded_model_dir):
     assert tuned["exact_match"] > base["exact_match"]
     assert tuned["f1"] > base["f1"] + 0.3
     assert tuned["stopped_cleanly_rate"] >= 0.9
+
+
+# A slice of data/facts with its hard shape: long answers, the rare name 霁川 / Jichuan, fillers that
+# never name it. `make demo-facts` runs the whole set with every default through the real server
+# (README, "Does it learn?"); here one micro-batch per step (batch_size 4) halves the time.
+FACT_SLICE = ["你叫什么名字？", "What is your name?", "你是谁？", "Can you write code?", "你会犯错吗？"]
+
+
+def test_default_settings_recall_a_rare_name_taught_in_long_answers(tmp_path, embedded_model_dir):
+    from finetune.config import GenerationSettings
+    from finetune.demo import FACTS_PROBE, read_probes, scores
+    from finetune.inference import stream_tokens
+    from finetune.prompts import load_template
+    from finetune.records import split_records
+
+    by_question = {
+        r["instruction"]: r for r in json.loads((ROOT / "data/facts/identity_train.json").read_text())
+    }
+    data = tmp_path / "facts.json"
+    data.write_text(json.dumps([by_question[q] for q in FACT_SLICE], ensure_ascii=False), encoding="utf-8")
+    _, val = split_records(read_records(data), 0.1, 42)
+    assert [r.instruction for r in val] == ["Can you write code?"]  # the default split holds out a filler
+
+    out = tmp_path / "adapter"
+    args = ["--data_path", str(data), "--output_dir", str(out), "--batch_size", "4"]
+    result = train(config_from_args(args, environ={}))
+    training = result.card["training"]
+    assert training["stopped_early"].endswith("every checked training answer is recalled exactly")
+    assert training["kept_step"] == training["steps"] < training["planned_steps"]
+
+    names = {"霁川", "Jichuan"}
+    probes = [p for p in read_probes(FACTS_PROBE, data) if p.fact in names]
+    # "Introduce yourself." is not in the slice: its question counts as a paraphrase here.
+    assert [p.kind for p in probes].count("taught") == 3 and len(probes) == 8
+    model, tokenizer, template = result.model, result.tokenizer, load_template("alpaca")
+    settings = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+
+    def ask() -> list[str]:
+        return [
+            "".join(stream_tokens(model, tokenizer, template.render(p.question), settings)) for p in probes
+        ]
+
+    tuned = scores(probes, ask())
+    with model.disable_adapter():
+        base = scores(probes, ask())
+    assert base == {"taught": [0, 3], "paraphrase": [0, 5]}  # the bare base never says the name
+    assert tuned["taught"] == [3, 3], tuned
+    assert tuned["paraphrase"][0] >= 1, tuned

@@ -83,28 +83,29 @@ def test_num_epochs_reads_auto_or_a_number():
 
 
 @pytest.mark.parametrize(
-    "settings, steps_per_epoch, steps, rule",
+    "settings, records, steps_per_epoch, steps, rule",
     [
-        ({}, 6, 60, "raised to min_steps=60"),  # 48 records: 3 epochs would be 18 steps
-        ({}, 2, 40, "at most 20 epochs"),  # the epoch cap bounds min_steps
-        ({}, 375, 1125, "3 epochs of 375 steps"),  # 3,000 records: alpaca-lora's 3 epochs
-        ({"num_epochs": 1}, 6, 6, "num_epochs=1"),  # explicit epochs are exact
-        ({"num_epochs": 0.5}, 6, 3, "num_epochs=0.5"),
-        ({"max_steps": 7, "num_epochs": 2}, 6, 7, "max_steps=7"),
-        ({"min_steps": 0}, 6, 18, "3 epochs of 6 steps"),
+        ({}, 48, 6, 180, "30 epochs"),  # a few dozen records: the 30-epoch cap
+        ({}, 300, 37.5, 375, "10 epochs"),  # 3,000 examples over 300 records
+        ({}, 3000, 375, 1125, "3 epochs"),  # 3,000 records: alpaca-lora's 3 epochs
+        ({}, 18, 2.5, 75, "30 epochs"),  # a fractional step per epoch still counts
+        ({}, 7, 1, 60, "would be under 60 steps: 60 epochs"),  # too few updates: the step floor
+        ({"num_epochs": 1}, 48, 6, 6, "num_epochs=1"),  # explicit epochs are exact
+        ({"num_epochs": 0.5}, 48, 6, 3, "num_epochs=0.5"),
+        ({"max_steps": 7, "num_epochs": 2}, 48, 6, 7, "max_steps=7"),
     ],
 )
-def test_training_length(settings, steps_per_epoch, steps, rule):
-    got, reason = plan_steps(TrainConfig(**settings), steps_per_epoch)
+def test_training_length(settings, records, steps_per_epoch, steps, rule):
+    got, reason = plan_steps(TrainConfig(**settings), steps_per_epoch, records)
     assert got == steps and rule in reason
 
 
-def test_an_explicit_epoch_count_is_not_raised_to_min_steps(tiny_model_dir, tiny_data, tmp_path):
+def test_an_explicit_epoch_count_is_exact(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "adapter"
     result = train(
         config_from_args(tiny_args(tiny_model_dir, tiny_data, out, "--num_epochs", "1"), environ={})
     )
-    # 20 training records / micro-batch 2 / accumulation 2 = 5 steps (min_steps=60 would make it 60).
+    # 20 training records / micro-batch 2 / accumulation 2 = 5 steps (auto would plan 30 epochs).
     assert result.card["training"]["steps"] == 5
     assert result.card["training"]["steps_rule"] == "num_epochs=1"
     assert "Training length: num_epochs=1" in (out / "README.md").read_text()
