@@ -57,32 +57,20 @@ class TokenLoss(torch.nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:
-        targets = labels[:, 1:]
-        if self.labeled_only:
-            hidden = self.decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
-            keep = targets != IGNORE_INDEX
-            logits = self.head(hidden[:, :-1][keep])
-            targets = targets[keep]
-        else:
-            logits = self.model(input_ids=input_ids, use_cache=False, **inputs).logits[:, :-1]
-            logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        logits, targets = self.labeled_logits(input_ids, labels, **inputs)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
 
-    def greedy(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+    def labeled_logits(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, **inputs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The argmax next token at every position, beside the shifted labels (both [rows, len-1]);
-        positions without a label hold IGNORE_INDEX in both."""
+        """Next-token logits at the positions that carry a label, and those labels (both flat)."""
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        predicted = torch.full_like(targets, IGNORE_INDEX)
         if self.labeled_only:
-            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            predicted[keep] = self.head(hidden.last_hidden_state[:, :-1][keep]).argmax(-1)
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            predicted[keep] = logits[:, :-1][keep].argmax(-1)
-        return predicted, targets
+            hidden = self.decoder(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
+            return self.head(hidden[:, :-1][keep]), targets[keep]
+        logits = self.model(input_ids=input_ids, use_cache=False, **inputs).logits[:, :-1]
+        return logits[keep], targets[keep]
 
 
 def token_loss_sum(
@@ -161,11 +149,13 @@ def greedy_recall(
         chosen = examples[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate_padded(chosen, pad_id).items()}
         with autocast():
-            predicted, targets = loss_fn.greedy(batch["input_ids"], batch["labels"], batch["attention_mask"])
-        hits = (predicted == targets) | (targets == IGNORE_INDEX)
-        exact += int(hits.all(dim=1).sum())
-        keep = targets != IGNORE_INDEX
-        correct += int((hits & keep).sum())
+            logits, targets = loss_fn.labeled_logits(**batch)
+        keep = batch["labels"][:, 1:] != IGNORE_INDEX
+        hits = torch.zeros_like(keep)
+        hits[keep] = logits.argmax(-1) == targets
+        # A row is recalled when every answer position is a hit: greedy decoding then returns it.
+        exact += int((hits | ~keep).all(dim=1).sum())
+        correct += int(hits.sum())
         total += int(keep.sum())
     if was_training:
         model.train()
