@@ -36,6 +36,8 @@ def main() -> None:
         "grad_norms": grad_norms,
         "base_val_loss": result.card["eval"]["base_val_loss"],
         "val_loss": result.card["eval"]["val_loss"],
+        "stopped_early": result.card["training"]["stopped_early"],
+        "kept_step": result.card["training"]["kept_step"],
     }
     (dump_dir / f"rank{rank}.json").write_text(json.dumps(logged), encoding="utf-8")
     if distributed:

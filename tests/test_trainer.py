@@ -387,6 +387,29 @@ def run_ddp_worker(nproc: int, dump_dir: Path, args: list[str]) -> subprocess.Co
     return proc
 
 
+def test_two_ranks_stop_early_at_the_same_step_and_keep_the_same_adapter(tiny_model_dir, tiny_data, tmp_path):
+    # num_epochs=auto with patience 2: the tiny model's recall plateaus, and rank 0's decision to
+    # stop must reach rank 1 (a rank left in the loop would hang in its next all-reduce).
+    settings = [
+        "--eval_steps",
+        "2",
+        "--stop_patience",
+        "2",
+        "--eval_generate",
+        "0",
+        "--micro_batch_size",
+        "2",
+    ]
+    run_ddp_worker(2, tmp_path / "ddp", tiny_args(tiny_model_dir, tiny_data, tmp_path / "adapter", *settings))
+    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["stopped_early"] and "no better score" in ranks[0]["stopped_early"]
+    assert len(ranks[0]["losses"]) == len(ranks[1]["losses"]) < 150
+    assert ranks[0]["kept_step"] == ranks[1]["kept_step"]
+    weights = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_two_gloo_ranks_train_as_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path):
     """Two ranks with micro-batch 2 and no accumulation against one process with micro-batch 2 and
     accumulation 2: each step sees the same 4 examples, so the logged losses, the gradients and the
