@@ -97,8 +97,8 @@ class TrainConfig:
     """Examples per forward pass (per process)."""
     num_epochs: float | None = None
     """Passes over the training split. Unset or auto (the default): 3000 examples' worth (3 to 30
-    epochs), stopping early once the training answers are recalled (see stop_patience). A number
-    is exact. Ignored when max_steps > 0."""
+    epochs, at least 60 steps), stopping early once the training answers are recalled (see
+    stop_patience). A number is exact. Ignored when max_steps > 0."""
     max_steps: int = 0
     """Optimizer steps to run; 0 means use num_epochs."""
     learning_rate: float = 1e-3
