@@ -75,6 +75,16 @@ def train_llama_sentencepiece(lines: list[str], vocab_size: int = 320) -> bytes:
     return model.getvalue()
 
 
+# The tiny decoder's shape, shared by every architecture the tests build.
+TINY_SHAPE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 512,
+}
+
+
 def build_tiny_llama(folder: Path, seed: int = 0, kv_heads: int = 2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -83,12 +93,8 @@ def build_tiny_llama(folder: Path, seed: int = 0, kv_heads: int = 2):
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **TINY_SHAPE,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

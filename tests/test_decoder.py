@@ -162,19 +162,12 @@ def test_other_architectures_run_transformers_forward_on_the_same_cache(tmp_path
     """Qwen2 (q/k/v biases) is not Llama: the engine runs transformers' forward over our KV."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from tests.conftest import build_tokenizer
+    from tests.conftest import TINY_SHAPE, build_tokenizer
 
     tokenizer = build_tokenizer(tmp_path)
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer), **TINY_SHAPE, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id
     )
     model = Qwen2ForCausalLM(config).eval()
     assert "qwen2" in (unsupported(model) or "")
