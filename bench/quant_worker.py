@@ -3,7 +3,9 @@
     python -m bench.quant_worker SPEC.json OUT.json
 
 Modes: fp32 (SERVE_QUANT=none), bf16 (SERVE_DTYPE=bfloat16), int8 and int4 (weight-only, torch's
-CPU kernels). Each reports setup seconds, RSS after setup, time to first token and decode tokens/s
+CPU kernels), each eager (SERVE_COMPILE=off) or compiled (auto; the compiled rows also report the
+first start, which compiles into the run's own cache, and fail if the server fell back to eager
+decoding). Each reports setup seconds, RSS after setup, time to first token and decode tokens/s
 of `ModelServer.generate` with the setup adapter merged, alternating rep by rep with plain
 `model.generate` fp32 (the PEFT model, as infer_worker's baseline) for the ratio; then quality:
 the held-out loss on data/demo/persona_heldout.json with every row through the quantized kernels
@@ -15,6 +17,9 @@ what our forward and KV buffer gain at the same precision."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +75,25 @@ def heldout_loss(server: Any) -> float:
     return total / count
 
 
+def first_start(spec: dict[str, Any], adapter: str, settings: dict[str, str]) -> float:
+    """Seconds a `ModelServer(...)` took in a fresh process (environment inherited)."""
+    code = (
+        "import sys, time\n"
+        "from bench.common import setup_torch\n"
+        f"setup_torch('cpu', {int(spec['threads'])})\n"
+        "from finetune.serving import ModelServer\n"
+        "t = time.perf_counter()\n"
+        f"ModelServer(adapter={adapter!r}, dtype={settings['dtype']!r}, quantization={settings['quantization']!r})\n"
+        "print('first start', time.perf_counter() - t, flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    sys.stderr.write(done.stderr[-3000:])
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("first start ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the first start failed (exit {done.returncode})")
+    return float(lines[-1].split()[-1])
+
+
 def main(spec_path: str, out_path: str) -> None:
     from finetune.compute import ComputeThread
 
@@ -83,15 +107,26 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune import quant
+    from finetune import compiled, quant
     from finetune.serving import ModelServer
     from finetune.weights import resolve_base_model
 
     mode, adapter, max_new = spec["mode"], spec["adapter_dir"], spec["decode_tokens"]
+    compile_on = spec.get("compile", False)
+    os.environ[compiled.COMPILE_ENV] = "auto" if compile_on else "off"
+    os.environ[compiled.CACHE_ENV] = spec["compile_cache"]
     load_before = load_avg()
+    first_start_s = None
+    if compile_on:
+        # The cache is this run's own, empty for each shape: the first start compiles, as a
+        # user's first start on a machine does; the one below is the warm start every later one
+        # is. The first runs in a child process, so that this one's RSS is one server's.
+        first_start_s = first_start(spec, adapter, SETTINGS[mode])
     t0 = time.perf_counter()  # a warm start: earlier sections have read the weights already
     server = ModelServer(adapter=adapter, compute=compute, **SETTINGS[mode])
     setup_s = time.perf_counter() - t0
+    if compile_on and server.engine.compiled is None:
+        raise RuntimeError(f"{mode} compiled: the server decodes eagerly (see the log for why)")
     rss_mb = psutil.Process().memory_info().rss / 2**20
     base = resolve_base_model(None)
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -114,7 +149,7 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
 
     ids = {p: greedy_ids(server, p, max_new) for p in PROMPTS}
     reference_path = Path(spec["workdir"]) / "quant-fp32-greedy.json"
-    if mode == "fp32":
+    if mode == "fp32" and not compile_on:
         reference_path.write_text(json.dumps(ids))
     agreement = None
     if reference_path.is_file():
@@ -129,8 +164,10 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
     ours_tps = median([r["decode_tps"] for r in runs["ours"]])
     result = {
         "mode": mode,
+        "compiled": compile_on,
         "settings": SETTINGS[mode],
         "setup_s": round(setup_s, 2),
+        "first_start_s": None if first_start_s is None else round(first_start_s, 1),
         "rss_mb": round(rss_mb),
         "quantized_mb": round(quant.quantized_bytes(server.model) / 2**20, 1),
         "ttft_ms": round(1000 * median([r["ttft_s"] for r in runs["ours"]]), 1),
@@ -148,11 +185,9 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
         "greedy_agreement": agreement,
         "load_avg": [load_before, load_avg()],
     }
-    log(f"quant {mode}: {json.dumps(result)}")
+    log(f"quant {mode}{' compiled' if compile_on else ''}: {json.dumps(result)}")
     write_json(out_path, result)
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1], sys.argv[2])

@@ -103,10 +103,11 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         h["setup_s"] = st["construct_s_median"]
     qt = results.get("quant")
     if qt:
-        by_mode = {r["mode"]: r for r in qt["rows"]}
-        d, fp32 = by_mode.get(qt["default"]), by_mode.get("fp32")
+        by_mode = {(r["mode"], r.get("compiled", False)): r for r in qt["rows"]}
+        d = by_mode.get((qt["default"], qt.get("default_compiled", False)))
+        fp32 = by_mode.get(("fp32", False))
         if d:
-            h["quant_default"] = qt["default"]
+            h["quant_default"] = qt["default"] + (" compiled" if d.get("compiled") else "")
             h["quant_decode_x"] = d["vs_generate_fp32"]
             h["quant_decode_tps"] = d["decode_tps"]
             h["quant_ttft_ms"] = d["ttft_ms"]
@@ -353,26 +354,32 @@ def markdown(results: dict[str, Any]) -> str:
 
     qt = results.get("quant")
     if qt:
-        fp32 = next((r for r in qt["rows"] if r["mode"] == "fp32"), None)
+        fp32 = next((r for r in qt["rows"] if r["mode"] == "fp32" and not r.get("compiled")), None)
         lines += [
             "",
-            f"## Serving precision (one stream, greedy, setup adapter merged; default: {qt['default']})",
+            f"## Serving precision (one stream, greedy, setup adapter merged; default: {qt['default']}"
+            f"{', compiled' if qt.get('default_compiled') else ''})",
             "",
             "Each mode in its own process, alternating rep by rep with plain `generate` fp32. Held-out loss: "
             "`data/demo/persona_heldout.json` with every row through the quantized kernels; agreement: "
             "share of greedy tokens equal to fp32's, position by position, on 4 prompts. × transformers "
             "forward: the same server with the engine on transformers' forward instead of ours (decoder.py), "
-            "alternating.",
+            "alternating. Compiled: `SERVE_COMPILE=auto` (the decode step compiled ahead of time; prompts "
+            "prefill eagerly); setup is a warm start, first start the one that compiled (an empty cache). "
+            "The held-out loss runs the model's own forward, the same weights compiled or not; the compiled "
+            "step's rounding shows in the agreement.",
             "",
-            "| mode | decode tok/s | × generate fp32 | × transformers forward | TTFT ms | setup s | RSS MB "
-            "| low-bit MB | held-out loss | Δ vs fp32 | greedy agreement |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| mode | decode tok/s | × generate fp32 | × transformers forward | TTFT ms | setup s | first start s "
+            "| RSS MB | low-bit MB | held-out loss | Δ vs fp32 | greedy agreement |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in qt["rows"]:
             delta = 100 * (r["heldout_loss"] / fp32["heldout_loss"] - 1) if fp32 else None
+            label = r["mode"] + (" compiled" if r.get("compiled") else "")
             lines.append(
-                f"| {r['mode']} | {_fmt(r['decode_tps'])} | {_fmt(r['vs_generate_fp32'], 2)} | "
-                f"{_fmt(r.get('vs_transformers_forward'), 2)} | {_fmt(r['ttft_ms'])} | {_fmt(r['setup_s'], 2)} | {r['rss_mb']} | {_fmt(r['quantized_mb'])} | "
+                f"| {label} | {_fmt(r['decode_tps'])} | {_fmt(r['vs_generate_fp32'], 2)} | "
+                f"{_fmt(r.get('vs_transformers_forward'), 2)} | {_fmt(r['ttft_ms'])} | {_fmt(r['setup_s'], 2)} | "
+                f"{_fmt(r.get('first_start_s'), 1)} | {r['rss_mb']} | {_fmt(r['quantized_mb'])} | "
                 f"{r['heldout_loss']:.4f} | {_fmt(delta, 2)} % | {_fmt(r['greedy_agreement'], 3)} |"
             )
 
@@ -441,6 +448,12 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {label} | {_fmt(st[key]['construct_s_median'], 2)} | {st[key]['reps']} | "
                     f"{_fmt(st[key]['import_s_median'], 2)} |"
                 )
+        if results.get("compile_first_start_s") is not None:
+            lines += [
+                "",
+                f"Before these, a first start with an empty compile cache took {results['compile_first_start_s']:.1f} s "
+                "(it compiles the decode step; later starts load the file).",
+            ]
     if results.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"

@@ -150,6 +150,8 @@ class Bench:
         write_json(spec_path, spec)
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
+        # One compile cache for the run's servers, so that a user's cache neither helps nor changes.
+        env.setdefault("SERVE_COMPILE_CACHE", str(self.workdir / "compiled"))
         if self.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # our trainer picks CUDA whenever it sees one
         if self.args.omp_wait_policy != "default":
@@ -311,13 +313,34 @@ class Bench:
         with its); each alternates with plain `generate` fp32 for its ratio."""
         from finetune.serving import pick_quantization
 
-        default = pick_quantization(os.environ.get("SERVE_QUANT") or "none", *_cpu_fp32())
+        default = pick_quantization(os.environ.get("SERVE_QUANT") or "auto", *_cpu_fp32())
         p = self.plan
         rows = []
-        for mode in ("fp32", "bf16", "int8", "int4"):
-            spec = {"mode": mode, "adapter_dir": adapter, "decode_tokens": p.decode_tokens, "reps": p.reps}
-            rows.append(self.worker("quant_worker", f"quant-{mode}", spec))
-        return {"default": "fp32" if default == "none" else default, "rows": rows}
+        cache = str(self.workdir / "compiled-quant")
+        for compile_on in (False, True):
+            for mode in ("fp32", "bf16", "int8", "int4"):
+                if compile_on and mode == "bf16":
+                    continue  # compiled.py decodes bf16 weights eagerly (its load says why)
+                spec = {
+                    "mode": mode,
+                    "compile": compile_on,
+                    "compile_cache": cache,
+                    "adapter_dir": adapter,
+                    "decode_tokens": p.decode_tokens,
+                    "reps": p.reps,
+                }
+                name = f"quant-{mode}{'-compiled' if compile_on else ''}"
+                try:
+                    rows.append(self.worker("quant_worker", name, spec))
+                except Exception as exc:  # one mode failing (say, compiled bf16) keeps the others' rows
+                    self.failures.append(str(exc))
+                    log(str(exc))
+        compile_default = (os.environ.get("SERVE_COMPILE") or "auto") == "auto"
+        return {
+            "default": "fp32" if default == "none" else default,
+            "default_compiled": compile_default,
+            "rows": rows,
+        }
 
     def serving(self, adapter: str) -> dict[str, Any]:
         p = self.plan
@@ -358,6 +381,14 @@ class Bench:
             results["training"] = self.train(data, ceiling)
             ours = [r for r in results["training"]["runs"] if r["variant"] == "ours"]
             adapter = ours[0]["adapter_dir"] if ours else None
+        if sections & {"infer", "startup", "serve"} and self.device == "cpu":
+            # The default server compiles its decode step on a first start: once here, so that the
+            # sections after it time warm starts (the quant section times first starts itself).
+            first = self.worker("startup_worker", "compile-first-start", {"adapter_dir": None})
+            results["compile_first_start_s"] = first["construct_s"]
+            log(
+                f"first start (compiles the decode step unless SERVE_COMPILE=off): {first['construct_s']:.1f} s"
+            )
         if "infer" in sections:
             try:
                 results["inference"] = self.inference(adapter)

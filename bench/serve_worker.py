@@ -7,14 +7,16 @@ For 1, 2, 4 and 8 clients it measures aggregate output tokens/s, p50/p95 time to
 first SSE output event, from sending the request) and p50/p95 time per output token after the
 first, in three set-ups:
 
-* baseline: one prediction at a time (COG_MAX_CONCURRENCY=1, as the server ran before the engine;
-  clients retry a 409 after 50 ms), the setup adapter merged;
-* ours, setup adapter: the default concurrency, every request on the merged setup adapter;
+* baseline: one prediction at a time, fp32, eager (COG_MAX_CONCURRENCY=1, SERVE_QUANT=none,
+  SERVE_COMPILE=off: the server before the engine; clients retry a 409 after 50 ms), the setup
+  adapter merged;
+* ours, setup adapter: the defaults (int8 weights and the compiled decode step on a CPU), every
+  request on the merged setup adapter;
 * ours, 4 adapters: a bare server, requests spread round-robin over 4 `lora_weights` adapters
   (data URIs, warm in the adapter cache), decoding in mixed batches;
 * ours, bf16: the setup-adapter case with SERVE_DTYPE=bfloat16 (AMX runs a matmul of 8 rows about as
   fast as one, where fp32's small-batch kernels slow down);
-* ours, int8: the setup-adapter case with SERVE_QUANT=int8 (weight-only int8 decoding).
+* ours, fp32: the setup-adapter case with SERVE_QUANT=none (fp32 weights, compiled).
 
 Each case first sends each distinct request alone; `same_as_solo` is the share of the loaded
 requests whose greedy text equals that (1.0 is exact batching), `same_as_fp32` compares with the
@@ -256,7 +258,7 @@ def run_case(
             "case": name,
             "concurrency": env.get("COG_MAX_CONCURRENCY", "predict.py"),
             "dtype": env.get("SERVE_DTYPE", "auto"),
-            "quantization": env.get("SERVE_QUANT", "none"),
+            "quantization": env.get("SERVE_QUANT", "auto"),
             "solo": solo,
             "rows": rows,
         }
@@ -288,11 +290,17 @@ def main(spec_path: str, out_path: str) -> None:
     engine = in_process(tokens)
     log(f"serve in process: {engine}")
     cases = [
-        run_case("baseline", {"weights": str(adapter)}, {"COG_MAX_CONCURRENCY": "1"}, spec, plain),
+        run_case(
+            "baseline",
+            {"weights": str(adapter)},
+            {"COG_MAX_CONCURRENCY": "1", "SERVE_QUANT": "none", "SERVE_COMPILE": "off"},
+            spec,
+            plain,
+        ),
         run_case("setup_adapter", {"weights": str(adapter)}, {}, spec, plain),
         run_case("four_adapters", {}, {}, spec, mixed),
         run_case("setup_adapter_bf16", {"weights": str(adapter)}, {"SERVE_DTYPE": "bfloat16"}, spec, plain),
-        run_case("setup_adapter_int8", {"weights": str(adapter)}, {"SERVE_QUANT": "int8"}, spec, plain),
+        run_case("setup_adapter_fp32", {"weights": str(adapter)}, {"SERVE_QUANT": "none"}, spec, plain),
     ]
     fp32_solo = cases[0]["solo"]
     for case in cases[-2:]:

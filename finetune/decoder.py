@@ -26,7 +26,10 @@ import torch.nn.functional as F
 
 
 class KV:
-    """Keys and values for some rows of sequences, per layer [rows, kv heads, capacity, head dim].
+    """Keys and values for some rows of sequences, per layer. Stored time-major, [capacity, rows,
+    kv heads, head dim], so that the tokens so far (`prefix`) are one contiguous block: the compiled
+    decode step (compiled.py) reads them without a copy, and its input layout never depends on the
+    capacity. `write` hands out the [rows, kv heads, length, head dim] view attention expects.
     Columns [0, length) hold tokens; a row that is shorter is left-padded (its mask is False there).
     A layer's buffer is allocated when its first keys arrive (their shape and dtype: no model
     config needed), and grows by doubling, so appending a token copies nothing."""
@@ -39,7 +42,7 @@ class KV:
 
     @property
     def rows(self) -> int:
-        return self.keys[0].shape[0] if self.keys else 0
+        return self.keys[0].shape[1] if self.keys else 0
 
     def reserve(self, extra: int) -> None:
         """Room for `extra` more columns."""
@@ -48,19 +51,28 @@ class KV:
         self.capacity = max(2 * self.capacity, self.length + extra, 64)
         for kind in (self.keys, self.values):
             for i, old in enumerate(kind):
-                kind[i] = old.new_zeros((*old.shape[:2], self.capacity, old.shape[3]))
-                kind[i][:, :, : self.length] = old[:, :, : self.length]
+                kind[i] = old.new_zeros((self.capacity, *old.shape[1:]))
+                kind[i][: self.length] = old[: self.length]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a layer's new keys/values [rows, kv heads, n, head dim] at column `length`; return the
         layer's keys/values up to and including them. `advance(n)` moves `length` once all layers wrote."""
         if layer == len(self.keys):
-            self.keys.append(k.new_zeros((k.shape[0], k.shape[1], self.capacity, k.shape[3])))
-            self.values.append(v.new_zeros((v.shape[0], v.shape[1], self.capacity, v.shape[3])))
+            self.keys.append(k.new_zeros((self.capacity, k.shape[0], k.shape[1], k.shape[3])))
+            self.values.append(v.new_zeros((self.capacity, v.shape[0], v.shape[1], v.shape[3])))
         end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer][self.length : end] = k.permute(2, 0, 1, 3)
+        self.values[layer][self.length : end] = v.permute(2, 0, 1, 3)
+        return self.keys[layer][:end].permute(1, 2, 0, 3), self.values[layer][:end].permute(1, 2, 0, 3)
+
+    def prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's keys/values so far, contiguous [length, rows, kv heads, head dim]."""
+        return self.keys[layer][: self.length], self.values[layer][: self.length]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one new column [rows, kv heads, head dim] per row at `length` (then `advance(1)`)."""
+        self.keys[layer][self.length] = k
+        self.values[layer][self.length] = v
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -69,8 +81,8 @@ class KV:
         """A new KV with these rows and the columns from `start` on (the rest was padding in all of them)."""
         out = KV(self.capacity - start)
         idx = torch.tensor(index, device=self.keys[0].device)
-        out.keys = [t.index_select(0, idx)[:, :, start:].clone() for t in self.keys]
-        out.values = [t.index_select(0, idx)[:, :, start:].clone() for t in self.values]
+        out.keys = [t[start:].index_select(1, idx) for t in self.keys]
+        out.values = [t[start:].index_select(1, idx) for t in self.values]
         out.length = self.length - start
         return out
 
@@ -81,12 +93,12 @@ class KV:
         out.length = out.capacity
         for kind in ("keys", "values"):
             for layer in zip(*(getattr(p, kind) for p in parts), strict=True):
-                rows = sum(t.shape[0] for t in layer)
-                merged = layer[0].new_zeros((rows, layer[0].shape[1], out.length, layer[0].shape[3]))
+                rows = sum(t.shape[1] for t in layer)
+                merged = layer[0].new_zeros((out.length, rows, *layer[0].shape[2:]))
                 row = 0
                 for p, t in zip(parts, layer, strict=True):
-                    merged[row : row + t.shape[0], :, out.length - p.length :] = t[:, :, : p.length]
-                    row += t.shape[0]
+                    merged[out.length - p.length :, row : row + t.shape[1]] = t[: p.length]
+                    row += t.shape[1]
                 getattr(out, kind).append(merged)
         return out
 

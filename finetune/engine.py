@@ -163,6 +163,8 @@ class Engine:
         # compares the two on the same cache).
         self.own_forward = own_forward
         self._decoder: tuple[Any, Decoder | None] = (None, None)
+        # compiled.CompiledStep: decode steps it covers run compiled (the server sets it up).
+        self.compiled: Any = None
         self.stop_ids = eos_ids(model, tokenizer)
         self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()  # from any thread
         self.waiting: deque[Request] = deque()
@@ -320,6 +322,10 @@ class Engine:
         extra = self.prepare(adapters)
         decoder = self.decoder()
         if decoder is not None:
+            if self.compiled is not None and "adapter_names" not in extra:
+                logits = self.compiled.forward(decoder, ids, positions, kv, mask)
+                if logits is not None:
+                    return logits
             return decoder.forward(ids, positions, kv, mask, extra.get("adapter_names"))
         return hf_forward(self.model, kv, extra, input_ids=ids, position_ids=positions, attention_mask=mask)
 

@@ -4,12 +4,20 @@ real embedded model (integration tests)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "weights" / "smollm2-135m-instruct"
+
+# Compiling a decode step costs 10-30 s per shape and dtype: only tests/test_compiled.py turns it on
+# (real servers started by other tests inherit this environment). Most tests compare the server's
+# text with fp32 `generate`, so the suite serves fp32 unless a test asks for the default (int8 on
+# a CPU: tests/test_quant.py, tests/test_compiled.py).
+os.environ.setdefault("SERVE_COMPILE", "off")
+os.environ.setdefault("SERVE_QUANT", "none")
 
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",

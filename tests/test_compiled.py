@@ -1,0 +1,212 @@
+"""The compiled decode step (compiled.py, SERVE_COMPILE=auto): the same greedy tokens as the eager
+step alone and in padded batches, for fp32, int8 and int4 weights; merged adapters compiled and
+per-request ones eager; a cached file loads without compiling; a bad file means eager decoding with
+a reason; stop sequences and cancel on the compiled path; the embedded model through the real Cog
+server. The rest of the suite runs with SERVE_COMPILE=off (conftest) so that it compiles nothing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from finetune import compiled, quant
+from finetune.config import GenerationSettings
+from finetune.encoding import encode_prompt
+from finetune.engine import Engine, EngineLimits, Request
+from finetune.serving import ModelServer
+
+GREEDY16 = GenerationSettings(max_new_tokens=16, temperature=0)
+PROMPTS = [
+    "What is two plus two? Think step by step.",
+    "The capital of France is",
+    "Alpacas live in the Andes. Give three tips for staying healthy.",
+    "中国的首都是北京。",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, request):
+    folder = tmp_path_factory.mktemp("compiled")
+    patch = pytest.MonkeyPatch()
+    patch.setenv(compiled.CACHE_ENV, str(folder))
+    patch.setenv(compiled.COMPILE_ENV, "auto")
+    request.addfinalizer(patch.undo)
+    return folder
+
+
+class Counting:
+    """The compiled runner, counting its calls (to tell which steps it ran)."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.calls = runner, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.runner(*args)
+
+
+def tiny(tiny_model_dir, kind: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    if kind != "none":
+        assert quant.quantize(model, kind) > 0
+    return model, tokenizer
+
+
+def run(engine: Engine, tokenizer, texts: list[str], settings=GREEDY16) -> list[list[int]]:
+    requests = [engine.submit(Request(encode_prompt(tokenizer, t), settings)) for t in texts]
+    for _ in range(500):
+        engine.step()
+        if all(r.done for r in requests):
+            break
+    return [list(r.generated) for r in requests]
+
+
+@pytest.mark.parametrize("kind", ["none", "int8", "int4"])
+def test_compiled_steps_give_the_eager_tokens_alone_and_in_padded_batches(cache, tiny_model_dir, kind):
+    model, tokenizer = tiny(tiny_model_dir, kind)
+    eager = Engine(model, tokenizer, EngineLimits())
+    want = [run(eager, tokenizer, [p])[0] for p in PROMPTS]
+    engine = Engine(model, tokenizer, EngineLimits())
+    step = compiled.load(engine.decoder(), engine.device, engine.limits.max_batch)
+    assert step is not None and step.kind == kind and step.path.parent == cache
+    engine.compiled = step
+    step.runner = counting = Counting(step.runner)
+    alone = [run(engine, tokenizer, [p])[0] for p in PROMPTS]
+    assert counting.calls >= sum(len(t) for t in alone) - len(PROMPTS)  # every decode step compiled
+    # Prompts of different lengths: a batch with left padding, rows joining and leaving.
+    together = run(engine, tokenizer, PROMPTS)
+    assert together == alone
+    if kind == "int4":
+        # bf16 activations through fused loops round differently from the eager ops: measured 1.0 here.
+        agree = [
+            sum(a == b for a, b in zip(x, y, strict=True)) / len(x) for x, y in zip(alone, want, strict=True)
+        ]
+        assert sum(agree) / len(agree) >= 0.75, agree
+    else:
+        assert alone == want
+
+
+def test_a_cached_file_loads_at_once_and_a_bad_one_means_eager_decoding(cache, tiny_model_dir, capfd):
+    model, tokenizer = tiny(tiny_model_dir, "none")
+    engine = Engine(model, tokenizer, EngineLimits())
+    first = compiled.load(engine.decoder(), engine.device, 8)
+    capfd.readouterr()
+    started = time.perf_counter()
+    again = compiled.load(engine.decoder(), engine.device, 8)
+    assert again is not None and again.path == first.path and time.perf_counter() - started < 5
+    assert "building" not in capfd.readouterr().err
+    good = first.path.read_bytes()
+    try:
+        first.path.write_bytes(b"not a compiled model")
+        assert compiled.load(engine.decoder(), engine.device, 8) is None
+        assert "decoding eagerly: compiling failed" in capfd.readouterr().err
+    finally:
+        first.path.write_bytes(good)
+    assert compiled.load(engine.decoder(), engine.device, 8, mode="off") is None
+    bf16 = Engine(model.to(torch.bfloat16), tokenizer, EngineLimits())
+    assert compiled.load(bf16.decoder(), bf16.device, 8) is None
+    assert "decoding eagerly: the compiled step covers fp32 and low-bit weights" in capfd.readouterr().err
+    with pytest.raises(ValueError, match="SERVE_COMPILE='yes': use one of auto, off"):
+        compiled.load(engine.decoder(), engine.device, 8, mode="yes")
+
+
+def test_merged_adapter_compiled_per_request_adapter_eager(cache, tiny_model_dir, tmp_path, monkeypatch):
+    from tests.test_engine import make_adapter
+
+    monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
+    setup = make_adapter(tiny_model_dir, tmp_path / "setup", seed=1)
+    other = make_adapter(tiny_model_dir, tmp_path / "other", seed=2)
+    server = ModelServer(base_model=str(tiny_model_dir), adapter=str(setup), dtype="float32")
+    assert server.engine.compiled is not None and server.merged
+    counting = server.engine.compiled.runner = Counting(server.engine.compiled.runner)
+    merged = "".join(server.generate(PROMPTS[0], settings=GREEDY16))
+    assert counting.calls > 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(compiled.COMPILE_ENV, "off")
+        eager = ModelServer(base_model=str(tiny_model_dir), adapter=str(setup), dtype="float32")
+    assert eager.engine.compiled is None
+    assert "".join(eager.generate(PROMPTS[0], settings=GREEDY16)) == merged
+    # A per-request adapter is not merged: its steps are eager, and still its own text.
+    calls = counting.calls
+    mine = "".join(server.generate(PROMPTS[0], settings=GREEDY16, lora_weights=str(other)))
+    assert counting.calls == calls
+    assert mine == "".join(eager.generate(PROMPTS[0], settings=GREEDY16, lora_weights=str(other)))
+    assert mine != merged
+    # Back to the merged setup adapter: compiled again, the same text.
+    assert "".join(server.generate(PROMPTS[0], settings=GREEDY16)) == merged and counting.calls > calls
+
+
+def test_bad_compile_setting_stops_setup_with_a_reason(tiny_model_dir, monkeypatch):
+    from finetune.modeling import ModelError
+
+    monkeypatch.setenv(compiled.COMPILE_ENV, "always")
+    with pytest.raises(ModelError, match="SERVE_COMPILE='always': use one of auto, off"):
+        ModelServer(base_model=str(tiny_model_dir), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def embedded(cache, embedded_model_dir):
+    """The default on a CPU: int8 weights, the decode step compiled."""
+    return ModelServer(base_model=str(embedded_model_dir), dtype="float32", quantization="auto")
+
+
+def test_embedded_model_compiled_gives_the_eager_text_and_stops_and_cancels(embedded, embedded_model_dir):
+    assert embedded.engine.compiled is not None and embedded.quantization == "int8"
+    prompts = [
+        "Tell me something about alpacas.",
+        "What is the capital of France?",
+        "请用中文介绍一下你自己。",
+    ]
+    got = ["".join(embedded.generate(p, settings=GREEDY16)) for p in prompts]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(compiled.COMPILE_ENV, "off")
+        eager = ModelServer(base_model=str(embedded_model_dir), dtype="float32", quantization="auto")
+    assert got == ["".join(eager.generate(p, settings=GREEDY16)) for p in prompts]
+    stop = got[1].split()[2]
+    stopped = "".join(
+        embedded.generate(
+            prompts[1], settings=GenerationSettings(max_new_tokens=16, temperature=0, stop_sequences=[stop])
+        )
+    )
+    assert stopped == got[1][: got[1].index(stop)]
+    chunks = embedded.generate(prompts[0], settings=GenerationSettings(max_new_tokens=200, temperature=0))
+    next(chunks)
+    chunks.close()  # what a cancelled prediction does
+    assert "".join(embedded.generate(prompts[1], settings=GREEDY16)) == got[1]
+    assert not embedded.engine.busy
+
+
+@pytest.mark.integration
+def test_real_server_decodes_compiled(embedded, cache, tmp_path_factory):
+    """The real Cog server with the defaults (int8, compiled) and the file the fixture compiled: it
+    loads it (no second compile) and answers as the in-process server does, for several clients."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_predict_service import answer, start
+
+    server = start(
+        tmp_path_factory,
+        "compiled",
+        env={compiled.COMPILE_ENV: "auto", compiled.CACHE_ENV: str(cache), quant.QUANT_ENV: "auto"},
+    )
+    try:
+        log = server.log_path.read_text()
+        assert "compile: decode step ready" in log and "building" not in log and "int8 decoding" in log
+        prompts = [
+            "Tell me something about alpacas.",
+            "What is the capital of France?",
+            "Write a haiku about rain.",
+        ]
+        want = [
+            "".join(embedded.generate(p, settings=GenerationSettings(max_new_tokens=24, temperature=0)))
+            for p in prompts
+        ]
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(lambda p: answer(server, p), prompts)) == want
+    finally:
+        server.stop()

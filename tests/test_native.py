@@ -1,0 +1,85 @@
+"""Our int8 kernel (finetune/kernels/int8_linear.cpp through native.py): the numbers against a
+float64 product, a row's result independent of its batch, clear errors for inputs it cannot
+take, the cached library reused, and int8 decoding on torch's kernel where no compiler is."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune import native, quant
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def op():
+    assert native.available(), "the int8 kernel did not build on this machine (see the log)"
+    return torch.ops.finetune.int8_linear
+
+
+@pytest.mark.parametrize("n, k, group", [(37, 64, 64), (100, 576, 64), (4, 16, 16), (1030, 1536, 1536)])
+def test_products_match_float64_and_a_row_never_depends_on_its_batch(op, n, k, group):
+    torch.manual_seed(n + k)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scale = torch.rand(n, k // group) * 0.01 + 1e-4
+    dequantized = (w.double().reshape(n, -1, group) * scale.double()[..., None]).reshape(n, k)
+    x = torch.randn(9, k)
+    got = op(x, w, scale)
+    want = x.double() @ dequantized.T
+    assert got.dtype == torch.float32 and got.shape == (9, n)
+    # fp32 sums of k products: a few ulps of the largest partial sums.
+    bound = 1e-6 * k * (x.abs().double() @ dequantized.abs().T)
+    assert ((got.double() - want).abs() <= bound + 1e-30).all()
+    for rows in (1, 2, 3, 4, 5, 8):
+        for start in (0, 9 - rows):
+            assert torch.equal(op(x[start : start + rows], w, scale), got[start : start + rows])
+
+
+def test_inputs_it_cannot_take_raise_a_clear_error(op):
+    w = torch.zeros(8, 24, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="K must split into groups of a multiple of 16"):
+        op(torch.zeros(1, 24), w, torch.ones(8, 1))
+    with pytest.raises(RuntimeError, match="fp32 x, int8 w"):
+        op(torch.zeros(1, 16, dtype=torch.bfloat16), torch.zeros(8, 16, dtype=torch.int8), torch.ones(8, 1))
+    with pytest.raises(RuntimeError, match=r"fp32 scales \[N, groups\]"):
+        op(torch.zeros(1, 16), torch.zeros(8, 16, dtype=torch.int8), torch.ones(7, 1))
+
+
+def test_the_built_library_is_cached_and_int8_uses_it(op, tmp_path):
+    compiler = os.environ.get("CXX") or "c++"
+    path = native.library_path(compiler)
+    assert path.is_file() and path.parent == native.cache_dir()
+    assert quant.int8_kernel() == "finetune"
+    layer = torch.nn.Linear(64, 32, bias=False)
+    assert quant.quantize(torch.nn.Sequential(layer), "int8") == 1
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), op(x, layer.qweight, layer.qscales))
+
+
+def test_without_a_compiler_int8_runs_on_torchs_kernel(tmp_path):
+    """A fresh process with no compiler and an empty cache: one line says why, and int8 still
+    decodes (torch's kernel, bf16 activations)."""
+    code = (
+        "import torch\n"
+        "from finetune import quant\n"
+        "layer = torch.nn.Linear(64, 32, bias=False)\n"
+        "assert quant.quantize(torch.nn.Sequential(layer), 'int8') == 1\n"
+        "x = torch.randn(2, 64)\n"
+        "want = x.bfloat16().float() @ quant._dequantize('int8', layer.weight).T\n"
+        "assert torch.allclose(layer(x), want, rtol=2e-2, atol=2e-2)\n"
+        "print('kernel', quant.int8_kernel())\n"
+    )
+    env = dict(os.environ, CXX="no-such-compiler", SERVE_COMPILE_CACHE=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kernel aten" in done.stdout
+    assert done.stderr.count("kernels: int8 decoding uses torch's kernel (RuntimeError: no C++ compiler") == 1
+    assert not list(tmp_path.iterdir())
