@@ -24,7 +24,7 @@ import torch
 SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_linear.cpp"
 CACHE_ENV = "SERVE_COMPILE_CACHE"
 _lock = threading.Lock()
-_state: dict[str, str | None] = {}  # "error": None once loaded, else why it is not
+_state: dict[str, str | None] = {}  # once tried: "path" loaded, or "error" why not
 
 
 def cache_dir() -> Path:
@@ -77,7 +77,7 @@ def _build(compiler: str, path: Path) -> None:
         os.replace(built, path)  # whole or not at all: a concurrent start sees no half-written file
 
 
-def _load() -> None:
+def _load() -> Path:
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH; set CXX)")
@@ -95,22 +95,26 @@ def _load() -> None:
     def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
 
+    return path
+
 
 def available() -> bool:
-    """Build (first time on a machine) and load the kernel; False, with the reason printed once,
-    where it cannot be."""
+    """Build (first time on a machine) and load the kernel, once a process; False, with the reason
+    printed once, where it cannot be."""
     with _lock:
-        if "error" not in _state:
+        if not _state:
             try:
-                _load()
-                _state["error"] = None
+                _state["path"] = str(_load())
             except Exception as exc:  # no compiler, a failed build or load: torch's kernel instead
-                _state["error"] = (
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-                )
+                _state["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 print(
                     f"kernels: int8 decoding uses torch's kernel ({_state['error']})",
                     file=sys.stderr,
                     flush=True,
                 )
-        return _state["error"] is None
+        return "path" in _state
+
+
+def loaded() -> Path | None:
+    """The library this process loaded (None: not loaded)."""
+    return Path(_state["path"]) if _state.get("path") else None
