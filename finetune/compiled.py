@@ -47,7 +47,7 @@ _EXAMPLE_ROWS, _EXAMPLE_LENGTH = 2, 3  # export traces with sizes above 1 so nei
 
 
 def _linear(h: torch.Tensor, weight: tuple[torch.Tensor, ...], kind: str) -> torch.Tensor:
-    """quant.py's forward of a base linear layer (fp32, or a low-bit copy with bf16 activations)."""
+    """quant.py's forward of a base linear layer (fp32, or a low-bit copy)."""
     if kind == "none":
         return F.linear(h, weight[0])
     flat = h.reshape(-1, h.shape[-1])
@@ -365,11 +365,8 @@ def _agrees(decoder: Decoder, step: CompiledStep) -> str | None:
     if got is None:
         return "the compiled step does not cover this model"
     scale = eager.abs().max().clamp(min=1e-6)
-    fp32 = (
-        step.kind == step.head_kind == "none"
-        and decoder.base.model.embed_tokens.weight.dtype == torch.float32
-    )
-    # Low-bit kernels and bf16 take bf16 activations: fused loops may round a last bit differently.
+    fp32 = not (quant.bf16_activations(step.kind) or quant.bf16_activations(step.head_kind))
+    # torch's low-bit kernels take bf16 activations: fused loops may round a last bit differently.
     tolerance = 1e-3 if fp32 else 5e-2
     if (got - eager).abs().max() > tolerance * scale:
         return f"its logits differ from the eager step's by {float((got - eager).abs().max()):.3g}"

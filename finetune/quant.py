@@ -114,6 +114,11 @@ def int8_kernel() -> str:
     return "finetune" if native.available() else "aten"
 
 
+def bf16_activations(kind: str) -> bool:
+    """The kind's kernel rounds activations to bf16 (torch's kernels do; ours and fp32 do not)."""
+    return kind == "int4" or (kind == "int8" and int8_kernel() == "aten")
+
+
 def _matmul(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [rows, in] fp32 times a low-bit copy: [rows, out] fp32. torch's kernels take bf16
     activations (with fp32 ones, `_weight_int8pack_mm` was measured 15x slower)."""
