@@ -382,6 +382,12 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_fmt(r.get('first_start_s'), 1)} | {r['rss_mb']} | {_fmt(r['quantized_mb'])} | "
                 f"{r['heldout_loss']:.4f} | {_fmt(delta, 2)} % | {_fmt(r['greedy_agreement'], 3)} |"
             )
+        for r in qt.get("llama_cpp", []):
+            lines.append(
+                f"| {r['mode']} ({r['version']}, our `export gguf`, {_fmt(r['file_mb'])} MB file) | "
+                f"{_fmt(r['decode_tps'])} | {_fmt(r['vs_generate_fp32'], 2)} | – | {_fmt(r['ttft_ms'])} | – | – | – "
+                "| – | – | – | – |"
+            )
 
     sv = results.get("serving")
     if sv:

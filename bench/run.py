@@ -11,6 +11,7 @@ start-up, serving (1-8 concurrent clients through the real Cog server, one-at-a-
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -336,11 +337,21 @@ class Bench:
                     self.failures.append(str(exc))
                     log(str(exc))
         compile_default = (os.environ.get("SERVE_COMPILE") or "auto") == "auto"
-        return {
+        out = {
             "default": "fp32" if default == "none" else default,
             "default_compiled": compile_default,
             "rows": rows,
         }
+        if importlib.util.find_spec("llama_cpp") is None:
+            self.notes.append("llama.cpp reference rows skipped: llama-cpp-python is not installed")
+        else:
+            spec = {"adapter_dir": adapter, "decode_tokens": p.decode_tokens, "reps": p.reps}
+            try:
+                out["llama_cpp"] = self.worker("llamacpp_worker", "quant-llamacpp", spec)["rows"]
+            except Exception as exc:  # a reference, not ours: its failure keeps our rows
+                self.failures.append(str(exc))
+                log(str(exc))
+        return out
 
     def serving(self, adapter: str) -> dict[str, Any]:
         p = self.plan

@@ -1,8 +1,8 @@
 """Our own CPU kernel for int8 decoding (`finetune/kernels/int8_linear.cpp`), built with the
 machine's C++ compiler on first use and cached beside the compiled decode step.
 
-`torch.ops.finetune.int8_linear(x, w, scale)` multiplies fp32 activations with int8 weights (one
-scale per output row) and streams the weights about 2.3x as fast as torch's
+`torch.ops.finetune.int8_linear(x, w, scale)` multiplies fp32 activations with int8 weights (a
+scale per group of 16 to 64 weights) and streams the weights about 2x as fast as torch's
 `aten._weight_int8pack_mm` on the project's CPU (the kernel's header says why and how). Where it
 cannot be built (no compiler, a build error) `available()` says so once and int8 decoding uses
 torch's kernel instead."""
@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 from pathlib import Path
@@ -48,7 +47,6 @@ def _command(compiler: str, source: Path, output: Path) -> list[str]:
         "-w",  # torch's headers warn under some compilers; the kernel itself is small
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *(f"-I{p}" for p in includes),
-        f"-I{sysconfig.get_paths()['include']}",
         str(source),
         "-o",
         str(output),
@@ -60,10 +58,9 @@ def _command(compiler: str, source: Path, output: Path) -> list[str]:
 
 
 def library_path(compiler: str) -> Path:
-    """The built library's file, keyed by what it is built from and against."""
-    key = hashlib.sha256(
-        b"".join([SOURCE.read_bytes(), torch.__version__.encode(), compiler.encode(), sys.platform.encode()])
-    ).hexdigest()[:16]
+    """The built library's file, keyed by what it is built from, with and against."""
+    command = " ".join(_command(compiler, SOURCE, Path("out"))) + torch.__version__ + sys.platform
+    key = hashlib.sha256(SOURCE.read_bytes() + command.encode()).hexdigest()[:16]
     return cache_dir() / f"int8_linear-{key}.so"
 
 

@@ -5,7 +5,7 @@
 // Why our own: decoding one token reads every weight once, so it is bound by how fast the weights
 // stream from memory. torch's aten::_weight_int8pack_mm streamed int8 weights at ~12 GB/s on the
 // project's 2-core CPU against fp32 MKL's ~25 GB/s; this loop with software prefetch streams them
-// at ~28 GB/s (bench/README.md has the figures). And each sum runs in the same order whatever the
+// at ~24 GB/s (bench/kernels.py measures it). And each sum runs in the same order whatever the
 // number of rows and wherever a row falls in the batch, so a request's result does not depend on
 // what else is decoded with it.
 #include <ATen/Parallel.h>
@@ -62,7 +62,8 @@ __attribute__((target("avx512f,avx512bw,fma"))) void chunk_avx512(const float* x
       const auto* p = reinterpret_cast<const __m128i*>(w + row * K + k);
       const __m512 s = _mm512_set1_ps(scale[row * groups + k / G]);
       wv[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p))), s);
-      // The hardware prefetcher alone keeps too few lines in flight (measured 13 against 28 GB/s).
+      // The hardware prefetcher alone keeps too few lines in flight (measured 13 against 28 GB/s
+      // with one scale per row).
       if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (ahead + j) * K + k), _MM_HINT_T0);
     }
     for (int m = 0; m < MC; ++m) {
