@@ -184,10 +184,14 @@ def test_embedded_model_compiled_gives_the_eager_text_and_stops_and_cancels(embe
 @pytest.mark.integration
 def test_real_server_decodes_compiled(embedded, cache, tmp_path_factory):
     """The real Cog server with the defaults (int8, compiled) and the file the fixture compiled: it
-    loads it (no second compile) and answers as the in-process server does, for several clients."""
+    loads it (no second compile) and answers as the in-process server does, for several clients,
+    over SSE, and beside a cancelled request."""
+    import uuid
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.test_predict_service import answer, start
+    import requests
+
+    from tests.test_predict_service import answer, sse_events, start
 
     server = start(
         tmp_path_factory,
@@ -208,5 +212,23 @@ def test_real_server_decodes_compiled(embedded, cache, tmp_path_factory):
         ]
         with ThreadPoolExecutor(3) as pool:
             assert list(pool.map(lambda p: answer(server, p), prompts)) == want
+        # SSE: the streamed chunks are the answer; a cancelled long request leaves another its text.
+        events = sse_events(server, {"prompt": prompts[0], "max_new_tokens": 24, "temperature": 0})
+        assert "".join(d["chunk"] for n, d in events if n == "output") == want[0]
+        assert dict(events)["completed"]["status"] == "succeeded"
+        pid = f"cancel-{uuid.uuid4().hex[:8]}"
+        body = {
+            "input": {
+                "prompt": "Write a very long story about a dragon.",
+                "max_new_tokens": 200,
+                "temperature": 0,
+            }
+        }
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(requests.put, f"{server.url}/predictions/{pid}", json=body, timeout=300)
+            time.sleep(1.0)
+            assert requests.post(f"{server.url}/predictions/{pid}/cancel", timeout=30).status_code == 200
+            assert answer(server, prompts[1]) == want[1]
+            assert long.result().json()["status"] == "canceled"
     finally:
         server.stop()
