@@ -1,8 +1,8 @@
 """Weight-only quantized decoding on CPU (`SERVE_QUANT=int8|int4`): every linear layer of the base
-gets a low-bit copy of its weight that a CPU kernel multiplies with the activations: int8 (one
-scale per output row) through our own kernel (`native.py`: fp32 activations, ~2.3x the weight
-streaming rate of torch's `aten._weight_int8pack_mm`, which it falls back to where it cannot be
-built), int4 (a scale and offset per 32 weights) through torch's
+gets a low-bit copy of its weight that a CPU kernel multiplies with the activations: int8 (a
+scale per 64 weights) through our own kernel (`native.py`: fp32 activations, about 2x the weight
+streaming rate of torch's `aten._weight_int8pack_mm`, which it falls back to, with one scale per
+row, where ours cannot be built), int4 (a scale and offset per 32 weights) through torch's
 `aten._weight_int4pack_mm_for_cpu` with bf16 activations. Decoding a small model on a CPU is bound
 by reading the weights, and these read a quarter or an eighth of fp32's bytes.
 
