@@ -4,7 +4,8 @@ A decode step of a small model in eager mode spends more time dispatching its ~4
 in the matmuls (measured on the 135M model with int4 weights: 35 ms a token eager, of which the
 kernels are 12 ms). This module exports one decoder layer of decoder.Decoder's math, for one new
 token per row, as one graph (`torch.export`) and compiles it with AOTInductor into a shared
-library: the elementwise work is fused into a few C++ loops, the matmuls stay torch's own kernels,
+library: the elementwise work is fused into a few C++ loops, the matmuls stay extern kernels (MKL,
+torch's int4 kernel, our int8 op from native.py, which the library calls through the dispatcher),
 and a layer is one C++ call. The step calls it once per layer (the layers share their shapes, so
 one file serves any depth, and compiling takes the same time for 30 layers as for 2); embedding,
 final norm and vocabulary projection run eagerly around it (three ops).
