@@ -45,9 +45,9 @@ def random_adapter(base: str, dest: Path, seed: int = 0) -> Path:
     from finetune.config import LoraSettings
     from finetune.modeling import add_lora
 
-    model = add_lora(
-        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraSettings(**BENCH_LORA)
-    )
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(seed)  # PEFT draws lora_A from the global generator: the same adapter every run
+    model = add_lora(base_model, LoraSettings(**BENCH_LORA))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
