@@ -177,7 +177,7 @@ class CompiledStep:
         """The compiled math is the model's math right now: every linear layer plain (no LoRA adding
         to it), bias-free, and of the kind the step was compiled for."""
         for layer in decoder.layers():
-            for m in (*layer.qkv, layer.o_proj, *layer.gate_up, layer.down):
+            for m in layer.linears:
                 base = _base_linear(m)
                 if base.bias is not None or _kind(m) != self.kind or (layer.lora and not _plain(m)):
                     return False
@@ -212,7 +212,7 @@ class CompiledStep:
     def _state(self, decoder: Decoder) -> tuple[Any, ...]:
         layers = decoder.layers()
         if layers is not self._layers:
-            modules = [m for layer in layers for m in (*layer.qkv, layer.o_proj, *layer.gate_up, layer.down)]
+            modules = [m for layer in layers for m in layer.linears]
             self._layers, self._key = layers, None
             self._bases = [_base_linear(m) for m in modules] + [decoder.base.lm_head]
             self._lora = next((m for m in modules if m is not _base_linear(m)), None)
@@ -385,9 +385,7 @@ def load(
         return None
     if device.type != "cpu":
         return _skip("the compiled step is built for CPUs; this model runs on " + device.type)
-    kinds = {
-        _kind(m) for layer in decoder.layers() for m in (*layer.qkv, layer.o_proj, *layer.gate_up, layer.down)
-    }
+    kinds = {_kind(m) for layer in decoder.layers() for m in layer.linears}
     if len(kinds) != 1:
         return _skip("some linear layers are quantized and others are not")
     kind, head_kind = kinds.pop(), _kind(decoder.base.lm_head)

@@ -194,6 +194,10 @@ class _Layer:
     down: Any
     lora: bool  # some linear module is a LoRA layer: check each pass whether it is plain
 
+    @property
+    def linears(self) -> tuple[Any, ...]:
+        return (*self.qkv, self.o_proj, *self.gate_up, self.down)
+
 
 class Decoder:
     """`forward` for a Llama-architecture causal LM (or a PeftModel around one) over a `KV`."""

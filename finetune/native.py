@@ -98,6 +98,8 @@ def _load() -> Path:
 def available() -> bool:
     """Build (first time on a machine) and load the kernel, once a process; False, with the reason
     printed once, where it cannot be."""
+    if _state:  # decided: every eager int8 matmul asks, so no lock once it is
+        return "path" in _state
     with _lock:
         if not _state:
             try:
