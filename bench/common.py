@@ -27,6 +27,9 @@ BENCH_LORA = {
 
 
 def data_path() -> Path:
+    """$BENCH_DATA (a machine without ../shared), else the real data set when it is there, else the sample."""
+    if os.environ.get("BENCH_DATA"):
+        return Path(os.environ["BENCH_DATA"])
     return REAL_DATA if REAL_DATA.is_file() else SAMPLE_DATA
 
 

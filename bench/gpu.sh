@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The same benchmarks on one CUDA GPU, in under 5 minutes: bf16 + SDPA (ours), the classic HF
 # Trainer in fp32 and in bf16 mixed precision, 4-bit QLoRA (bitsandbytes nf4), decode and TTFT,
-# the Cog HTTP round trip and start-up. Writes bench/results/gpu.json and bench/results/gpu.md.
+# the Cog HTTP round trip and start-up; then decoding with CUDA graphs (bench/gpu_decode.py).
+# Writes bench/results/gpu.{json,md} and bench/results/gpu-decode.{json,md}.
 #
 #   bash bench/gpu.sh            # full GPU plan
 #   bash bench/gpu.sh --quick    # a smoke test of the CUDA paths (about a minute)
@@ -50,4 +51,8 @@ AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1])).save_p
 fi
 
 # 300 s is the hard stop; the plan's optional runs are skipped past --budget-min.
-exec timeout 300 "$PY" bench/run.py --device cuda --budget-min 4.2 "$@"
+timeout 300 "$PY" bench/run.py --device cuda --budget-min 4.2 "$@"
+
+# Decoding with and without CUDA graphs against generate, on the 135M shape and a 1B Llama shape
+# (about 2 minutes; bench/results/gpu-decode.md).
+exec timeout 240 "$PY" -m bench.gpu_decode ${BENCH_RANDOM_WEIGHTS:+--random}

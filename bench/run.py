@@ -133,6 +133,8 @@ class Bench:
         self.plan = PLANS[(args.device, args.quick)]
         if args.steps:
             self.plan.steps = args.steps
+        if args.variants:
+            self.plan.rounds = [args.variants.split(",")]
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + args.budget_min * 60
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -537,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="training steps per variant (default: per plan)")
     parser.add_argument(
         "--threads", type=int, default=2, help="torch threads in every measured process (CPU)"
+    )
+    parser.add_argument(
+        "--variants", default="", help="training variants, comma list, one round (default: per plan)"
     )
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     parser.add_argument("--no-http", action="store_true", help="skip the Cog HTTP round trip")

@@ -19,7 +19,8 @@ final norm and vocabulary projection run eagerly around it (three ops).
   weight kind). A first start on a machine compiles it; later starts load it at once.
 * Prompts are still prefilled eagerly (many rows at once are matmul-bound), and a step runs eagerly
   whenever the compiled math does not cover it: an unmerged LoRA adapter (per-request adapters),
-  a layer left in fp32 among quantized ones, a model decoder.py does not cover, a GPU.
+  a layer left in fp32 among quantized ones, a model decoder.py does not cover. On a CUDA GPU the
+  step runs as CUDA graphs instead (cudagraph.py).
 * At load, the compiled step is checked against the eager one on the model itself; a file that
   disagrees is not used (and the reason is printed)."""
 
@@ -374,17 +375,19 @@ def _agrees(decoder: Decoder, step: CompiledStep) -> str | None:
     return None
 
 
-def load(
-    decoder: Decoder | None, device: torch.device, max_rows: int, mode: str = "auto"
-) -> CompiledStep | None:
-    """The compiled decode step for this model (compiling it on a first start), or None with the
-    reason printed: the engine then decodes eagerly."""
+def load(decoder: Decoder | None, device: torch.device, max_rows: int, mode: str = "auto") -> Any:
+    """The compiled decode step for this model (compiling it on a first start; CUDA graphs on a
+    GPU), or None with the reason printed: the engine then decodes eagerly."""
     if mode not in MODES:
         raise ValueError(f"{COMPILE_ENV}={mode!r}: use one of {', '.join(MODES)}")
     if mode == "off" or decoder is None:
         return None
+    if device.type == "cuda":
+        from . import cudagraph
+
+        return cudagraph.load(decoder, device, max_rows)
     if device.type != "cpu":
-        return _skip("the compiled step is built for CPUs; this model runs on " + device.type)
+        return _skip("the compiled step is built for CPUs and CUDA GPUs; this model runs on " + device.type)
     kinds = {_kind(m) for layer in decoder.layers() for m in layer.linears}
     if len(kinds) != 1:
         return _skip("some linear layers are quantized and others are not")

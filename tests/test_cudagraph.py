@@ -1,0 +1,165 @@
+"""The CUDA-graph decode step (cudagraph.py). On a CPU its static step runs without graphs
+(`capture=False`): the same buffers, buckets, pool and adoption a GPU records, checked against the
+eager step (logits, and tokens alone and in padded batches that cross column buckets). With a CUDA
+GPU the same checks run with graphs recorded, through ModelServer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune import compiled, cudagraph
+from finetune.config import GenerationSettings
+from finetune.decoder import KV
+from finetune.engine import Engine, EngineLimits
+from finetune.serving import ModelServer
+from tests.test_compiled import PROMPTS, run, tiny
+
+
+def cuda(test):
+    """A test that needs a CUDA GPU: deselected by default (-m gpu runs it), skipped without one."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
+GREEDY80 = GenerationSettings(max_new_tokens=80, temperature=0)  # past the 64-column bucket
+
+
+def teacher_forced(model, tokenizer, steps: list[cudagraph.GraphStep], n: int = 75):
+    """Prefill three left-padded rows, then `n` decode steps fed the eager step's greedy tokens:
+    per step, the eager logits and each GraphStep's, each over its own copy of the cache."""
+    decoder = Engine(model, tokenizer, EngineLimits()).decoder()
+    device = next(model.parameters()).device
+    lengths, width = [5, 9, 2], 9
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (3, width), device=device)
+    mask = torch.tensor([[c >= width - k for c in range(width)] for k in lengths], device=device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    out = []
+    with torch.inference_mode():
+        caches = [KV(width) for _ in range(len(steps) + 1)]
+        for kv in caches:
+            decoder.forward(ids, positions, kv, mask)
+        last = torch.tensor([[7], [8], [9]], device=device)
+        for _ in range(n):
+            pos = mask.sum(1, keepdim=True)
+            mask = torch.cat([mask, mask.new_ones(3, 1)], dim=1)
+            want = decoder.forward(last, pos, caches[0], mask)
+            got = [
+                step.forward(decoder, last, pos, kv, mask) for step, kv in zip(steps, caches[1:], strict=True)
+            ]
+            out.append((want, got))
+            last = want.argmax(-1, keepdim=True)
+    return out
+
+
+def test_bucket_sizes():
+    assert [cudagraph._bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    assert cudagraph._bucket(10, 64) == 64 and cudagraph._bucket(65, 64) == 128
+    step = cudagraph.GraphStep(6, capture=False)
+    assert [step.row_bucket(n) for n in (1, 3, 5, 6)] == [1, 4, 6, 6]
+
+
+def test_static_step_gives_the_eager_logits_over_padding_buckets_and_pool_growth(tiny_model_dir):
+    model, tokenizer = tiny(tiny_model_dir, "none")
+    step = cudagraph.GraphStep(8, capture=False)
+    # Columns 10..84: buckets 64 then 128 (the pool grows once); three rows run as four.
+    for want, (got,) in teacher_forced(model, tokenizer, [step]):
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert step.steps == 75 and step.columns == 128
+    assert set(step.graphs) == {(4, 128)}  # growing the pool dropped the 64-column graph
+
+
+def test_engine_tokens_alone_and_batched_match_eager_decoding(tiny_model_dir):
+    model, tokenizer = tiny(tiny_model_dir, "none")
+    eager = Engine(model, tokenizer, EngineLimits())
+    want = [run(eager, tokenizer, [p], GREEDY80)[0] for p in PROMPTS]
+    engine = Engine(model, tokenizer, EngineLimits())
+    engine.compiled = step = cudagraph.GraphStep(engine.limits.max_batch, capture=False)
+    alone = [run(engine, tokenizer, [p], GREEDY80)[0] for p in PROMPTS]
+    assert alone == want
+    assert max(len(t) for t in alone) > 64 and (1, 128) in step.graphs
+    # Rows joining and leaving (adopted into the pool again each time), with left padding.
+    assert run(engine, tokenizer, PROMPTS, GREEDY80) == alone
+    assert any(rows == 4 for rows, _ in step.graphs)
+
+
+def test_per_request_adapters_run_eagerly_and_moved_weights_drop_the_graphs(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from tests.test_engine import make_adapter
+
+    monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
+    setup = make_adapter(tiny_model_dir, tmp_path / "setup", seed=1)
+    other = make_adapter(tiny_model_dir, tmp_path / "other", seed=2)
+    settings = GenerationSettings(max_new_tokens=16, temperature=0)
+    eager = ModelServer(base_model=str(tiny_model_dir), adapter=str(setup), dtype="float32")
+    server = ModelServer(base_model=str(tiny_model_dir), adapter=str(setup), dtype="float32")
+    step = cudagraph.GraphStep(server.engine.limits.max_batch, capture=False)
+    server.compute.call(setattr, server.engine, "compiled", step)
+    merged = "".join(server.generate(PROMPTS[0], settings=settings))
+    assert merged == "".join(eager.generate(PROMPTS[0], settings=settings)) and step.graphs
+    # An unmerged adapter: the static step does not cover it (forward returns None: eager).
+    mine = "".join(server.generate(PROMPTS[0], settings=settings, lora_weights=str(other)))
+    assert mine == "".join(eager.generate(PROMPTS[0], settings=settings, lora_weights=str(other)))
+    assert mine != merged
+    # Weights replaced by new tensors (one fused with its neighbours, one not): graphs recorded for
+    # the old ones must not replay.
+    recorded = dict(step.graphs)
+    for s in (server, eager):
+        attn = s.model.get_base_model().model.layers[0].self_attn
+        for name in ("k_proj", "o_proj"):
+            base = getattr(attn, name)
+            base = base.get_base_layer() if hasattr(base, "get_base_layer") else base
+            torch.manual_seed(3)
+            base.weight.data = torch.randn_like(base.weight) * 0.5
+    again = "".join(server.generate(PROMPTS[0], settings=settings))
+    assert all(step.graphs.get(k) is not g for k, g in recorded.items())
+    assert again == "".join(eager.generate(PROMPTS[0], settings=settings)) != merged
+
+
+# -- on a CUDA GPU: the graphs themselves ---------------------------------------------------------
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replays_compute_the_static_step_and_track_the_eager_one(tiny_model_dir, dtype):
+    model, tokenizer = tiny(tiny_model_dir, "none")
+    model = model.to("cuda", dtype)
+    graphs, static = cudagraph.GraphStep(8, capture=True), cudagraph.GraphStep(8, capture=False)
+    worst_replay = worst_eager = 0.0
+    for want, (replayed, plain) in teacher_forced(model, tokenizer, [graphs, static]):
+        scale = float(want.abs().max())
+        worst_replay = max(worst_replay, float((replayed - plain).abs().max()) / scale)
+        worst_eager = max(worst_eager, float((plain - want).abs().max()) / scale)
+    assert graphs.steps == 75 and all(g.graph is not None for g in graphs.graphs.values())
+    assert set(graphs.graphs) == {(4, 128)}  # the 64-column graph was dropped when the pool grew
+    # A replay runs the recorded kernels on the same inputs as the unrecorded step: the same numbers.
+    assert worst_replay <= 1e-5, worst_replay
+    # The eager step attends without a mask over fewer columns (another kernel): rounding only.
+    assert worst_eager <= (1e-4 if dtype == torch.float32 else 3e-2), worst_eager
+
+
+@cuda
+def test_the_default_server_on_a_gpu_decodes_through_graphs(tiny_model_dir, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from finetune.inference import GenerationStats
+
+    monkeypatch.setenv(compiled.COMPILE_ENV, "auto")
+    server = ModelServer(base_model=str(tiny_model_dir), device="cuda")
+    step = server.engine.compiled
+    assert isinstance(step, cudagraph.GraphStep) and step.capture and step.graphs  # recorded in setup
+    before = step.steps
+    stats = [GenerationStats() for _ in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        texts = list(
+            pool.map(lambda p, st: "".join(server.generate(p, settings=GREEDY80, stats=st)), PROMPTS, stats)
+        )
+    assert all(texts) and step.steps - before >= max(s.output_token_count for s in stats) - 1
+    assert all(s.stop_reason in ("length", "eos") for s in stats)
+    # Cancel on the graph path: the other requests go on as before.
+    alone = "".join(server.generate(PROMPTS[1], settings=GREEDY80))
+    chunks = server.generate(PROMPTS[0], settings=GenerationSettings(max_new_tokens=200, temperature=0))
+    next(chunks)
+    chunks.close()
+    assert "".join(server.generate(PROMPTS[1], settings=GREEDY80)) == alone
+    assert not server.engine.busy
