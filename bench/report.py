@@ -49,6 +49,7 @@ def aggregate_training(runs: list[dict[str, Any]], bf16_gflops: float, fp32_gflo
         variants[name] = {
             "about": mine[0]["about"],
             "compute_dtype": mine[0]["compute_dtype"],
+            "jemalloc": mine[0].get("jemalloc", False),
             "runs": len(mine),
             "tokens_per_second": round(tps, 2),
             "runs_tokens_per_second": [r["tokens_per_second"] for r in mine],
@@ -255,7 +256,8 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         for name, v in tr["variants"].items():
             lines.append(
-                f"| {name} ({v['about']}) | {v['compute_dtype']} | {_fmt(v['tokens_per_second'])} | "
+                f"| {name} ({v['about']}) | {v['compute_dtype']}{', jemalloc' if v.get('jemalloc') else ''} | "
+                f"{_fmt(v['tokens_per_second'])} | "
                 f"{_fmt(v['x_baseline'], 2)} | {_fmt(v['achieved_gflops'])} | "
                 f"{_fmt(v['share_of_bf16_ceiling_pct'])} | {_fmt(v['peak_rss_mb'], 0)} | "
                 f"{_fmt(v['loss_step1'], 4)} | {_fmt(v['loss_last3_mean'], 4)} | {v['cpu_utilisation']} |"

@@ -145,8 +145,11 @@ class Bench:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def worker(self, module: str, name: str, spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
-        """Run `python -m bench.<module> spec out` in a fresh process; its output goes to a log."""
+    def worker(
+        self, module: str, name: str, spec: dict[str, Any], timeout: float = 1800, jemalloc: bool = False
+    ) -> dict[str, Any]:
+        """Run `python -m bench.<module> spec out` in a fresh process; its output goes to a log.
+        `jemalloc`: preload it where the system has it, as our training entry points do."""
         spec = {"device": self.device, "threads": self.args.threads, "workdir": str(self.workdir), **spec}
         spec_path, out_path = self.workdir / f"{name}.spec.json", self.workdir / f"{name}.json"
         log_path = self.workdir / f"{name}.log"
@@ -159,6 +162,10 @@ class Bench:
             env["CUDA_VISIBLE_DEVICES"] = ""  # our trainer picks CUDA whenever it sees one
         if self.args.omp_wait_policy != "default":
             env["OMP_WAIT_POLICY"] = self.args.omp_wait_policy.upper()
+        if jemalloc:
+            from finetune.allocator import with_jemalloc
+
+            env = with_jemalloc(env)
         t0 = time.perf_counter()
         with open(log_path, "wb") as out:
             proc = subprocess.run(
@@ -222,7 +229,14 @@ class Bench:
 
                     variant = other_packing_variant()
                 try:
-                    out = self.worker("train_worker", f"train-r{rnd}-{variant}", {**spec, "variant": variant})
+                    from bench.train_worker import VARIANTS
+
+                    out = self.worker(
+                        "train_worker",
+                        f"train-r{rnd}-{variant}",
+                        {**spec, "variant": variant},
+                        jemalloc=VARIANTS[variant].get("jemalloc", False),
+                    )
                     out["round"] = rnd
                     runs.append(out)
                 except Exception as exc:  # one variant failing (e.g. bitsandbytes missing) is reported

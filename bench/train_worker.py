@@ -36,14 +36,31 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "amp": True,
         "about": "HF Trainer + PEFT, bf16 mixed precision, padded",
     },
-    "ours": {"trainer": "ours", "about": "finetune.trainer defaults"},
-    "ours_fp32": {"trainer": "ours", "dtype": "float32", "about": "ours, fp32"},
-    "ours_packed": {"trainer": "ours", "packing": True, "about": "ours, packing on"},
-    "ours_padded": {"trainer": "ours", "packing": False, "about": "ours, packing off"},
+    # Our entry points (finetune.py, make train) preload jemalloc where the system has it
+    # (finetune/allocator.py); the bench starts "ours" variants the same way, the recipe's as people
+    # run it. `jemalloc` in each result says what ran.
+    "ours": {"trainer": "ours", "about": "finetune.trainer defaults", "jemalloc": True},
+    "ours_glibc": {"trainer": "ours", "about": "ours with glibc's malloc (TRAIN_JEMALLOC=off)"},
+    "baseline_jemalloc": {
+        "trainer": "hf",
+        "amp": False,
+        "about": "the baseline with jemalloc preloaded",
+        "jemalloc": True,
+    },
+    "ours_defaults": {
+        "trainer": "ours",
+        "about": "ours at the project's defaults: LoRA r=8 on all linear layers, lr 1e-3",
+        "jemalloc": True,
+        "lora": "defaults",
+    },
+    "ours_fp32": {"trainer": "ours", "dtype": "float32", "about": "ours, fp32", "jemalloc": True},
+    "ours_packed": {"trainer": "ours", "packing": True, "about": "ours, packing on", "jemalloc": True},
+    "ours_padded": {"trainer": "ours", "packing": False, "about": "ours, packing off", "jemalloc": True},
     "ours_grouped": {
         "trainer": "ours",
         "group_by_length": True,
         "about": "ours, length-grouped micro-batches",
+        "jemalloc": True,
     },
     "ours_qlora4": {
         "trainer": "ours",
@@ -68,11 +85,12 @@ def make_config(spec: dict[str, Any], variant: dict[str, Any], output_dir: Path)
         batch_size=spec["batch_size"],
         micro_batch_size=spec["micro_batch_size"],
         max_steps=spec["steps"],
-        learning_rate=spec["learning_rate"],
+        # The defaults variant keeps TrainConfig's learning rate and LoraSettings' targets.
+        **({} if variant.get("lora") == "defaults" else {"learning_rate": spec["learning_rate"]}),
         seed=spec["seed"],
         **{k: variant[k] for k in ("dtype", "quantization") if k in variant},
         logging_steps=spec["steps"],
-        lora=LoraSettings(**BENCH_LORA),
+        lora=LoraSettings() if variant.get("lora") == "defaults" else LoraSettings(**BENCH_LORA),
         data=DataConfig(
             data_path=spec["data_path"],
             val_set_size=0,
@@ -230,6 +248,8 @@ def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: Ste
 
 
 def main(spec_path: str, out_path: str) -> None:
+    from finetune.allocator import preloaded
+
     spec = read_json(spec_path)
     setup_torch(spec["device"], spec["threads"])
     import torch
@@ -289,6 +309,9 @@ def main(spec_path: str, out_path: str) -> None:
         "process_seconds": round(time.perf_counter() - started, 1),
         "load_avg_before": load_before,
         "load_avg_after": load_avg(),
+        "jemalloc": preloaded(),
+        "learning_rate": cfg.learning_rate,
+        "lora_targets": cfg.lora.lora_target_modules,
         **info,
     }
     write_json(out_path, out)

@@ -150,4 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["train"]:
+        from .allocator import restart_with_jemalloc
+
+        restart_with_jemalloc()  # before torch: see allocator.py
     sys.exit(main())

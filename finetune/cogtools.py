@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import allocator
 from .config import PROJECT_ROOT
 
 SCHEMA_PATH = Path(".cog") / "openapi_schema.json"
@@ -400,6 +401,8 @@ def server_env(
     else:
         env.pop("COG_WEIGHTS", None)
     env.update(extra or {})
+    if mode == "train":  # the trainer worker inherits it: see allocator.py
+        env = allocator.with_jemalloc(env)
     return env
 
 
