@@ -211,6 +211,8 @@ class Bench:
             "seed": p.seed,
             "cutoff_len": p.cutoff_len,
         }
+        from bench.train_worker import other_packing_variant, preloads_jemalloc
+
         runs: list[dict[str, Any]] = []
         errors: list[str] = []
         round_seconds: list[float] = []
@@ -225,17 +227,13 @@ class Bench:
             t_round = time.perf_counter()
             for variant in variants:
                 if variant == "ours_other_packing":
-                    from bench.train_worker import other_packing_variant
-
                     variant = other_packing_variant()
                 try:
-                    from bench.train_worker import VARIANTS
-
                     out = self.worker(
                         "train_worker",
                         f"train-r{rnd}-{variant}",
                         {**spec, "variant": variant},
-                        jemalloc=VARIANTS[variant].get("jemalloc", False),
+                        jemalloc=preloads_jemalloc(variant),
                     )
                     out["round"] = rnd
                     runs.append(out)

@@ -36,11 +36,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "amp": True,
         "about": "HF Trainer + PEFT, bf16 mixed precision, padded",
     },
-    # Our entry points (finetune.py, make train) preload jemalloc where the system has it
-    # (finetune/allocator.py); the bench starts "ours" variants the same way, the recipe's as people
-    # run it. `jemalloc` in each result says what ran.
-    "ours": {"trainer": "ours", "about": "finetune.trainer defaults", "jemalloc": True},
-    "ours_glibc": {"trainer": "ours", "about": "ours with glibc's malloc (TRAIN_JEMALLOC=off)"},
+    "ours": {"trainer": "ours", "about": "finetune.trainer defaults"},
+    "ours_glibc": {
+        "trainer": "ours",
+        "about": "ours with glibc's malloc (TRAIN_JEMALLOC=off)",
+        "jemalloc": False,
+    },
     "baseline_jemalloc": {
         "trainer": "hf",
         "amp": False,
@@ -50,17 +51,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ours_defaults": {
         "trainer": "ours",
         "about": "ours at the project's defaults: LoRA r=8 on all linear layers, lr 1e-3",
-        "jemalloc": True,
         "lora": "defaults",
     },
-    "ours_fp32": {"trainer": "ours", "dtype": "float32", "about": "ours, fp32", "jemalloc": True},
-    "ours_packed": {"trainer": "ours", "packing": True, "about": "ours, packing on", "jemalloc": True},
-    "ours_padded": {"trainer": "ours", "packing": False, "about": "ours, packing off", "jemalloc": True},
+    "ours_fp32": {"trainer": "ours", "dtype": "float32", "about": "ours, fp32"},
+    "ours_packed": {"trainer": "ours", "packing": True, "about": "ours, packing on"},
+    "ours_padded": {"trainer": "ours", "packing": False, "about": "ours, packing off"},
     "ours_grouped": {
         "trainer": "ours",
         "group_by_length": True,
         "about": "ours, length-grouped micro-batches",
-        "jemalloc": True,
     },
     "ours_qlora4": {
         "trainer": "ours",
@@ -68,6 +67,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "about": "ours, 4-bit QLoRA (bitsandbytes nf4)",
     },
 }
+
+
+def preloads_jemalloc(name: str) -> bool:
+    """Our entry points (finetune.py, make train) preload jemalloc where the system has it
+    (finetune/allocator.py): the bench starts our variants the same way and the recipe's as people
+    run it, unless a variant says otherwise. `jemalloc` in each result says what ran."""
+    variant = VARIANTS[name]
+    return variant.get("jemalloc", variant["trainer"] == "ours")
 
 
 def other_packing_variant() -> str:
@@ -80,17 +87,18 @@ def other_packing_variant() -> str:
 def make_config(spec: dict[str, Any], variant: dict[str, Any], output_dir: Path) -> Any:
     from finetune.config import DataConfig, LoraSettings, TrainConfig
 
+    defaults = variant.get("lora") == "defaults"
     return TrainConfig(
         output_dir=str(output_dir),
         batch_size=spec["batch_size"],
         micro_batch_size=spec["micro_batch_size"],
         max_steps=spec["steps"],
         # The defaults variant keeps TrainConfig's learning rate and LoraSettings' targets.
-        **({} if variant.get("lora") == "defaults" else {"learning_rate": spec["learning_rate"]}),
+        **({} if defaults else {"learning_rate": spec["learning_rate"]}),
         seed=spec["seed"],
         **{k: variant[k] for k in ("dtype", "quantization") if k in variant},
         logging_steps=spec["steps"],
-        lora=LoraSettings() if variant.get("lora") == "defaults" else LoraSettings(**BENCH_LORA),
+        lora=LoraSettings() if defaults else LoraSettings(**BENCH_LORA),
         data=DataConfig(
             data_path=spec["data_path"],
             val_set_size=0,

@@ -24,10 +24,14 @@ ENV = "TRAIN_JEMALLOC"
 _TRIED = "_TRAIN_JEMALLOC_TRIED"  # set across the restart: never restart twice
 
 
+def _choice() -> str:
+    return os.environ.get(ENV, "auto").strip() or "auto"
+
+
 def library() -> str | None:
     """The jemalloc to preload: $TRAIN_JEMALLOC (a path or library name), none when it is `off`,
     else the system's, found the way the dynamic linker finds it (None where there is none)."""
-    choice = os.environ.get(ENV, "auto").strip() or "auto"
+    choice = _choice()
     if choice == "off" or not sys.platform.startswith("linux"):
         return None
     if choice != "auto":
@@ -57,19 +61,21 @@ def with_jemalloc(env: Mapping[str, str]) -> dict[str, str]:
 def restart_with_jemalloc() -> None:
     """Replace this process by itself with jemalloc preloaded, once (same PID, arguments and
     environment otherwise). Call it first thing in an entry point, before torch is imported."""
-    if preloaded() or os.environ.get(_TRIED):
-        if os.environ.get(_TRIED) and not preloaded():
-            print(f"training with glibc's malloc: {library()} could not be preloaded", file=sys.stderr)
+    if preloaded():
         return
-    env = with_jemalloc(os.environ)
-    if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
-        if os.environ.get(ENV, "auto") != "off":
+    lib = library()
+    if lib is None:
+        if _choice() != "off":
             print(
                 "training with glibc's malloc: install jemalloc (Debian/Ubuntu: apt install libjemalloc2) "
                 f"for ~1.3x faster CPU training and flat memory, or set {ENV}=off to silence this",
                 file=sys.stderr,
             )
         return
+    if os.environ.get(_TRIED) or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        print(f"training with glibc's malloc: {lib} could not be preloaded", file=sys.stderr)
+        return
+    env = with_jemalloc(os.environ)
     env[_TRIED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
