@@ -2,6 +2,7 @@
 torch's `aten._weight_int8pack_mm` and fp32 `F.linear`, in one run.
 
     .venv/bin/python bench/kernels.py [--threads 2] [--layers 30]
+    FINETUNE_INT8_ISA=generic .venv/bin/python bench/kernels.py   # a narrower path of ours
 
 One pass multiplies 1 (or 8) rows with every linear layer of the 135M model's decoder shape
 (q/k/v fused, o, gate/up fused, down) for `--layers` layers, different weights per layer, so
@@ -55,7 +56,10 @@ def main() -> None:
         for a, b in zip(fp32, ours, strict=True)
     ]
     params = args.layers * sum(n * k for n, k in SHAPES)
-    print(f"{args.layers} layers of {SHAPES}, {params / 1e6:.0f}M weights, {args.threads} threads")
+    print(
+        f"{args.layers} layers of {SHAPES}, {params / 1e6:.0f}M weights, {args.threads} threads; "
+        f"ours runs its {native.isa()} code (FINETUNE_INT8_ISA=avx2|generic caps it)"
+    )
     print("| rows | kernel | ms per pass | GB/s of weights | × torch int8 |")
     print("|---:|---|---:|---:|---:|")
     for rows in (1, 8):

@@ -117,3 +117,8 @@ def available() -> bool:
 def loaded() -> Path | None:
     """The library this process loaded (None: not loaded)."""
     return Path(_state["path"]) if _state.get("path") else None
+
+
+def isa() -> str | None:
+    """The vector code the loaded kernel runs on this CPU (avx512, avx2 or generic; None: not loaded)."""
+    return str(torch.ops.finetune.int8_isa()) if loaded() else None

@@ -15,6 +15,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -91,13 +93,75 @@ __attribute__((target("avx512f,avx512bw,fma"))) void rows_avx512(const float* x,
     }
   }
 }
+
+// AVX2 + FMA (most laptop CPUs: no AVX-512): the same 16 lanes as two 8-float halves; at most 2 rows
+// of x per pass, so the 16 accumulators fit the 16 vector registers.
+template <int MC>
+__attribute__((target("avx2,fma"))) void chunk_avx2(const float* x, const int8_t* w, const float* scale,
+                                                    float* out, int64_t N, int64_t K, int64_t G, int64_t n,
+                                                    int64_t nb) {
+  const int64_t groups = K / G;
+  __m256 lo[NB][MC], hi[NB][MC];
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < MC; ++m) lo[j][m] = hi[j][m] = _mm256_setzero_ps();
+  const int64_t ahead = std::min(n + PREFETCH_ROWS, N - 1);
+  for (int64_t k = 0; k < K; k += LANES) {
+    for (int j = 0; j < NB; ++j) {
+      const int64_t row = n + (j < nb ? j : 0);
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + row * K + k));
+      const __m256 s = _mm256_set1_ps(scale[row * groups + k / G]);
+      const __m256 wl = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s);
+      const __m256 wh = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s);
+      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (ahead + j) * K + k), _MM_HINT_T0);
+      for (int m = 0; m < MC; ++m) {
+        lo[j][m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), wl, lo[j][m]);
+        hi[j][m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8), wh, hi[j][m]);
+      }
+    }
+  }
+  for (int j = 0; j < nb; ++j)
+    for (int m = 0; m < MC; ++m) {
+      const __m256 v = _mm256_add_ps(lo[j][m], hi[j][m]);
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      out[m * N + n + j] = _mm_cvtss_f32(h);
+    }
+}
+
+__attribute__((target("avx2,fma"))) void rows_avx2(const float* x, const int8_t* w, const float* scale,
+                                                   float* out, int64_t M, int64_t N, int64_t K, int64_t G,
+                                                   int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += NB) {
+    const int64_t nb = std::min(NB, n1 - n);
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) chunk_avx2<2>(x + m * K, w, scale, out + m * N, N, K, G, n, nb);
+    if (m < M) chunk_avx2<1>(x + m * K, w, scale, out + m * N, N, K, G, n, nb);
+  }
+}
 #endif
+
+enum class Isa { generic, avx2, avx512 };
+
+// The widest vector code this CPU runs; FINETUNE_INT8_ISA=avx2|generic caps it, so that the tests
+// check every path on a machine that has AVX-512.
+Isa pick_isa() {
+  const char* cap = std::getenv("FINETUNE_INT8_ISA");
+  const std::string limit = cap ? cap : "avx512";
+#if defined(__x86_64__)
+  if (limit == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+    return Isa::avx512;
+  if (limit != "generic" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+  return Isa::generic;
+}
 
 void rows(const float* x, const int8_t* w, const float* scale, float* out, int64_t M, int64_t N, int64_t K,
           int64_t G, int64_t n0, int64_t n1) {
 #if defined(__x86_64__)
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  if (avx512) return rows_avx512(x, w, scale, out, M, N, K, G, n0, n1);
+  static const Isa isa = pick_isa();
+  if (isa == Isa::avx512) return rows_avx512(x, w, scale, out, M, N, K, G, n0, n1);
+  if (isa == Isa::avx2) return rows_avx2(x, w, scale, out, M, N, K, G, n0, n1);
 #endif
   rows_generic(x, w, scale, out, M, N, K, G, n0, n1);
 }
@@ -124,8 +188,19 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return out;
 }
 
+std::string int8_isa() {
+  switch (pick_isa()) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "generic";
+  }
+}
+
 }  // namespace
 
-TORCH_LIBRARY(finetune, m) { m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor"); }
+TORCH_LIBRARY(finetune, m) {
+  m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("int8_isa() -> str", &int8_isa);  // the vector code int8_linear runs here
+}
 
 TORCH_LIBRARY_IMPL(finetune, CPU, m) { m.impl("int8_linear", int8_linear); }
