@@ -156,10 +156,16 @@ Isa pick_isa() {
   return Isa::generic;
 }
 
+// Decided once a process: int8_linear and int8_isa always name the same path.
+Isa active_isa() {
+  static const Isa isa = pick_isa();
+  return isa;
+}
+
 void rows(const float* x, const int8_t* w, const float* scale, float* out, int64_t M, int64_t N, int64_t K,
           int64_t G, int64_t n0, int64_t n1) {
 #if defined(__x86_64__)
-  static const Isa isa = pick_isa();
+  const Isa isa = active_isa();
   if (isa == Isa::avx512) return rows_avx512(x, w, scale, out, M, N, K, G, n0, n1);
   if (isa == Isa::avx2) return rows_avx2(x, w, scale, out, M, N, K, G, n0, n1);
 #endif
@@ -189,7 +195,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }
 
 std::string int8_isa() {
-  switch (pick_isa()) {
+  switch (active_isa()) {
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "generic";
