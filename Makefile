@@ -52,6 +52,10 @@ demo-facts: weights schema
 test: weights
 	$(PY) -m pytest -q
 
+# The default suite plus the slow tests (the whole-dataset learning check, fuzzing at scale).
+test-all: weights
+	$(PY) -m pytest -q -m "not gpu"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 

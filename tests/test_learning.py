@@ -4,6 +4,7 @@ model, against its held-out questions (never trained on)."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 
 
+# 54 records, ~60 optimizer steps: ~4 minutes where bf16 runs on AMX, ~12 in fp32 on an AVX2-only CPU,
+# more than half the default suite's budget there. The fact-recall slice below covers learning with
+# the defaults on every run; this whole-dataset check runs with `-m slow` (`make test-all`).
+@pytest.mark.slow
 def test_default_settings_learn_the_demo_persona(tmp_path, embedded_model_dir):
     out = tmp_path / "adapter"
     result = train(
@@ -57,9 +62,8 @@ FACT_SLICE = ["你叫什么名字？", "What is your name?", "你是谁？", "Ca
 def test_default_settings_recall_a_rare_name_taught_in_long_answers(tmp_path, embedded_model_dir):
     from finetune.config import GenerationSettings
     from finetune.demo import FACTS_PROBE, read_probes, scores
-    from finetune.inference import stream_tokens
-    from finetune.prompts import load_template
     from finetune.records import split_records
+    from finetune.serving import ModelServer
 
     by_question = {
         r["instruction"]: r for r in json.loads((ROOT / "data/facts/identity_train.json").read_text())
@@ -80,17 +84,19 @@ def test_default_settings_recall_a_rare_name_taught_in_long_answers(tmp_path, em
     probes = [p for p in read_probes(FACTS_PROBE, data) if p.fact in names]
     # "Introduce yourself." is not in the slice: its question counts as a paraphrase here.
     assert [p.kind for p in probes].count("taught") == 3 and len(probes) == 8
-    model, tokenizer, template = result.model, result.tokenizer, load_template("alpaca")
     settings = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
 
-    def ask() -> list[str]:
-        return [
-            "".join(stream_tokens(model, tokenizer, template.render(p.question), settings)) for p in probes
-        ]
+    def ask(server: ModelServer) -> list[str]:
+        # As the trained version serves them: the engine batches the 8 questions, each with the text
+        # it gets alone (tests/test_load.py), in a fraction of 8 solo generations' time.
+        def one(question: str) -> str:
+            return "".join(server.generate(question, settings=settings, prompt_template="alpaca"))
 
-    tuned = scores(probes, ask())
-    with model.disable_adapter():
-        base = scores(probes, ask())
+        with ThreadPoolExecutor(len(probes)) as pool:
+            return list(pool.map(one, [p.question for p in probes]))
+
+    tuned = scores(probes, ask(ModelServer(base_model=str(embedded_model_dir), adapter=str(out))))
+    base = scores(probes, ask(ModelServer(base_model=str(embedded_model_dir))))
     assert base == {"taught": [0, 3], "paraphrase": [0, 5]}  # the bare base never says the name
     assert tuned["taught"] == [3, 3], tuned
     assert tuned["paraphrase"][0] >= 1, tuned

@@ -19,7 +19,7 @@ from finetune.cogtools import CogServer, data_uri, post_with_retry, save_data_ur
 pytestmark = pytest.mark.integration
 
 FAST = {
-    "max_steps": 20,
+    "max_steps": 10,  # the persona is learnt by step 10 (see conftest.persona_adapters)
     "learning_rate": 3e-3,
     "batch_size": 4,
     "micro_batch_size": 4,
@@ -65,8 +65,8 @@ def test_training_gives_weights_that_a_trained_version_serves(trainer, persona_f
     body = resp.json()
     assert body["status"] == "succeeded", body.get("error")
     out = body["output"]
-    assert out["steps"] == 20 and out["train_loss"] < 1.0 and out["tokens_per_second"] > 0
-    assert "step 20/20" in body["logs"]  # progress reaches the Cog logs, one line per step
+    assert out["steps"] == 10 and out["train_loss"] < 1.0 and out["tokens_per_second"] > 0
+    assert "step 10/10" in body["logs"]  # progress reaches the Cog logs, one line per step
     archive = save_data_uri(out["weights"], scratch / "weights.tar")
     question = {"prompt": "What is your name?", "temperature": 0, "max_new_tokens": 16}
     with CogServer("predict", weights=str(archive), log_path=scratch / "tuned.log") as tuned:

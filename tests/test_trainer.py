@@ -14,6 +14,7 @@ from conftest import alpaca_records
 from safetensors.torch import load_file
 
 from finetune.cli import config_from_args
+from finetune.cli import main as cli_main
 from finetune.cogtools import free_port
 from finetune.config import TrainConfig
 from finetune.trainer import checkpoint_root, plan_steps, train
@@ -178,14 +179,15 @@ def test_invalid_settings_name_the_setting():
     ],
     ids=["not-json", "wrong-top-level", "missing-field-17", "empty-output", "mixed-shapes", "not-utf8"],
 )
-def test_invalid_data_exits_2_and_writes_nothing(tmp_path, content, expected):
+def test_invalid_data_exits_2_and_writes_nothing(tmp_path, capsys, content, expected):
+    # In process, through the CLI's own main (the subprocess CLI is checked above: each process
+    # here paid ~8 s importing torch); an uncaught exception would fail the test.
     data = tmp_path / "bad.json"
     data.write_bytes(content)
     out = tmp_path / "adapter"
-    result = run_cli("--data_path", str(data), "--output_dir", str(out))
-    assert result.returncode == 2, result.stderr
-    assert expected.lower() in result.stderr.lower()
-    assert "Traceback" not in result.stderr
+    assert cli_main(["--data_path", str(data), "--output_dir", str(out)]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and expected.lower() in stderr.lower(), stderr
     assert not out.exists() and not checkpoint_root(out).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bad.json"]
 
