@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,15 @@ def pick_precision(requested: str, device: torch.device, training: bool) -> Prec
     if requested == "bfloat16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ModelError("this GPU has no bfloat16 support; use dtype float16 or float32")
+        if device.type == "cpu" and not cpu_has_fast_bf16():
+            # Honoured (it halves the memory), but the user asked for speed they will not get.
+            print(
+                "warning: dtype bfloat16 on a CPU without AMX or AVX512-BF16: its bf16 matmuls run "
+                "slower than fp32 (measured on an AVX2 CPU: 1.6x slower for one row, 3.4x for 56); "
+                "auto or float32 is faster here",
+                file=sys.stderr,
+                flush=True,
+            )
         if device.type == "cpu" and training:
             return Precision(torch.float32, torch.bfloat16)
         return Precision(torch.bfloat16, torch.bfloat16)

@@ -222,3 +222,17 @@ def test_flattened_head_input_computes_the_same_logits(tiny_model_dir):
     torch.testing.assert_close(after, before)
     assert full.shape == (1, 7, model.config.vocab_size)
     torch.testing.assert_close(full[:, -1:], after)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_bfloat16_on_a_cpu_without_fast_bf16_warns_and_is_honoured(monkeypatch, capsys, fast):
+    from finetune import modeling
+
+    monkeypatch.setattr(modeling, "cpu_has_fast_bf16", lambda: fast)
+    for training in (False, True):
+        got = modeling.pick_precision("bfloat16", CPU, training=training)
+        assert got.compute == torch.bfloat16  # honoured: half the memory is a reason to ask for it
+        warned = "bfloat16 on a CPU without AMX or AVX512-BF16" in capsys.readouterr().err
+        assert warned is not fast
+    modeling.pick_precision("auto", CPU, training=False)
+    assert capsys.readouterr().err == ""
