@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -129,14 +130,69 @@ __attribute__((target("avx2,fma"))) void chunk_avx2(const float* x, const int8_t
     }
 }
 
+// More than 2 rows of x: widen the block's NB weight rows once into a buffer (the same floats
+// chunk_avx2 computes in registers) and run every row of x against it, so the widening is paid once,
+// not once per pair of rows. Each sum keeps chunk_avx2's order: results match it bit for bit.
+__attribute__((target("avx2,fma"))) void widen_avx2(const int8_t* w, const float* scale, float* wb, int64_t N,
+                                                    int64_t K, int64_t G, int64_t n, int64_t nb) {
+  const int64_t groups = K / G;
+  const int64_t ahead = std::min(n + PREFETCH_ROWS, N - 1);
+  for (int64_t k = 0; k < K; k += LANES) {
+    for (int j = 0; j < NB; ++j) {
+      const int64_t row = n + (j < nb ? j : 0);
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + row * K + k));
+      const __m256 s = _mm256_set1_ps(scale[row * groups + k / G]);
+      _mm256_storeu_ps(wb + j * K + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s));
+      _mm256_storeu_ps(wb + j * K + k + 8,
+                       _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s));
+      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (ahead + j) * K + k), _MM_HINT_T0);
+    }
+  }
+}
+
+template <int MC>
+__attribute__((target("avx2,fma"))) void chunk_avx2_widened(const float* x, const float* wb, float* out,
+                                                            int64_t N, int64_t K, int64_t n, int64_t nb) {
+  __m256 lo[NB][MC], hi[NB][MC];
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < MC; ++m) lo[j][m] = hi[j][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += LANES) {
+    for (int j = 0; j < NB; ++j) {
+      const __m256 wl = _mm256_loadu_ps(wb + j * K + k), wh = _mm256_loadu_ps(wb + j * K + k + 8);
+      for (int m = 0; m < MC; ++m) {
+        lo[j][m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), wl, lo[j][m]);
+        hi[j][m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8), wh, hi[j][m]);
+      }
+    }
+  }
+  for (int j = 0; j < nb; ++j)
+    for (int m = 0; m < MC; ++m) {
+      const __m256 v = _mm256_add_ps(lo[j][m], hi[j][m]);
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      out[m * N + n + j] = _mm_cvtss_f32(h);
+    }
+}
+
 __attribute__((target("avx2,fma"))) void rows_avx2(const float* x, const int8_t* w, const float* scale,
                                                    float* out, int64_t M, int64_t N, int64_t K, int64_t G,
                                                    int64_t n0, int64_t n1) {
+  if (M <= 2) {
+    for (int64_t n = n0; n < n1; n += NB) {
+      const int64_t nb = std::min(NB, n1 - n);
+      if (M == 2) chunk_avx2<2>(x, w, scale, out, N, K, G, n, nb);
+      else chunk_avx2<1>(x, w, scale, out, N, K, G, n, nb);
+    }
+    return;
+  }
+  thread_local std::vector<float> buffer;
+  buffer.resize(NB * K);
+  float* wb = buffer.data();
   for (int64_t n = n0; n < n1; n += NB) {
     const int64_t nb = std::min(NB, n1 - n);
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) chunk_avx2<2>(x + m * K, w, scale, out + m * N, N, K, G, n, nb);
-    if (m < M) chunk_avx2<1>(x + m * K, w, scale, out + m * N, N, K, G, n, nb);
+    widen_avx2(w, scale, wb, N, K, G, n, nb);
+    for (int64_t m = 0; m < M; ++m) chunk_avx2_widened<1>(x + m * K, wb, out + m * N, N, K, n, nb);
   }
 }
 #endif
