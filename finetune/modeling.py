@@ -80,9 +80,9 @@ def pick_precision(requested: str, device: torch.device, training: bool) -> Prec
         if device.type == "cpu" and not cpu_has_fast_bf16():
             # Honoured (it halves the memory), but the user asked for speed they will not get.
             print(
-                "warning: dtype bfloat16 on a CPU without AMX or AVX512-BF16: its bf16 matmuls run "
-                "slower than fp32 (measured on an AVX2 CPU: 1.6x slower for one row, 3.4x for 56); "
-                "auto or float32 is faster here",
+                "warning: dtype bfloat16 on a CPU without AMX or AVX512-BF16: bf16 matmuls of many "
+                "rows (prompts, training) run several times slower than fp32 here (measured on an "
+                "AVX2 CPU: 3.4x for 56 rows); auto (fp32, int8 decoding) is faster",
                 file=sys.stderr,
                 flush=True,
             )
