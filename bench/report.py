@@ -8,7 +8,13 @@ from typing import Any
 TARGETS = (
     ("training_speedup", "training tokens/s ≥ 3× baseline (our defaults)", "×", ">=", 3.0),
     ("training_speedup_best", "training tokens/s ≥ 3× baseline (best of our variants)", "×", ">=", 3.0),
-    ("training_ceiling_share", "training ≥ 50 % of the bf16 matmul ceiling", "%", ">=", 50.0),
+    (
+        "training_ceiling_share",
+        "training ≥ 50 % of the matmul ceiling (faster of bf16, fp32)",
+        "%",
+        ">=",
+        50.0,
+    ),
     ("decode_speedup", "decode tokens/s ≥ 3× plain generate", "×", ">=", 3.0),
     ("ttft_ms", "time to first token ≤ 100 ms", "ms", "<=", 100.0),
     ("setup_s", "setup (ModelServer construction) ≤ 3 s", "s", "<=", 3.0),
@@ -40,6 +46,7 @@ def aggregate_training(runs: list[dict[str, Any]], bf16_gflops: float, fp32_gflo
     """Per variant: tokens/s over all its runs' timed steps, FLOP/s (4 x params x tokens/s for LoRA),
     shares of the measured ceilings, memory and loss."""
     variants: dict[str, Any] = {}
+    ceiling = max(bf16_gflops or 0, fp32_gflops or 0)
     for name in dict.fromkeys(r["variant"] for r in runs if "error" not in r):
         mine = [r for r in runs if r.get("variant") == name and "error" not in r]
         tps = sum(r["steady_tokens"] for r in mine) / sum(r["steady_seconds"] for r in mine)
@@ -54,7 +61,9 @@ def aggregate_training(runs: list[dict[str, Any]], bf16_gflops: float, fp32_gflo
             "tokens_per_second": round(tps, 2),
             "runs_tokens_per_second": [r["tokens_per_second"] for r in mine],
             "achieved_gflops": round(gflops, 1),
-            "share_of_bf16_ceiling_pct": round(100 * gflops / bf16_gflops, 1) if bf16_gflops else None,
+            # The ceiling is the faster dtype here: bf16 on AMX or a GPU, fp32 where bf16 is a slow
+            # fallback (an AVX2 CPU: 1.8 against 66 GFLOP/s), and training computes in fp32.
+            "share_of_ceiling_pct": round(100 * gflops / ceiling, 1) if ceiling else None,
             "share_of_fp32_ceiling_pct": round(100 * gflops / fp32_gflops, 1) if fp32_gflops else None,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
             "peak_gpu_mb": max((r["peak_gpu_mb"] or 0) for r in mine) or None,
@@ -92,7 +101,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         )
         h["training_speedup_best"] = tv[best].get("x_baseline")
         h["training_best_variant"] = best
-        h["training_ceiling_share"] = tv[best]["share_of_bf16_ceiling_pct"]
+        h["training_ceiling_share"] = tv[best]["share_of_ceiling_pct"]
     inf = results.get("inference", {})
     if "ours" in inf:
         h["decode_speedup"] = _ratio(inf["ours"]["decode_tps"], inf["baseline"]["decode_tps"])
@@ -174,7 +183,7 @@ def headline_table(results: dict[str, Any]) -> list[str]:
     if b and o:
         rows += [
             ("training tokens/s (non-padding)", b["tokens_per_second"], o["tokens_per_second"], 1),
-            ("training % of bf16 ceiling", b["share_of_bf16_ceiling_pct"], o["share_of_bf16_ceiling_pct"], 1),
+            ("training % of the matmul ceiling", b["share_of_ceiling_pct"], o["share_of_ceiling_pct"], 1),
             ("training peak RSS MB", b["peak_rss_mb"], o["peak_rss_mb"], 0),
             ("training loss, mean of last 3 steps", b["loss_last3_mean"], o["loss_last3_mean"], 4),
         ]
@@ -250,7 +259,7 @@ def markdown(results: dict[str, Any]) -> str:
             "Non-padding tokens/s over steps 2..N (step 1 pays one-off costs), measured the same way for "
             "every variant; FLOP/s = 4 × params × tokens/s.",
             "",
-            "| variant | compute | tokens/s | × baseline | GFLOP/s | % of bf16 ceiling | peak RSS MB | "
+            "| variant | compute | tokens/s | × baseline | GFLOP/s | % of ceiling | peak RSS MB | "
             "loss step 1 | loss, mean of last 3 | CPU util |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
@@ -259,7 +268,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {name} ({v['about']}) | {v['compute_dtype']}{', jemalloc' if v.get('jemalloc') else ''} | "
                 f"{_fmt(v['tokens_per_second'])} | "
                 f"{_fmt(v['x_baseline'], 2)} | {_fmt(v['achieved_gflops'])} | "
-                f"{_fmt(v['share_of_bf16_ceiling_pct'])} | {_fmt(v['peak_rss_mb'], 0)} | "
+                f"{_fmt(v['share_of_ceiling_pct'])} | {_fmt(v['peak_rss_mb'], 0)} | "
                 f"{_fmt(v['loss_step1'], 4)} | {_fmt(v['loss_last3_mean'], 4)} | {v['cpu_utilisation']} |"
             )
         if tr.get("round_ratios"):
