@@ -247,6 +247,11 @@ def markdown(results: dict[str, Any]) -> str:
             f"fp32 **{_fmt(mm['fp32_gflops'])} GFLOP/s**, bf16 **{_fmt(mm['bf16_gflops'])} GFLOP/s** "
             f"(bf16/fp32 {_fmt(_ratio(mm['bf16_gflops'], mm['fp32_gflops']), 2)}×); samples {mm['samples']}",
         ]
+        if mm.get("bf16_n", mm["n"]) != mm["n"]:
+            lines.append(
+                f"bf16 was timed on one {mm['bf16_n']}³ product a round: this CPU has no AMX or "
+                "AVX512-BF16, and its bf16 GEMM is a slow fallback."
+            )
 
     tr = results.get("training")
     if tr and tr.get("variants"):
