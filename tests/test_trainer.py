@@ -188,6 +188,7 @@ def test_invalid_data_exits_2_and_writes_nothing(tmp_path, capsys, content, expe
     assert cli_main(["--data_path", str(data), "--output_dir", str(out)]) == 2
     stderr = capsys.readouterr().err
     assert stderr.startswith("error: ") and expected.lower() in stderr.lower(), stderr
+    assert "Traceback" not in stderr
     assert not out.exists() and not checkpoint_root(out).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bad.json"]
 

@@ -95,6 +95,25 @@ __attribute__((target("avx512f,avx512bw,fma"))) void rows_avx512(const float* x,
   }
 }
 
+// 16 int8 weights widened to fp32 and scaled, as two 8-float halves: every AVX2 path widens
+// through this, so all of them multiply by the same floats.
+__attribute__((target("avx2,fma"), always_inline)) inline void widen16_avx2(const int8_t* p, float scale,
+                                                                            __m256& lo, __m256& hi) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 s = _mm256_set1_ps(scale);
+  lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s);
+  hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s);
+}
+
+// The 16 lanes of one output folded in one fixed order (the same in every AVX2 path).
+__attribute__((target("avx2,fma"), always_inline)) inline float fold16_avx2(__m256 lo, __m256 hi) {
+  const __m256 v = _mm256_add_ps(lo, hi);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
 // AVX2 + FMA (most laptop CPUs: no AVX-512): the same 16 lanes as two 8-float halves; at most 2 rows
 // of x per pass, so the 16 accumulators fit the 16 vector registers.
 template <int MC>
@@ -109,10 +128,8 @@ __attribute__((target("avx2,fma"))) void chunk_avx2(const float* x, const int8_t
   for (int64_t k = 0; k < K; k += LANES) {
     for (int j = 0; j < NB; ++j) {
       const int64_t row = n + (j < nb ? j : 0);
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + row * K + k));
-      const __m256 s = _mm256_set1_ps(scale[row * groups + k / G]);
-      const __m256 wl = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s);
-      const __m256 wh = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s);
+      __m256 wl, wh;
+      widen16_avx2(w + row * K + k, scale[row * groups + k / G], wl, wh);
       if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (ahead + j) * K + k), _MM_HINT_T0);
       for (int m = 0; m < MC; ++m) {
         lo[j][m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), wl, lo[j][m]);
@@ -121,13 +138,7 @@ __attribute__((target("avx2,fma"))) void chunk_avx2(const float* x, const int8_t
     }
   }
   for (int j = 0; j < nb; ++j)
-    for (int m = 0; m < MC; ++m) {
-      const __m256 v = _mm256_add_ps(lo[j][m], hi[j][m]);
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      out[m * N + n + j] = _mm_cvtss_f32(h);
-    }
+    for (int m = 0; m < MC; ++m) out[m * N + n + j] = fold16_avx2(lo[j][m], hi[j][m]);
 }
 
 // More than 2 rows of x: widen the block's NB weight rows once into a buffer (the same floats
@@ -140,39 +151,28 @@ __attribute__((target("avx2,fma"))) void widen_avx2(const int8_t* w, const float
   for (int64_t k = 0; k < K; k += LANES) {
     for (int j = 0; j < NB; ++j) {
       const int64_t row = n + (j < nb ? j : 0);
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + row * K + k));
-      const __m256 s = _mm256_set1_ps(scale[row * groups + k / G]);
-      _mm256_storeu_ps(wb + j * K + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s));
-      _mm256_storeu_ps(wb + j * K + k + 8,
-                       _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s));
+      __m256 wl, wh;
+      widen16_avx2(w + row * K + k, scale[row * groups + k / G], wl, wh);
+      _mm256_storeu_ps(wb + j * K + k, wl);
+      _mm256_storeu_ps(wb + j * K + k + 8, wh);
       if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (ahead + j) * K + k), _MM_HINT_T0);
     }
   }
 }
 
-template <int MC>
-__attribute__((target("avx2,fma"))) void chunk_avx2_widened(const float* x, const float* wb, float* out,
-                                                            int64_t N, int64_t K, int64_t n, int64_t nb) {
-  __m256 lo[NB][MC], hi[NB][MC];
-  for (int j = 0; j < NB; ++j)
-    for (int m = 0; m < MC; ++m) lo[j][m] = hi[j][m] = _mm256_setzero_ps();
+// One row of x against a widened block: chunk_avx2<1>'s sums, the weights read from the buffer.
+__attribute__((target("avx2,fma"))) void row_avx2_widened(const float* x, const float* wb, float* out, int64_t K,
+                                                          int64_t n, int64_t nb) {
+  __m256 lo[NB], hi[NB];
+  for (int j = 0; j < NB; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += LANES) {
+    const __m256 xl = _mm256_loadu_ps(x + k), xh = _mm256_loadu_ps(x + k + 8);
     for (int j = 0; j < NB; ++j) {
-      const __m256 wl = _mm256_loadu_ps(wb + j * K + k), wh = _mm256_loadu_ps(wb + j * K + k + 8);
-      for (int m = 0; m < MC; ++m) {
-        lo[j][m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), wl, lo[j][m]);
-        hi[j][m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8), wh, hi[j][m]);
-      }
+      lo[j] = _mm256_fmadd_ps(xl, _mm256_loadu_ps(wb + j * K + k), lo[j]);
+      hi[j] = _mm256_fmadd_ps(xh, _mm256_loadu_ps(wb + j * K + k + 8), hi[j]);
     }
   }
-  for (int j = 0; j < nb; ++j)
-    for (int m = 0; m < MC; ++m) {
-      const __m256 v = _mm256_add_ps(lo[j][m], hi[j][m]);
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      out[m * N + n + j] = _mm_cvtss_f32(h);
-    }
+  for (int j = 0; j < nb; ++j) out[n + j] = fold16_avx2(lo[j], hi[j]);
 }
 
 __attribute__((target("avx2,fma"))) void rows_avx2(const float* x, const int8_t* w, const float* scale,
@@ -192,7 +192,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const float* x, const int8_t*
   for (int64_t n = n0; n < n1; n += NB) {
     const int64_t nb = std::min(NB, n1 - n);
     widen_avx2(w, scale, wb, N, K, G, n, nb);
-    for (int64_t m = 0; m < M; ++m) chunk_avx2_widened<1>(x + m * K, wb, out + m * N, N, K, n, nb);
+    for (int64_t m = 0; m < M; ++m) row_avx2_widened(x + m * K, wb, out + m * N, K, n, nb);
   }
 }
 #endif
