@@ -367,8 +367,9 @@ def _agrees(decoder: Decoder, step: CompiledStep) -> str | None:
     if got is None:
         return "the compiled step does not cover this model"
     scale = eager.abs().max().clamp(min=1e-6)
-    fp32 = not (quant.bf16_activations(step.kind) or quant.bf16_activations(step.head_kind))
-    # torch's low-bit kernels take bf16 activations: fused loops may round a last bit differently.
+    fp32 = not (quant.rounds_activations(step.kind) or quant.rounds_activations(step.head_kind))
+    # Kernels that round activations (to bf16 or int16) turn the last bit fused loops may round
+    # differently into a rounding step: measured 0.39 of 33 on the 135M model with ours on AVX2.
     tolerance = 1e-3 if fp32 else 5e-2
     if (got - eager).abs().max() > tolerance * scale:
         return f"its logits differ from the eager step's by {float((got - eager).abs().max()):.3g}"

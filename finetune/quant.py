@@ -1,8 +1,8 @@
 """Weight-only quantized decoding on CPU (`SERVE_QUANT=int8|int4`): every linear layer of the base
 gets a low-bit copy of its weight that a CPU kernel multiplies with the activations: int8 (a
-scale per 64 weights) through our own kernel (`native.py`: fp32 activations, about 2x the weight
-streaming rate of torch's `aten._weight_int8pack_mm`, which it falls back to, with one scale per
-row, where ours cannot be built), int4 (a scale and offset per 32 weights) through torch's
+scale per 64 weights) through our own kernel (`native.py`: fp32 activations, rounded to int16 per
+group off AVX-512 CPUs; about 2x the weight streaming rate of torch's `aten._weight_int8pack_mm`,
+which it falls back to, with one scale per row, where ours cannot be built), int4 (a scale and offset per 32 weights) through torch's
 `aten._weight_int4pack_mm_for_cpu` with bf16 activations. Decoding a small model on a CPU is bound
 by reading the weights, and these read a quarter or an eighth of fp32's bytes.
 
@@ -117,6 +117,15 @@ def int8_kernel() -> str:
 def bf16_activations(kind: str) -> bool:
     """The kind's kernel rounds activations to bf16 (torch's kernels do; ours and fp32 do not)."""
     return kind == "int4" or (kind == "int8" and int8_kernel() == "aten")
+
+
+def rounds_activations(kind: str) -> bool:
+    """The kind's kernel rounds activations before multiplying: torch's to bf16, ours to int16 per
+    group except on AVX-512 (kernels/int8_linear.cpp). A last-bit change in x may then move a
+    product by a rounding step, not by an ulp."""
+    if kind == "int8" and int8_kernel() == "finetune":
+        return native.isa() != "avx512"
+    return bf16_activations(kind)
 
 
 def _matmul(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -200,7 +200,11 @@ def test_real_server_decodes_compiled(embedded, cache, tmp_path_factory):
     )
     try:
         log = server.log_path.read_text()
-        assert "compile: decode step ready" in log and "building" not in log and "int8 decoding" in log
+        # No second compile of the step (the int8 kernel is built here when this process loaded it
+        # from elsewhere first, as when tests/test_native.py runs before this file).
+        assert (
+            "compile: decode step ready" in log and "compile: building" not in log and "int8 decoding" in log
+        )
         prompts = [
             "Tell me something about alpacas.",
             "What is the capital of France?",
