@@ -2,9 +2,10 @@
 gets a low-bit copy of its weight that a CPU kernel multiplies with the activations: int8 (a
 scale per 64 weights) through our own kernel (`native.py`: fp32 activations, rounded to int16 per
 group off AVX-512 CPUs; about 2x the weight streaming rate of torch's `aten._weight_int8pack_mm`,
-which it falls back to, with one scale per row, where ours cannot be built), int4 (a scale and offset per 32 weights) through torch's
-`aten._weight_int4pack_mm_for_cpu` with bf16 activations. Decoding a small model on a CPU is bound
-by reading the weights, and these read a quarter or an eighth of fp32's bytes.
+which it falls back to, with one scale per row, where ours cannot be built), int4 (a scale and
+offset per 32 weights) through torch's `aten._weight_int4pack_mm_for_cpu` with bf16 activations.
+Decoding a small model on a CPU is bound by reading the weights, and these read a quarter or an
+eighth of fp32's bytes.
 
 The fp32 weight stays: prompts (many rows at once) are faster through the fp32 matmul, merging
 and unmerging an adapter changes it exactly as without quantization, and the low-bit copies

@@ -35,7 +35,7 @@ def test_products_match_float64_and_a_row_never_depends_on_its_batch(op, n, k, g
     assert got.dtype == torch.float32 and got.shape == (9, n)
     # fp32 sums of k products: a few ulps of the largest partial sums.
     bound = 1e-6 * k * (x.abs().double() @ dequantized.abs().T)
-    if native.isa() != "avx512":
+    if quant.rounds_activations("int8"):
         # and x rounded to integers per group first: half a step of (group's largest |x|) / qmax
         qmax = min(32767, (2**31 - 1) // (128 * group))
         half_step = x.abs().reshape(9, -1, group).amax(-1).double() / qmax / 2
