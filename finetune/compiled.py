@@ -17,10 +17,16 @@ final norm and vocabulary projection run eagerly around it (three ops).
 * The file is cached under `SERVE_COMPILE_CACHE` (default: the user cache folder), keyed by what
   the generated code depends on (torch version, the math's source, the layer's shapes, dtype and
   weight kind). A first start on a machine compiles it; later starts load it at once.
+* Unmerged LoRA adapters (per-request `lora_weights`, or the setup adapter beside them) run
+  through a second file of the same layer with each row's LoRA terms added (`_LoraLayer`): every
+  attached adapter's A and B are stacked per layer once, and each row picks its own by index, so
+  rows on different adapters decode in one compiled step, as LoRAX and vLLM batch them. Steps
+  where no row has an adapter (none, or the setup adapter merged) use the first file, which rows
+  without an adapter match bit for bit (checked at load).
 * Prompts are still prefilled eagerly (many rows at once are matmul-bound), and a step runs eagerly
-  whenever the compiled math does not cover it: an unmerged LoRA adapter (per-request adapters),
-  a layer left in fp32 among quantized ones, a model decoder.py does not cover. On a CUDA GPU the
-  step runs as CUDA graphs instead (cudagraph.py).
+  whenever the compiled math does not cover it: an adapter other than plain LoRA (DoRA, a bias on
+  B), a layer left in fp32 among quantized ones, a model decoder.py does not cover. On a CUDA GPU
+  the step runs as CUDA graphs instead (cudagraph.py), without per-request adapters.
 * At load, the compiled step is checked against the eager one on the model itself; a file that
   disagrees is not used (and the reason is printed)."""
 
@@ -40,12 +46,15 @@ import torch
 import torch.nn.functional as F
 
 from . import native, quant
-from .decoder import KV, Decoder, _base_linear, _plain, kv_geometry
+from .decoder import KV, PEFT_BASE, Decoder, _base_linear, _plain, kv_geometry
 
 COMPILE_ENV = "SERVE_COMPILE"
 CACHE_ENV = native.CACHE_ENV
 MODES = ("auto", "off")
 _EXAMPLE_ROWS, _EXAMPLE_LENGTH = 2, 3  # export traces with sizes above 1 so neither is specialised
+# LoRA stacks hold at least 2 slots and rank 2 (sizes of 1 would be specialised too); real adapters'
+# ranks are padded up to a multiple of 8, so adapters of rank 4, 8 and 16 load into the same shapes.
+_MIN_SLOTS, _MIN_RANK, _RANK_STEP = 2, 2, 8
 
 
 def _linear(h: torch.Tensor, weight: tuple[torch.Tensor, ...], kind: str) -> torch.Tensor:
@@ -67,6 +76,22 @@ def _linears(h: torch.Tensor, parts: list[tuple[torch.Tensor, ...]], kind: str) 
     if len(parts) == 1:
         return _linear(h, parts[0], kind)
     return torch.cat([_linear(h, p, kind) for p in parts], dim=-1)
+
+
+def _lora(h: torch.Tensor, slot: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each row's LoRA terms for the modules that read h [rows, 1, in], side by side as their fused
+    product's columns: `slot` [rows] picks the row's adapter in the stacks a [slots, k, in] (the
+    modules' A, one under the other) and b [slots, k, out] (their B x scaling, transposed, block
+    diagonal). Slot 0 and padding are zeros: a row without an adapter adds exactly 0. Sums written
+    out rather than bmm, so that each row is summed in one order whatever the batch (a request's text
+    does not depend on its neighbours' adapters); b's sum runs along k, vectors along out."""
+    down = (h[:, 0, None, :] * a[slot]).sum(-1)  # [rows, k]
+    return (down[:, :, None] * b[slot]).sum(1).unsqueeze(1)  # [rows, 1, out]
+
+
+def _plus(y: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | None, pair: Any) -> torch.Tensor:
+    """A base product y of input h, plus the rows' LoRA terms when the layer has stacks."""
+    return y if slot is None else y + _lora(h, slot, *pair)
 
 
 class _Layer(torch.nn.Module):
@@ -95,10 +120,26 @@ class _Layer(torch.nn.Module):
         past_k: torch.Tensor,  # [length, rows, kv heads, head dim]
         past_v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weights = (norm1, qkv, o_proj, norm2, gate_up, down)
+        return self.math(x, cos, sin, mask, weights, past_k, past_v, None, [None] * 4)
+
+    def math(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        weights: tuple[Any, ...],
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        slot: torch.Tensor | None,
+        lora: list[Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         heads, kv_heads, head_dim, eps, kind = self.heads, self.kv_heads, self.head_dim, self.eps, self.kind
+        norm1, qkv, o_proj, norm2, gate_up, down = weights
         rows = x.shape[0]
         h = _norm(x, norm1, eps)
-        out = _linears(h, qkv, kind).view(rows, 1, heads + 2 * kv_heads, head_dim)
+        out = _plus(_linears(h, qkv, kind), h, slot, lora[0]).view(rows, 1, heads + 2 * kv_heads, head_dim)
         qk = out[:, :, : heads + kv_heads]
         half = head_dim // 2
         qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
@@ -114,10 +155,95 @@ class _Layer(torch.nn.Module):
             scale=self.scaling,
             enable_gqa=heads != kv_heads,
         )
-        x = x + _linear(a.transpose(1, 2).reshape(rows, 1, -1), o_proj, kind)
+        a = a.transpose(1, 2).reshape(rows, 1, -1)
+        x = x + _plus(_linear(a, o_proj, kind), a, slot, lora[1])
         h = _norm(x, norm2, eps)
-        g, u = _linears(h, gate_up, kind).chunk(2, dim=-1)
-        return x + _linear(F.silu(g) * u, down, kind), k[:, 0], v[:, 0]
+        g, u = _plus(_linears(h, gate_up, kind), h, slot, lora[2]).chunk(2, dim=-1)
+        m = F.silu(g) * u
+        return x + _plus(_linear(m, down, kind), m, slot, lora[3]), k[:, 0], v[:, 0]
+
+
+class _LoraLayer(_Layer):
+    """_Layer with each row's adapter added to every linear module's output (`_lora`), as PEFT's
+    layers add theirs to the base layer's: a second compiled file, used for steps with adapters."""
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        slot: torch.Tensor,  # [rows], each row's adapter in the stacks (0: none)
+        norm1: torch.Tensor,
+        qkv: list[tuple[torch.Tensor, ...]],
+        o_proj: tuple[torch.Tensor, ...],
+        norm2: torch.Tensor,
+        gate_up: list[tuple[torch.Tensor, ...]],
+        down: tuple[torch.Tensor, ...],
+        lora: list[tuple[torch.Tensor, torch.Tensor]],  # (a, b) stacks of qkv, o, gate_up, down
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weights = (norm1, qkv, o_proj, norm2, gate_up, down)
+        return self.math(x, cos, sin, mask, weights, past_k, past_v, slot, lora)
+
+
+def _stackable(module: Any, name: str) -> bool:
+    """The adapter is plain LoRA on this module, as `_lora` computes it: no DoRA or other variant,
+    no bias on B, torch's Linear for A and B."""
+    return (
+        name not in getattr(module, "lora_variant", {})
+        and not module.use_dora.get(name, False)
+        and type(module.lora_A[name]) is torch.nn.Linear
+        and type(module.lora_B[name]) is torch.nn.Linear
+        and module.lora_B[name].bias is None
+    )
+
+
+Stacks = list[list[torch.Tensor]]  # per layer: a, b of qkv, o, gate_up, down
+
+
+def _groups(decoder: Decoder) -> list[list[list[Any]]]:
+    """Each layer's linear modules by input, in the order `_Layer` takes their stacks."""
+    return [[layer.qkv, [layer.o_proj], layer.gate_up, [layer.down]] for layer in decoder.layers()]
+
+
+def _stack(
+    group: list[Any], adapters: dict[str, int], slots: int, rank: int, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """The (a, b) stacks `_lora` takes for one group of modules: module g's A of adapter i in
+    a[i, g*rank:][:r], its B x scaling, transposed, in b[i, g*rank:][:r, its columns]."""
+    bases = [_base_linear(m) for m in group]
+    a = torch.zeros(slots, len(group) * rank, bases[0].in_features, dtype=dtype)
+    b = torch.zeros(slots, len(group) * rank, sum(base.out_features for base in bases), dtype=dtype)
+    column = 0
+    for g, (m, base) in enumerate(zip(group, bases, strict=True)):
+        for name, i in adapters.items():
+            if m is not base and name in m.lora_A:
+                r = m.lora_A[name].out_features
+                a[i, g * rank : g * rank + r] = m.lora_A[name].weight.detach()
+                b[i, g * rank : g * rank + r, column : column + base.out_features] = (
+                    m.lora_B[name].weight.detach() * m.scaling[name]
+                ).T
+        column += base.out_features
+    return [a, b]
+
+
+def _lora_stacks(decoder: Decoder, dtype: torch.dtype) -> tuple[dict[str, int], Stacks]:
+    """Every attached adapter that `_lora` can compute, by slot (from 1; 0 is no adapter), and each
+    layer's stacks, every adapter's rank padded to the same multiple of _RANK_STEP."""
+    modules = [m for layer in decoder.layers() for m in layer.linears if m is not _base_linear(m)]
+    names = {n for m in modules for n in m.lora_A}
+    names -= {n for m in modules for n in m.lora_A if not _stackable(m, n)}
+    adapters = {n: i + 1 for i, n in enumerate(sorted(names))}
+    rank = max([m.lora_A[n].out_features for m in modules for n in adapters if n in m.lora_A] or [1])
+    rank = -(-rank // _RANK_STEP) * _RANK_STEP
+    slots = max(len(adapters) + 1, _MIN_SLOTS)
+    stacks = [
+        [t for group in groups for t in _stack(group, adapters, slots, rank, dtype)]
+        for groups in _groups(decoder)
+    ]
+    return adapters, stacks
 
 
 def _kind(module: Any) -> str:
@@ -150,16 +276,22 @@ def _fuse_low_bit(kind: str, copies: list[tuple[torch.Tensor, ...]]) -> list[tup
 class CompiledStep:
     """The compiled decode step of one model, with the weights it reads gathered for each call.
     `runner` takes the layer's inputs as one flat list (the loaded package's `boxed_run`: its
-    `__call__` would parse the input and output specs again on every call)."""
+    `__call__` would parse the input and output specs again on every call); `lora_runner` (None:
+    steps with adapters run eagerly) is the _LoraLayer file's, for steps where some row has an
+    adapter. Rows without one give the same bits through either (checked at load), so a request's
+    text does not depend on whether its neighbours have adapters."""
 
-    def __init__(self, runner: Any, kind: str, head_kind: str, path: Path) -> None:
+    def __init__(self, runner: Any, kind: str, head_kind: str, path: Path | None) -> None:
         self.runner, self.kind, self.head_kind, self.path = runner, kind, head_kind, path
+        self.lora_runner: Any = None
         self._fused: dict[tuple[int, ...], list[tuple[torch.Tensor, ...]]] = {}
         self._layers: list[Any] | None = None  # the decoder's layer list the lists below were made for
         self._bases: list[Any] = []
         self._lora: Any = None  # one LoRA module: PEFT merges, disables and activates model-wide
         self._key: tuple[Any, ...] | None = None
         self._inputs: tuple[Any, ...] | None = None
+        self._plain = False
+        self._stacks: tuple[Any, dict[str, int], Stacks] | None = None  # for this list of layers
 
     # -- what a call reads ------------------------------------------------------------------
     def _group(self, decoder_group: Any, modules: list[Any]) -> list[tuple[torch.Tensor, ...]]:
@@ -175,12 +307,18 @@ class CompiledStep:
         return fused
 
     def covers(self, decoder: Decoder) -> bool:
-        """The compiled math is the model's math right now: every linear layer plain (no LoRA adding
-        to it), bias-free, and of the kind the step was compiled for."""
+        """The compiled math is the model's math right now without LoRA stacks: every linear layer
+        plain (no LoRA adding to it) and `covers_base`."""
+        return self.covers_base(decoder) and all(
+            _plain(m) for layer in decoder.layers() if layer.lora for m in layer.linears
+        )
+
+    def covers_base(self, decoder: Decoder) -> bool:
+        """Every base linear layer (under LoRA or not) is bias-free and of the kind the step was
+        compiled for."""
         for layer in decoder.layers():
             for m in layer.linears:
-                base = _base_linear(m)
-                if base.bias is not None or _kind(m) != self.kind or (layer.lora and not _plain(m)):
+                if _base_linear(m).bias is not None or _kind(m) != self.kind:
                     return False
         head = decoder.base.lm_head
         return head.bias is None and _kind(head) == self.head_kind
@@ -227,28 +365,74 @@ class CompiledStep:
         return adapters, copies
 
     def prepared(self, decoder: Decoder) -> tuple[Any, ...] | None:
-        """`inputs` when `covers`, else None. Both are looked at again only when the model's set-up
-        changed (adapters attached, merged, disabled or switched; weights replaced or swapped for
-        other low-bit copies): a few hundred attribute reads tell that, the full check takes ms."""
+        """`inputs` when `covers`, else None (the CUDA graphs' step has no LoRA terms)."""
+        inputs = self._prepare(decoder)
+        return inputs if self._plain else None
+
+    def _prepare(self, decoder: Decoder) -> tuple[Any, ...] | None:
+        """`inputs` when `covers_base`, else None; `_plain` says whether `covers` holds too. Both are
+        looked at again only when the model's set-up changed (adapters attached, merged, disabled
+        or switched; weights replaced or swapped for other low-bit copies): a few hundred attribute
+        reads tell that, the full check takes ms."""
         key = self._state(decoder)
         if key != self._key:
-            self._inputs = self.inputs(decoder) if self.covers(decoder) else None
+            self._inputs = self.inputs(decoder) if self.covers_base(decoder) else None
+            self._plain = self._inputs is not None and self.covers(decoder)
             self._key = self._state(decoder)  # inputs() may have fused weights anew: their pointers
         return self._inputs
 
+    def _route(
+        self, decoder: Decoder, rows: int, adapter_names: list[str] | None
+    ) -> tuple[torch.Tensor | None, Stacks] | None:
+        """Each row's slot and the LoRA stacks of this step (empty: no row has an adapter): the rows'
+        adapters from PEFT's `adapter_names`, else the one active unmerged adapter for all rows. None
+        when PEFT's forward would do something else (merged and unmerged adapters at once, several
+        active adapters, an adapter `_lora` cannot compute) or there is no LoRA file."""
+        if adapter_names is None and self._plain:
+            return None, []
+        modules = [m for layer in decoder.layers() for m in layer.linears if m is not _base_linear(m)]
+        if not modules or self.lora_runner is None or any(m.merged for m in modules):
+            return None
+        if adapter_names is None:
+            active = modules[0].active_adapters
+            if modules[0].disable_adapters or len(active) != 1:
+                return None
+            adapter_names = list(active) * rows
+        layers = decoder.layers()
+        if self._stacks is None or self._stacks[0] is not layers:
+            dtype = decoder.base.model.embed_tokens.weight.dtype
+            self._stacks = (layers, *_lora_stacks(decoder, dtype))
+        _, slots, stacks = self._stacks
+        if any(n != PEFT_BASE and n not in slots for n in adapter_names):
+            return None
+        index = [slots.get(n, 0) for n in adapter_names]
+        return (torch.tensor(index), stacks) if any(index) else (None, [])
+
     # -- one step ---------------------------------------------------------------------------
     def forward(
-        self, decoder: Decoder, ids: torch.Tensor, positions: torch.Tensor, kv: KV, mask: torch.Tensor | None
+        self,
+        decoder: Decoder,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KV,
+        mask: torch.Tensor | None,
+        adapter_names: list[str] | None = None,
     ) -> torch.Tensor | None:
-        """Logits [rows, vocab] for one new token per row, appended to `kv` as Decoder.forward does;
-        None when the compiled math does not cover the model as it is set up now."""
+        """Logits [rows, vocab] for one new token per row, appended to `kv` as Decoder.forward does
+        (with PEFT's per-row `adapter_names`, as there); None when the compiled math does not cover
+        the model as it is set up now."""
         # Prompt chunks (in the fp32 block) stay eager: a 1-token last chunk must leave the cache
         # that prefilling the prompt in one chunk leaves.
         decode = ids.shape[1] == 1 and kv.length >= 1 and not quant.in_fp32_block()
-        prepared = self.prepared(decoder) if decode else None
+        prepared = self._prepare(decoder) if decode else None
         if prepared is None:
             return None
         rows = ids.shape[0]
+        routed = self._route(decoder, rows, adapter_names)
+        if routed is None:
+            return None
+        slot, stacks = routed
+        run = self.runner if slot is None else self.lora_runner
         inner = decoder.base.model
         cos, sin = inner.rotary_emb(inner.norm.weight, positions)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
@@ -259,7 +443,10 @@ class CompiledStep:
         kv.reserve(1)
         for i, weights in enumerate(layers):
             past_k, past_v = kv.prefix(i)
-            x, k, v = self.runner([x, cos, sin, mask, *weights, past_k, past_v])
+            if slot is None:
+                x, k, v = run([x, cos, sin, mask, *weights, past_k, past_v])
+            else:
+                x, k, v = run([x, cos, sin, mask, slot, *weights, *stacks[i], past_k, past_v])
             kv.append(i, k, v)
         kv.advance(1)
         return _linear(_norm(x[:, -1], norm, inner.norm.variance_epsilon), head, self.head_kind).float()
@@ -267,7 +454,10 @@ class CompiledStep:
 
 def _math_source() -> str:
     """A digest of the code the compiled file is made from (its math, not the rest of this module)."""
-    parts = [inspect.getsource(f) for f in (_Layer, _norm, _linear, _linears, _fuse_low_bit, quant._matmul)]
+    parts = [
+        inspect.getsource(f)
+        for f in (_Layer, _LoraLayer, _plus, _norm, _linear, _linears, _lora, _fuse_low_bit, quant._matmul)
+    ]
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
 
@@ -294,45 +484,62 @@ def _signature(decoder: Decoder, kind: str, max_rows: int) -> dict[str, Any]:
     }
 
 
-def _example(decoder: Decoder, step: CompiledStep, signature: dict[str, Any]) -> tuple[Any, ...]:
-    """Inputs of the export trace: a random hidden state and cache, the first layer's real weights."""
+def _module(decoder: Decoder, kind: str, lora: bool) -> _Layer:
+    """The layer math to export (or to run eagerly as the reference at load)."""
+    inner = decoder.base.model
+    layer = _LoraLayer if lora else _Layer
+    eps = inner.norm.variance_epsilon
+    return layer(decoder.heads, decoder.kv_heads, decoder.head_dim, eps, decoder.scaling, kind)
+
+
+def _example(
+    decoder: Decoder, step: CompiledStep, lora: bool, slot: list[int] | None = None
+) -> tuple[Any, ...]:
+    """Inputs of the export trace: a random hidden state and cache, the first layer's real weights;
+    for _LoraLayer, stacks of 3 slots (1 and 2 random) and rank 4 per module, rows on `slot`
+    (default 1, 2)."""
     rows, length = _EXAMPLE_ROWS, _EXAMPLE_LENGTH
-    kv_heads, head_dim = signature["kv_heads"], signature["head_dim"]
+    _, kv_heads, head_dim = kv_geometry(decoder.model.config)
     inner = decoder.base.model
     dtype = inner.embed_tokens.weight.dtype
+    seeded = torch.Generator().manual_seed(0)  # the same draws each call, and no global RNG touched
+    randn = lambda *shape: torch.randn(*shape, dtype=dtype, generator=seeded)  # noqa: E731
     cos, sin = inner.rotary_emb(inner.norm.weight, torch.full((rows, 1), length))
-    x = torch.randn(rows, 1, signature["hidden"], dtype=dtype)
-    past_k = torch.randn(length, rows, kv_heads, head_dim, dtype=dtype)
-    past_v = torch.randn(length, rows, kv_heads, head_dim, dtype=dtype)
+    x = randn(rows, 1, decoder.model.config.hidden_size)
+    past_k = randn(length, rows, kv_heads, head_dim)
+    past_v = randn(length, rows, kv_heads, head_dim)
     mask = torch.ones(rows, length + 1, dtype=torch.bool)
-    return (x, cos.unsqueeze(2), sin.unsqueeze(2), mask, *step.layer_weights(decoder)[0], past_k, past_v)
+    weights = step.layer_weights(decoder)[0]
+    if not lora:
+        return (x, cos.unsqueeze(2), sin.unsqueeze(2), mask, *weights, past_k, past_v)
+    stacks = []
+    for group in _groups(decoder)[0]:
+        bases = [_base_linear(m) for m in group]
+        k, out = 4 * len(group), sum(base.out_features for base in bases)
+        a, b = randn(3, k, bases[0].in_features), randn(3, k, out)
+        a[0], b[0] = 0, 0  # slot 0: no adapter
+        stacks.append((a, b))
+    index = torch.tensor(slot or list(range(1, rows + 1)))
+    return (x, cos.unsqueeze(2), sin.unsqueeze(2), mask, index, *weights, stacks, past_k, past_v)
 
 
-def _compile(decoder: Decoder, signature: dict[str, Any], step: CompiledStep, path: Path) -> None:
+def _compile(decoder: Decoder, signature: dict[str, Any], step: CompiledStep, path: Path, lora: bool) -> None:
     import torch.utils._pytree as pytree
 
-    module = _Layer(
-        signature["heads"],
-        signature["kv_heads"],
-        signature["head_dim"],
-        signature["eps"],
-        signature["scaling"],
-        signature["kind"],
-    )
-    example = _example(decoder, step, signature)
+    module = _module(decoder, signature["kind"], lora)
+    example = _example(decoder, step, lora)
     rows = torch.export.Dim("rows", min=1, max=signature["max_rows"])
     length = torch.export.Dim("length", min=1, max=signature["max_length"])
     fixed = lambda tree: pytree.tree_map(lambda _: None, tree)  # noqa: E731
     cache = {0: length, 1: rows}
-    shapes = (
-        {0: rows},
-        {0: rows},
-        {0: rows},
-        {0: rows, 1: length + 1},
-        *map(fixed, example[4:10]),
-        cache,
-        cache,
-    )
+    head = ({0: rows}, {0: rows}, {0: rows}, {0: rows, 1: length + 1})
+    if lora:
+        slots = torch.export.Dim("slots", min=_MIN_SLOTS)
+        ranks = [torch.export.Dim(f"rank{i}", min=_MIN_RANK) for i in range(len(example[11]))]  # k per group
+        stacks = [({0: slots, 1: k}, {0: slots, 1: k}) for k in ranks]
+        shapes = (*head, {0: rows}, *map(fixed, example[5:11]), stacks, cache, cache)
+    else:
+        shapes = (*head, *map(fixed, example[4:10]), cache, cache)
     with torch.inference_mode(False), torch.no_grad():
         program = torch.export.export(module, example, dynamic_shapes=shapes)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,6 +554,17 @@ def _load_runner(path: Path) -> Any:
     wraps the same loader but imports the compiler first, 1.3 s of a 1.4 s warm load (measured)."""
     loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
     return loader.boxed_run
+
+
+def _tolerance(step: CompiledStep) -> float:
+    # Kernels that round activations (to bf16 or int16) turn the last bit fused loops may round
+    # differently into a rounding step: measured 0.39 of 33 on the 135M model with ours on AVX2.
+    rounds = quant.rounds_activations(step.kind) or quant.rounds_activations(step.head_kind)
+    return 5e-2 if rounds else 1e-3
+
+
+def _differs(got: torch.Tensor, want: torch.Tensor, step: CompiledStep) -> bool:
+    return bool((got - want).abs().max() > _tolerance(step) * want.abs().max().clamp(min=1e-6))
 
 
 @torch.no_grad()
@@ -366,19 +584,52 @@ def _agrees(decoder: Decoder, step: CompiledStep) -> str | None:
     eager, got = results
     if got is None:
         return "the compiled step does not cover this model"
-    scale = eager.abs().max().clamp(min=1e-6)
-    fp32 = not (quant.rounds_activations(step.kind) or quant.rounds_activations(step.head_kind))
-    # Kernels that round activations (to bf16 or int16) turn the last bit fused loops may round
-    # differently into a rounding step: measured 0.39 of 33 on the 135M model with ours on AVX2.
-    tolerance = 1e-3 if fp32 else 5e-2
-    if (got - eager).abs().max() > tolerance * scale:
+    if _differs(got, eager, step):
         return f"its logits differ from the eager step's by {float((got - eager).abs().max()):.3g}"
     return None
 
 
+@torch.no_grad()
+def _lora_agrees(decoder: Decoder, step: CompiledStep, runner: Any) -> str | None:
+    """Why the LoRA file cannot be used (None: it can). One layer with random adapters against the
+    same math run eagerly (tests check that math against PEFT's); and rows without an adapter must
+    give the plain file's bits, or their text would depend on their neighbours'."""
+    import torch.utils._pytree as pytree
+
+    example = _example(decoder, step, lora=True)
+    eager, got = _module(decoder, step.kind, lora=True)(*example)[0], runner(pytree.tree_leaves(example))[0]
+    if _differs(got, eager, step):
+        return f"its LoRA terms differ from the eager math's by {float((got - eager).abs().max()):.3g}"
+    bare = _example(decoder, step, lora=True, slot=[0] * _EXAMPLE_ROWS)
+    plain = _example(decoder, step, lora=False)
+    with_slots, without = runner(pytree.tree_leaves(bare)), step.runner(pytree.tree_leaves(plain))
+    if not all(torch.equal(a, b) for a, b in zip(with_slots, without, strict=True)):
+        return "rows without an adapter get other bits than from the plain file"
+    return None
+
+
+def _build(decoder: Decoder, signature: dict[str, Any], step: CompiledStep, lora: bool) -> Any:
+    """The runner of the cached file for this signature, compiled first if it is not there yet."""
+    key = hashlib.sha256(json.dumps({**signature, "lora": lora}, sort_keys=True).encode()).hexdigest()[:20]
+    path = native.cache_dir() / f"decode-{'lora-' if lora else ''}{key}.pt2"
+    if not path.is_file():
+        what = "the decode step with per-request adapters" if lora else "the decode step"
+        print(
+            f"compile: building {what} for this model shape ({signature['kind']}); a first start on "
+            f"a machine takes seconds to a minute; cached in {path.parent}",
+            file=sys.stderr,
+            flush=True,
+        )
+        _compile(decoder, signature, step, path, lora)
+    if not lora:
+        step.path = path
+    return _load_runner(path)
+
+
 def load(decoder: Decoder | None, device: torch.device, max_rows: int, mode: str = "auto") -> Any:
     """The compiled decode step for this model (compiling it on a first start; CUDA graphs on a
-    GPU), or None with the reason printed: the engine then decodes eagerly."""
+    GPU), or None with the reason printed: the engine then decodes eagerly. Steps with unmerged
+    adapters get a second file; without it (it failed, or disagreed) they decode eagerly."""
     if mode not in MODES:
         raise ValueError(f"{COMPILE_ENV}={mode!r}: use one of {', '.join(MODES)}")
     if mode == "off" or decoder is None:
@@ -397,27 +648,30 @@ def load(decoder: Decoder | None, device: torch.device, max_rows: int, mode: str
         # Measured: the compiled bf16 layer's logits did not match the eager step's at load.
         return _skip("the compiled step covers fp32 and low-bit weights, not " + str(decoder.model.dtype))
     signature = _signature(decoder, kind, max(max_rows, _EXAMPLE_ROWS))
-    key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:20]
-    path = native.cache_dir() / f"decode-{key}.pt2"
-    step = CompiledStep(None, kind, head_kind, path)
+    step = CompiledStep(None, kind, head_kind, None)
     started = time.perf_counter()
     try:
-        if not path.is_file():
-            print(
-                f"compile: building the decode step for this model shape ({kind}); a first start on "
-                f"a machine takes seconds to a minute; cached in {path.parent}",
-                file=sys.stderr,
-                flush=True,
-            )
-            _compile(decoder, signature, step, path)
-        step.runner = _load_runner(path)
+        step.runner = _build(decoder, signature, step, lora=False)
         reason = _agrees(decoder, step)
     except Exception as exc:  # a missing C++ compiler, an export gap in a new torch: decode eagerly
         return _skip(f"compiling failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
     if reason:
-        return _skip(f"{path.name} is not used: {reason}")
+        return _skip(f"{step.path.name} is not used: {reason}")
+    try:
+        runner = _build(decoder, signature, step, lora=True)
+        lora_reason = _lora_agrees(decoder, step, runner)
+    except Exception as exc:
+        lora_reason = f"compiling failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    if lora_reason:
+        print(
+            f"compile: steps with unmerged adapters decode eagerly: {lora_reason}",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        step.lora_runner = runner
     print(
-        f"compile: decode step ready in {time.perf_counter() - started:.1f} s ({path})",
+        f"compile: decode step ready in {time.perf_counter() - started:.1f} s ({step.path})",
         file=sys.stderr,
         flush=True,
     )

@@ -126,13 +126,20 @@ class GraphStep:
 
     # -- one step ---------------------------------------------------------------------------
     def forward(
-        self, decoder: Decoder, ids: torch.Tensor, positions: torch.Tensor, kv: KV, mask: torch.Tensor | None
+        self,
+        decoder: Decoder,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KV,
+        mask: torch.Tensor | None,
+        adapter_names: list[str] | None = None,
     ) -> torch.Tensor | None:
         """Logits [rows, vocab] for one new token per row, appended to `kv` as Decoder.forward does;
-        None when a graph does not cover this step (the engine runs it eagerly)."""
+        None when a graph does not cover this step (the engine runs it eagerly): per-row adapters
+        (`adapter_names`), and whatever `_ready` refuses."""
         rows = ids.shape[0]
         decode = ids.shape[1] == 1 and kv.length >= 1 and not quant.in_fp32_block()
-        if not decode or rows > self.max_rows or not self._ready(decoder):
+        if not decode or adapter_names is not None or rows > self.max_rows or not self._ready(decoder):
             return None
         padded, length = self.row_bucket(rows), kv.length
         columns = _bucket(length + 1, MIN_COLUMNS)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+PEFT_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch (`adapter_names`)
+
 
 class KV:
     """Keys and values for some rows of sequences, per layer. Stored time-major, [capacity, rows,

@@ -41,7 +41,6 @@ from .inference import (
     eos_ids,
 )
 
-PEFT_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 DONE = None  # the outbox item after the last chunk
 _NO_IDS = torch.empty(1, 0, dtype=torch.long)  # the samplers' ids argument when no processor reads it
 
@@ -322,8 +321,8 @@ class Engine:
         extra = self.prepare(adapters)
         decoder = self.decoder()
         if decoder is not None:
-            if self.compiled is not None and "adapter_names" not in extra:
-                logits = self.compiled.forward(decoder, ids, positions, kv, mask)
+            if self.compiled is not None:
+                logits = self.compiled.forward(decoder, ids, positions, kv, mask, extra.get("adapter_names"))
                 if logits is not None:
                     return logits
             return decoder.forward(ids, positions, kv, mask, extra.get("adapter_names"))

@@ -28,9 +28,9 @@ from .archives import Limits, materialize
 from .artifacts import CARD_JSON
 from .compute import POLL_S, ComputeThread, wait
 from .config import DataConfig, GenerationSettings, env_flag, field_default
-from .decoder import kv_geometry
+from .decoder import PEFT_BASE, kv_geometry
 from .encoding import encode_prompt
-from .engine import DONE, PEFT_BASE, Engine, EngineLimits, Request
+from .engine import DONE, Engine, EngineLimits, Request
 from .inference import GenerationStats, context_length
 from .modeling import (
     ModelError,

@@ -1,6 +1,6 @@
 """The compiled decode step (compiled.py, SERVE_COMPILE=auto): the same greedy tokens as the eager
-step alone and in padded batches, for fp32, int8 and int4 weights; merged adapters compiled and
-per-request ones eager; a cached file loads without compiling; a bad file means eager decoding with
+step alone and in padded batches, for fp32, int8 and int4 weights; adapters compiled whether merged
+at setup or per request, alone or mixed in one batch; a cached file loads without compiling; a bad file means eager decoding with
 a reason; stop sequences and cancel on the compiled path; the embedded model through the real Cog
 server. The rest of the suite runs with SERVE_COMPILE=off (conftest) so that it compiles nothing."""
 
@@ -115,30 +115,40 @@ def test_a_cached_file_loads_at_once_and_a_bad_one_means_eager_decoding(cache, t
         compiled.load(engine.decoder(), engine.device, 8, mode="yes")
 
 
-def test_merged_adapter_compiled_per_request_adapter_eager(cache, tiny_model_dir, tmp_path, monkeypatch):
-    from tests.test_engine import make_adapter
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_adapters_compiled_merged_per_request_and_mixed_give_the_eager_text(
+    cache, tiny_model_dir, tmp_path, monkeypatch
+):
+    from tests.test_engine import make_adapter, serve, together
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
-    setup = make_adapter(tiny_model_dir, tmp_path / "setup", seed=1)
-    other = make_adapter(tiny_model_dir, tmp_path / "other", seed=2)
-    server = ModelServer(base_model=str(tiny_model_dir), adapter=str(setup), dtype="float32")
-    assert server.engine.compiled is not None and server.merged
-    counting = server.engine.compiled.runner = Counting(server.engine.compiled.runner)
-    merged = "".join(server.generate(PROMPTS[0], settings=GREEDY16))
-    assert counting.calls > 0
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(compiled.COMPILE_ENV, "off")
-        eager = ModelServer(base_model=str(tiny_model_dir), adapter=str(setup), dtype="float32")
-    assert eager.engine.compiled is None
-    assert "".join(eager.generate(PROMPTS[0], settings=GREEDY16)) == merged
-    # A per-request adapter is not merged: its steps are eager, and still its own text.
-    calls = counting.calls
-    mine = "".join(server.generate(PROMPTS[0], settings=GREEDY16, lora_weights=str(other)))
-    assert counting.calls == calls
-    assert mine == "".join(eager.generate(PROMPTS[0], settings=GREEDY16, lora_weights=str(other)))
-    assert mine != merged
-    # Back to the merged setup adapter: compiled again, the same text.
-    assert "".join(server.generate(PROMPTS[0], settings=GREEDY16)) == merged and counting.calls > calls
+    setup = str(make_adapter(tiny_model_dir, tmp_path / "setup", seed=1))
+    # Other ranks and targets than the setup adapter's (rank 4 on q, v, down): the stacks pad them.
+    wide = str(make_adapter(tiny_model_dir, tmp_path / "wide", seed=2, r=16, targets=ALL_LINEAR))
+    mlp = str(make_adapter(tiny_model_dir, tmp_path / "mlp", seed=3, r=8, targets=ALL_LINEAR[3:6]))
+    asks = [(PROMPTS[2], None), (PROMPTS[1], wide), (PROMPTS[2], mlp), (PROMPTS[3], wide), (PROMPTS[1], None)]
+    for adapter in (setup, None):  # a trained version (setup adapter merged when alone), a bare base
+        server = ModelServer(base_model=str(tiny_model_dir), adapter=adapter, dtype="float32")
+        step = server.engine.compiled
+        assert step is not None and step.lora_runner is not None and server.merged == (adapter is not None)
+        plain, lora = step.runner, step.lora_runner = Counting(step.runner), Counting(step.lora_runner)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(compiled.COMPILE_ENV, "off")
+            eager = ModelServer(base_model=str(tiny_model_dir), adapter=adapter, dtype="float32")
+        assert eager.engine.compiled is None
+        want = [serve(eager, p, lora) for p, lora in asks]
+        assert all(want) and want[1] != want[4]  # a per-request adapter changes the text
+        for (prompt, source), text in zip(asks, want, strict=True):
+            calls = plain.calls, lora.calls
+            assert serve(server, prompt, source) == text, (adapter, source)
+            # Merged or no adapter: the plain file; a per-request adapter: the LoRA file.
+            assert (plain.calls > calls[0], lora.calls > calls[1]) == (source is None, source is not None)
+        # All five in one batch: base or merged-adapter rows beside rows on two per-request adapters.
+        calls = lora.calls
+        assert together(server, asks) == want
+        assert lora.calls > calls
 
 
 def test_bad_compile_setting_stops_setup_with_a_reason(tiny_model_dir, monkeypatch):
@@ -179,6 +189,36 @@ def test_embedded_model_compiled_gives_the_eager_text_and_stops_and_cancels(embe
     chunks.close()  # what a cancelled prediction does
     assert "".join(embedded.generate(prompts[1], settings=GREEDY16)) == got[1]
     assert not embedded.engine.busy
+
+
+def test_embedded_model_per_request_adapters_compiled_give_the_eager_text(
+    embedded, embedded_model_dir, persona_adapters, monkeypatch
+):
+    """The default (int8, compiled) with trained adapters per request: each request's text is the
+    eager server's, alone and in one batch with the bare base."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
+    step = embedded.engine.compiled
+    assert step.lora_runner is not None
+    lora = step.lora_runner = Counting(step.lora_runner)
+    alpie, bolt = str(persona_adapters["alpie"]), str(persona_adapters["bolt"])
+    asks = [("What is your name?", alpie), ("What is your name?", bolt), ("What is your name?", None)]
+    asks += [("你叫什么名字？", alpie), ("Who made you?", bolt)]
+    settings = GenerationSettings(max_new_tokens=24, temperature=0)
+
+    def ask(server: ModelServer, question: str, source: str | None) -> str:
+        return "".join(server.generate(question, settings=settings, lora_weights=source))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(compiled.COMPILE_ENV, "off")
+        eager = ModelServer(base_model=str(embedded_model_dir), dtype="float32", quantization="auto")
+    want = [ask(eager, *a) for a in asks]
+    assert "Alpie" in want[0] and "Bolt" in want[1] and "Alpie" not in want[2] and "Bolt" not in want[2]
+    assert [ask(embedded, *a) for a in asks] == want
+    assert lora.calls > 0
+    with ThreadPoolExecutor(len(asks)) as pool:
+        assert list(pool.map(lambda a: ask(embedded, *a), asks)) == want
 
 
 @pytest.mark.integration

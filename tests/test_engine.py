@@ -221,16 +221,20 @@ def test_a_request_that_cannot_start_in_time_fails_with_a_reason(tiny):
 
 
 # -- the server: adapters in one batch, exact switching ---------------------------------------
-def make_adapter(model_dir: Path, folder: Path, seed: int) -> Path:
+def make_adapter(
+    model_dir: Path,
+    folder: Path,
+    seed: int,
+    r: int = 4,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+) -> Path:
     """A LoRA adapter with random, non-zero B (a fresh LoRA is a no-op), saved like ours."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
-    )
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
