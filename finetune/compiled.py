@@ -626,10 +626,13 @@ def _build(decoder: Decoder, signature: dict[str, Any], step: CompiledStep, lora
     return _load_runner(path)
 
 
-def load(decoder: Decoder | None, device: torch.device, max_rows: int, mode: str = "auto") -> Any:
+def load(
+    decoder: Decoder | None, device: torch.device, max_rows: int, mode: str = "auto", adapters: bool = True
+) -> Any:
     """The compiled decode step for this model (compiling it on a first start; CUDA graphs on a
-    GPU), or None with the reason printed: the engine then decodes eagerly. Steps with unmerged
-    adapters get a second file; without it (it failed, or disagreed) they decode eagerly."""
+    GPU), or None with the reason printed: the engine then decodes eagerly. With `adapters` (a
+    server that takes per-request adapters), steps with unmerged adapters get a second file; without
+    it (not asked for, failed or disagreed) they decode eagerly."""
     if mode not in MODES:
         raise ValueError(f"{COMPILE_ENV}={mode!r}: use one of {', '.join(MODES)}")
     if mode == "off" or decoder is None:
@@ -658,8 +661,8 @@ def load(decoder: Decoder | None, device: torch.device, max_rows: int, mode: str
     if reason:
         return _skip(f"{step.path.name} is not used: {reason}")
     try:
-        runner = _build(decoder, signature, step, lora=True)
-        lora_reason = _lora_agrees(decoder, step, runner)
+        runner = _build(decoder, signature, step, lora=True) if adapters else None
+        lora_reason = _lora_agrees(decoder, step, runner) if adapters else None
     except Exception as exc:
         lora_reason = f"compiling failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     if lora_reason:

@@ -199,8 +199,14 @@ class ModelServer:
         self.engine = Engine(
             self.model, self.tokenizer, limits or engine_limits(self.model, self.device), self._prepare
         )
+        # With no room for per-request adapters (ADAPTER_CACHE_SIZE=0), the setup adapter stays merged:
+        # no step ever has an unmerged adapter, so no second file is compiled.
         self.engine.compiled = compiled.load(
-            self.engine.decoder(), self.device, self.engine.limits.max_batch, self.compile_mode
+            self.engine.decoder(),
+            self.device,
+            self.engine.limits.max_batch,
+            self.compile_mode,
+            adapters=self.capacity > 0,
         )
         self._warm_up()
         print(

@@ -72,8 +72,8 @@ def test_compiled_steps_give_the_eager_tokens_alone_and_in_padded_batches(cache,
     eager = Engine(model, tokenizer, EngineLimits())
     want = [run(eager, tokenizer, [p])[0] for p in PROMPTS]
     engine = Engine(model, tokenizer, EngineLimits())
-    step = compiled.load(engine.decoder(), engine.device, engine.limits.max_batch)
-    assert step is not None and step.kind == kind and step.path.parent == cache
+    step = compiled.load(engine.decoder(), engine.device, engine.limits.max_batch, adapters=False)
+    assert step is not None and step.kind == kind and step.path.parent == cache and step.lora_runner is None
     engine.compiled = step
     step.runner = counting = Counting(step.runner)
     alone = [run(engine, tokenizer, [p])[0] for p in PROMPTS]
@@ -108,6 +108,9 @@ def test_a_cached_file_loads_at_once_and_a_bad_one_means_eager_decoding(cache, t
     finally:
         first.path.write_bytes(good)
     assert compiled.load(engine.decoder(), engine.device, 8, mode="off") is None
+    # A server without room for per-request adapters never has an unmerged one: no second file.
+    fixed = ModelServer(base_model=str(tiny_model_dir), dtype="float32", cache_size=0)
+    assert fixed.engine.compiled is not None and fixed.engine.compiled.lora_runner is None
     bf16 = Engine(model.to(torch.bfloat16), tokenizer, EngineLimits())
     assert compiled.load(bf16.decoder(), bf16.device, 8) is None
     assert "decoding eagerly: the compiled step covers fp32 and low-bit weights" in capfd.readouterr().err

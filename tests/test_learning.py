@@ -74,7 +74,16 @@ def test_default_settings_recall_a_rare_name_taught_in_long_answers(tmp_path, em
     assert [r.instruction for r in val] == ["Can you write code?"]  # the default split holds out a filler
 
     out = tmp_path / "adapter"
-    args = ["--data_path", str(data), "--output_dir", str(out), "--batch_size", "4"]
+    args = [
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "4",
+        "--micro_batch_size",
+        "1",
+    ]
     result = train(config_from_args(args, environ={}))
     training = result.card["training"]
     assert training["stopped_early"].endswith("every checked training answer is recalled exactly")
