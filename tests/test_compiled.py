@@ -152,6 +152,11 @@ def test_adapters_compiled_merged_per_request_and_mixed_give_the_eager_text(
         calls = lora.calls
         assert together(server, asks) == want
         assert lora.calls > calls
+    # DoRA is not plain LoRA: its steps decode eagerly, with its own text.
+    dora = str(make_adapter(tiny_model_dir, tmp_path / "dora", seed=4, dora=True))
+    calls = plain.calls, lora.calls
+    assert serve(server, PROMPTS[1], dora) == serve(eager, PROMPTS[1], dora) != want[4]
+    assert (plain.calls, lora.calls) == calls
 
 
 def test_bad_compile_setting_stops_setup_with_a_reason(tiny_model_dir, monkeypatch):

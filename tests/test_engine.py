@@ -227,6 +227,7 @@ def make_adapter(
     seed: int,
     r: int = 4,
     targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+    dora: bool = False,
 ) -> Path:
     """A LoRA adapter with random, non-zero B (a fresh LoRA is a no-op), saved like ours."""
     from peft import LoraConfig, get_peft_model
@@ -234,7 +235,9 @@ def make_adapter(
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False)
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False, use_dora=dora
+    )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
