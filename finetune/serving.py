@@ -33,6 +33,7 @@ from .encoding import encode_prompt
 from .engine import DONE, Engine, EngineLimits, Request
 from .inference import GenerationStats, context_length
 from .modeling import (
+    ADAPTER_CONFIG,
     ModelError,
     check_adapter_dir,
     check_identity,
@@ -127,6 +128,18 @@ def env_number(name: str, kind: type[int] | type[float], default: float, minimum
             f"{name}={text!r}: use {'a whole number' if kind is int else 'a number'} >= {minimum}"
         )
     return value
+
+
+def check_mixable(folder: Path, source: str) -> None:
+    """Adapters share batches here, and PEFT cannot put a DoRA adapter in a mixed batch: it raises,
+    which failed every request of that batch (measured). So the server refuses DoRA adapters."""
+    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if config.get("use_dora"):
+        raise ModelError(
+            f"{source}: DoRA adapters (use_dora in adapter_config.json) cannot share a batch with other "
+            "adapters, and this server batches requests; train a plain LoRA adapter, or merge this one "
+            "into the base weights and serve those as the base model"
+        )
 
 
 def kv_bytes_per_token(model: Any) -> int:
@@ -235,6 +248,7 @@ class ModelServer:
             self._unmerge()  # PEFT would unmerge by subtraction to add a layer's new adapter
         try:
             check_adapter_dir(folder)
+            check_mixable(folder, source)
             card_path = folder / CARD_JSON
             if card_path.is_file():
                 card = json.loads(card_path.read_text(encoding="utf-8"))
