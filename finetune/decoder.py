@@ -252,8 +252,19 @@ class Decoder:
         if adapter_names is None:
             return self._forward(ids, positions, kv, mask, plain=True)
         # PEFT routes each row to its adapter through its own forward hooks, as PeftModel.forward does.
-        with self.model._enable_peft_forward_hooks(adapter_names=adapter_names):
-            return self._forward(ids, positions, kv, mask, plain=False)
+        first = torch.utils.hooks.RemovableHandle.next_id
+        try:
+            with self.model._enable_peft_forward_hooks(adapter_names=adapter_names):
+                return self._forward(ids, positions, kv, mask, plain=False)
+        except BaseException:
+            # PEFT removes those hooks only after a clean exit: an error inside the pass left them on
+            # every LoRA layer, and every later pass then failed (measured: a DoRA adapter in a
+            # mixed batch). Hooks take increasing ids, so those registered since `first` are its.
+            for module in self.model.modules():
+                for hooks in (module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs):
+                    for key in [k for k in hooks if k >= first]:
+                        hooks.pop(key, None)
+            raise
 
     def _forward(
         self, ids: torch.Tensor, positions: torch.Tensor, kv: KV, mask: torch.Tensor | None, plain: bool

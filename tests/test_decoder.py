@@ -156,6 +156,20 @@ def test_adapters_on_different_modules_share_a_batch(tiny_model_dir, tmp_path, m
     alone = [serve(server, *ask) for ask in asks]
     assert len(set(alone)) == 3
     assert together(server, asks) == alone
+    # An error inside a mixed batch fails that batch only: PEFT's per-row hooks do not stay behind.
+    lora_layer = next(m for m in server.model.modules() if hasattr(m, "lora_A") and m.lora_A)
+    forward = lora_layer.forward
+
+    def fails_in_mixed_batches(*args, **kwargs):
+        if "adapter_names" in kwargs:  # what PEFT's hooks pass in a mixed batch
+            raise RuntimeError("boom")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(lora_layer, "forward", fails_in_mixed_batches)
+    with pytest.raises(AssertionError):  # every request of that batch failed
+        together(server, asks)
+    monkeypatch.setattr(lora_layer, "forward", forward)
+    assert together(server, asks) == alone and [serve(server, *ask) for ask in asks] == alone
 
 
 def test_other_architectures_run_transformers_forward_on_the_same_cache(tmp_path: Path):
