@@ -287,7 +287,7 @@ class CompiledStep:
         self._fused: dict[tuple[int, ...], list[tuple[torch.Tensor, ...]]] = {}
         self._layers: list[Any] | None = None  # the decoder's layer list the lists below were made for
         self._bases: list[Any] = []
-        self._lora: Any = None  # one LoRA module: PEFT merges, disables and activates model-wide
+        self._loras: list[Any] = []  # the LoRA modules; PEFT merges, disables and activates model-wide
         self._key: tuple[Any, ...] | None = None
         self._inputs: tuple[Any, ...] | None = None
         self._plain = False
@@ -354,8 +354,8 @@ class CompiledStep:
             modules = [m for layer in layers for m in layer.linears]
             self._layers, self._key = layers, None
             self._bases = [_base_linear(m) for m in modules] + [decoder.base.lm_head]
-            self._lora = next((m for m in modules if m is not _base_linear(m)), None)
-        lora = self._lora
+            self._loras = [m for m in modules if m is not _base_linear(m)]
+        lora = self._loras[0] if self._loras else None
         adapters = (
             None
             if lora is None
@@ -390,7 +390,7 @@ class CompiledStep:
         active adapters, an adapter `_lora` cannot compute) or there is no LoRA file."""
         if adapter_names is None and self._plain:
             return None, []
-        modules = [m for layer in decoder.layers() for m in layer.linears if m is not _base_linear(m)]
+        modules = self._loras  # as of the `_prepare` that ran just before, for the same layers
         if not modules or self.lora_runner is None or any(m.merged for m in modules):
             return None
         if adapter_names is None:
