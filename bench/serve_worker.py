@@ -16,7 +16,9 @@ first, in three set-ups:
   (data URIs, warm in the adapter cache), decoding in mixed batches;
 * ours, bf16: the setup-adapter case with SERVE_DTYPE=bfloat16 (AMX runs a matmul of 8 rows about as
   fast as one, where fp32's small-batch kernels slow down);
-* ours, fp32: the setup-adapter case with SERVE_QUANT=none (fp32 weights, compiled).
+* ours, fp32: the setup-adapter case with SERVE_QUANT=none (fp32 weights, compiled);
+* ours, no head cache: the setup-adapter case with PREFIX_CACHE_TOKENS=0 (every prompt prefills its
+  template's head again): what reusing heads is worth to time to first token.
 
 Each case first sends each distinct request alone; `same_as_solo` is the share of the loaded
 requests whose greedy text equals that (1.0 is exact batching), `same_as_fp32` compares with the
@@ -301,9 +303,16 @@ def main(spec_path: str, out_path: str) -> None:
         run_case("four_adapters", {}, {}, spec, mixed),
         run_case("setup_adapter_bf16", {"weights": str(adapter)}, {"SERVE_DTYPE": "bfloat16"}, spec, plain),
         run_case("setup_adapter_fp32", {"weights": str(adapter)}, {"SERVE_QUANT": "none"}, spec, plain),
+        run_case(
+            "setup_adapter_no_head_cache",
+            {"weights": str(adapter)},
+            {"PREFIX_CACHE_TOKENS": "0"},
+            spec,
+            plain,
+        ),
     ]
     fp32_solo = cases[0]["solo"]
-    for case in cases[-2:]:
+    for case in [c for c in cases if c["case"] in ("setup_adapter_bf16", "setup_adapter_fp32")]:
         for row in case["rows"]:
             texts = row["texts"]
             row["same_as_fp32"] = round(sum(t == fp32_solo[k] for k, t in texts) / max(len(texts), 1), 3)

@@ -89,6 +89,19 @@ class KV:
         return out
 
     @staticmethod
+    def from_prefix(keys: list[torch.Tensor], values: list[torch.Tensor], capacity: int) -> KV:
+        """A KV whose first columns are copies of these [n, rows, kv heads, head dim] per layer."""
+        out = KV(capacity)
+        n = keys[0].shape[0]
+        for src, dst in ((keys, out.keys), (values, out.values)):
+            for t in src:
+                buf = t.new_zeros((out.capacity, *t.shape[1:]))
+                buf[:n] = t
+                dst.append(buf)
+        out.length = n
+        return out
+
+    @staticmethod
     def stack(parts: list[KV]) -> KV:
         """One KV with the rows of `parts`, each right-aligned to the longest (left padding)."""
         out = KV(max(p.length for p in parts))

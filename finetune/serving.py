@@ -51,6 +51,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_BATCH_ENV = "MAX_BATCH_SIZE"
 KV_TOKENS_ENV = "KV_CACHE_TOKENS"
 PREFILL_CHUNK_ENV = "PREFILL_CHUNK_TOKENS"
+PREFIX_CACHE_ENV = "PREFIX_CACHE_TOKENS"
 QUEUE_TIMEOUT_ENV = "QUEUE_TIMEOUT_S"
 DOWNLOAD_DEADLINE_ENV = "LORA_DOWNLOAD_DEADLINE_S"
 KV_MEMORY_SHARE = 0.25
@@ -93,6 +94,7 @@ def engine_limits(model: Any, device: torch.device) -> EngineLimits:
         kv_tokens=env_number(KV_TOKENS_ENV, int, budget, minimum=1),
         prefill_chunk=env_number(PREFILL_CHUNK_ENV, int, defaults.prefill_chunk, minimum=1),
         queue_timeout_s=env_number(QUEUE_TIMEOUT_ENV, float, defaults.queue_timeout_s, minimum=0),
+        prefix_tokens=env_number(PREFIX_CACHE_ENV, int, defaults.prefix_tokens, minimum=0),
     )
 
 
@@ -140,6 +142,15 @@ def check_mixable(folder: Path, source: str) -> None:
             "adapters, and this server batches requests; train a plain LoRA adapter, or merge this one "
             "into the base weights and serve those as the base model"
         )
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def kv_bytes_per_token(model: Any) -> int:
@@ -193,6 +204,10 @@ class ModelServer:
         self.merged = False
         self._mode: tuple[Any, ...] | None = None  # how the model is set up for the last forward pass
         self._base_weights: BaseWeights | None = None
+        # Bumped each time an adapter name is attached: a name may come back with other weights
+        # (the same lora_weights URL after an eviction), and cached prompt heads must not outlive them.
+        self._generation: dict[str, int] = {}
+        self._heads: dict[tuple[str, bool], list[int]] = {}  # a template's head ids, with or without input
         # Every torch call of this server runs on this thread (see compute.py for why); a process
         # that runs other torch work beside the server passes one thread for all of it.
         self.compute = compute or ComputeThread()
@@ -212,6 +227,7 @@ class ModelServer:
         self.engine = Engine(
             self.model, self.tokenizer, limits or engine_limits(self.model, self.device), self._prepare
         )
+        self.engine.prefix_tag = self._prefix_tag
         # With no room for per-request adapters (ADAPTER_CACHE_SIZE=0), the setup adapter stays merged:
         # no step ever has an unmerged adapter, so no second file is compiled.
         self.engine.compiled = compiled.load(
@@ -234,9 +250,12 @@ class ModelServer:
     def _warm_up(self) -> None:
         # The first forward pass pays for kernel selection and allocation; pay it in setup, not in
         # the first user's time to first token.
+        # Through the template requests get by default, so that its head is cached for the first user.
         settings = GenerationSettings(max_new_tokens=2, temperature=0)
         adapter = SETUP_NAME if self.setup_adapter else None
-        request = Request(encode_prompt(self.tokenizer, "Hello"), settings, adapter=adapter)
+        template = self.resolve_template(prompts.AUTO, self.setup_adapter)
+        ids, head = self._encode("Hello", "", template)
+        request = Request(ids, settings, adapter=adapter, head=head)
         "".join(self.engine.drive(self.engine.submit(request)))
 
     # -- adapters ---------------------------------------------------------------------------
@@ -260,12 +279,14 @@ class ModelServer:
                 self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
                 if hasattr(self, "engine"):
                     self.engine.model = self.model
+                    self.engine.prefixes.forget()  # the base now runs through LoRA layers
         except BaseException:
             # A refused adapter must not stay on disk: strangers could fill it one request at a time.
             self._remove_files(folder)
             raise
         self.model.eval()
         self._mode = None
+        self._generation[name] = self._generation.get(name, 0) + 1
         return LoadedAdapter(name, folder, template)
 
     def _remove_files(self, folder: Path) -> None:
@@ -328,6 +349,7 @@ class ModelServer:
         if evicted and self.merged:
             self._unmerge()  # PEFT unmerges by subtraction when it re-points a merged model's layers
         for old in evicted:
+            self.engine.prefixes.forget(old.name)
             self.model.delete_adapter(old.name)
             self._mode = None
             self._remove_files(old.folder)
@@ -358,6 +380,11 @@ class ModelServer:
                 self.model.set_adapter(only)
             self._mode = ("one", only)
         return {}
+
+    def _prefix_tag(self, adapter: str | None) -> tuple[bool, int]:
+        """The weights a prefill on `adapter` runs on now (after _prepare): the setup adapter merged
+        into the base gives other bits than the same adapter beside it."""
+        return (self.merged, self._generation.get(adapter, 0) if adapter else 0)
 
     def _merge(self) -> None:
         """Fold the setup adapter into the base weights: while it is the only adapter in use, a
@@ -407,12 +434,7 @@ class ModelServer:
         adapter = self._acquire(lora_weights, cancel)
         try:
             template = self.resolve_template(prompt_template, adapter)
-            if template is None:
-                text = f"{prompt}\n\n{input}" if input else prompt
-            else:
-                text = template.render(prompt, input, self.tokenizer)
-            with self._encode_lock:
-                ids = encode_prompt(self.tokenizer, text)
+            ids, head = self._encode(prompt, input, template)
         except BaseException:
             self.compute.call(self._release, adapter)
             raise
@@ -420,6 +442,7 @@ class ModelServer:
             ids,
             settings,
             adapter=adapter.name if adapter else None,
+            head=head,
             stats=stats or GenerationStats(),
             cancel=cancel,
             on_finish=lambda _: self._release(adapter),
@@ -427,6 +450,33 @@ class ModelServer:
         self.engine.submit(request)
         self.compute.wake()
         return self._chunks(request)
+
+    def _encode(
+        self, prompt: str, input: str, template: prompts.PromptTemplate | None
+    ) -> tuple[list[int], int]:
+        """A request's prompt ids, and how many of them are its template's head: the tokens every
+        prompt of that template starts with (the text before the instruction), which the engine
+        prefills once per adapter and then reuses."""
+        if template is None:
+            text = f"{prompt}\n\n{input}" if input else prompt
+        else:
+            text = template.render(prompt, input, self.tokenizer)
+        with self._encode_lock:
+            ids = encode_prompt(self.tokenizer, text)
+            if template is None:
+                return ids, 0
+            key = (json.dumps(template.to_dict(), sort_keys=True), bool(input))
+            if key not in self._heads:
+                # The ids two different instructions share; their text can end mid-token, so the head
+                # is what a request's own ids have in common with these.
+                a, b = (
+                    encode_prompt(self.tokenizer, template.render(x, "y" if input else "", self.tokenizer))
+                    for x in "xz"
+                )
+                if len(self._heads) >= 64:
+                    self._heads.clear()
+                self._heads[key] = a[: common_prefix(a, b)]
+            return ids, common_prefix(self._heads[key], ids)
 
     def _chunks(self, request: Request) -> Iterator[str]:
         # A caller on the compute thread itself (a tool that runs all its torch work there) steps

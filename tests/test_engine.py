@@ -220,6 +220,82 @@ def test_a_request_that_cannot_start_in_time_fails_with_a_reason(tiny):
     assert second.stats.stop_reason == "error" and "at capacity" in str(errors[0])
 
 
+# -- prompt heads: prefilled once, reused exactly; chunk boundaries fixed by the prompt ---------
+def first_logits(engine: Engine, requests: list[Request]) -> list[torch.Tensor]:
+    """Run the requests (all submitted at once) and return the logits each sampled its first token from."""
+    seen: dict[int, torch.Tensor] = {}
+    sample = engine._sample
+
+    def record(r: Request, scores: torch.Tensor) -> int:
+        seen.setdefault(id(r), scores.clone())
+        return sample(r, scores)
+
+    engine._sample = record  # type: ignore[method-assign]
+    run(engine, requests)
+    return [seen[id(r)] for r in requests]
+
+
+def headed(tokenizer, tails: list[str], head_text: str) -> list[Request]:
+    head = encode_prompt(tokenizer, head_text)
+    requests = [Request(encode_prompt(tokenizer, head_text + t), GREEDY, head=len(head)) for t in tails]
+    assert all(r.prompt_ids[: r.head] == head for r in requests)
+    return requests
+
+
+HEAD = "Below is an instruction that describes a task. Write a response that completes it.\n\n"
+TAILS = ["What is two plus two?", "Give three tips for staying healthy.", "hi"]
+
+
+def test_a_shared_prompt_head_is_prefilled_once_and_reused_bit_for_bit(tiny):
+    model, tokenizer = tiny
+    # Each request alone, on an engine with nothing cached: its head runs as a chunk of its own.
+    cold = [first_logits(Engine(model, tokenizer), [r])[0] for r in headed(tokenizer, TAILS, HEAD)]
+    engine = Engine(model, tokenizer)
+    requests = headed(tokenizer, TAILS, HEAD)
+    warm = [first_logits(engine, [r])[0] for r in requests]
+    assert engine.prefixes.hits == 2  # the second and the third took the first one's head
+    assert engine.prefixes.held == requests[0].head and len(engine.prefixes.entries) == 1
+    assert all(torch.equal(a, b) for a, b in zip(cold, warm, strict=True))
+    assert [r.generated for r in requests] == [
+        run(Engine(model, tokenizer), [r])[0] for r in headed(tokenizer, TAILS, HEAD)
+    ]
+    # Another adapter state (the server's tag) does not share the head.
+    engine.prefix_tag = lambda adapter: "other weights"
+    first_logits(engine, headed(tokenizer, TAILS[:1], HEAD))
+    assert engine.prefixes.hits == 2 and len(engine.prefixes.entries) == 2
+
+
+def test_the_head_cache_is_bounded_and_can_be_turned_off(tiny):
+    model, tokenizer = tiny
+    heads = [HEAD, "Answer the question below in one sentence, as briefly as you can.\n\n"]
+    sizes = [len(encode_prompt(tokenizer, h)) for h in heads]
+    engine = Engine(model, tokenizer, EngineLimits(prefix_tokens=max(sizes)))
+    for h in heads:
+        run(engine, headed(tokenizer, TAILS[:1], h))
+    assert [len(k[2]) for k in engine.prefixes.entries] == [sizes[1]]  # the older head made room
+    assert engine.prefixes.held == sizes[1]
+    engine.prefixes.forget()
+    assert engine.prefixes.held == 0 and not engine.prefixes.entries
+
+    off = Engine(model, tokenizer, EngineLimits(prefix_tokens=0))
+    run(off, headed(tokenizer, TAILS, HEAD))
+    assert off.prefixes.hits == 0 and not off.prefixes.entries
+
+
+def test_a_prompts_chunks_do_not_depend_on_what_else_is_prefilled(tiny):
+    """With a 32-token budget a step, a long prompt behind a short one used to start with the 23
+    tokens left of the step: other matmul shapes than alone, so other cache bits."""
+    model, tokenizer = tiny
+    long_prompt = " ".join(PROMPTS * 3)
+    assert len(encode_prompt(tokenizer, long_prompt)) > 64
+    alone = first_logits(
+        Engine(model, tokenizer, EngineLimits(prefill_chunk=32)), requests_for(tokenizer, [long_prompt])
+    )
+    engine = Engine(model, tokenizer, EngineLimits(prefill_chunk=32))
+    behind = first_logits(engine, requests_for(tokenizer, ["hi there", long_prompt]))
+    assert torch.equal(alone[0], behind[1])
+
+
 # -- the server: adapters in one batch, exact switching ---------------------------------------
 def make_adapter(
     model_dir: Path,
@@ -342,6 +418,44 @@ def test_the_adapter_cache_evicts_the_least_recently_used_idle_adapter(tiny_mode
     assert resident == {adapter_key(str(adapters[1])), adapter_key(str(adapters[2]))}
     assert serve(server, PROMPTS[1], str(adapters[0])) == first[0]  # loaded again, same text
     assert list(server.cache) == [adapter_key(str(adapters[2])), adapter_key(str(adapters[0]))]
+
+
+def test_the_server_prefills_a_templates_head_once_per_adapter(tiny_model_dir, adapters, monkeypatch):
+    """Requests through a template share its head (the text before the instruction): the warm-up
+    caches the default template's head for the base, an adapter gets its own on first use, an
+    evicted adapter's heads go with it; a reused head gives the text a freshly prefilled one gives."""
+    from finetune.serving import ModelServer, adapter_key
+
+    monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
+    server = ModelServer(base_model=str(tiny_model_dir), dtype="float32", cache_size=1)
+    cache = server.engine.prefixes
+
+    def ask(prompt: str, lora: str | None = None, input: str = "") -> str:
+        return "".join(
+            server.generate(prompt, input, settings=GREEDY, prompt_template="alpaca", lora_weights=lora)
+        )
+
+    def owners() -> list[str | None]:
+        return [key[0] for key in cache.entries]
+
+    assert owners() == [None] and cache.hits == 0  # the warm-up's
+    texts = [ask(p) for p in PROMPTS[:3]]
+    assert cache.hits == 3 and owners() == [None]
+    server.compute.call(cache.forget)
+    assert [ask(p) for p in PROMPTS[:3]] == texts  # prefilled afresh: the same texts
+    assert cache.hits == 5
+
+    first, second = (adapter_key(str(a)) for a in adapters[:2])
+    on_first = ask(PROMPTS[0], str(adapters[0]))
+    assert on_first != texts[0] and cache.hits == 5  # the base's head is not the adapter's
+    assert ask(PROMPTS[0], str(adapters[0])) == on_first and cache.hits == 6
+    assert owners() == [first]  # the base's head went when the base was wrapped in LoRA layers
+    ask(PROMPTS[0], input="Be brief.")  # the template's other form has another head
+    assert owners() == [first, None] and cache.hits == 6
+    ask(PROMPTS[0], str(adapters[1]))  # room for one adapter: the first is evicted, with its head
+    assert first not in owners() and second in owners()
+    assert ask(PROMPTS[0], str(adapters[0])) == on_first  # loaded again, its head prefilled again
+    assert cache.hits == 6
 
 
 def test_an_adapter_cache_of_size_zero_still_serves_each_request(tiny_model_dir, adapters, monkeypatch):
