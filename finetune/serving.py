@@ -135,7 +135,14 @@ def env_number(name: str, kind: type[int] | type[float], default: float, minimum
 def check_mixable(folder: Path, source: str) -> None:
     """Adapters share batches here, and PEFT cannot put a DoRA adapter in a mixed batch: it raises,
     which failed every request of that batch (measured). So the server refuses DoRA adapters."""
-    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{source}: {ADAPTER_CONFIG} is not valid JSON ({exc}); write it again") from None
+    if not isinstance(config, dict):
+        raise ModelError(
+            f"{source}: {ADAPTER_CONFIG} must hold a JSON object (PEFT's LoraConfig), not {type(config).__name__}"
+        )
     if config.get("use_dora"):
         raise ModelError(
             f"{source}: DoRA adapters (use_dora in adapter_config.json) cannot share a batch with other "

@@ -458,6 +458,27 @@ def test_the_server_prefills_a_templates_head_once_per_adapter(tiny_model_dir, a
     assert cache.hits == 6
 
 
+def test_an_adapter_with_a_broken_config_is_refused_with_a_reason(
+    tiny_model_dir, adapters, tmp_path, monkeypatch
+):
+    import shutil
+
+    from finetune.modeling import ModelError
+    from finetune.serving import ModelServer
+
+    monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
+    server = ModelServer(base_model=str(tiny_model_dir), dtype="float32")
+    for i, (config, reason) in enumerate(
+        [('{"r": 4,', "adapter_config.json is not valid JSON"), ("[4]", "must hold a JSON object")]
+    ):
+        bad = shutil.copytree(adapters[0], tmp_path / f"bad{i}")
+        (bad / "adapter_config.json").write_text(config)
+        with pytest.raises(ModelError, match=reason):
+            serve(server, PROMPTS[1], str(bad))
+        assert not any(server.workdir.iterdir())  # nothing of it kept
+    assert serve(server, PROMPTS[1], str(adapters[0])) == serve(server, PROMPTS[1], str(adapters[0]))
+
+
 def test_an_adapter_cache_of_size_zero_still_serves_each_request(tiny_model_dir, adapters, monkeypatch):
     from finetune.serving import ModelServer
 
