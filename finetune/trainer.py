@@ -757,6 +757,7 @@ def _micro_batch(cfg: TrainConfig, plan: Plan, run: Run, index: int) -> dict[str
             cfg.data.group_by_length,
             dist.rank,
             dist.world_size,
+            plan.accum,
         )
     pad_id = plan.tokenizer.pad_token_id
     return next(iter_collated(plan.train_examples, [run.epoch_order[pos]], pad_id, cfg.data.packing))

@@ -66,7 +66,8 @@ def run(engine: Engine, tokenizer, texts: list[str], settings=GREEDY16) -> list[
     return [list(r.generated) for r in requests]
 
 
-@pytest.mark.parametrize("kind", ["none", "int8", "int4"])
+# int4 (an option, not the default) compiles a third file: with `-m slow` (`make test-all`).
+@pytest.mark.parametrize("kind", ["none", "int8", pytest.param("int4", marks=pytest.mark.slow)])
 def test_compiled_steps_give_the_eager_tokens_alone_and_in_padded_batches(cache, tiny_model_dir, kind):
     model, tokenizer = tiny(tiny_model_dir, kind)
     eager = Engine(model, tokenizer, EngineLimits())

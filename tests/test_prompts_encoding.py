@@ -145,6 +145,19 @@ def test_micro_batches_are_deterministic_and_cover_every_example():
     assert not set(map(tuple, ranks[0])) & set(map(tuple, ranks[1]))
 
 
+def test_a_steps_micro_batches_are_regrouped_by_length_with_the_same_examples():
+    examples = [Encoded([1] * n, [1] * n) for n in (5, 40, 7, 33, 12, 9, 28, 3, 21, 16, 2)]
+    plain = micro_batches(examples, 2, seed=1, epoch=0)
+    steps = micro_batches(examples, 2, seed=1, epoch=0, per_step=3)
+    assert [len(b) for b in steps] == [len(b) for b in plain]  # 5 full micro-batches and a last of 1
+    for start in (0, 3):  # each step of 3 micro-batches keeps its examples, now longest first
+        mine = [i for b in steps[start : start + 3] for i in b]
+        assert sorted(mine) == sorted(i for b in plain[start : start + 3] for i in b)
+        assert [len(examples[i]) for i in mine] == sorted((len(examples[i]) for i in mine), reverse=True)
+    padded = [sum(len(b) * max(len(examples[i]) for i in b) for b in x) for x in (plain, steps)]
+    assert padded[1] < padded[0]
+
+
 def test_packed_loss_equals_padded_loss(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
