@@ -56,6 +56,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ours_fp32": {"trainer": "ours", "dtype": "float32", "about": "ours, fp32"},
     "ours_packed": {"trainer": "ours", "packing": True, "about": "ours, packing on"},
     "ours_padded": {"trainer": "ours", "packing": False, "about": "ours, packing off"},
+    "ours_unsorted": {
+        "trainer": "ours",
+        "about": "ours without re-splitting each step's records longest first",
+        "sorted_steps": False,
+    },
     "ours_grouped": {
         "trainer": "ours",
         "group_by_length": True,
@@ -108,8 +113,9 @@ def make_config(spec: dict[str, Any], variant: dict[str, Any], output_dir: Path)
     )
 
 
-def examples_in_order(cfg: Any, tokenizer: Any) -> tuple[list[Any], list[list[int]]]:
-    """The encoded training examples and the micro-batches our trainer draws in epoch 0."""
+def examples_in_order(cfg: Any, tokenizer: Any, per_step: int = 1) -> tuple[list[Any], list[list[int]]]:
+    """The encoded training examples and the micro-batches our trainer draws in epoch 0 (per_step:
+    its optimizer step's micro-batches, re-split longest first; the recipe's feed in plain order)."""
     from finetune import prompts
     from finetune.batching import micro_batches
     from finetune.records import read_records, split_records
@@ -118,7 +124,9 @@ def examples_in_order(cfg: Any, tokenizer: Any) -> tuple[list[Any], list[list[in
     train_records, _ = split_records(read_records(cfg.data.data_path), cfg.data.val_set_size, cfg.seed)
     template = prompts.load_template(cfg.data.prompt_template_name)
     examples = encode_records(train_records, tokenizer, template, cfg)
-    batches = micro_batches(examples, cfg.micro_batch_size, cfg.seed, 0, cfg.data.group_by_length)
+    batches = micro_batches(
+        examples, cfg.micro_batch_size, cfg.seed, 0, cfg.data.group_by_length, per_step=per_step
+    )
     return examples, batches
 
 
@@ -238,7 +246,14 @@ def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: Ste
     from finetune.trainer import train
     from finetune.weights import resolve_base_model
 
-    examples, batches = examples_in_order(cfg, load_tokenizer(resolve_base_model(cfg.base_model)))
+    per_step = cfg.batch_size // cfg.micro_batch_size if variant.get("sorted_steps", True) else 1
+    if per_step == 1:  # the trainer as it was before steps were re-split by length
+        import finetune.batching
+        import finetune.trainer
+
+        plain = finetune.batching.micro_batches
+        finetune.trainer.micro_batches = lambda *args: plain(*args[:7])  # type: ignore[assignment]
+    examples, batches = examples_in_order(cfg, load_tokenizer(resolve_base_model(cfg.base_model)), per_step)
     result = train(cfg, on_step=lambda entry: clock.tick(entry["loss"]), log=lambda text: log(text))
     t = result.card["training"]
     return (
