@@ -52,6 +52,7 @@ MAX_BATCH_ENV = "MAX_BATCH_SIZE"
 KV_TOKENS_ENV = "KV_CACHE_TOKENS"
 PREFILL_CHUNK_ENV = "PREFILL_CHUNK_TOKENS"
 PREFIX_CACHE_ENV = "PREFIX_CACHE_TOKENS"
+MIN_HEAD = 16  # template heads shorter than this are prefilled with the rest of the prompt
 QUEUE_TIMEOUT_ENV = "QUEUE_TIMEOUT_S"
 DOWNLOAD_DEADLINE_ENV = "LORA_DOWNLOAD_DEADLINE_S"
 KV_MEMORY_SHARE = 0.25
@@ -483,7 +484,9 @@ class ModelServer:
                 if len(self._heads) >= 64:
                     self._heads.clear()
                 self._heads[key] = a[: common_prefix(a, b)]
-            return ids, common_prefix(self._heads[key], ids)
+            head = common_prefix(self._heads[key], ids)
+            # A short head saves little when reused and costs a pass over the weights when not.
+            return ids, head if head >= MIN_HEAD else 0
 
     def _chunks(self, request: Request) -> Iterator[str]:
         # A caller on the compute thread itself (a tool that runs all its torch work there) steps

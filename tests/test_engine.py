@@ -424,6 +424,7 @@ def test_the_server_prefills_a_templates_head_once_per_adapter(tiny_model_dir, a
     """Requests through a template share its head (the text before the instruction): the warm-up
     caches the default template's head for the base, an adapter gets its own on first use, an
     evicted adapter's heads go with it; a reused head gives the text a freshly prefilled one gives."""
+    from finetune.prompts import PromptTemplate
     from finetune.serving import ModelServer, adapter_key
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
@@ -439,6 +440,11 @@ def test_the_server_prefills_a_templates_head_once_per_adapter(tiny_model_dir, a
         return [key[0] for key in cache.entries]
 
     assert owners() == [None] and cache.hits == 0  # the warm-up's
+    # A template with next to nothing before the instruction has no head worth a chunk of its own.
+    bare = PromptTemplate(
+        "bare", prompt_input="Q: {instruction} {input}\nA:", prompt_no_input="Q: {instruction}\nA:"
+    )
+    assert server._encode(PROMPTS[0], "", bare)[1] == 0
     texts = [ask(p) for p in PROMPTS[:3]]
     assert cache.hits == 3 and owners() == [None]
     server.compute.call(cache.forget)
