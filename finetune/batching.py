@@ -88,10 +88,8 @@ def micro_batches(
     if per_step > 1:
         for start in range(0, len(batches), per_step):
             group = batches[start : start + per_step]
-            pooled = sorted((i for b in group for i in b), key=lambda i: -len(examples[i]))
-            sizes = [len(b) for b in group]
-            cuts = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
-            batches[start : start + per_step] = [pooled[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+            pooled = iter(sorted((i for b in group for i in b), key=lambda i: -len(examples[i])))
+            batches[start : start + per_step] = [[next(pooled) for _ in b] for b in group]
     return batches
 
 

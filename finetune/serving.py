@@ -215,7 +215,9 @@ class ModelServer:
         # Bumped each time an adapter name is attached: a name may come back with other weights
         # (the same lora_weights URL after an eviction), and cached prompt heads must not outlive them.
         self._generation: dict[str, int] = {}
-        self._heads: dict[tuple[str, bool], list[int]] = {}  # a template's head ids, with or without input
+        self._heads: dict[
+            tuple[prompts.PromptTemplate, bool], list[int]
+        ] = {}  # a template's head ids, with or without input
         # Every torch call of this server runs on this thread (see compute.py for why); a process
         # that runs other torch work beside the server passes one thread for all of it.
         self.compute = compute or ComputeThread()
@@ -473,7 +475,7 @@ class ModelServer:
             ids = encode_prompt(self.tokenizer, text)
             if template is None:
                 return ids, 0
-            key = (json.dumps(template.to_dict(), sort_keys=True), bool(input))
+            key = (template, bool(input))  # a frozen dataclass: hashable by its fields
             if key not in self._heads:
                 # The ids two different instructions share; their text can end mid-token, so the head
                 # is what a request's own ids have in common with these.
