@@ -65,6 +65,9 @@ class ComputeThread:
                         future.set_result(fn())
                     except BaseException as exc:  # handed to the caller, raised there
                         future.set_exception(exc)
+                # Not held while waiting for the next task: a failed setup's exception would keep its
+                # half-built server (and model) alive through the traceback.
+                task = fn = future = None
             busy = False
             for step in self._loops:
                 busy = step() or busy

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -197,6 +198,9 @@ class ModelServer:
             )
         self.base_path = resolve_base_model(base_model)
         self.workdir = Path(tempfile.mkdtemp(prefix="adapters-"))
+        # Downloaded adapters live here; they leave with the server, or at the latest when the process
+        # exits (the compute thread's loop keeps a serving server alive until then).
+        weakref.finalize(self, shutil.rmtree, self.workdir, ignore_errors=True)
         self.capacity = (
             cache_size if cache_size is not None else env_number(ADAPTER_CACHE_ENV, int, 4, minimum=0)
         )

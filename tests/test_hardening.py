@@ -4,6 +4,7 @@ outputs fail before training starts, and the context and dataset limits fail wit
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -162,6 +164,30 @@ def test_a_refused_per_request_adapter_leaves_no_files(tmp_path, tiny_model_dir,
         with pytest.raises(ModelError):
             server.generate("hi", lora_weights=uri)
     assert list(server.workdir.iterdir()) == []
+
+
+def test_a_server_takes_its_adapter_folder_with_it(tmp_path, tiny_model_dir, pickled_adapter, monkeypatch):
+    # Every server extracts adapters into a temporary folder of its own; before, each start left one
+    # behind with every adapter it had downloaded.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(ModelError, match="pickles can run code"):
+        ModelServer(base_model=str(tiny_model_dir), adapter=str(pickled_adapter))
+    gc.collect()
+    assert list(scratch.iterdir()) == []  # a setup that failed
+    code = "import sys; from finetune.serving import ModelServer; print(ModelServer(base_model=sys.argv[1]).workdir)"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model_dir)],
+        env={**os.environ, "TMPDIR": str(scratch)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    workdir = Path(done.stdout.strip().splitlines()[-1])
+    assert workdir.parent == scratch and workdir.name.startswith("adapters-")
+    assert not workdir.exists()  # a server that served until the process ended
 
 
 def test_an_adapter_template_may_only_use_plain_fields(tmp_path):
