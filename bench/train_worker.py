@@ -61,6 +61,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "about": "ours without re-splitting each step's records longest first",
         "sorted_steps": False,
     },
+    "ours_compiled": {
+        "trainer": "ours",
+        "about": "ours with each decoder layer under torch.compile (dynamic shapes; compile in step 1)",
+        "compile_layers": True,
+    },
     "ours_grouped": {
         "trainer": "ours",
         "group_by_length": True,
@@ -169,6 +174,18 @@ def run_hf(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepC
 
     base = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(base)
+    if variant.get("compile_layers"):
+        import finetune.trainer
+
+        load = finetune.trainer.load_for_training
+
+        def compiled_layers(*args: Any, **kwargs: Any) -> Any:
+            model = load(*args, **kwargs)
+            for layer in model.get_base_model().model.layers:
+                layer.compile(dynamic=True)
+            return model
+
+        finetune.trainer.load_for_training = compiled_layers  # type: ignore[assignment]
     examples, batches = examples_in_order(cfg, tokenizer)
     # The trainer's micro-batch order, flattened; a sequential sampler replays it exactly.
     dataset = [
