@@ -57,7 +57,7 @@ class EngineLimits:
     queue_timeout_s: float = 300.0
     """A request that could not start within this time fails with a reason instead of waiting on."""
     prefix_tokens: int = 1024
-    """Prompt-head KV kept for reuse (PrefixCache), in tokens; 0 turns the reuse off."""
+    """Prompt-prefix KV kept for reuse (PrefixCache), in tokens; 0 turns the reuse off."""
 
 
 @dataclass(eq=False)
@@ -151,11 +151,14 @@ def _pad_left(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class PrefixCache:
-    """Keys and values of prompt heads (Request.head), least recently used first, bounded in tokens.
-    A head's keys and values depend only on its tokens and the weights that computed them, so the
-    key holds the adapter and a tag for the weights' state (the server's `prefix_tag`). Reuse is exact:
-    a request whose head is not cached prefills that head as its own chunk too, so both ways run
-    the same kernels on the same rows (Engine._chunk_end)."""
+    """Keys and values of prompt prefixes that end at chunk boundaries (Engine._chunk_end: a
+    template's head, then every prefill_chunk tokens), one entry per chunk holding that chunk's
+    columns, least recently used first, bounded in tokens. A prefix's keys and values depend only on
+    its tokens and the weights that computed them, so an entry's key holds the adapter, a tag for the
+    weights' state (the server's `prefix_tag`) and every prompt token up to the chunk's end. Reuse is
+    exact: the boundaries depend on the prompt alone, so a prompt that reuses chunks and one that
+    prefills them run the same kernels on the same rows. Of a prompt's chunks, the first is kept
+    longest: a later chunk is no use without the ones before it."""
 
     def __init__(self, tokens: int) -> None:
         self.tokens = tokens
@@ -165,28 +168,48 @@ class PrefixCache:
             OrderedDict()
         )
 
-    def get(self, key: tuple[Any, ...], capacity: int) -> KV | None:
-        """A one-row KV with the head's columns filled and room for `capacity` columns."""
-        entry = self.entries.get(key)
-        if entry is None:
+    def get(self, chain: list[tuple[Any, ...]], capacity: int) -> KV | None:
+        """A one-row KV holding the longest run of cached chunks from the start of `chain` (a
+        prompt's keys, boundary by boundary), with room for `capacity` columns."""
+        found = []
+        for key in chain:
+            entry = self.entries.get(key)
+            if entry is None:
+                break
+            found.append(entry)
+        if not found:
             return None
-        self.entries.move_to_end(key)
+        self._touch(chain[: len(found)])
         self.hits += 1
-        return KV.from_prefix(*entry, capacity)
+        return KV.from_prefix(
+            [torch.cat(parts) for parts in zip(*(keys for keys, _ in found), strict=True)],
+            [torch.cat(parts) for parts in zip(*(values for _, values in found), strict=True)],
+            capacity,
+        )
 
-    def put(self, key: tuple[Any, ...], kv: KV) -> None:
-        n = kv.length
-        if key in self.entries or n > self.tokens:
-            return
-        self.entries[key] = ([k[:n].clone() for k in kv.keys], [v[:n].clone() for v in kv.values])
-        self.held += n
+    def put(self, chain: list[tuple[Any, ...]], kv: KV, start: int) -> None:
+        """Keep kv's columns [start, length) under chain[-1]; chain[:-1] are the chunks before it."""
+        key, n = chain[-1], kv.length - start
+        # A chunk whose predecessors are gone could never be reused.
+        if key not in self.entries and n <= self.tokens and all(k in self.entries for k in chain[:-1]):
+            self.entries[key] = (
+                [k[start : kv.length].clone() for k in kv.keys],
+                [v[start : kv.length].clone() for v in kv.values],
+            )
+            self.held += n
+        self._touch(chain)
         while self.held > self.tokens:
             self._drop(next(iter(self.entries)))
 
     def forget(self, adapter: str | None = None) -> None:
-        """Drop the heads computed with this adapter (all heads when None)."""
+        """Drop the prefixes computed with this adapter (all of them when None)."""
         for key in [k for k in self.entries if adapter is None or k[0] == adapter]:
             self._drop(key)
+
+    def _touch(self, chain: list[tuple[Any, ...]]) -> None:
+        for key in reversed(chain):  # the first chunk last: the most recently used, dropped last
+            if key in self.entries:
+                self.entries.move_to_end(key)
 
     def _drop(self, key: tuple[Any, ...]) -> None:
         keys, _ = self.entries.pop(key)
@@ -275,7 +298,7 @@ class Engine:
             if r is None:
                 break
             if r.cache is None:
-                self._guard(functools.partial(self._reuse_head, r), [r])
+                self._guard(functools.partial(self._reuse_prefix, r), [r])
                 if self.prefilling is not r:
                     continue
             n = self._chunk_end(r) - r.prefilled
@@ -405,15 +428,25 @@ class Engine:
             return 0
         return min(r.head, self.limits.prefill_chunk, len(r.prompt_ids) - 1)
 
-    def _head_key(self, r: Request) -> tuple[Any, ...]:
-        return (r.adapter, self.prefix_tag(r.adapter), tuple(r.prompt_ids[: self._head(r)]))
+    def _boundaries(self, r: Request) -> list[int]:
+        """Where r's cached prefixes may end: its chunk boundaries (_chunk_end) before its last
+        token, which is always prefilled for the logits of the first new token."""
+        if not self.limits.prefix_tokens:
+            return []
+        head, chunk = self._head(r), self.limits.prefill_chunk
+        return ([head] if head else []) + list(range(head + chunk, len(r.prompt_ids), chunk))
 
-    def _reuse_head(self, r: Request) -> None:
-        """Start r's cache from its cached head, if there is one (the model set up as for its prefill)."""
+    def _chain(self, r: Request, ends: list[int]) -> list[tuple[Any, ...]]:
+        tag = self.prefix_tag(r.adapter)
+        return [(r.adapter, tag, tuple(r.prompt_ids[:end])) for end in ends]
+
+    def _reuse_prefix(self, r: Request) -> None:
+        """Start r's cache from its longest cached prefix, if any (the model set up as for its prefill)."""
         r.cache = KV(len(r.prompt_ids))
-        if self._head(r):
+        ends = self._boundaries(r)
+        if ends:
             self.prepare([r.adapter])
-            cached = self.prefixes.get(self._head_key(r), len(r.prompt_ids))
+            cached = self.prefixes.get(self._chain(r, ends), len(r.prompt_ids))
             if cached is not None:
                 r.cache, r.prefilled = cached, cached.length
 
@@ -427,9 +460,10 @@ class Engine:
         with quant.fp32_weights():  # prompts: exact and fast; see quant.py
             logits = self._forward([r.adapter], ids, positions, r.cache, None)
         r.prefilled = end
-        if start == 0 and end == self._head(r):
-            self.prefixes.put(self._head_key(r), r.cache)
         if end < len(r.prompt_ids):
+            if self.limits.prefix_tokens:
+                ends = [e for e in self._boundaries(r) if e <= end]
+                self.prefixes.put(self._chain(r, ends), r.cache, start)
             return
         self.prefilling = None
         cache, r.cache = r.cache, None

@@ -282,6 +282,53 @@ def test_the_head_cache_is_bounded_and_can_be_turned_off(tiny):
     assert off.prefixes.hits == 0 and not off.prefixes.entries
 
 
+def test_a_long_shared_context_is_reused_chunk_by_chunk_bit_for_bit(tiny):
+    """Past the head, a prompt's chunks are cached too: a second question about the same long
+    context prefills only from the last chunk boundary both prompts share."""
+    model, tokenizer = tiny
+    limits = EngineLimits(prefill_chunk=16)
+    context = " ".join(PROMPTS) + "\n\n"
+    tails = [context + "Which city is named?", context + "What do alpacas eat?"]
+    cold = [first_logits(Engine(model, tokenizer, limits), [r])[0] for r in headed(tokenizer, tails, HEAD)]
+    engine = Engine(model, tokenizer, limits)
+    prefilled: list[int] = []
+    prefill = engine._prefill_chunk
+    engine._prefill_chunk = lambda n: (prefilled.append(n), prefill(n))[1]  # type: ignore[method-assign]
+    first, second = headed(tokenizer, tails, HEAD)
+    warm = first_logits(engine, [first]) + first_logits(engine, [second])
+    assert all(torch.equal(a, b) for a, b in zip(cold, warm, strict=True))
+    assert [first.generated, second.generated] == [
+        run(Engine(model, tokenizer, limits), [r])[0] for r in headed(tokenizer, tails, HEAD)
+    ]
+    ends = [engine._boundaries(r) for r in (first, second)]
+    shared = max(e for e in ends[1] if e in ends[0] and first.prompt_ids[:e] == second.prompt_ids[:e])
+    assert shared >= first.head + 2 * limits.prefill_chunk  # the head and at least two chunks after it
+    assert sum(prefilled) == len(first.prompt_ids) + len(second.prompt_ids) - shared
+    assert engine.prefixes.hits == 1
+    # One entry per chunk, each holding its own columns only.
+    assert len(engine.prefixes.entries) == len(set(ends[0] + ends[1]))
+    assert engine.prefixes.held == ends[0][-1] + ends[1][-1] - shared
+
+
+def test_the_first_chunks_of_a_prefix_are_kept_longest(tiny):
+    model, tokenizer = tiny
+    text = " ".join(PROMPTS)
+    prompt = headed(tokenizer, [text], HEAD)[0]
+    ends = Engine(model, tokenizer, EngineLimits(prefill_chunk=8))._boundaries(prompt)
+    assert len(ends) >= 4
+    limits = EngineLimits(prefill_chunk=8, prefix_tokens=ends[2])
+    engine = Engine(model, tokenizer, limits)
+    run(engine, [prompt])
+    # Room for the head and two chunks: the later chunks made way, not the start they extend.
+    assert sorted(len(k[2]) for k in engine.prefixes.entries) == ends[:3]
+    assert engine.prefixes.held == ends[2]
+    reused = first_logits(engine, headed(tokenizer, [text], HEAD))[0]
+    assert engine.prefixes.hits == 1
+    assert torch.equal(
+        reused, first_logits(Engine(model, tokenizer, limits), headed(tokenizer, [text], HEAD))[0]
+    )
+
+
 def test_a_prompts_chunks_do_not_depend_on_what_else_is_prefilled(tiny):
     """With a 32-token budget a step, a long prompt behind a short one used to start with the 23
     tokens left of the step: other matmul shapes than alone, so other cache bits."""
