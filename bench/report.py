@@ -476,6 +476,24 @@ def markdown(results: dict[str, Any]) -> str:
                 f"Before these, a first start with an empty compile cache took {results['compile_first_start_s']:.1f} s "
                 "(it compiles the decode step; later starts load the file).",
             ]
+    px = results.get("prefix")
+    if px:
+        lines += [
+            "",
+            "## Shared context (`bench/prefix_worker.py`)",
+            "",
+            f"{px['questions']} questions, each after the same {px['context_tokens']}-token context at the start of "
+            f"the instruction, the defaults, prefix cache on (`PREFIX_CACHE_TOKENS={px['prefix_cache_tokens']}`) and "
+            f"off alternating; medians leave out the first question (nothing cached yet).",
+            "",
+            "| | time to first token (median) | each |",
+            "|---|---:|---|",
+            f"| prefix cache on | {_fmt(px['ttft_ms_median_on'])} ms | {px['ttft_ms_on']} |",
+            f"| off | {_fmt(px['ttft_ms_median_off'])} ms | {px['ttft_ms_off']} |",
+            "",
+            f"On / off: **{px['ratio']}×**; same texts both ways: {px['same_texts']}; "
+            f"{px['held_tokens']} tokens held at the end.",
+        ]
     if results.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"

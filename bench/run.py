@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the project importable
 from bench import report  # noqa: E402
 from bench.common import BENCH_LORA, data_path, load_avg, log, median, read_json, write_json  # noqa: E402
 
-SECTIONS = ("matmul", "train", "infer", "startup", "quant", "serve")
+SECTIONS = ("matmul", "train", "infer", "startup", "quant", "serve", "prefix")
 
 
 @dataclass
@@ -406,7 +406,7 @@ class Bench:
             results["training"] = self.train(data, ceiling)
             ours = [r for r in results["training"]["runs"] if r["variant"] == "ours"]
             adapter = ours[0]["adapter_dir"] if ours else None
-        if sections & {"infer", "startup", "serve"} and self.device == "cpu":
+        if sections & {"infer", "startup", "serve", "prefix"} and self.device == "cpu":
             # The default server compiles its decode step on a first start: once here, so that the
             # sections after it time warm starts (the quant section times first starts itself).
             first = self.worker("startup_worker", "compile-first-start", {"adapter_dir": None})
@@ -438,6 +438,17 @@ class Bench:
             try:
                 adapter = adapter or self.random_adapter()
                 results["serving"] = self.serving(adapter)
+            except Exception as exc:
+                self.failures.append(str(exc))
+                log(str(exc))
+        if "prefix" in sections:
+            try:
+                results["prefix"] = self.worker("prefix_worker", "prefix", {})
+                p = results["prefix"]
+                log(
+                    f"shared context ({p['context_tokens']} tokens): TTFT {p['ttft_ms_median_on']} ms cached, "
+                    f"{p['ttft_ms_median_off']} ms not ({p['ratio']}x)"
+                )
             except Exception as exc:
                 self.failures.append(str(exc))
                 log(str(exc))
