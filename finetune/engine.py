@@ -19,9 +19,11 @@ Everything here runs on one thread (the server's compute thread, or the caller's
 from __future__ import annotations
 
 import functools
+import hashlib
 import queue
 import threading
 import time
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -81,6 +83,7 @@ class Request:
     text: TextStream | None = None
     generated: list[int] = field(default_factory=list)
     prefilled: int = 0
+    digests: list[bytes] = field(default_factory=list)  # of the prompt up to each chunk boundary, in order
     cache: Any = None  # this request's own cache while it is being prefilled
     generator: torch.Generator | None = None
     processors: Any = None
@@ -155,7 +158,9 @@ class PrefixCache:
     template's head, then every prefill_chunk tokens), one entry per chunk holding that chunk's
     columns, least recently used first, bounded in tokens. A prefix's keys and values depend only on
     its tokens and the weights that computed them, so an entry's key holds the adapter, a tag for the
-    weights' state (the server's `prefix_tag`) and every prompt token up to the chunk's end. Reuse is
+    weights' state (the server's `prefix_tag`), the chunk's end and a SHA-256 of every prompt token up
+    to it (chained chunk by chunk: linear in the prompt; a cryptographic hash, so that no prompt can be
+    made to collide with another user's and be answered from its keys and values). Reuse is
     exact: the boundaries depend on the prompt alone, so a prompt that reuses chunks and one that
     prefills them run the same kernels on the same rows. Of a prompt's chunks, the first is kept
     longest: a later chunk is no use without the ones before it."""
@@ -437,8 +442,14 @@ class Engine:
         return ([head] if head else []) + list(range(head + chunk, len(r.prompt_ids), chunk))
 
     def _chain(self, r: Request, ends: list[int]) -> list[tuple[Any, ...]]:
+        """The cache keys of r's prefixes up to each of `ends` (a start of _boundaries(r))."""
+        while len(r.digests) < len(ends):  # each chunk hashed once per request
+            i = len(r.digests)
+            start, previous = (ends[i - 1], r.digests[-1]) if i else (0, b"")
+            chunk = array("q", r.prompt_ids[start : ends[i]]).tobytes()
+            r.digests.append(hashlib.sha256(previous + chunk).digest())
         tag = self.prefix_tag(r.adapter)
-        return [(r.adapter, tag, tuple(r.prompt_ids[:end])) for end in ends]
+        return [(r.adapter, tag, end, digest) for end, digest in zip(ends, r.digests, strict=False)]
 
     def _reuse_prefix(self, r: Request) -> None:
         """Start r's cache from its longest cached prefix, if any (the model set up as for its prefill)."""

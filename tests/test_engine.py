@@ -272,7 +272,7 @@ def test_the_head_cache_is_bounded_and_can_be_turned_off(tiny):
     engine = Engine(model, tokenizer, EngineLimits(prefix_tokens=max(sizes)))
     for h in heads:
         run(engine, headed(tokenizer, TAILS[:1], h))
-    assert [len(k[2]) for k in engine.prefixes.entries] == [sizes[1]]  # the older head made room
+    assert [k[2] for k in engine.prefixes.entries] == [sizes[1]]  # the older head made room
     assert engine.prefixes.held == sizes[1]
     engine.prefixes.forget()
     assert engine.prefixes.held == 0 and not engine.prefixes.entries
@@ -320,7 +320,7 @@ def test_the_first_chunks_of_a_prefix_are_kept_longest(tiny):
     engine = Engine(model, tokenizer, limits)
     run(engine, [prompt])
     # Room for the head and two chunks: the later chunks made way, not the start they extend.
-    assert sorted(len(k[2]) for k in engine.prefixes.entries) == ends[:3]
+    assert sorted(k[2] for k in engine.prefixes.entries) == ends[:3]
     assert engine.prefixes.held == ends[2]
     reused = first_logits(engine, headed(tokenizer, [text], HEAD))[0]
     assert engine.prefixes.hits == 1
