@@ -229,6 +229,17 @@ def test_embedded_model_per_request_adapters_compiled_give_the_eager_text(
     assert lora.calls > 0
     with ThreadPoolExecutor(len(asks)) as pool:
         assert list(pool.map(lambda a: ask(embedded, *a), asks)) == want
+    # A cancelled request on an adapter, mid-decode in the LoRA file: the others keep their texts.
+    calls = lora.calls
+    chunks = embedded.generate(
+        asks[0][0], settings=GenerationSettings(max_new_tokens=200, temperature=0), lora_weights=alpie
+    )
+    next(chunks)
+    next(chunks)
+    assert lora.calls > calls  # its decode steps ran in the LoRA file
+    chunks.close()  # what a cancelled prediction does
+    assert [ask(embedded, *a) for a in asks[:2]] == want[:2]
+    assert not embedded.engine.busy
 
 
 @pytest.mark.integration
