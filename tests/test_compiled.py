@@ -92,15 +92,21 @@ def test_compiled_steps_give_the_eager_tokens_alone_and_in_padded_batches(cache,
         assert alone == want
 
 
-def test_a_cached_file_loads_at_once_and_a_bad_one_means_eager_decoding(cache, tiny_model_dir, capfd):
+def test_a_cached_file_loads_at_once_and_a_bad_one_means_eager_decoding(
+    cache, tiny_model_dir, capfd, tmp_path, monkeypatch
+):
     model, tokenizer = tiny(tiny_model_dir, "none")
     engine = Engine(model, tokenizer, EngineLimits())
     first = compiled.load(engine.decoder(), engine.device, 8)
     capfd.readouterr()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # where torch's loader would extract the package
     started = time.perf_counter()
     again = compiled.load(engine.decoder(), engine.device, 8)
     assert again is not None and again.path == first.path and time.perf_counter() - started < 5
     assert "building" not in capfd.readouterr().err
+    assert list(scratch.iterdir()) == []  # loaded from the cache's unpacked copy: nothing left behind
     good = first.path.read_bytes()
     try:
         first.path.write_bytes(b"not a compiled model")
