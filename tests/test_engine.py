@@ -511,6 +511,30 @@ def test_the_server_prefills_a_templates_head_once_per_adapter(tiny_model_dir, a
     assert cache.hits == 6
 
 
+def test_the_server_answers_questions_after_a_shared_context_from_its_cached_chunks(
+    tiny_model_dir, monkeypatch
+):
+    """Through the server's template: the context at the start of the instruction, questions after
+    it. The second question reuses the first one's chunks and gets the text a cold server gives."""
+    from finetune.serving import ModelServer
+
+    monkeypatch.setenv("PREFILL_CHUNK_TOKENS", "16")
+    context = " ".join(PROMPTS * 2) + "\n\nQuestion: "
+    questions = ["Which city is named?", "What do alpacas eat?"]
+
+    def ask(server: ModelServer, question: str) -> str:
+        return "".join(server.generate(context + question, settings=GREEDY, prompt_template="alpaca"))
+
+    warm = ModelServer(base_model=str(tiny_model_dir), dtype="float32")
+    cache = warm.engine.prefixes
+    hits, texts = cache.hits, [ask(warm, q) for q in questions]
+    assert cache.hits == hits + 2  # the template's head, then the head and the context's chunks
+    assert max(key[2] for key in cache.entries) > 2 * 16  # chunks past the head are held
+    monkeypatch.setenv("PREFIX_CACHE_TOKENS", "0")
+    cold = ModelServer(base_model=str(tiny_model_dir), dtype="float32")
+    assert [ask(cold, q) for q in questions] == texts
+
+
 def test_an_adapter_with_a_broken_config_is_refused_with_a_reason(
     tiny_model_dir, adapters, tmp_path, monkeypatch
 ):
