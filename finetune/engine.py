@@ -154,7 +154,7 @@ def _pad_left(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class PrefixCache:
-    """Keys and values of prompt prefixes that end at chunk boundaries (Engine._chunk_end: a
+    """Keys and values of prompt prefixes that end at chunk boundaries (Engine._boundaries: a
     template's head, then every prefill_chunk tokens), one entry per chunk holding that chunk's
     columns, least recently used first, bounded in tokens. A prefix's keys and values depend only on
     its tokens and the weights that computed them, so an entry's key holds the adapter, a tag for the
@@ -417,16 +417,9 @@ class Engine:
         return hf_forward(self.model, kv, extra, input_ids=ids, position_ids=positions, attention_mask=mask)
 
     def _chunk_end(self, r: Request) -> int:
-        """Where the prefill chunk that starts at r.prefilled ends: the head (at most one chunk
-        long), then prefill_chunk tokens at a time from there. The boundaries depend on the prompt
-        alone, not on what else is waiting: a matmul over rows [a, b) does not give every row the
-        same bits as one over [0, n) (fp32 on CPU, measured: splits at 8 or 25 of 43 prompt tokens
-        changed logits by ~2e-5), so a prompt's cache, and its text, would otherwise depend on load."""
-        head = self._head(r)
-        if r.prefilled < head:
-            return head
-        steps = (r.prefilled - head) // self.limits.prefill_chunk + 1
-        return min(len(r.prompt_ids), head + steps * self.limits.prefill_chunk)
+        """Where the prefill chunk that starts at r.prefilled ends: the next of r's boundaries, or
+        the prompt's end."""
+        return next((end for end in self._boundaries(r) if end > r.prefilled), len(r.prompt_ids))
 
     def _head(self, r: Request) -> int:
         if not self.limits.prefix_tokens:
@@ -434,10 +427,13 @@ class Engine:
         return min(r.head, self.limits.prefill_chunk, len(r.prompt_ids) - 1)
 
     def _boundaries(self, r: Request) -> list[int]:
-        """Where r's cached prefixes may end: its chunk boundaries (_chunk_end) before its last
-        token, which is always prefilled for the logits of the first new token."""
-        if not self.limits.prefix_tokens:
-            return []
+        """r's chunk boundaries before its last token: the head (at most one chunk long), then every
+        prefill_chunk tokens from there. Prefill chunks end there, and so do cached prefixes (the
+        last token is always prefilled, for the logits of the first new token). They depend on the
+        prompt alone, not on what else is waiting: a matmul over rows [a, b) does not give every row
+        the same bits as one over [0, n) (fp32 on CPU, measured: splits at 8 or 25 of 43 prompt
+        tokens changed logits by ~2e-5), so a prompt's cache, and its text, would otherwise depend
+        on load; and a reused chunk holds the bits a fresh one would."""
         head, chunk = self._head(r), self.limits.prefill_chunk
         return ([head] if head else []) + list(range(head + chunk, len(r.prompt_ids), chunk))
 
@@ -454,7 +450,7 @@ class Engine:
     def _reuse_prefix(self, r: Request) -> None:
         """Start r's cache from its longest cached prefix, if any (the model set up as for its prefill)."""
         r.cache = KV(len(r.prompt_ids))
-        ends = self._boundaries(r)
+        ends = self._boundaries(r) if self.limits.prefix_tokens else []
         if ends:
             self.prepare([r.adapter])
             cached = self.prefixes.get(self._chain(r, ends), len(r.prompt_ids))
