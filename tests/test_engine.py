@@ -380,21 +380,32 @@ def serve(server, prompt: str, lora: str | None = None, settings: GenerationSett
     return "".join(server.generate(prompt, settings=settings, prompt_template="none", lora_weights=lora))
 
 
-def together(server, asks: list[tuple[str, str | None]]) -> list[str]:
-    """Send every request at once from its own thread (they decode in one batch)."""
-    out: list[str | None] = [None] * len(asks)
+def outcomes_together(server, asks: list[tuple[str, str | None]]) -> list[str | BaseException]:
+    """Send every request at once from its own thread (they decode in one batch); each request's
+    text, or the exception it raised."""
+    out: list[str | BaseException | None] = [None] * len(asks)
     barrier = threading.Barrier(len(asks))
 
     def ask(i: int) -> None:
         barrier.wait()
-        out[i] = serve(server, *asks[i])
+        try:
+            out[i] = serve(server, *asks[i])
+        except Exception as exc:  # kept for the caller, not left to the thread's excepthook
+            out[i] = exc
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert all(o is not None for o in out)
+    assert all(o is not None for o in out), "a request did not finish in 120 s"
+    return out  # type: ignore[return-value]
+
+
+def together(server, asks: list[tuple[str, str | None]]) -> list[str]:
+    out = outcomes_together(server, asks)
+    failed = [o for o in out if isinstance(o, BaseException)]
+    assert not failed, f"{len(failed)} requests failed, the first with {failed[0]!r}"
     return out  # type: ignore[return-value]
 
 
