@@ -9,10 +9,8 @@ import os
 import queue
 import shutil
 import sys
-import tempfile
 import threading
 import types
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -44,6 +42,7 @@ from .modeling import (
     pick_precision,
 )
 from .weights import resolve_base_model
+from .workdirs import owned_workdir
 
 ADAPTER_CACHE_ENV = "ADAPTER_CACHE_SIZE"
 LOCAL_LORA_ENV = "ALLOW_LOCAL_LORA_WEIGHTS"
@@ -197,10 +196,10 @@ class ModelServer:
                 f"{compiled.COMPILE_ENV}={self.compile_mode!r}: use one of {', '.join(compiled.MODES)}"
             )
         self.base_path = resolve_base_model(base_model)
-        self.workdir = Path(tempfile.mkdtemp(prefix="adapters-"))
         # Downloaded adapters live here; they leave with the server, or at the latest when the process
-        # exits (the compute thread's loop keeps a serving server alive until then).
-        weakref.finalize(self, shutil.rmtree, self.workdir, ignore_errors=True)
+        # exits (the compute thread's loop keeps a serving server alive until then). A server killed
+        # by a signal leaves its folder to the next one to remove.
+        self.workdir = owned_workdir(self, "adapters-")
         self.capacity = (
             cache_size if cache_size is not None else env_number(ADAPTER_CACHE_ENV, int, 4, minimum=0)
         )

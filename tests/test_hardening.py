@@ -190,6 +190,50 @@ def test_a_server_takes_its_adapter_folder_with_it(tmp_path, tiny_model_dir, pic
     assert not workdir.exists()  # a server that served until the process ended
 
 
+def test_a_server_removes_the_folders_of_servers_killed_by_a_signal(tmp_path, tiny_model_dir, monkeypatch):
+    # Cog servers are stopped with SIGTERM, and Python's default handler skips atexit: each such
+    # server left its adapter folder behind until the next server's start removed it.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    code = (
+        "import os, signal, sys\n"
+        "from finetune.serving import ModelServer\n"
+        "server = ModelServer(base_model=sys.argv[1])\n"
+        "(server.workdir / 'kept.txt').write_text('an extracted adapter')\n"
+        "print(server.workdir, flush=True)\n"
+        "if sys.argv[2] == 'kill':\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "sys.stdin.read()\n"
+    )
+
+    def start(how: str) -> tuple[subprocess.Popen, Path]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(tiny_model_dir), how],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        return proc, Path(proc.stdout.readline().strip())
+
+    alive, live_folder = start("serve")
+    try:
+        killed, dead_folder = start("kill")  # its start leaves the live server's folder alone
+        assert killed.wait(timeout=120) == -signal.SIGTERM
+        old = scratch / "adapters-from-an-older-version"  # no owner file: not ours to judge
+        old.mkdir()
+        assert (dead_folder / "kept.txt").exists() and (live_folder / "kept.txt").exists()
+        server = ModelServer(base_model=str(tiny_model_dir))
+        assert not dead_folder.exists()
+        assert (live_folder / "kept.txt").exists() and old.exists()
+        assert sorted(scratch.iterdir()) == sorted([live_folder, old, server.workdir])
+    finally:
+        alive.communicate("", timeout=120)  # end of input: the server's process exits normally
+    assert alive.returncode == 0 and not live_folder.exists()
+
+
 def test_an_adapter_template_may_only_use_plain_fields(tmp_path):
     from finetune.prompts import TemplateError, template_from_adapter
 
