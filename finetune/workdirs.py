@@ -49,13 +49,19 @@ def owned_workdir(owner: object, prefix: str) -> Path:
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     # Locked before it gets its final name: a sweeper never sees an unlocked owner file of a live folder.
     pending = workdir / f"{OWNER_FILE}.new"
-    fd = os.open(pending, os.O_CREAT | os.O_RDWR, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    pending.rename(workdir / OWNER_FILE)
+    fd: int | None = os.open(pending, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        pending.rename(workdir / OWNER_FILE)
+    except OSError:  # a file system without locks: the folder works, only a later sweep skips it
+        os.close(fd)
+        fd = None
+        pending.unlink(missing_ok=True)
     weakref.finalize(owner, _release, workdir, fd)
     return workdir
 
 
-def _release(workdir: Path, fd: int) -> None:
+def _release(workdir: Path, fd: int | None) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
-    os.close(fd)
+    if fd is not None:
+        os.close(fd)

@@ -234,6 +234,26 @@ def test_a_server_removes_the_folders_of_servers_killed_by_a_signal(tmp_path, ti
     assert alive.returncode == 0 and not live_folder.exists()
 
 
+def test_a_file_system_without_locks_still_gives_a_working_folder(tmp_path, monkeypatch):
+    from finetune import workdirs
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(workdirs.fcntl, "flock", no_locks)
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    folder = workdirs.owned_workdir(owner, "adapters-")
+    assert folder.parent == tmp_path and list(folder.iterdir()) == []  # no owner file: never swept
+    del owner
+    gc.collect()
+    assert not folder.exists()
+
+
 def test_an_adapter_template_may_only_use_plain_fields(tmp_path):
     from finetune.prompts import TemplateError, template_from_adapter
 
