@@ -3,7 +3,7 @@ removes if their owner died without doing so.
 
 A server removes its folder when it ends normally (weakref.finalize / atexit), but a SIGKILL, or a
 SIGTERM (Python's default handler skips atexit; Cog servers are stopped with one), leaves it behind
-with every adapter it had downloaded. The owner holds an exclusive flock on a file inside for as
+with every adapter it had downloaded. The owner holds an exclusive flock on the folder itself for as
 long as it lives; the kernel drops that lock when the process dies, however it dies, so a lock that
 can be taken means a dead owner. PIDs would not do: they are reused, and differ across containers
 that share a /tmp."""
@@ -17,20 +17,18 @@ import tempfile
 import weakref
 from pathlib import Path
 
-OWNER_FILE = ".owner"
-
 
 def remove_orphans(prefix: str) -> list[Path]:
     """Remove this user's `prefix*` folders in the temporary directory whose owner is dead."""
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
         try:
-            if folder.is_symlink() or folder.stat().st_uid != os.getuid():
-                continue
-            fd = os.open(folder / OWNER_FILE, os.O_RDWR | os.O_NOFOLLOW)
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:
-            continue  # not a folder of ours, one still being set up, or one from before owner files
+            continue  # gone meanwhile, a link, or not a folder
         try:
+            if os.fstat(fd).st_uid != os.getuid():
+                continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             continue  # its owner is alive
@@ -46,17 +44,19 @@ def owned_workdir(owner: object, prefix: str) -> Path:
     """A new private folder that lives as long as `owner` (or the process, whichever ends first);
     earlier owners' orphaned `prefix*` folders are removed first."""
     remove_orphans(prefix)
-    workdir = Path(tempfile.mkdtemp(prefix=prefix))
-    # Locked before it gets its final name: a sweeper never sees an unlocked owner file of a live folder.
-    pending = workdir / f"{OWNER_FILE}.new"
-    fd: int | None = os.open(pending, os.O_CREAT | os.O_RDWR, 0o600)
+    # Made and locked under a name the sweep does not match, then renamed into place: a sweeper never
+    # sees a live folder unlocked. The lock follows the folder through the rename.
+    pending = Path(tempfile.mkdtemp(prefix=f".{prefix}"))
+    workdir = pending.with_name(pending.name[1:])
+    fd: int | None = os.open(pending, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        pending.rename(workdir / OWNER_FILE)
-    except OSError:  # a file system without locks: the folder works, only a later sweep skips it
+    except OSError:  # a file system without locks: the folder works, and no sweep will remove it
         os.close(fd)
         fd = None
-        pending.unlink(missing_ok=True)
+        workdir = pending
+    else:
+        pending.rename(workdir)
     weakref.finalize(owner, _release, workdir, fd)
     return workdir
 

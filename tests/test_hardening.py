@@ -222,13 +222,15 @@ def test_a_server_removes_the_folders_of_servers_killed_by_a_signal(tmp_path, ti
     try:
         killed, dead_folder = start("kill")  # its start leaves the live server's folder alone
         assert killed.wait(timeout=120) == -signal.SIGTERM
-        old = scratch / "adapters-from-an-older-version"  # no owner file: not ours to judge
+        old = scratch / "adapters-of-an-earlier-version"  # which took no lock: no owner holds one
         old.mkdir()
+        (old / "kept.txt").write_text("an extracted adapter")
         assert (dead_folder / "kept.txt").exists() and (live_folder / "kept.txt").exists()
         server = ModelServer(base_model=str(tiny_model_dir))
-        assert not dead_folder.exists()
-        assert (live_folder / "kept.txt").exists() and old.exists()
-        assert sorted(scratch.iterdir()) == sorted([live_folder, old, server.workdir])
+        assert not dead_folder.exists() and not old.exists()
+        assert (live_folder / "kept.txt").exists()
+        assert sorted(scratch.iterdir()) == sorted([live_folder, server.workdir])
+        assert list(server.workdir.iterdir()) == []  # the lock is on the folder: nothing added inside
     finally:
         alive.communicate("", timeout=120)  # end of input: the server's process exits normally
     assert alive.returncode == 0 and not live_folder.exists()
@@ -248,7 +250,8 @@ def test_a_file_system_without_locks_still_gives_a_working_folder(tmp_path, monk
 
     owner = Owner()
     folder = workdirs.owned_workdir(owner, "adapters-")
-    assert folder.parent == tmp_path and list(folder.iterdir()) == []  # no owner file: never swept
+    assert folder.parent == tmp_path and list(folder.iterdir()) == []
+    assert workdirs.remove_orphans("adapters-") == [] and folder.exists()  # unlocked, so never swept
     del owner
     gc.collect()
     assert not folder.exists()
