@@ -192,7 +192,7 @@ def test_a_server_takes_its_adapter_folder_with_it(tmp_path, tiny_model_dir, pic
 
 def test_a_server_removes_the_folders_of_servers_killed_by_a_signal(tmp_path, tiny_model_dir, monkeypatch):
     # Cog servers are stopped with SIGTERM, and Python's default handler skips atexit: each such
-    # server left its adapter folder behind until the next server's start removed it.
+    # server used to leave its adapter folder behind for good. Now the next server removes it.
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -251,7 +251,8 @@ def test_a_file_system_without_locks_still_gives_a_working_folder(tmp_path, monk
     owner = Owner()
     folder = workdirs.owned_workdir(owner, "adapters-")
     assert folder.parent == tmp_path and list(folder.iterdir()) == []
-    assert workdirs.remove_orphans("adapters-") == [] and folder.exists()  # unlocked, so never swept
+    # Without locks no owner can be told dead, so the folder is never swept.
+    assert workdirs.remove_orphans("adapters-") == [] and folder.exists()
     del owner
     gc.collect()
     assert not folder.exists()
