@@ -174,18 +174,6 @@ def run_hf(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepC
 
     base = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(base)
-    if variant.get("compile_layers"):
-        import finetune.trainer
-
-        load = finetune.trainer.load_for_training
-
-        def compiled_layers(*args: Any, **kwargs: Any) -> Any:
-            model = load(*args, **kwargs)
-            for layer in model.get_base_model().model.layers:
-                layer.compile(dynamic=True)
-            return model
-
-        finetune.trainer.load_for_training = compiled_layers  # type: ignore[assignment]
     examples, batches = examples_in_order(cfg, tokenizer)
     # The trainer's micro-batch order, flattened; a sequential sampler replays it exactly.
     dataset = [
@@ -259,6 +247,7 @@ def run_hf(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepC
 
 
 def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepClock) -> Run:
+    import finetune.trainer
     from finetune.modeling import load_tokenizer
     from finetune.trainer import train
     from finetune.weights import resolve_base_model
@@ -266,10 +255,21 @@ def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: Ste
     per_step = cfg.batch_size // cfg.micro_batch_size if variant.get("sorted_steps", True) else 1
     if per_step == 1:  # the trainer as it was before steps were re-split by length
         import finetune.batching
-        import finetune.trainer
 
         plain = finetune.batching.micro_batches
         finetune.trainer.micro_batches = lambda *args: plain(*args[:7])  # type: ignore[assignment]
+    compiled: list[int] = []
+    if variant.get("compile_layers"):
+        load = finetune.trainer.load_for_training
+
+        def compiled_layers(*args: Any, **kwargs: Any) -> Any:
+            model = load(*args, **kwargs)
+            for layer in model.get_base_model().model.layers:
+                layer.compile(dynamic=True)
+                compiled.append(1)
+            return model
+
+        finetune.trainer.load_for_training = compiled_layers  # type: ignore[assignment]
     examples, batches = examples_in_order(cfg, load_tokenizer(resolve_base_model(cfg.base_model)), per_step)
     result = train(cfg, on_step=lambda entry: clock.tick(entry["loss"]), log=lambda text: log(text))
     t = result.card["training"]
@@ -281,6 +281,7 @@ def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: Ste
             "card_tokens_per_second": t["tokens_per_second"],
             "card_tokens": t["tokens"],
             "adapter_dir": str(result.adapter_dir),
+            **({"compiled_layers": len(compiled)} if variant.get("compile_layers") else {}),
         },
         examples,
         batches,
