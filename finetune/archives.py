@@ -51,6 +51,14 @@ _METADATA_BYTES = 1 << 20
 _TAR_BUFSIZE = 64 << 10
 _B64_CHUNK = 4 << 20  # a multiple of 4, so every chunk decodes on its own
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or an empty archive
+_ZIP_END = struct.Struct("<4s4H2IH")  # end of central directory record
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")
+_ZIP64_END = struct.Struct("<4sQ2H2I4Q")  # without the optional extensible data
+_ZIP_CENTRAL_SIZE = 46  # the fixed part of a central directory header
+# Directory bytes allowed per permitted entry: the fixed header plus a name as long as Linux paths
+# go (PATH_MAX), which leaves ample room for the usual extra fields. With the default 1000 entries
+# that is about 4 MiB, where names, extras and comments of up to 64 KiB each would allow 188 MiB.
+_ZIP_ENTRY_BYTES = _ZIP_CENTRAL_SIZE + 4096
 _TAR_COMPRESSIONS: dict[bytes, tuple[str, Callable[[BinaryIO], BinaryIO]]] = {
     b"\x1f\x8b": ("gzip", gzip.open),
     b"BZh": ("bzip2", bz2.open),
@@ -280,37 +288,99 @@ def _unwritable(name: str, e: OSError) -> ArchiveError:
     return ArchiveError(f"could not write archive entry {name!r}: {e.strerror or e}")
 
 
-def _zip_entry_count(f: BinaryIO) -> int | None:
-    """The entry count a zip's end-of-central-directory record declares (ZIP64 included), read from
-    the last 64 KiB: zipfile builds its whole directory first, so a zip that lists millions of
-    entries would be read into memory before any cap applies. None when there is no such record."""
+def _bad_zip(why: str) -> ArchiveError:
+    return ArchiveError(
+        f"the zip archive is corrupt or truncated ({why}); upload it again or re-create it with a standard zip tool"
+    )
+
+
+def _check_zip_directory(f: BinaryIO, limits: Limits) -> None:
+    """Bound a zip's central directory before zipfile sees it: zipfile reads the whole directory
+    into memory and parses every header in it, whatever count the end record declares, so a zip
+    whose end record says 1 could still make it parse millions. Here the directory's byte size is
+    capped and its headers are counted first. The layout checks are stricter than zipfile's (one
+    unambiguous end record that ends the file, no bytes before the archive) so that the directory
+    walked here is the very one zipfile reads next."""
     f.seek(0, io.SEEK_END)
     size = f.tell()
-    f.seek(max(0, size - 65557))  # the record (22 bytes) plus the longest comment
+    tail_start = max(0, size - _ZIP_END.size - 0xFFFF)  # the record plus the longest comment
+    f.seek(tail_start)
     tail = f.read()
-    f.seek(0)
+    # zipfile takes the last signature in that tail. Requiring the record's comment to run exactly
+    # to the end of the file refuses trailing bytes and lying comment lengths, so that a reader that
+    # checks the comment length settles on the same record.
     at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) - at < 22:
-        return None
-    count = struct.unpack("<H", tail[at + 10 : at + 12])[0]
-    locator = at - 20
-    if count == 0xFFFF and locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
-        offset = struct.unpack("<Q", tail[locator + 8 : locator + 16])[0]
-        f.seek(offset)
-        record = f.read(56)
-        f.seek(0)
-        if record[:4] == b"PK\x06\x06" and len(record) == 56:
-            count = struct.unpack("<Q", record[32:40])[0]
-    return count
+    if at < 0 or len(tail) - at < _ZIP_END.size:
+        raise _bad_zip("no end of central directory record")
+    _, disk, cd_disk, disk_entries, entries, cd_size, cd_offset, comment = _ZIP_END.unpack_from(tail, at)
+    end = tail_start + at
+    if end + _ZIP_END.size + comment != size:
+        raise _bad_zip("the archive comment does not end the file")
+    if end >= _ZIP64_LOCATOR.size:
+        f.seek(end - _ZIP64_LOCATOR.size)
+        sig, disk64_at, end64, disks = _ZIP64_LOCATOR.unpack(f.read(_ZIP64_LOCATOR.size))
+        if sig == b"PK\x06\x07":
+            # zipfile looks for the ZIP64 record right before the locator, whatever it points at.
+            if disk64_at != 0 or disks > 1:
+                raise ArchiveError("the zip archive spans several disks; re-create it as a single file")
+            if end64 != end - _ZIP64_LOCATOR.size - _ZIP64_END.size:
+                raise _bad_zip("the ZIP64 end record is not where its locator points")
+            f.seek(end64)
+            record = f.read(_ZIP64_END.size)
+            if len(record) != _ZIP64_END.size:
+                raise _bad_zip("the ZIP64 end record is cut short")
+            sig, record_size, _, _, *wide = _ZIP64_END.unpack(record)
+            if sig != b"PK\x06\x06" or record_size != _ZIP64_END.size - 12:
+                raise _bad_zip("the ZIP64 end record is malformed")
+            # zipfile takes the ZIP64 values; a reader that prefers the plain ones where they are
+            # not the "see ZIP64" sentinel must find the same numbers.
+            narrow = (disk, cd_disk, disk_entries, entries, cd_size, cd_offset)
+            sentinels = (0xFFFF,) * 4 + (0xFFFFFFFF,) * 2
+            if any(n not in (w, s) for n, w, s in zip(narrow, wide, sentinels, strict=True)):
+                raise _bad_zip("the end record and the ZIP64 end record disagree")
+            disk, cd_disk, disk_entries, entries, cd_size, cd_offset = wide
+            end = end64
+    if disk or cd_disk or disk_entries != entries:
+        raise ArchiveError("the zip archive spans several disks; re-create it as a single file")
+    if entries > limits.max_files:
+        raise ArchiveError(
+            f"the archive's directory lists {entries} entries, more than {limits.max_files} entries "
+            "allowed; pack only the adapter or model folder"
+        )
+    cap = limits.max_files * _ZIP_ENTRY_BYTES
+    if cd_size > cap:
+        raise ArchiveError(
+            f"the archive's directory takes {_fmt_bytes(cd_size)}, more than the {_fmt_bytes(cap)} allowed "
+            f"for {limits.max_files} entries; pack only the adapter or model folder"
+        )
+    # zipfile reads the directory from just before the end record(s), not from the offset given;
+    # the two differ only for data prepended to the archive, which is refused.
+    start = end - cd_size
+    if start < 0 or cd_offset != start:
+        raise _bad_zip("the central directory is not where the end record says")
+    f.seek(start)
+    directory = f.read(cd_size)  # at most `cap` bytes
+    count = pos = 0
+    while pos < cd_size:  # the same walk as zipfile's, which stops on bytes, not on the count
+        if cd_size - pos < _ZIP_CENTRAL_SIZE or directory[pos : pos + 4] != b"PK\x01\x02":
+            raise _bad_zip(f"a broken central directory header at byte {start + pos}")
+        count += 1
+        if count > limits.max_files:
+            raise ArchiveError(
+                f"the archive's directory holds more than {limits.max_files} entries, though its end record "
+                f"declares {entries}; pack only the adapter or model folder"
+            )
+        name, extra, note = struct.unpack_from("<3H", directory, pos + 28)
+        pos += _ZIP_CENTRAL_SIZE + name + extra + note
+    if pos != cd_size:
+        raise _bad_zip("the last central directory header runs past the directory")
+    if count != entries:
+        raise _bad_zip(f"the central directory holds {count} entries but its end record declares {entries}")
+    f.seek(0)
 
 
 def _extract_zip(f: BinaryIO, tree: _Tree) -> None:
-    declared = _zip_entry_count(f)
-    if declared is not None and declared > tree.limits.max_files:
-        raise ArchiveError(
-            f"the archive's directory lists {declared} entries, more than {tree.limits.max_files} entries "
-            "allowed; pack only the adapter or model folder"
-        )
+    _check_zip_directory(f, tree.limits)
     with zipfile.ZipFile(f) as zf:
         # The central directory is read up front, so every entry is checked before any is inflated.
         planned = []

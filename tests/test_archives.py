@@ -210,28 +210,194 @@ def test_too_many_entries(tmp_path, kind):
     assert_rejected(tmp_path, archive, ["more than 4 entries", "'f4'"], Limits(max_files=4))
 
 
+END = {
+    "disk": (4, 2),
+    "entries_here": (8, 2),
+    "entries": (10, 2),
+    "size": (12, 4),
+    "offset": (16, 4),
+    "comment": (20, 2),
+}
+
+
+def patch_end(path: Path, **fields: int) -> None:
+    """Overwrite fields of the zip's end-of-central-directory record (offset, width in END)."""
+    raw = bytearray(path.read_bytes())
+    end = raw.rfind(b"PK\x05\x06")
+    for name, value in fields.items():
+        at, width = END[name]
+        raw[end + at : end + at + width] = value.to_bytes(width, "little")
+    path.write_bytes(bytes(raw))
+
+
+def to_zip64(path: Path, count: int | None = None, locator_offset: int | None = None) -> Path:
+    """Rewrite the end of a zip the way writers do past 65,535 entries: 0xFFFF in the end record,
+    the real values in a ZIP64 end record and its locator; `count` and `locator_offset` lie."""
+    data = bytearray(path.read_bytes())
+    end = data.rfind(b"PK\x05\x06")
+    entries, cd_size, cd_offset = struct.unpack("<H2I", data[end + 10 : end + 20])
+    count = entries if count is None else count
+    zip64_end = struct.pack("<4sQ2H2I4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, cd_size, cd_offset)
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, end if locator_offset is None else locator_offset, 1)
+    record = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, cd_size, cd_offset, 0)
+    path.write_bytes(bytes(data[:end]) + zip64_end + locator + record)
+    return path
+
+
+@pytest.fixture
+def watch_zipfile(monkeypatch):
+    """Call it once the test's zips are written: from then on every zipfile.ZipFile constructed
+    (archives.py shares the module) is recorded, then built as usual."""
+
+    def watch() -> list:
+        calls: list = []
+        real = zipfile.ZipFile
+
+        def recording(*args, **kwargs):
+            calls.append(args)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(zipfile, "ZipFile", recording)
+        return calls
+
+    return watch
+
+
 @pytest.mark.parametrize("zip64", [False, True])
-def test_a_zip_listing_too_many_entries_is_refused_before_its_directory_is_read(tmp_path, monkeypatch, zip64):
+def test_a_zip_listing_too_many_entries_is_refused_before_its_directory_is_read(
+    tmp_path, watch_zipfile, zip64
+):
     """zipfile reads the whole central directory when it opens an archive (millions of entries:
     gigabytes); the entry count in the end record is checked first."""
-    import zipfile
-
-    archive = tmp_path / "in" / "a.zip"
-    archive.parent.mkdir(parents=True)
-    with zipfile.ZipFile(archive, "w", allowZip64=True) as zf:
-        for i in range(5):
-            zf.writestr(f"f{i}", b"x")
-    if zip64:  # what a writer emits past 65,535 entries: 0xFFFF in the end record, the count in ZIP64's
-        data = bytearray(archive.read_bytes())
-        eocd = data.rfind(b"PK\x05\x06")
-        cd_size, cd_offset = struct.unpack("<II", data[eocd + 12 : eocd + 20])
-        zip64_eocd = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, 5, 5, cd_size, cd_offset)
-        locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd, 1)
-        end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, cd_size, cd_offset, 0)
-        archive.write_bytes(bytes(data[:eocd]) + zip64_eocd + locator + end)
+    archive = write_zip(tmp_path / "in" / "a.zip", [z_file(f"f{i}") for i in range(5)])
+    if zip64:
+        to_zip64(archive)
         assert len(zipfile.ZipFile(archive).infolist()) == 5  # still a valid zip
-    monkeypatch.setattr(zipfile, "ZipFile", lambda *a, **k: pytest.fail("the directory was read"))
+    opened = watch_zipfile()
     assert_rejected(tmp_path, archive, ["lists 5 entries", "more than 4 entries"], Limits(max_files=4))
+    assert opened == []
+
+
+@pytest.fixture(scope="module")
+def fifty_thousand_entries(tmp_path_factory) -> bytes:
+    """A zip of 50,000 empty files whose central directory takes 2.5 MiB."""
+    path = tmp_path_factory.mktemp("zips") / "many.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(50_000):
+            zf.writestr(f"f{i}", b"")
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "zip64, limits, words",
+    [
+        # The directory fits the byte cap of 1000 entries (4 MiB), so the walk counts the headers.
+        (False, Limits(), ["holds more than 1000 entries", "end record declares 1;"]),
+        (True, Limits(), ["holds more than 1000 entries", "end record declares 1;"]),  # in the ZIP64 record
+        # 100 entries may take 405 KiB of directory; 2.5 MiB is refused before it is read.
+        (
+            False,
+            Limits(max_files=100),
+            ["directory takes 2.469 MiB", "more than the 404.5 KiB allowed for 100 entries"],
+        ),
+    ],
+)
+def test_a_zip_whose_end_record_understates_its_entries_is_refused_before_zipfile_sees_it(
+    tmp_path, watch_zipfile, fifty_thousand_entries, zip64, limits, words
+):
+    archive = tmp_path / "in" / "a.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(fifty_thousand_entries)
+    if zip64:
+        to_zip64(archive, count=1)
+    else:
+        patch_end(archive, entries_here=1, entries=1)
+    assert len(zipfile.ZipFile(archive).infolist()) == 50_000  # what zipfile would have parsed
+    opened = watch_zipfile()
+    assert_rejected(tmp_path, archive, words, limits)
+    assert opened == []
+
+
+def patch_last_header(path: Path, at: int, data: bytes) -> None:
+    """Overwrite bytes of the last central directory header, `at` bytes into it."""
+    raw = bytearray(path.read_bytes())
+    last = raw.rfind(b"PK\x01\x02")
+    raw[last + at : last + at + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+ZIP_LAYOUT_TRICKS = {
+    # Within the limit of 4 either way, but the directory and the end record disagree.
+    "count understated": (
+        lambda p: patch_end(p, entries_here=2, entries=2),
+        "holds 3 entries but its end record declares 2",
+    ),
+    "count overstated": (
+        lambda p: patch_end(p, entries_here=4, entries=4),
+        "holds 3 entries but its end record declares 4",
+    ),
+    "bytes after the comment": (
+        lambda p: p.write_bytes(p.read_bytes() + b"\0" * 10),
+        "comment does not end the file",
+    ),
+    "comment length overstated": (lambda p: patch_end(p, comment=5), "comment does not end the file"),
+    # zipfile takes the comment-less record at the very end and never reads the offset (it is
+    # recomputed); a check that takes the last signature lands inside the record and sees no count.
+    "signature in the record's offset field": (
+        lambda p: patch_end(p, offset=0x06054B50, entries_here=9, entries=9),
+        "no end of central directory record",
+    ),
+    "another zip before the archive": (
+        lambda p: p.write_bytes(write_zip(p.with_suffix(".x"), [z_file("x")]).read_bytes() + p.read_bytes()),
+        "not where the end record says",
+    ),
+    "directory size overstated": (
+        lambda p: patch_end(p, size=len(p.read_bytes()) - p.read_bytes().index(b"PK\x01\x02") - 22 + 1),
+        "not where the end record says",
+    ),
+    "several disks": (lambda p: patch_end(p, disk=1), "spans several disks"),
+    "ZIP64 locator pointing elsewhere": (
+        lambda p: to_zip64(p, locator_offset=0),
+        "not where its locator points",
+    ),
+    "broken header signature": (
+        lambda p: patch_last_header(p, 0, b"PK\x09\x09"),
+        "broken central directory header",
+    ),
+    "header running past the directory": (
+        lambda p: patch_last_header(p, 32, b"\x05\x00"),
+        "runs past the directory",
+    ),
+    "ZIP64 record disagreeing with the end record": (
+        lambda p: (to_zip64(p), patch_end(p, entries_here=2, entries=2)),
+        "end record and the ZIP64 end record disagree",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ZIP_LAYOUT_TRICKS, ids=str)
+def test_zip_layout_tricks_are_refused_before_zipfile_sees_them(tmp_path, watch_zipfile, case):
+    trick, words = ZIP_LAYOUT_TRICKS[case]
+    archive = write_zip(tmp_path / "in" / "a.zip", [z_file(f"f{i}") for i in range(3)])
+    trick(archive)
+    opened = watch_zipfile()
+    assert_rejected(tmp_path, archive, [words], Limits(max_files=4))
+    assert opened == []
+
+
+def test_zips_with_comments_and_zip64_records_still_extract(tmp_path, watch_zipfile):
+    entries = [z_file(name, data) for name, data in ADAPTER.items()]
+    entries[0][0].comment = b"entry comment " * 100
+    plain = write_zip(tmp_path / "plain.zip", entries)
+    commented = write_zip(tmp_path / "commented.zip", entries)
+    with zipfile.ZipFile(commented, "a") as zf:
+        zf.comment = b"archive comment, PK and all " * 2000  # close to the 64 KiB maximum
+    zip64 = to_zip64(write_zip(tmp_path / "zip64.zip", entries))
+    opened = watch_zipfile()
+    for archive in (plain, commented, zip64):
+        folder = safe_extract(archive, tmp_path / f"out-{archive.stem}")
+        assert snapshot(folder) == expected_tree(ADAPTER, "adapter/")
+    assert len(opened) == 3  # each was checked, then handed to zipfile
 
 
 @pytest.mark.parametrize("kind", [*TAR_KINDS, "zip"])
