@@ -68,6 +68,9 @@ _TAR_COMPRESSIONS: dict[bytes, tuple[str, Callable[[BinaryIO], BinaryIO]]] = {
 _ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 _DRIVE = re.compile(r"[A-Za-z]:")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")  # two letters or more: "C:" is a drive, not a scheme
+_MEDIA_TYPE = re.compile(r"[\w.+-]{1,60}/[\w.+-]{1,60}")
+_SHOWN_CHARS = 200  # how much of a source a message may show
+_SHOWN_SCHEME_CHARS = 16  # real schemes are short; a long "scheme" may be a pasted secret
 # Errors that mean the archive's bytes are bad (write-side failures are reported separately);
 # NotImplementedError is zipfile meeting a feature it lacks, such as patched data.
 _READ_ERRORS = (
@@ -603,8 +606,9 @@ def materialize(
     if scheme == "data":
         return _from_data_uri(text, workdir, limits)
     if scheme:
+        shown = f"'{scheme}:'" if len(scheme) <= _SHOWN_SCHEME_CHARS else "unknown"
         raise WeightsSourceError(
-            f"weights from '{scheme}:' sources are not supported; pass {ACCEPTED_SOURCES} "
+            f"weights from {shown} sources are not supported; pass {ACCEPTED_SOURCES} "
             "(write a local path that contains ':' as ./path)"
         )
     if not allow_local:
@@ -617,7 +621,7 @@ def materialize(
     if path.is_file():
         return _extract_fresh(path, workdir, limits)
     problem = "is neither a folder nor a regular file" if path.exists() else "does not exist"
-    raise WeightsSourceError(f"weights path {text!r} {problem}; pass {ACCEPTED_SOURCES}")
+    raise WeightsSourceError(f"weights path {redact(text)!r} {problem}; pass {ACCEPTED_SOURCES}")
 
 
 def _extract_fresh(archive: Path, workdir: Path, limits: Limits) -> Path:
@@ -684,7 +688,7 @@ class _Watchdog:
 
 
 def _download(url: str, workdir: Path, limits: Limits, cancel: threading.Event) -> Path:
-    shown = _redact(url)
+    shown = redact(url)
     started = time.monotonic()
     deadline = started + limits.deadline_s
     watchdog = _Watchdog(deadline, cancel)
@@ -764,11 +768,52 @@ def _timed_out(e: requests.RequestException) -> bool:
     )
 
 
-def _redact(url: str) -> str:
-    """The URL without user info, query or fragment, which may hold credentials or signatures."""
-    parts = urlsplit(url)
-    shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-    return shown + ("?..." if parts.query else "")
+def redact(source: str) -> str:
+    """A weights source as a message or a log may show it. A URL loses its user info, query and
+    fragment, which may hold passwords, tokens or signatures (a removed query or fragment is marked
+    "?..." or "#..."); a data: URI is shown as its media type and size, never its payload; anything
+    else, such as a local path, is kept. All are cut to 200 characters. Never raises, whatever the
+    string, so any error path may use it."""
+    text = source.strip()
+    match = _SCHEME.match(text)
+    scheme = match.group(1).lower() if match else ""
+    if scheme == "data":
+        return _redact_data_uri(text)
+    if scheme:
+        return _shorten(_redact_url(text, scheme))
+    return _shorten(source)
+
+
+def _redact_url(url: str, scheme: str) -> str:
+    hidden = f"{scheme}://..." if url[len(scheme) + 1 :].startswith("//") else f"{scheme}:..."
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 host
+        return hidden
+    host = parts.netloc.rpartition("@")[2]
+    # A password holding an unencoded "/", "?" or "#" ends the host part early: pieces of it then
+    # parse as host and path, and its "@" comes later. Any "@" after the host part may be that one,
+    # so only the scheme is shown then (signed URLs encode theirs as %40).
+    if "@" in parts.path + parts.query + parts.fragment:
+        return hidden
+    shown = urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return shown + ("?..." if parts.query else "") + ("#..." if parts.fragment else "")
+
+
+def _redact_data_uri(uri: str) -> str:
+    header, comma, payload = uri[len("data:") :].partition(",")
+    if not comma:  # no header: what follows "data:" may be the payload itself
+        header, payload = "", header
+    params = [p.strip() for p in header.split(";")]
+    media = params[0] if _MEDIA_TYPE.fullmatch(params[0]) else ""
+    encoded = len(params) > 1 and params[-1].lower() == "base64"
+    chars = len(payload) - sum(map(payload.count, " \t\r\n"))  # encoders often wrap base64 lines
+    size = max(0, chars // 4 * 3 - payload.rstrip()[-2:].count("=")) if encoded else chars
+    return f"data:{media}{';base64' if encoded else ''},... ({_fmt_bytes(size)})"
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
 def _from_data_uri(uri: str, workdir: Path, limits: Limits) -> Path:

@@ -32,6 +32,7 @@ from finetune.archives import (
     WeightsSourceError,
     materialize,
     pack_dir,
+    redact,
     safe_extract,
 )
 
@@ -695,6 +696,10 @@ def test_other_schemes_are_refused(tmp_path, source):
 BIG = b"z" * 5000
 
 
+SECRET = "SECRET123"
+REDIRECTS = {"/to-file": f"file:///etc/passwd?token={SECRET}", "/to-secret": f"/missing?token={SECRET}"}
+
+
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         server: Server = self.server  # type: ignore[assignment]
@@ -725,6 +730,13 @@ class Handler(BaseHTTPRequestHandler):
                 except OSError:
                     return
                 time.sleep(0.05)
+        elif path in REDIRECTS:
+            self.send_response(302)
+            self.send_header("Location", REDIRECTS[path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/error":
+            self.send_error(500)
         elif path == "/slow-body":
             self.send_response(200)
             self.send_header("Content-Length", "1000")
@@ -850,4 +862,123 @@ def test_url_with_bad_archive_is_not_cached(tmp_path, server):
         with pytest.raises(ArchiveError, match="not a tar or zip archive"):
             materialize(f"{server.base}/bad.tar", tmp_path / "work")
     assert server.hits["/bad.tar"] == 2
+    assert leftovers(tmp_path / "work") == []
+
+
+# --- error messages never echo secrets ---------------------------------------------------------
+
+PAYLOAD = base64.b64encode(b"not an archive, " * 20 + SECRET.encode()).decode()
+
+
+def assert_no_secret(message: str) -> None:
+    for secret in (SECRET, "hunter2", PAYLOAD[:12], PAYLOAD[-12:]):
+        assert secret not in message, message
+
+
+def assert_no_secret_in_chain(error: BaseException) -> None:
+    """Neither the error nor any exception a traceback would print with it holds a secret."""
+    seen: BaseException | None = error
+    while seen is not None:
+        assert_no_secret(str(seen))
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+
+
+@pytest.mark.parametrize(
+    "source, shown",
+    [
+        (
+            f"https://user:hunter2@host.example/a/b.tar?X-Amz-Signature={SECRET}#{SECRET}",
+            "https://host.example/a/b.tar?...#...",
+        ),
+        (f"  http://host:8080/a.tar?sig={SECRET}\n", "http://host:8080/a.tar?..."),
+        ("http://[::1]:8080/a.tar", "http://[::1]:8080/a.tar"),
+        (f"s3://AKIA:{SECRET}@bucket/a.tar", "s3://bucket/a.tar"),
+        (
+            f"https://storage.example/b/a.tar?Credential=sa%40example.com&Signature={SECRET}",
+            "https://storage.example/b/a.tar?...",
+        ),
+        # A password with an unencoded "/", "?" or "#" splits where a parser ends the host part, so
+        # nothing after the scheme is shown once an "@" follows the host part.
+        (f"http://user:{SECRET}/x@host/a.tar", "http://..."),
+        (f"http://{SECRET}?x@host/a.tar", "http://..."),
+        (f"http://user:1/{SECRET}#x@host/a.tar", "http://..."),
+        ("https://host/models/llama@v2/a.tar", "https://..."),
+        ("mailto:someone@example.com", "mailto:..."),
+        (f"http://[::1/a.tar?sig={SECRET}", "http://..."),  # urlsplit refuses it
+        (f"data:application/x-tar;base64,{PAYLOAD}", "data:application/x-tar;base64,... (329 bytes)"),
+        (
+            f"data:application/zip;name={SECRET};base64,{PAYLOAD}",
+            "data:application/zip;base64,... (329 bytes)",
+        ),
+        (f"data:text/plain,{SECRET}", "data:text/plain,... (9 bytes)"),
+        (f"data:{PAYLOAD}", f"data:,... ({len(PAYLOAD)} bytes)"),  # no comma: no header to show
+        ("/models/adapter.tar.gz", "/models/adapter.tar.gz"),
+        ("C:\\models\\adapter.zip", "C:\\models\\adapter.zip"),
+        ("./odd?name.tar", "./odd?name.tar"),  # local paths are kept whole
+    ],
+)
+def test_redact(source, shown):
+    assert redact(source) == shown
+
+
+def test_redact_cuts_long_sources(tmp_path):
+    path = "/weights/" + "a" * 1000
+    assert redact(path) == path[:197] + "..."
+    url = "https://host/" + "b" * 1000 + f"?sig={SECRET}"
+    assert len(redact(url)) == 200 and SECRET not in redact(url)
+    with pytest.raises(WeightsSourceError) as info:
+        materialize(path, tmp_path / "work")
+    assert len(str(info.value)) < 500
+
+
+LOCAL_ERRORS = {
+    "data: URI not base64": (f"data:text/plain,{PAYLOAD}", {}, "must be base64"),
+    "data: URI with bad base64": (f"data:application/x-tar;base64,{PAYLOAD}!", {}, "not valid base64"),
+    "data: URI over the cap": (
+        f"data:application/x-tar;base64,{PAYLOAD}",
+        {"limits": Limits(max_download_bytes=10)},
+        "more than the limit of 10 bytes",
+    ),
+    "data: URI not an archive": (f"data:application/x-tar;base64,{PAYLOAD}", {}, "not a tar or zip archive"),
+    "refused scheme": (f"s3://AKIA:hunter2@bucket/a.tar?X-Amz-Signature={SECRET}", {}, "'s3:' sources"),
+    "refused scheme that is a pasted secret": (f"token{SECRET}{SECRET}:hunter2", {}, "unknown sources"),
+    "local path refused": (
+        f"/weights/a.tar?token={SECRET}",
+        {"allow_local": False},
+        "local paths are not accepted",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", LOCAL_ERRORS, ids=str)
+def test_errors_without_network_never_echo_secrets(tmp_path, case):
+    source, kwargs, words = LOCAL_ERRORS[case]
+    with pytest.raises((WeightsSourceError, ArchiveError)) as info:
+        materialize(source, tmp_path / "work", **kwargs)
+    assert words in str(info.value)
+    assert_no_secret_in_chain(info.value)
+    assert leftovers(tmp_path / "work") == []
+
+
+DOWNLOAD_ERRORS = {
+    "/missing.tar": ({}, "failed with HTTP 404 Not Found"),
+    "/error": ({}, "failed with HTTP 500 Internal Server Error"),
+    "/to-file": ({}, "could not download"),  # a redirect out of http(s)
+    "/to-secret": ({}, "failed with HTTP 404 Not Found"),  # the redirect's own query is not shown either
+    "/big": ({"limits": Limits(max_download_bytes=1000)}, "larger than the download limit"),
+    "/slow-head": ({"limits": Limits(timeout_s=0.2)}, "timed out"),
+    "/drip": ({"limits": Limits(timeout_s=5, deadline_s=0.3)}, "took longer than 0.3 s"),
+}
+
+
+@pytest.mark.parametrize("path", DOWNLOAD_ERRORS)
+def test_download_errors_never_echo_secrets(tmp_path, server, path):
+    kwargs, words = DOWNLOAD_ERRORS[path]
+    url = f"{server.base.replace('//', '//user:hunter2@')}{path}?X-Amz-Signature={SECRET}#{SECRET}"
+    with pytest.raises(WeightsSourceError) as info:
+        materialize(url, tmp_path / "work", **kwargs)
+    message = str(info.value)
+    assert words in message and f"{server.base}{path}?...#..." in message
+    assert_no_secret(message)
+    assert_no_secret_in_chain(info.value)
     assert leftovers(tmp_path / "work") == []
