@@ -16,7 +16,10 @@ final norm and vocabulary projection run eagerly around it (three ops).
   and the cached length are symbolic, so one file serves every batch and context.
 * The file is cached under `SERVE_COMPILE_CACHE` (default: the user cache folder), keyed by what
   the generated code depends on (torch version, the math's source, the layer's shapes, dtype and
-  weight kind). A first start on a machine compiles it; later starts load it at once.
+  weight kind). A first start on a machine compiles it; later starts load it at once. As for
+  native.py's kernel, the folder must be private to this user, and the package and its unpacked
+  copy are loaded only while their SHA-256 is the one recorded when they were made: anything else
+  found there is rebuilt, never loaded.
 * Unmerged LoRA adapters (per-request `lora_weights`, or the setup adapter beside them) run
   through a second file of the same layer with each row's LoRA terms added (`_LoraLayer`): every
   attached adapter's A and B are stacked per layer once, and each row picks its own by index, so
@@ -35,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import sys
 import tempfile
 import time
@@ -543,11 +545,10 @@ def _compile(decoder: Decoder, signature: dict[str, Any], step: CompiledStep, pa
         shapes = (*head, *map(fixed, example[4:10]), cache, cache)
     with torch.inference_mode(False), torch.no_grad():
         program = torch.export.export(module, example, dynamic_shapes=shapes)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
             torch._inductor.aoti_compile_and_package(program, package_path=str(built))
-            os.replace(built, path)  # whole or not at all: a concurrent start sees no half-written file
+            native.publish(built, path)  # recorded, then in place whole: no half-written file is seen
 
 
 def _load_runner(path: Path) -> Any:
@@ -561,21 +562,25 @@ def _load_runner(path: Path) -> Any:
 
 
 def _unpacked(path: Path) -> Path:
-    """The package's files in a folder named after its bytes (a package rewritten in place, say
-    after a bad one, gets a new folder), unpacked once per machine, whole or not at all."""
-    folder = path.parent / f"{path.stem}.{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
-    if folder.is_dir():
+    """The package's files in a folder named after its bytes (a package rebuilt, say after a
+    planted one, gets a new folder), unpacked once per machine, whole or not at all, and recorded
+    (native.publish). The loader runs the library in it: a folder there that is not what was
+    recorded (planted, or a file in it altered) is unpacked anew from the package, never loaded."""
+    package = native.verified(path)
+    if package is None:  # _build checked it: only this user's processes can have changed it since
+        raise RuntimeError(f"{path.name} changed in the cache while loading")
+    folder = path.parent / f"{path.stem}.{package[:16]}"
+    if native.verified(folder) is not None:
         return folder
+    native.distrust(folder, "unpacking the package anew into")
     with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tops = {Path(name).parts[0] for name in archive.namelist()}
         if len(tops) != 1:
             raise ValueError(f"{path.name}: not one compiled package ({len(tops)} top-level entries)")
         archive.extractall(tmp)
-        try:
-            os.replace(Path(tmp) / tops.pop(), folder)
-        except OSError:
-            if not folder.is_dir():  # else another process unpacked it first
-                raise
+        native.publish(Path(tmp) / tops.pop(), folder)
+    if native.verified(folder) is None:
+        raise RuntimeError(f"{folder.name} changed in the cache while loading")
     return folder
 
 
@@ -632,10 +637,12 @@ def _lora_agrees(decoder: Decoder, step: CompiledStep, runner: Any) -> str | Non
 
 
 def _build(decoder: Decoder, signature: dict[str, Any], step: CompiledStep, lora: bool) -> Any:
-    """The runner of the cached file for this signature, compiled first if it is not there yet."""
+    """The runner of the cached file for this signature, compiled first if it is not there yet, or
+    not what was recorded when it was compiled (native.verified)."""
     key = hashlib.sha256(json.dumps({**signature, "lora": lora}, sort_keys=True).encode()).hexdigest()[:20]
     path = native.cache_dir() / f"decode-{'lora-' if lora else ''}{key}.pt2"
-    if not path.is_file():
+    if native.verified(path) is None:
+        native.distrust(path, "compiling")
         what = "the decode step with per-request adapters" if lora else "the decode step"
         print(
             f"compile: building {what} for this model shape ({signature['kind']}); a first start on "

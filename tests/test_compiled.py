@@ -1,21 +1,30 @@
 """The compiled decode step (compiled.py, SERVE_COMPILE=auto): the same greedy tokens as the eager
 step alone and in padded batches, for fp32, int8 and int4 weights; adapters compiled whether merged
-at setup or per request, alone or mixed in one batch; a cached file loads without compiling; a bad file means eager decoding with
-a reason; stop sequences and cancel on the compiled path; the embedded model through the real Cog
-server. The rest of the suite runs with SERVE_COMPILE=off (conftest) so that it compiles nothing."""
+at setup or per request, alone or mixed in one batch; a cached file loads without compiling; a
+planted package or unpacked folder is rebuilt, never loaded, and a failed rebuild means eager
+decoding with a reason; stop sequences and cancel on the compiled path; the embedded model through
+the real Cog server. The rest of the suite runs with SERVE_COMPILE=off (conftest) so that it compiles nothing."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import shutil
+import tempfile
 import time
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from finetune import compiled, quant
+from finetune import compiled, native, quant
 from finetune.config import GenerationSettings
 from finetune.encoding import encode_prompt
 from finetune.engine import Engine, EngineLimits, Request
 from finetune.serving import ModelServer
+from tests.test_native import planted_library, publish_bytes
 
 GREEDY16 = GenerationSettings(max_new_tokens=16, temperature=0)
 PROMPTS = [
@@ -92,7 +101,7 @@ def test_compiled_steps_give_the_eager_tokens_alone_and_in_padded_batches(cache,
         assert alone == want
 
 
-def test_a_cached_file_loads_at_once_and_a_bad_one_means_eager_decoding(
+def test_a_cached_file_loads_at_once_and_a_planted_one_is_not_loaded(
     cache, tiny_model_dir, capfd, tmp_path, monkeypatch
 ):
     model, tokenizer = tiny(tiny_model_dir, "none")
@@ -107,13 +116,26 @@ def test_a_cached_file_loads_at_once_and_a_bad_one_means_eager_decoding(
     assert again is not None and again.path == first.path and time.perf_counter() - started < 5
     assert "building" not in capfd.readouterr().err
     assert list(scratch.iterdir()) == []  # loaded from the cache's unpacked copy: nothing left behind
+    # A real package of another graph (the LoRA file, or another test's) planted in place of this
+    # one: not loaded but rebuilt, and a rebuild that fails means eager decoding, with the reason.
+    other = next(p for p in sorted(cache.glob("decode-*.pt2")) if p != first.path)
     good = first.path.read_bytes()
+    loads = []
+    monkeypatch.setattr(compiled, "_load_runner", lambda path: loads.append(path) or load_runner(path))
     try:
-        first.path.write_bytes(b"not a compiled model")
-        assert compiled.load(engine.decoder(), engine.device, 8) is None
-        assert "decoding eagerly: compiling failed" in capfd.readouterr().err
+        first.path.write_bytes(other.read_bytes())
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(compiled, "_compile", fail)
+            assert compiled.load(engine.decoder(), engine.device, 8, adapters=False) is None
+        err = capfd.readouterr().err
+        assert f"compile cache: {first.path} is not what this user built there" in err
+        assert "decoding eagerly: compiling failed (RuntimeError: no C++ compiler here)" in err
+        assert loads == []
     finally:
         first.path.write_bytes(good)
+    # The recorded bytes back: they load again, at once.
+    assert compiled.load(engine.decoder(), engine.device, 8, adapters=False) is not None
+    assert loads == [first.path] and "building" not in capfd.readouterr().err
     assert compiled.load(engine.decoder(), engine.device, 8, mode="off") is None
     # A server without room for per-request adapters never has an unmerged one: no second file.
     fixed = ModelServer(base_model=str(tiny_model_dir), dtype="float32", cache_size=0)
@@ -123,6 +145,133 @@ def test_a_cached_file_loads_at_once_and_a_bad_one_means_eager_decoding(
     assert "decoding eagerly: the compiled step covers fp32 and low-bit weights" in capfd.readouterr().err
     with pytest.raises(ValueError, match="SERVE_COMPILE='yes': use one of auto, off"):
         compiled.load(engine.decoder(), engine.device, 8, mode="yes")
+
+
+load_runner = compiled._load_runner
+
+
+def fail(*args):
+    raise RuntimeError("no C++ compiler here")
+
+
+@pytest.fixture(scope="module")
+def genuine(cache, tiny_model_dir):
+    """The tiny fp32 model's engine and its plain compiled package in the module's cache (compiled
+    once for the module), with the package's bytes and its unpacked folder."""
+    model, tokenizer = tiny(tiny_model_dir, "none")
+    engine = Engine(model, tokenizer, EngineLimits())
+    step = compiled.load(engine.decoder(), engine.device, 8, adapters=False)
+    assert step is not None
+    data = step.path.read_bytes()
+    folder = step.path.with_name(f"{step.path.stem}.{hashlib.sha256(data).hexdigest()[:16]}")
+    assert native.verified(folder) is not None
+    return SimpleNamespace(engine=engine, tokenizer=tokenizer, path=step.path, data=data, folder=folder)
+
+
+def _swap_library(package: bytes, library: bytes) -> bytes:
+    """The package with its compiled library replaced: a real package that runs other code."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(package)) as source, zipfile.ZipFile(out, "w") as planted:
+        names = [i.filename for i in source.infolist() if i.filename.endswith(".so")]
+        assert len(names) == 1, names
+        for info in source.infolist():
+            planted.writestr(info, library if info.filename in names else source.read(info))
+    return out.getvalue()
+
+
+def _compile_again(genuine, rebuilt: list[Path]):
+    """compiled._compile without inductor's tens of seconds: the genuine package's bytes, published
+    as _compile publishes what it builds."""
+
+    def compile_(decoder, signature, step, path, lora):
+        rebuilt.append(path)
+        publish_bytes(genuine.data, path)
+
+    return compile_
+
+
+def test_a_planted_package_is_rebuilt_not_loaded(genuine, tmp_path, monkeypatch, capfd):
+    """The package at the step's name is the genuine one with its library swapped for a real shared
+    object that leaves a marker when loaded, in place of the bytes recorded there: the step is
+    rebuilt and loaded from the rebuilt bytes, the planted library never runs, and the step decodes
+    as the eager one does."""
+    marker = tmp_path / "loaded-the-planted-library"
+    library = planted_library(tmp_path, marker).read_bytes()
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv(compiled.CACHE_ENV, str(cache))
+    path = cache / genuine.path.name
+    publish_bytes(genuine.data, path)
+    path.write_bytes(_swap_library(genuine.data, library))
+    rebuilt: list[Path] = []
+    monkeypatch.setattr(compiled, "_compile", _compile_again(genuine, rebuilt))
+    engine = genuine.engine
+    capfd.readouterr()
+    step = compiled.load(engine.decoder(), engine.device, 8, adapters=False)
+    err = capfd.readouterr().err
+    assert not marker.exists()
+    assert step is not None and step.path == path and rebuilt == [path], err
+    assert f"compile cache: {path} is not what this user built there" in err and "building" in err
+    assert path.read_bytes() == genuine.data
+    assert native.verified(path) == hashlib.sha256(genuine.data).hexdigest()
+    eager = Engine(engine.model, genuine.tokenizer, EngineLimits())
+    fast = Engine(engine.model, genuine.tokenizer, EngineLimits())
+    fast.compiled = step
+    assert run(fast, genuine.tokenizer, PROMPTS[:2]) == run(eager, genuine.tokenizer, PROMPTS[:2])
+
+
+@pytest.mark.parametrize("where", ["private", "group-writable"])
+def test_a_planted_unpacked_folder_is_never_loaded(genuine, tmp_path, monkeypatch, capfd, where):
+    """Beside the genuine, recorded package, its unpacked folder with one file changed: the library
+    swapped for one that leaves a marker when loaded. In a private cache, recorded as another
+    build's folder: it is unpacked anew from the package. In a group-writable cache, recorded as
+    its own (whoever can write the folder can write the manifest): the cache is not used at all,
+    and the step is built in a private folder of the process's own. Either way the planted library
+    never runs and the step works (checked against the eager one at load)."""
+    marker = tmp_path / "loaded-the-planted-library"
+    library = planted_library(tmp_path, marker).read_bytes()
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv(compiled.CACHE_ENV, str(cache))
+    publish_bytes(genuine.data, cache / genuine.path.name)
+    folder = cache / genuine.folder.name
+
+    def plant(unpacked: Path) -> None:
+        (so,) = unpacked.rglob("*.so")
+        so.write_bytes(library)
+
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        shutil.copytree(genuine.folder, Path(tmp) / "copy")
+        if where == "group-writable":  # planted, then recorded as its own
+            plant(Path(tmp) / "copy")
+        native.publish(Path(tmp) / "copy", folder)
+    if where == "private":  # recorded, then one file's bytes changed
+        plant(folder)
+        assert native.verified(folder) is None and native.digest(folder) is not None
+    else:
+        assert native.verified(folder) is not None
+        cache.chmod(0o770)
+    rebuilt: list[Path] = []
+    monkeypatch.setattr(compiled, "_compile", _compile_again(genuine, rebuilt))
+    monkeypatch.setattr(native, "_fallbacks", {})
+    engine = genuine.engine
+    capfd.readouterr()
+    step = compiled.load(engine.decoder(), engine.device, 8, adapters=False)
+    err = capfd.readouterr().err
+    assert not marker.exists()
+    assert step is not None, err
+    (so,) = folder.rglob("*.so")
+    (good,) = genuine.folder.rglob("*.so")
+    if where == "private":  # the package was fine: unpacked anew, nothing compiled
+        assert step.path.parent == cache and rebuilt == []
+        assert f"compile cache: {folder} is not what this user built there" in err
+        assert so.read_bytes() == good.read_bytes() and native.verified(folder) == native.digest(
+            genuine.folder
+        )
+    else:  # nothing in the folder used, nothing written to it
+        assert step.path.parent != cache and [p.parent for p in rebuilt] == [step.path.parent]
+        assert f"compile cache: not using {cache}" in err
+        assert so.read_bytes() == library
 
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

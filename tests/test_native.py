@@ -1,12 +1,19 @@
 """Our int8 kernel (finetune/kernels/int8_linear.cpp through native.py): the numbers against a
 float64 product, a row's result independent of its batch, clear errors for inputs it cannot
-take, the cached library reused, and int8 decoding on torch's kernel where no compiler is."""
+take, the cached library reused, and int8 decoding on torch's kernel where no compiler is. The
+compile cache as a trust boundary: only a folder private to this user is used, and only files whose
+SHA-256 was recorded when they were built are loaded; a planted library is rebuilt, never loaded."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -132,3 +139,201 @@ def test_without_a_compiler_int8_runs_on_torchs_kernel(tmp_path):
     assert "kernel aten" in done.stdout
     assert done.stderr.count("kernels: int8 decoding uses torch's kernel (RuntimeError: no C++ compiler") == 1
     assert not list(tmp_path.iterdir())
+
+
+# -- the cache folder as a trust boundary --------------------------------------------------------
+
+
+def planted_library(folder: Path, marker: Path) -> Path:
+    """A real shared object that creates `marker` when it is loaded: what someone could plant in a
+    compile cache for a server to run."""
+    source = folder / "planted.cpp"
+    source.write_text(
+        "#include <cstdio>\n"
+        "__attribute__((constructor)) static void planted() {\n"
+        f'  if (std::FILE* f = std::fopen({json.dumps(str(marker))}, "w")) std::fclose(f);\n'
+        "}\n"
+    )
+    library = folder / "planted.so"
+    compiler = os.environ.get("CXX") or "c++"
+    subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(library)], check=True, timeout=120)
+    return library
+
+
+def publish_bytes(data: bytes, path: Path) -> None:
+    """Record `data` as this user's build of `path`, as a real build does (native.publish)."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        (Path(tmp) / path.name).write_bytes(data)
+        native.publish(Path(tmp) / path.name, path)
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """No fallback folders from other tests: each case warns anew."""
+    monkeypatch.setattr(native, "_fallbacks", {})
+
+
+def _theirs(tmp_path: Path) -> Path:
+    folder = tmp_path / "theirs"
+    folder.mkdir(mode=0o700)
+    try:
+        os.chown(folder, os.geteuid() + 12345, -1)
+    except PermissionError:  # not root: a folder of root's stands for another user's
+        return Path("/")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case, why",
+    [
+        ("missing", None),
+        ("private", None),
+        ("under a sticky folder", None),
+        ("group-writable", "writable by its group or others (mode 770)"),
+        ("world-writable", "writable by its group or others (mode 703)"),
+        ("another user's", "is owned by uid"),
+        ("a link to a private folder", "is a symbolic link"),
+        ("under a writable folder", "above it, is writable by its group or others"),
+        ("under a link another user owns", "above it, is a link owned by uid"),
+    ],
+)
+def test_only_a_folder_private_to_this_user_is_used_as_the_cache(
+    tmp_path, monkeypatch, capfd, fresh, case, why
+):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    folder = {
+        "missing": tmp_path / "made" / "for" / "it",
+        "private": private,
+        "under a sticky folder": tmp_path / "sticky" / "cache",
+        "group-writable": tmp_path / "group",
+        "world-writable": tmp_path / "world",
+        "another user's": None,
+        "a link to a private folder": tmp_path / "link",
+        "under a writable folder": tmp_path / "shared" / "cache",
+        "under a link another user owns": tmp_path / "their-link" / "cache",
+    }[case] or _theirs(tmp_path)
+    if case in ("group-writable", "world-writable"):
+        folder.mkdir()
+        folder.chmod(0o770 if case == "group-writable" else 0o703)
+    elif case in ("under a sticky folder", "under a writable folder"):
+        folder.parent.mkdir()
+        folder.parent.chmod(0o1777 if case == "under a sticky folder" else 0o777)
+    elif case == "a link to a private folder":
+        folder.symlink_to(private)
+    elif case == "under a link another user owns":
+        folder.parent.symlink_to(private)
+        try:
+            os.lchown(folder.parent, os.geteuid() + 12345, -1)
+        except PermissionError:
+            pytest.skip("needs root to make a link another user owns")
+    monkeypatch.setenv(native.CACHE_ENV, str(folder))
+    got = native.cache_dir()
+    err = capfd.readouterr().err
+    if why is None:
+        assert got == folder and err == ""
+        assert stat.S_IMODE(folder.stat().st_mode) & 0o022 == 0 and native.untrusted(got) is None
+        if case == "missing":  # each folder made for it is private
+            assert [
+                stat.S_IMODE(p.stat().st_mode) for p in (folder, folder.parent, folder.parent.parent)
+            ] == [0o700] * 3
+        return
+    assert got != folder and got.name.startswith(native._FALLBACK_PREFIX)
+    assert native.untrusted(got) is None and stat.S_IMODE(got.stat().st_mode) == 0o700
+    assert err.count("compile cache: not using") == 1 and why in err and str(folder) in err
+    assert native.cache_dir() == got and capfd.readouterr().err == ""  # once a process
+
+
+def test_only_recorded_private_files_pass_the_check(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    library = cache / "lib.so"
+    publish_bytes(b"built", library)
+    package = tmp_path / "unpacked"
+    (package / "data").mkdir(parents=True)
+    (package / "data" / "model.so").write_bytes(b"model")
+    (package / "version").write_text("1")
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        shutil.copytree(package, Path(tmp) / "pkg")
+        native.publish(Path(tmp) / "pkg", cache / "pkg")
+    assert native.verified(library) == hashlib.sha256(b"built").hexdigest()
+    assert native.verified(cache / "pkg") == native.digest(package) is not None
+    assert json.loads((cache / native.MANIFEST).read_text())["sha256"].keys() == {"lib.so", "pkg"}
+    (cache / "pkg" / "data" / "model.so").write_bytes(b"modem")  # one file's bytes changed
+    assert native.verified(cache / "pkg") is None
+    (cache / "pkg" / "data" / "model.so").write_bytes(b"model")
+    (cache / "pkg" / "data" / "extra.so").write_bytes(b"")  # one file more
+    assert native.verified(cache / "pkg") is None
+    (cache / "pkg" / "data" / "extra.so").unlink()
+    assert native.verified(cache / "pkg") is not None
+    library.chmod(0o664)  # the right bytes, but others could change them before the load
+    assert native.verified(library) is None
+    library.chmod(0o644)
+    elsewhere = tmp_path / "elsewhere.so"
+    elsewhere.write_bytes(b"built")
+    library.unlink()
+    library.symlink_to(elsewhere)  # the right bytes behind a link
+    assert native.verified(library) is None
+    library.unlink()
+    library.write_bytes(b"built")
+    assert native.verified(library) is not None
+    (cache / native.MANIFEST).unlink()  # nothing recorded: nothing passes
+    assert native.verified(library) is None and native.verified(cache / "pkg") is None
+
+
+@pytest.mark.parametrize("where", ["private", "group-writable"])
+def test_a_planted_library_is_rebuilt_not_loaded(op, tmp_path, monkeypatch, where):
+    """A fresh process finds a real shared object (one that leaves a marker when loaded) at the
+    kernel's name in its cache: in a private cache, recorded there as another build's file; in a
+    group-writable one, recorded as its own (whoever can write the folder can write the manifest).
+    It loads neither: it rebuilds the kernel, in place or in a private folder of its own, and that
+    computes what this process's kernel does. The build is a stand-in compiler that copies this
+    process's library (building the real one takes seconds a time)."""
+    genuine = native.loaded()
+    marker = tmp_path / "loaded-the-planted-library"
+    planted = planted_library(tmp_path, marker).read_bytes()
+    compiler = tmp_path / "cxx"
+    compiler.write_text(
+        '#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && exec cp "'
+        + str(genuine)
+        + '" "$2"; shift; done\n'
+    )
+    compiler.chmod(0o755)
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv(native.CACHE_ENV, str(cache))
+    path = native.library_path(str(compiler))
+    publish_bytes(genuine.read_bytes() if where == "private" else planted, path)
+    path.write_bytes(planted)
+    if where == "group-writable":
+        cache.chmod(0o770)
+    code = (
+        "import hashlib, torch\n"
+        "from finetune import native\n"
+        "assert native.available()\n"
+        "print('loaded', native.loaded(), hashlib.sha256(native.loaded().read_bytes()).hexdigest())\n"
+        "torch.manual_seed(0)\n"
+        "w, x = torch.randint(-128, 128, (48, 64), dtype=torch.int8), torch.randn(3, 64)\n"
+        "out = torch.ops.finetune.int8_linear(x, w, torch.rand(48, 1) * 0.01)\n"
+        "print('digest', hashlib.sha256(out.numpy().tobytes()).hexdigest())\n"
+    )
+    env = {**os.environ, "CXX": str(compiler), native.CACHE_ENV: str(cache), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not marker.exists()
+    words = done.stdout.split()
+    loaded, loaded_digest = Path(words[words.index("loaded") + 1]), words[words.index("loaded") + 2]
+    built = hashlib.sha256(genuine.read_bytes()).hexdigest()
+    assert loaded.name == path.name and loaded_digest == built
+    torch.manual_seed(0)
+    w, x = torch.randint(-128, 128, (48, 64), dtype=torch.int8), torch.randn(3, 64)
+    out = op(x, w, torch.rand(48, 1) * 0.01)
+    assert words[words.index("digest") + 1] == hashlib.sha256(out.numpy().tobytes()).hexdigest()
+    if where == "private":  # rebuilt in place, and recorded
+        assert loaded == path and native.verified(path) == built
+        assert f"compile cache: {path} is not what this user built there" in done.stderr
+    else:  # not even written to: built in the process's own folder, gone with it
+        assert loaded.parent != cache and not loaded.parent.exists()
+        assert path.read_bytes() == planted and f"compile cache: not using {cache}" in done.stderr
