@@ -7,7 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cog import BaseRunner, ConcatenateIterator, Input, concurrent, current_scope, streaming
 
-from finetune.config import GenerationSettings, field_default, field_doc
+from finetune.config import (
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    GenerationSettings,
+    field_default,
+    field_doc,
+)
 from finetune.inference import GenerationStats
 from finetune.prompts import AUTO, RAW, available_templates
 from finetune.serving import ModelServer, default_adapter
@@ -18,6 +24,11 @@ TEMPLATE_CHOICES = [AUTO, RAW, *available_templates()]
 # tokenizes it; the context check then gives the exact limit.
 MAX_PROMPT_CHARS = 400_000
 CONCURRENCY = 32  # = @concurrent(max=...) below, which must be a literal for the Cog CLI
+# At most MAX_STOP_SEQUENCES comma-separated strings of at most MAX_STOP_CHARS each, checked by Cog's
+# schema (422) before the request reaches the engine.
+# Cog writes bounds as floats: the largest float not above MAX_SEED, so that the schema's bound is exact.
+SCHEMA_MAX_SEED = 2**63 - 1024
+STOP_PATTERN = rf"^[^,]{{0,{MAX_STOP_CHARS}}}(,[^,]{{0,{MAX_STOP_CHARS}}}){{0,{MAX_STOP_SEQUENCES - 1}}}$"
 
 
 def _input(name: str, **bounds):
@@ -31,6 +42,13 @@ class Predictor(BaseRunner):
         # One thread per concurrent prediction: the loop's default pool has cpu+4 threads, and a
         # few slow downloads would hold up every request behind them.
         self.io = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="request")
+
+    def healthcheck(self) -> bool:
+        """coglet reports the server UNHEALTHY while this fails: a stopped or wedged compute thread."""
+        problem = self.server.health_problem()
+        if problem:
+            raise RuntimeError(problem)
+        return True
 
     # Predictions Cog accepts at once (more get 409). They decode together in batches of up to
     # MAX_BATCH_SIZE (8) rows; the rest wait in the engine's queue. coglet answers a prediction a
@@ -61,10 +79,13 @@ class Predictor(BaseRunner):
         top_k: int = _input("top_k", ge=0, le=1000),
         repetition_penalty: float = _input("repetition_penalty", ge=0.5, le=2.0),
         stop_sequences: str = Input(
-            description="Comma-separated strings that end the answer (not included in the output).",
+            description=f"Comma-separated strings that end the answer (not included in the output): at most "
+            f"{MAX_STOP_SEQUENCES}, of at most {MAX_STOP_CHARS} characters each.",
             default="",
+            max_length=MAX_STOP_SEQUENCES * (MAX_STOP_CHARS + 1),
+            regex=STOP_PATTERN,
         ),
-        seed: int | None = Input(description=field_doc(G, "seed"), default=None),
+        seed: int | None = Input(description=field_doc(G, "seed"), default=None, ge=0, le=SCHEMA_MAX_SEED),
         prompt_template: str = Input(
             description="auto = the adapter's own template (alpaca for the bare base); none = send the prompt as is.",
             default=AUTO,

@@ -12,12 +12,15 @@ engine): a call waits at most one step, and a step never waits for a call's queu
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How often a waiting caller wakes: Cog cancels a prediction by raising an exception into the
 # calling thread, which only happens while that thread runs Python code, not inside a blocking wait.
@@ -28,6 +31,7 @@ class ComputeThread:
     def __init__(self, name: str = "model") -> None:
         self._tasks: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
         self._loops: list[Callable[[], bool]] = []
+        self._since: float | None = None  # when the call or step running now began
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -42,6 +46,14 @@ class ComputeThread:
         future: Future[T] = Future()
         self._tasks.put((lambda: fn(*args, **kwargs), future))
         return wait(future)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds the call or step running now has taken so far (0 when idle)."""
+        since = self._since
+        return 0.0 if since is None else time.monotonic() - since
 
     def add_loop(self, step: Callable[[], bool]) -> None:
         """Run step() on the compute thread whenever it has work; step returns True while it has more."""
@@ -61,16 +73,23 @@ class ComputeThread:
             if task is not None:
                 fn, future = task
                 if future.set_running_or_notify_cancel():
+                    self._since = time.monotonic()
                     try:
                         future.set_result(fn())
                     except BaseException as exc:  # handed to the caller, raised there
                         future.set_exception(exc)
+                    self._since = None
                 # Not held while waiting for the next task: a failed setup's exception would keep its
                 # half-built server (and model) alive through the traceback.
                 task = fn = future = None
             busy = False
             for step in self._loops:
-                busy = step() or busy
+                self._since = time.monotonic()
+                try:
+                    busy = step() or busy
+                except Exception:  # the thread serves every request: log, and go on serving
+                    log.exception("a step of the compute loop failed")
+                self._since = None
 
 
 def wait(future: Future[T]) -> T:

@@ -168,6 +168,10 @@ class TrainConfig:
 
 
 MIN_TEMPERATURE = 1e-6
+# Bounds on what one request may ask of the engine (predict.py declares the same to Cog's schema).
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
 
 
 @dataclass
@@ -186,6 +190,17 @@ class GenerationSettings:
     """Stop generating when any of these strings appears (it is not returned)."""
     seed: int | None = None
     """Sampling seed for reproducible output."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed <= MAX_SEED):
+            problems.append(f"seed = {str(self.seed)[:40]}: use a whole number from 0 to {MAX_SEED}")
+        stops = self.stop_sequences
+        if len(stops) > MAX_STOP_SEQUENCES or any(len(x) > MAX_STOP_CHARS for x in stops):
+            problems.append(
+                f"stop_sequences: at most {MAX_STOP_SEQUENCES} strings of at most {MAX_STOP_CHARS} characters"
+            )
+        _check(problems)
 
     @property
     def samples(self) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import queue
 import threading
 import time
@@ -43,6 +44,7 @@ from .inference import (
     eos_ids,
 )
 
+log = logging.getLogger(__name__)
 DONE = None  # the outbox item after the last chunk
 _NO_IDS = torch.empty(1, 0, dtype=torch.long)  # the samplers' ids argument when no processor reads it
 
@@ -60,6 +62,8 @@ class EngineLimits:
     """A request that could not start within this time fails with a reason instead of waiting on."""
     prefix_tokens: int = 1024
     """Prompt-prefix KV kept for reuse (PrefixCache), in tokens; 0 turns the reuse off."""
+    max_waiting: int = 64
+    """Requests waiting to start at most; more are refused at once (never queued without bound)."""
 
 
 @dataclass(eq=False)
@@ -326,6 +330,7 @@ class Engine:
                 self.prefilling = None
 
     def _accept(self, r: Request) -> None:
+        """Check a new request and set up its sampling state; any failure here fails it alone."""
         try:
             check_fits(self.model, len(r.prompt_ids), r.settings.max_new_tokens)
             if r.reserve > self.limits.kv_tokens:
@@ -334,20 +339,25 @@ class Engine:
                     f"needs {r.reserve} KV cache slots, more than this server's {self.limits.kv_tokens} "
                     "(KV_CACHE_TOKENS): shorten the prompt or lower max_new_tokens"
                 )
-        except GenerationError as exc:
+            if len(self.waiting) >= self.limits.max_waiting:
+                raise GenerationError(
+                    f"the server is at capacity: {len(self.waiting)} requests are already waiting to start; "
+                    "retry later"
+                )
+            r.stats.input_token_count = len(r.prompt_ids)
+            r.text = TextStream(self.tokenizer, r.settings.stop_sequences)
+            r.processors = _logits_processors(r.settings)
+            if r.settings.repetition_penalty != 1.0:
+                # Only the penalty reads the ids: one buffer filled token by token, not a new tensor of
+                # the whole sequence every step.
+                r.seen = torch.empty(1, r.reserve, dtype=torch.long, device=self.device)
+                r.seen[0, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+            if r.settings.samples:
+                r.generator = torch.Generator(device=self.device)
+                r.generator.manual_seed(r.settings.seed if r.settings.seed is not None else torch.seed())
+        except Exception as exc:
             self._finish(r, "error", exc)
             return
-        r.stats.input_token_count = len(r.prompt_ids)
-        r.text = TextStream(self.tokenizer, r.settings.stop_sequences)
-        r.processors = _logits_processors(r.settings)
-        if r.settings.repetition_penalty != 1.0:
-            # Only the penalty reads the ids: one buffer filled token by token, not a new tensor of
-            # the whole sequence every step.
-            r.seen = torch.empty(1, r.reserve, dtype=torch.long, device=self.device)
-            r.seen[0, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        if r.settings.samples:
-            r.generator = torch.Generator(device=self.device)
-            r.generator.manual_seed(r.settings.seed if r.settings.seed is not None else torch.seed())
         self.waiting.append(r)
 
     def _drop_cancelled(self) -> None:
@@ -484,18 +494,58 @@ class Engine:
         last = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
         positions = batch.mask.sum(dim=1, keepdim=True)
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
-        logits = self._forward(
-            [r.adapter for r in rows], last, positions, batch.kv, mask if batch.padded else None
-        )
+        try:
+            logits = self._forward(
+                [r.adapter for r in rows], last, positions, batch.kv, mask if batch.padded else None
+            )
+        except Exception:
+            if len(rows) == 1:
+                raise  # _guard fails the request
+            logits = self._decode_rows_alone(last, positions)
         batch.mask = mask
         greedy = logits.argmax(dim=-1).tolist()
         keep = []
         for i, r in enumerate(rows):
-            plain = not r.settings.samples and not r.processors
-            token = greedy[i] if plain else self._sample(r, logits[i : i + 1])
+            if r.done:  # its forward failed alone
+                continue
+            try:
+                plain = not r.settings.samples and not r.processors
+                token = greedy[i] if plain else self._sample(r, logits[i : i + 1])
+            except Exception as exc:  # e.g. NaN logits from its adapter: this row's failure only
+                self._finish(r, "error", GenerationError(f"sampling failed: {exc}"))
+                continue
             if self._emit(r, token):
                 keep.append(i)
         batch.keep(keep)
+
+    def _decode_rows_alone(self, last: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The batched forward failed: run each row on its own (a one-row view of its cache columns),
+        write its new keys and values back into the batch's cache, and fail only the rows whose own
+        forward fails. A failed forward never advanced the cache, so nothing of it is left."""
+        batch = self.batch
+        assert batch.mask is not None and batch.kv is not None
+        kv, rows = batch.kv, batch.rows
+        kv.reserve(1)
+        out: list[torch.Tensor | None] = []
+        for i, r in enumerate(rows):
+            start = int(batch.mask[i].int().argmax())  # its first column (left padding before it)
+            own = kv.rows_of([i], start)
+            try:
+                logits = self._forward([r.adapter], last[i : i + 1], positions[i : i + 1], own, None)
+            except Exception as exc:
+                log.warning("a request's decode step failed alone: %s", exc)
+                self._finish(r, "error", GenerationError(f"the model failed on this request: {exc}"))
+                out.append(None)
+                continue
+            for mine, theirs in ((own.keys, kv.keys), (own.values, kv.values)):
+                for layer, t in enumerate(mine):
+                    theirs[layer][kv.length, i] = t[own.length - 1, 0]
+            out.append(logits)
+        kv.advance(1)
+        shape = next((t for t in out if t is not None), None)
+        if shape is None:
+            raise GenerationError("the model failed on every request of the batch")
+        return torch.cat([shape.new_full(shape.shape, float("nan")) if t is None else t for t in out])
 
     def _sample(self, r: Request, scores: torch.Tensor) -> int:
         if r.processors:
@@ -546,7 +596,10 @@ class Engine:
                 r.outbox.put(tail)
         r.outbox.put(DONE)
         if r.on_finish is not None:
-            r.on_finish(r)
+            try:
+                r.on_finish(r)
+            except Exception:  # cleanup after a request must not stop the engine that serves the rest
+                log.exception("cleaning up after a request failed")
 
     def _compact(self) -> None:
         self.batch.keep([i for i, r in enumerate(self.batch.rows) if not r.done])

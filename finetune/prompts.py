@@ -17,6 +17,10 @@ ADAPTER_TEMPLATE_FILE = "prompt_template.json"
 # Special names accepted wherever a template is chosen at prediction time.
 AUTO = "auto"
 RAW = "none"
+# Templates can come with strangers' adapters: each text at most this long, with at most this many
+# fields, so a template cannot multiply a prompt into megabytes before the length check.
+MAX_TEMPLATE_CHARS = 16_384
+MAX_TEMPLATE_FIELDS = 4
 
 
 class TemplateError(ValueError):
@@ -88,10 +92,17 @@ _FIELDS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"instru
 def _check_fields(name: str, key: str, text: str) -> None:
     """Only bare {instruction} / {input} fields: templates can come from strangers' adapters, and
     str.format would otherwise honour width specs ({x:>4000000000}) and attribute access."""
+    if len(text) > MAX_TEMPLATE_CHARS:
+        raise TemplateError(f"template {name!r}: {key} is over {MAX_TEMPLATE_CHARS} characters")
     try:
         parts = list(string.Formatter().parse(text))
     except ValueError as exc:
         raise TemplateError(f"template {name!r}: {key} is not a valid format string ({exc})") from None
+    if sum(field is not None for _, field, _, _ in parts) > MAX_TEMPLATE_FIELDS:
+        raise TemplateError(
+            f"template {name!r}: {key} has more than {MAX_TEMPLATE_FIELDS} fields; "
+            "use {instruction} and {input} once each"
+        )
     for _, field, spec, conversion in parts:
         if field is None:
             continue
@@ -101,10 +112,17 @@ def _check_fields(name: str, key: str, text: str) -> None:
 
 
 def _from_dict(data: dict[str, Any], default_name: str) -> PromptTemplate:
+    if not isinstance(data, dict):
+        raise TemplateError(f"template {default_name!r} must be a JSON object")
     known = {k: v for k, v in data.items() if k in PromptTemplate.__dataclass_fields__}
     known.setdefault("name", default_name)
     if not all(isinstance(v, bool if k == "chat" else str) for k, v in known.items()):
-        raise TemplateError(f"template {known['name']!r} has a field of the wrong type")
+        raise TemplateError(f"template {str(known['name'])[:80]!r} has a field of the wrong type")
+    for key in ("name", "description", "response_split"):
+        if len(known.get(key, "")) > MAX_TEMPLATE_CHARS:
+            raise TemplateError(
+                f"template {known['name'][:80]!r}: {key} is over {MAX_TEMPLATE_CHARS} characters"
+            )
     template = PromptTemplate(**known)
     if not template.chat:
         if "{instruction}" not in template.prompt_no_input:
@@ -121,10 +139,12 @@ def save_template(template: PromptTemplate, adapter_dir: Path) -> Path:
 
 
 def template_from_adapter(adapter_dir: Path) -> PromptTemplate | None:
+    from .adapters import read_json  # under a byte cap: an adapter's files come from strangers
+
     path = Path(adapter_dir) / ADAPTER_TEMPLATE_FILE
     if not path.is_file():
         return None
-    return _from_dict(json.loads(path.read_text(encoding="utf-8")), default_name="adapter")
+    return _from_dict(read_json(path, ADAPTER_TEMPLATE_FILE), default_name="adapter")
 
 
 def split_record(record: Record, template: PromptTemplate, tokenizer: Any) -> tuple[str, str]:

@@ -4,7 +4,6 @@ speed while it is the only one in use) and an LRU cache of per-request adapters.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import shutil
@@ -13,6 +12,7 @@ import threading
 import types
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,16 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from . import compiled, prompts, quant
-from .archives import Limits, materialize
+from .adapters import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
+from .archives import DownloadStopped, Limits, materialize, redact
 from .artifacts import CARD_JSON
-from .compute import POLL_S, ComputeThread, wait
+from .compute import POLL_S, ComputeThread
 from .config import DataConfig, GenerationSettings, env_flag, field_default
 from .decoder import PEFT_BASE, kv_geometry
 from .encoding import encode_prompt
 from .engine import DONE, Engine, EngineLimits, Request
-from .inference import GenerationStats, context_length
+from .inference import GenerationError, GenerationStats, context_length
 from .modeling import (
-    ADAPTER_CONFIG,
     ModelError,
     check_adapter_dir,
     check_identity,
@@ -68,6 +68,12 @@ REQUEST_LIMITS = Limits(
     deadline_s=300,
 )
 DEFAULT_ADAPTER_DIR = Path("weights") / "adapter"
+# The operator's adapter may be as large as train.py trains; a stranger's is held to less.
+SETUP_BOUNDS = AdapterBounds(max_rank=1024)
+REQUEST_BOUNDS = AdapterBounds()
+ADAPTERS_IN_USE_ENV = "MAX_ADAPTERS_IN_USE"
+MAX_WAITING_ENV = "MAX_QUEUED_REQUESTS"
+STALL_ENV = "SERVE_STALL_S"  # one step or call on the compute thread longer than this: not healthy
 
 
 @dataclass(eq=False)
@@ -78,8 +84,23 @@ class LoadedAdapter:
     users: int = 0  # queued or running requests; an adapter in use is never evicted
 
 
+def normalise_source(source: str) -> str:
+    """One spelling per adapter source: surrounding spaces dropped, a URL's scheme and host in lower
+    case (the rest of a URL is case-sensitive), a local path made absolute."""
+    source = source.strip()
+    scheme, sep, rest = source.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        host, slash, path = rest.partition("/")
+        return f"{scheme.lower()}://{host.lower()}{slash}{path}"
+    if source.startswith("data:"):
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
 def adapter_key(source: str) -> str:
-    return "a" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    """The cache key (and PEFT adapter name) of a normalised source: its whole SHA-256, so that no two
+    sources can share one by chance or by design."""
+    return "a" + hashlib.sha256(source.encode()).hexdigest()
 
 
 def engine_limits(model: Any, device: torch.device) -> EngineLimits:
@@ -96,6 +117,7 @@ def engine_limits(model: Any, device: torch.device) -> EngineLimits:
         prefill_chunk=env_number(PREFILL_CHUNK_ENV, int, defaults.prefill_chunk, minimum=1),
         queue_timeout_s=env_number(QUEUE_TIMEOUT_ENV, float, defaults.queue_timeout_s, minimum=0),
         prefix_tokens=env_number(PREFIX_CACHE_ENV, int, defaults.prefix_tokens, minimum=0),
+        max_waiting=env_number(MAX_WAITING_ENV, int, defaults.max_waiting, minimum=1),
     )
 
 
@@ -131,25 +153,6 @@ def env_number(name: str, kind: type[int] | type[float], default: float, minimum
             f"{name}={text!r}: use {'a whole number' if kind is int else 'a number'} >= {minimum}"
         )
     return value
-
-
-def check_mixable(folder: Path, source: str) -> None:
-    """Adapters share batches here, and PEFT cannot put a DoRA adapter in a mixed batch: it raises,
-    which failed every request of that batch (measured). So the server refuses DoRA adapters."""
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{source}: {ADAPTER_CONFIG} is not valid JSON ({exc}); write it again") from None
-    if not isinstance(config, dict):
-        raise ModelError(
-            f"{source}: {ADAPTER_CONFIG} must hold a JSON object (PEFT's LoraConfig), not {type(config).__name__}"
-        )
-    if config.get("use_dora"):
-        raise ModelError(
-            f"{source}: DoRA adapters (use_dora in adapter_config.json) cannot share a batch with other "
-            "adapters, and this server batches requests; train a plain LoRA adapter, or merge this one "
-            "into the base weights and serve those as the base model"
-        )
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -207,6 +210,10 @@ class ModelServer:
             REQUEST_LIMITS,
             deadline_s=env_number(DOWNLOAD_DEADLINE_ENV, float, REQUEST_LIMITS.deadline_s, minimum=1),
         )
+        # Distinct per-request adapters loaded or loading for running requests: each holds memory and
+        # a download, and none of them may be evicted while in use.
+        self.stall_s = env_number(STALL_ENV, float, 120.0, minimum=0.001)
+        self.adapters_in_use = env_number(ADAPTERS_IN_USE_ENV, int, max(self.capacity, 8), minimum=1)
         self.cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._loading: dict[str, Future[LoadedAdapter]] = {}
         self._lock = threading.Lock()  # cache, _loading and users, shared by request threads
@@ -233,9 +240,14 @@ class ModelServer:
         flatten_head_input(self.model)
         if self.quantization != "none":
             quant.quantize(self.model, self.quantization)  # before any adapter: the bare base's copies
+        self.linears = linear_shapes(self.model)  # what an adapter may target
+        # No token stands for more characters than its own text (twice that, for normalizers that
+        # merge characters), so a longer prompt cannot fit the context: refused before tokenizing it.
+        longest = max(len(t) for t in self.tokenizer.get_vocab())
+        self.max_prompt_chars = 2 * longest * context_length(self.model)
         if adapter:
             folder = materialize(adapter, self.workdir, SETUP_LIMITS, allow_local=True)
-            self.setup_adapter = self._attach(folder, SETUP_NAME, adapter)
+            self.setup_adapter = self._attach(folder, SETUP_NAME, adapter, SETUP_BOUNDS)
             self._merge()
         self.engine = Engine(
             self.model, self.tokenizer, limits or engine_limits(self.model, self.device), self._prepare
@@ -271,34 +283,56 @@ class ModelServer:
         request = Request(ids, settings, adapter=adapter, head=head)
         "".join(self.engine.drive(self.engine.submit(request)))
 
+    def health_problem(self) -> str | None:
+        """Why this server cannot serve now (None: it can). Cheap: it never waits for the compute thread."""
+        if not self.compute.alive():
+            return "the model's compute thread has stopped; restart the server"
+        stalled = self.compute.stalled_for()
+        if stalled > self.stall_s:
+            return f"one step of the model has run for {stalled:.0f} s (limit {STALL_ENV}={self.stall_s:g})"
+        return None
+
     # -- adapters ---------------------------------------------------------------------------
-    def _attach(self, folder: Path, name: str, source: str) -> LoadedAdapter:
-        """Load an extracted adapter folder into the model (compute thread)."""
+    def _attach(self, folder: Path, name: str, source: str, bounds: AdapterBounds) -> LoadedAdapter:
+        """Load an extracted adapter folder into the model (compute thread). Everything in the folder
+        is checked before PEFT sees any of it (adapters.py); a refused adapter changes nothing."""
         from peft import PeftModel
 
+        try:
+            check_adapter_dir(folder)
+            config = check_adapter(folder, self.model, self.linears, bounds)
+            card_path = folder / CARD_JSON
+            if card_path.is_file():
+                card = read_json(card_path, CARD_JSON)
+                check_identity(card.get("base_model", {}) if isinstance(card, dict) else {}, self.model, "")
+            template = prompts.template_from_adapter(folder)
+        except (AdapterRefused, ModelError, prompts.TemplateError) as exc:
+            self._remove_files(folder)  # strangers could otherwise fill the disk one request at a time
+            raise ModelError(f"adapter {redact(source)}: {exc}") from None
+        except BaseException:
+            self._remove_files(folder)
+            raise
         if self.merged:
             self._unmerge()  # PEFT would unmerge by subtraction to add a layer's new adapter
         try:
-            check_adapter_dir(folder)
-            check_mixable(folder, source)
-            card_path = folder / CARD_JSON
-            if card_path.is_file():
-                card = json.loads(card_path.read_text(encoding="utf-8"))
-                check_identity(card.get("base_model", {}), self.model, source)
-            template = prompts.template_from_adapter(folder)
             if isinstance(self.model, PeftModel):
+                self.model.add_adapter(name, config)
                 self.model.load_adapter(str(folder), adapter_name=name)
             else:
-                self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+                self.model = PeftModel.from_pretrained(
+                    self.model, str(folder), adapter_name=name, config=config
+                )
                 if hasattr(self, "engine"):
                     self.engine.model = self.model
                     self.engine.prefixes.forget()  # the base now runs through LoRA layers
         except BaseException:
-            # A refused adapter must not stay on disk: strangers could fill it one request at a time.
+            if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+                self.model.delete_adapter(name)
             self._remove_files(folder)
             raise
+        finally:
+            self._mode = None
         self.model.eval()
-        self._mode = None
         self._generation[name] = self._generation.get(name, 0) + 1
         return LoadedAdapter(name, folder, template)
 
@@ -310,9 +344,11 @@ class ModelServer:
     def _acquire(self, source: str | None, cancel: threading.Event) -> LoadedAdapter | None:
         """The adapter a request needs, loaded and counted as in use (None: the bare base; no
         lora_weights: the setup adapter). Downloading and extracting run on the caller's thread,
-        so the engine keeps decoding other requests meanwhile; `cancel` stops a download."""
+        so the engine keeps decoding other requests meanwhile; `cancel` stops a download, or this
+        request's wait for another request's download of the same adapter."""
         if not source:
             return self.setup_adapter
+        source = normalise_source(source)
         key = adapter_key(source)
         while True:
             with self._lock:
@@ -322,9 +358,23 @@ class ModelServer:
                     return self.cache[key]
                 pending = self._loading.get(key)
                 if pending is None:
+                    in_use = sum(a.users > 0 for a in self.cache.values()) + len(self._loading)
+                    if in_use >= self.adapters_in_use:
+                        raise GenerationError(
+                            f"the server is serving {in_use} different lora_weights adapters at once, its "
+                            f"limit ({ADAPTERS_IN_USE_ENV}={self.adapters_in_use}); retry when a request ends"
+                        )
                     self._loading[key] = mine = Future()
             if pending is not None:
-                wait(pending)  # another request is loading the same adapter; then take it from the cache
+                # Another request is loading the same adapter: take it from the cache once loaded. If
+                # that request was cancelled, its download stopped, and this one starts its own.
+                while not pending.done():
+                    if cancel.is_set():
+                        raise DownloadStopped("the request was cancelled while its adapter was loading")
+                    futures.wait([pending], timeout=POLL_S)
+                if isinstance(pending.exception(), DownloadStopped):
+                    continue
+                pending.result()  # that load failed: the same source fails this request too
                 continue
             try:
                 # COG_WEIGHTS is the operator's choice; a per-request path would let any caller probe the
@@ -336,7 +386,7 @@ class ModelServer:
                     allow_local=env_flag(LOCAL_LORA_ENV),
                     cancel=cancel,
                 )
-                loaded = self.compute.call(self._attach, folder, key, source)
+                loaded = self.compute.call(self._attach, folder, key, source, REQUEST_BOUNDS)
             except BaseException as exc:
                 with self._lock:
                     del self._loading[key]
@@ -474,6 +524,11 @@ class ModelServer:
             text = f"{prompt}\n\n{input}" if input else prompt
         else:
             text = template.render(prompt, input, self.tokenizer)
+        if len(text) > self.max_prompt_chars:
+            raise GenerationError(
+                f"the prompt is {len(text):,} characters with its template, more than this model's context "
+                f"could hold ({self.max_prompt_chars:,}): shorten the prompt or input"
+            )
         with self._encode_lock:
             ids = encode_prompt(self.tokenizer, text)
             if template is None:
