@@ -13,7 +13,7 @@ WEIGHTS ?=
 DATA ?=
 ARGS ?=
 
-.PHONY: setup weights schema serve serve-train predict train demo demo-facts test test-all lint bench eval clean
+.PHONY: setup weights schema serve serve-train predict train demo demo-facts test test-all soak lint bench eval clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,10 @@ demo-facts: weights schema
 
 test: weights
 	$(PY) -m pytest -q
+
+# 8 clients beside a ninth sending hostile requests for SOAK_SECONDS (300), production defaults.
+soak: weights
+	$(PY) -m pytest -q -m soak -s
 
 # The default suite plus the slow tests (the whole-dataset learning check, fuzzing at scale).
 test-all: weights

@@ -18,6 +18,12 @@ EMBEDDED = ROOT / "weights" / "smollm2-135m-instruct"
 # a CPU: tests/test_quant.py, tests/test_compiled.py).
 os.environ.setdefault("SERVE_COMPILE", "off")
 os.environ.setdefault("SERVE_QUANT", "none")
+# What real-server tests that must hold on both paths pass as the server's environment: the
+# production defaults, and the fp32 eager path the in-process tests compare with.
+SERVING_MODES = {
+    "int8-compiled": {"SERVE_QUANT": "auto", "SERVE_COMPILE": "auto"},
+    "fp32-eager": {"SERVE_QUANT": "none", "SERVE_COMPILE": "off"},
+}
 
 CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",

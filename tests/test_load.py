@@ -16,6 +16,7 @@ import requests
 
 from finetune.cogtools import CogServer, iter_sse, post_sse, predictor_concurrency
 from finetune.engine import EngineLimits
+from tests.conftest import SERVING_MODES
 
 pytestmark = pytest.mark.integration
 
@@ -134,11 +135,13 @@ def run_load(
     return result
 
 
-@pytest.fixture(scope="module")
-def bare(tmp_path_factory, embedded_model_dir):
-    server = CogServer("predict", log_path=tmp_path_factory.mktemp("load") / "cog.log")
+@pytest.fixture(scope="module", params=["int8-compiled", "fp32-eager"])
+def bare(request, tmp_path_factory, embedded_model_dir):
+    """The production defaults (int8, compiled), and fp32 eager (what the in-process tests compare with)."""
+    env = SERVING_MODES[request.param]
+    server = CogServer("predict", log_path=tmp_path_factory.mktemp("load") / "cog.log", env=env)
     try:
-        yield server.start()
+        yield server.start(timeout=600)
     finally:
         server.stop()
 
