@@ -40,6 +40,7 @@ CAPS = st.fixed_dictionaries(
         "max_record_chars": rarely(st.just(200_000), st.just(8), 6),
         "max_records": rarely(st.just(1_000_000), st.just(3), 6),
         "max_bytes": rarely(st.just(512 * 2**20), st.just(200), 6),
+        "max_record_bytes": rarely(st.just(2 * 2**20), st.integers(1, 120), 6),
     }
 )
 
@@ -314,6 +315,34 @@ def check_mixed_shapes(case: tuple) -> None:
         assert problem.startswith("the file mixes record shapes: ")
 
 
+def check_byte_cap(case: tuple) -> None:
+    """A small byte cap, so values are read through many windows: records within it read as with
+    the default, and the first one past it (every one, in JSON Lines) is refused by its number."""
+    pairs, ensure_ascii, crlf, cap = case
+    texts = [dumps(p[0], ensure_ascii) for p in pairs]
+    eol = b"\r\n" if crlf else b"\n"
+    fix = "shorten or split the record (or raise max_record_bytes)"
+    limit = f"over the limit of {cap:,} bytes per record"
+    for name, data, over in [
+        ("d.json", b"[" + (b"," + eol).join(texts) + b"]", [len(t) > cap for t in texts]),
+        ("d.jsonl", b"".join(t + eol for t in texts), [len(t + eol) - 1 > cap for t in texts]),
+    ]:
+        result = outcome(data, name, max_record_bytes=cap)
+        if not any(over):
+            assert result == parse_records(data, name)
+        elif name == "d.json":
+            n = over.index(True) + 1
+            assert result.problems == [
+                f"record {n}: {limit} (it starts on line {n}); {fix}; the records after it were not read"
+            ]
+        else:
+            assert result.problems == [
+                f"line {n}: {len(t + eol) - 1:,} bytes, {limit}; {fix}"
+                for n, (t, o) in enumerate(zip(texts, over, strict=True), 1)
+                if o
+            ]
+
+
 PROPERTIES = [
     Property("arbitrary bytes", st.tuples(st.binary(max_size=600), NAMES, FORMATS, CAPS), check_bytes),
     Property("json tokens", st.tuples(JSON_TOKENS, NAMES, FORMATS, CAPS), check_bytes),
@@ -342,6 +371,16 @@ PROPERTIES = [
         "valid round trip",
         st.tuples(SAME_SHAPE_RECORDS, st.booleans(), st.booleans(), st.booleans()),
         check_valid_round_trip,
+    ),
+    Property(
+        "byte cap",
+        st.tuples(
+            st.one_of([st.lists(pairs, min_size=1, max_size=12) for pairs in VALID_RECORDS]),
+            st.booleans(),
+            st.booleans(),
+            st.integers(1, 300),
+        ),
+        check_byte_cap,
     ),
     Property(
         "conversations",
@@ -405,12 +444,25 @@ def test_property_at_scale(prop: Property):
 
 
 @pytest.mark.parametrize("name", ["d.json", "d.jsonl"])
-def test_a_50mb_record_is_over_the_character_cap(name):
+def test_a_50mb_record_is_over_the_byte_cap_before_it_is_decoded(name):
     record = {"instruction": "总结这篇文章。", "input": "x" * 50_000_000, "output": "ok"}
+    data = json.dumps([record] if name == "d.json" else record, ensure_ascii=False).encode()
+    fix = "shorten or split the record (or raise max_record_bytes)"
+    assert problems_of(data, name) == [
+        f"record 1: over the limit of 2.0 MiB per record (it starts on line 1); {fix};"
+        " the records after it were not read"
+        if name == "d.json"
+        else f"line 1: {len(data):,} bytes, over the limit of 2.0 MiB per record; {fix}"
+    ]
+
+
+@pytest.mark.parametrize("name", ["d.json", "d.jsonl"])
+def test_a_record_within_the_byte_cap_is_held_to_the_character_cap(name):
+    record = {"instruction": "总结这篇文章。", "input": "文" * 250_000, "output": "ok"}  # 750 KB
     data = json.dumps([record] if name == "d.json" else record, ensure_ascii=False).encode()
     where = "record 1" if name == "d.json" else "line 1"
     assert problems_of(data, name) == [
-        f"{where}: 50,000,009 characters, over the limit of 200,000 per record;"
+        f"{where}: 250,009 characters, over the limit of 200,000 per record;"
         " shorten or split the record (or raise max_record_chars)"
     ]
 
