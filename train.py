@@ -8,7 +8,12 @@ from cog import BaseModel, Input, Path
 from finetune.cli import parse_list
 from finetune.config import DataConfig, LoraSettings, TrainConfig, field_default, field_doc
 from finetune.prompts import available_templates
-from finetune.service_train import run_training
+from finetune.service_train import RUN_ID, run_training
+from finetune.trainer import watch_sigterm
+
+# Cog's worker calls train() off the main thread, where Python's SIGTERM handling never reaches:
+# armed here, at import in the main thread, a SIGTERM makes the training checkpoint and stop.
+watch_sigterm()
 
 
 def _input(cls: type, name: str, **bounds):
@@ -59,6 +64,12 @@ def train(
         default=field_default(TrainConfig, "quantization"),
         choices=["none", "8bit", "4bit"],
     ),
+    resume_from: Optional[str] = Input(
+        description="The run id of a training stopped by SIGTERM (its error and logs name it): "
+        "finish that training from its checkpoint. Give the same train_data and settings.",
+        default=None,
+        regex=f"^{RUN_ID.pattern}$",
+    ),
 ) -> TrainingOutput:
     summary = run_training(
         lambda output_dir: TrainConfig(
@@ -83,7 +94,8 @@ def train(
                 lora_dropout=lora_dropout,
                 lora_target_modules=parse_list(lora_target_modules),
             ),
-        )
+        ),
+        resume_from=resume_from,
     )
     return TrainingOutput(
         weights=Path(summary.archive),

@@ -1,9 +1,11 @@
 """The adapter folder: PEFT weights + config, the prompt template, a training card (JSON and
-Markdown) and a loss curve. Written to a temporary folder, verified, then renamed into place."""
+Markdown) and a loss curve. Written to a temporary folder, verified, flushed to disk, then renamed
+into place."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,6 +53,34 @@ def verify_adapter(folder: Path, expected_keys: set[str]) -> int:
     return len(tensors)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary folder to `final` (replacing a folder there) so that `final` is
+    whole or absent, after a crash or a power loss too: every file and folder is flushed before the
+    rename, and the parent's entry after it."""
+    for folder, _, files in os.walk(tmp, topdown=False):
+        for name in files:
+            fsync_path(Path(folder, name))
+        fsync_path(Path(folder))
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    fsync_path(final.parent)
+
+
 def save_adapter(
     model: Any, output_dir: str | Path, template: prompts.PromptTemplate, card: dict[str, Any]
 ) -> Path:
@@ -70,14 +100,7 @@ def save_adapter(
         (tmp / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
         plot_loss(card, tmp / LOSS_PNG)
         tmp.chmod(0o755)
-        if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output)
+        publish_dir(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output

@@ -7,6 +7,7 @@ RNG; the data order is a pure function of seed and step)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import __version__, prompts
-from .artifacts import save_adapter
+from .artifacts import publish_dir, save_adapter
 from .batching import iter_collated, micro_batches
 from .config import TrainConfig
 from .encoding import IGNORE_INDEX, Encoded, encode_example
@@ -92,7 +94,12 @@ def eval_interval(cfg: TrainConfig, total_steps: int) -> int:
 
 
 class TrainingStopped(Exception):
-    """Training was asked to stop (SIGTERM); the last checkpoint holds the progress."""
+    """Training was asked to stop (SIGTERM); `checkpoint` holds the progress (None: no step had run,
+    or this process is not the one that writes checkpoints)."""
+
+    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -163,9 +170,15 @@ _OUTSIDE_FINGERPRINT = {
 }
 
 
-def run_fingerprint(cfg: TrainConfig, data_bytes: bytes) -> dict[str, Any]:
-    """What a checkpoint belongs to: the dataset's hash and every setting that shapes the run."""
+def run_fingerprint(cfg: TrainConfig, data_bytes: bytes, base_path: str) -> dict[str, Any]:
+    """What a checkpoint belongs to: the dataset's hash and every setting that shapes the run. The
+    base model is the one resolved (`base_path`), not the setting: an unset one means $BASE_MODEL or
+    the default, which may name another model by the time the run resumes."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _OUTSIDE_FINGERPRINT}
+    settings["base_model"] = str(Path(base_path).resolve()) if Path(base_path).is_dir() else base_path
+    # The data counts by its hash: the same file under another name (each upload to the Cog server
+    # gets a fresh one) is the same run.
+    settings["data"].pop("data_path", None)
     return {
         "data": dataset_fingerprint(data_bytes),
         "settings": json.loads(json.dumps(settings, default=str)),
@@ -307,10 +320,11 @@ def save_checkpoint(
     scheduler: Any,
     history: History,
     fingerprint: dict[str, Any],
-    keep: int = 2,
+    keep: int | None = 2,
     best_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Atomic: written to a temporary folder, then renamed; older checkpoints pruned after."""
+    """Atomic and durable: written to a temporary folder, flushed to disk, then renamed; older
+    checkpoints pruned after, all but the `keep` newest (None: none pruned)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
@@ -329,13 +343,12 @@ def save_checkpoint(
             tmp / "trainer_state.pt",
         )
         (tmp / RUN_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        publish_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep is not None:
+        for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -355,24 +368,95 @@ def load_checkpoint(
     return int(state["step"]), history, best_state
 
 
+# --- SIGTERM -------------------------------------------------------------------------------------
+# Python runs signal handlers in the main thread only, between bytecodes. Cog's worker runs train()
+# in another thread while its main thread stays in native code, so there a Python handler never
+# runs (and without one SIGTERM kills the worker, and its training slot with it). watch_sigterm has
+# the C-level handler also write each signal's number to a pipe, which the training thread reads.
+_sigterm = threading.Event()  # a SIGTERM arrived while a training ran
+_wakeup_read: int | None = None  # the pipe's read end, once watch_sigterm armed it
+_active_runs = 0
+_consumed = False  # a SIGTERM was read from the pipe: its late Python handler must not act again
+
+
+def watch_sigterm() -> bool:
+    """Let a training in any thread of this process see SIGTERM (it checkpoints and stops); call from
+    the main thread. Where Python can still act on it, a SIGTERM while no training runs ends the
+    process as before. False when another user of signal.set_wakeup_fd (an asyncio loop) was first."""
+    global _wakeup_read
+    if _wakeup_read is not None:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)  # a full pipe drops bytes rather than block the signal handler
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    if previous != -1:
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
+        return False
+    signal.signal(signal.SIGTERM, _on_sigterm)  # the wakeup pipe is written only for handled signals
+    _wakeup_read = read
+    return True
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global _consumed
+    if _active_runs:
+        _sigterm.set()
+        _consumed = False  # if the training read this signal from the pipe, here is its handler
+    elif _consumed:
+        _consumed = False
+    else:  # no training to stop: the default, the process ends
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _sigterm_in_pipe() -> bool:
+    """Empty the wakeup pipe; whether it held a SIGTERM."""
+    seen = False
+    while _wakeup_read is not None:
+        try:
+            chunk = os.read(_wakeup_read, 512)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        seen = seen or signal.SIGTERM in chunk
+    return seen
+
+
 class _StopFlag:
-    """SIGTERM sets a flag; the loop checkpoints at the end of the step and stops cleanly."""
+    """Set by SIGTERM while a training runs; the run checkpoints at the end of the step and stops."""
 
     def __init__(self) -> None:
-        self.set = False
         self.previous: Any = None
 
     def __enter__(self) -> _StopFlag:
+        global _active_runs
+        if not _active_runs:  # a SIGTERM from before this run is not meant for it
+            _sigterm.clear()
+            _sigterm_in_pipe()
+        _active_runs += 1
         try:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
+            self.previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread: the pipe of watch_sigterm, if armed, says it
             self.previous = None
         return self
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.set = True
+    @property
+    def set(self) -> bool:
+        global _consumed
+        if not _sigterm.is_set() and _sigterm_in_pipe():
+            _sigterm.set()
+            _consumed = True
+        return _sigterm.is_set()
 
     def __exit__(self, *exc: object) -> None:
+        global _active_runs
+        _active_runs -= 1
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
 
@@ -393,6 +477,7 @@ class Data:
     train_records: list[Record]
     val_records: list[Record]
     template: prompts.PromptTemplate
+    base_path: str  # the base model as resolved (a folder or a hub id)
     fingerprint: dict[str, Any]
     checkpoint: Path | None
 
@@ -464,11 +549,13 @@ def train(
     """Dataset file -> adapter folder with its training card, in the order the data flows: plan the
     run (no model yet), build the model and optimizer, run the steps, finish (evaluate, save)."""
     started = time.time()
-    plan = plan_run(cfg)
-    built = build_run(cfg, plan)
-    log_start(cfg, plan, built, log)
-    run = run_loop(cfg, plan, built, on_step)
-    return finish_run(cfg, plan, built, run, started, log)
+    # From the start: a SIGTERM while the model loads stops the run before its first step.
+    with _StopFlag() as stop:
+        plan = plan_run(cfg)
+        built = build_run(cfg, plan)
+        log_start(cfg, plan, built, log)
+        run = run_loop(cfg, plan, built, on_step, stop)
+        return finish_run(cfg, plan, built, run, started, log, stop)
 
 
 # --- plan ----------------------------------------------------------------------------------------
@@ -478,7 +565,7 @@ def plan_run(cfg: TrainConfig) -> Plan:
     """Read, split and encode the data and size the run; every check that needs no model runs here."""
     data = read_data(cfg)
     place = place_process(cfg, data.checkpoint)
-    base_path = resolve_base_model(cfg.base_model)
+    base_path = data.base_path
     tokenizer = load_tokenizer(base_path)
     train_examples = encode_records(data.train_records, tokenizer, data.template, cfg)
     val_examples = encode_records(data.val_records, tokenizer, data.template, cfg)
@@ -529,9 +616,10 @@ def read_data(cfg: TrainConfig) -> Data:
     train_records, val_records = split_records(records, cfg.data.val_set_size, cfg.seed)
     check_output_writable(cfg.output_dir)
     template = prompts.load_template(cfg.data.prompt_template_name)
-    fingerprint = run_fingerprint(cfg, data_bytes)
+    base_path = resolve_base_model(cfg.base_model)
+    fingerprint = run_fingerprint(cfg, data_bytes, base_path)
     checkpoint = find_checkpoint(cfg, fingerprint)
-    return Data(records, data_bytes, train_records, val_records, template, fingerprint, checkpoint)
+    return Data(records, data_bytes, train_records, val_records, template, base_path, fingerprint, checkpoint)
 
 
 def place_process(cfg: TrainConfig, checkpoint: Path | None) -> Placement:
@@ -657,31 +745,41 @@ def log_start(cfg: TrainConfig, plan: Plan, built: Built, log: Callable[[str], N
 
 
 def run_loop(
-    cfg: TrainConfig, plan: Plan, built: Built, on_step: Callable[[dict[str, float]], None] | None
+    cfg: TrainConfig,
+    plan: Plan,
+    built: Built,
+    on_step: Callable[[dict[str, float]], None] | None,
+    stop: _StopFlag,
 ) -> Run:
     """From the start step to the last; on SIGTERM, checkpoint at the end of the step and stop."""
+    if _stop_requested(stop, plan.place):  # before the first step: nothing new to keep
+        raise _stopped(cfg, plan.data.checkpoint)
     run = _start_loop(cfg, plan, built)
-    stopped = False
-    with _StopFlag() as stop:
-        for step in range(built.start_step, plan.total_steps):
-            if built.history.stopped:  # a resumed run that had already stopped on evidence
-                break
-            entry, mean_loss = optimizer_step(cfg, plan, built, run, step)
-            _after_step(cfg, plan, built, run, entry, mean_loss)
-            if on_step is not None:
-                on_step(entry)
-            stop_now = _stop_requested(stop, plan.place)
-            _checkpoint_hook(cfg, plan, built, run, step + 1, stop_now)
-            if stop_now:
-                stopped = True
-                break
+    checkpoint = None
+    for step in range(built.start_step, plan.total_steps):
+        if built.history.stopped:  # a resumed run that had already stopped on evidence
+            break
+        entry, mean_loss = optimizer_step(cfg, plan, built, run, step)
+        _after_step(cfg, plan, built, run, entry, mean_loss)
+        if on_step is not None:
+            on_step(entry)
+        stop_now = _stop_requested(stop, plan.place)
+        checkpoint = _checkpoint_hook(cfg, plan, built, run, step + 1, stop_now)
+        if stop_now:
+            run.bar.close()
+            raise _stopped(cfg, checkpoint)
     run.bar.close()
-    if stopped:
-        raise TrainingStopped(
-            f"stopped by SIGTERM; resume with --resume_from_checkpoint latest "
-            f"(checkpoints in {checkpoint_root(cfg.output_dir)})"
-        )
     return run
+
+
+def _stopped(cfg: TrainConfig, checkpoint: Path | None) -> TrainingStopped:
+    if checkpoint is None and not any(checkpoint_root(cfg.output_dir).glob(f"{CHECKPOINT_PREFIX}*")):
+        return TrainingStopped("stopped by SIGTERM before the first step; there is nothing to resume")
+    return TrainingStopped(
+        f"stopped by SIGTERM; resume with --resume_from_checkpoint latest "
+        f"(checkpoints in {checkpoint_root(cfg.output_dir)})",
+        checkpoint,
+    )
 
 
 def _start_loop(cfg: TrainConfig, plan: Plan, built: Built) -> Run:
@@ -905,12 +1003,14 @@ def _stop_requested(stop: _StopFlag, place: Placement) -> bool:
     return bool(flag.item())
 
 
-def _checkpoint_hook(cfg: TrainConfig, plan: Plan, built: Built, run: Run, done: int, stop_now: bool) -> None:
+def _checkpoint_hook(
+    cfg: TrainConfig, plan: Plan, built: Built, run: Run, done: int, stop_now: bool
+) -> Path | None:
     want = cfg.save_steps and done % cfg.save_steps == 0 and done < plan.total_steps
     # A run stopping on evidence checkpoints too: a resume then finishes without more steps.
     want = want or (cfg.save_steps and built.history.stopped and not stop_now)
     if not plan.place.dist.main or not (want or stop_now):
-        return
+        return None
     path = save_checkpoint(
         checkpoint_root(cfg.output_dir),
         done,
@@ -922,6 +1022,7 @@ def _checkpoint_hook(cfg: TrainConfig, plan: Plan, built: Built, run: Run, done:
         best_state=built.best_state,
     )
     run.bar.write(f"checkpoint {path}", file=sys.stdout)
+    return path
 
 
 def _val_loss(cfg: TrainConfig, plan: Plan, built: Built) -> float:
@@ -936,14 +1037,48 @@ def _val_loss(cfg: TrainConfig, plan: Plan, built: Built) -> float:
 
 
 def finish_run(
-    cfg: TrainConfig, plan: Plan, built: Built, run: Run, started: float, log: Callable[[str], None]
+    cfg: TrainConfig,
+    plan: Plan,
+    built: Built,
+    run: Run,
+    started: float,
+    log: Callable[[str], None],
+    stop: _StopFlag,
 ) -> TrainResult:
     """The last evaluation; with num_epochs=auto the best evaluation's weights back in the model
-    (BEST_RULE); base-vs-adapter generations, the card; the adapter folder on disk."""
-    place, data, history = plan.place, plan.data, built.history
+    (BEST_RULE); base-vs-adapter generations, the card; the adapter folder on disk. A SIGTERM before
+    the adapter is being written stops the run with a checkpoint that finishes it without more steps."""
     done = steps_run(built)
+    # Before the evaluations and the save, which may outlast a stop's grace period: a SIGTERM, or
+    # the kill that follows one, from here on loses no training.
+    final_checkpoint = _final_checkpoint(cfg, plan, built, done)
+    try:
+        result = _evaluate_and_save(cfg, plan, built, run, started, log, stop, done)
+    except TrainingStopped:
+        raise
+    except Exception:  # a failed evaluation or save leaves the folders as they were
+        _remove_checkpoint(final_checkpoint)
+        raise
+    _remove_checkpoint(final_checkpoint)
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
+    return result
+
+
+def _evaluate_and_save(
+    cfg: TrainConfig,
+    plan: Plan,
+    built: Built,
+    run: Run,
+    started: float,
+    log: Callable[[str], None],
+    stop: _StopFlag,
+    done: int,
+) -> TrainResult:
+    place, data, history = plan.place, plan.data, built.history
     last = history.evals[-1] if history.evals and history.evals[-1]["step"] == done else None
     last = last or evaluate_step(cfg, plan, built, done)
+    _stop_before_save(cfg, stop, place, done)
     kept = last
     if auto_length(cfg) and history.best is not None:
         kept = history.best
@@ -956,6 +1091,8 @@ def finish_run(
         generation_eval = evaluate_peft(
             built.model, plan.tokenizer, data.val_records, data.template, max_records=cfg.eval_generate
         )
+    _stop_before_save(cfg, stop, place, done)
+    # From here the adapter is written even if a SIGTERM comes: it is the whole result.
     card = training_card(cfg, plan, built, run, kept, generation_eval, started)
     adapter_dir = Path(cfg.output_dir)
     base_val_loss = built.history.base_val_loss
@@ -967,9 +1104,40 @@ def finish_run(
         )
     if place.dist.world_size > 1:
         torch.distributed.barrier()
-    if run.wandb_run is not None:
-        run.wandb_run.finish()
     return TrainResult(adapter_dir, card, built.model, plan.tokenizer)
+
+
+def _final_checkpoint(cfg: TrainConfig, plan: Plan, built: Built, done: int) -> Path | None:
+    """A checkpoint of the last step, written by this call (None: another process writes them, or
+    one of that step exists already, such as the one the run resumed from)."""
+    root = checkpoint_root(cfg.output_dir)
+    if not plan.place.dist.main or (root / f"{CHECKPOINT_PREFIX}{done:07d}").exists():
+        return None
+    return save_checkpoint(
+        root,
+        done,
+        built.model,
+        built.optimizer,
+        built.scheduler,
+        built.history,
+        plan.data.fingerprint,
+        keep=None,  # removed again once the adapter is written: prune nothing for it
+        best_state=built.best_state,
+    )
+
+
+def _remove_checkpoint(path: Path | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the folder too, if nothing else is there
+            path.parent.rmdir()
+
+
+def _stop_before_save(cfg: TrainConfig, stop: _StopFlag, place: Placement, done: int) -> None:
+    if _stop_requested(stop, place):
+        root = checkpoint_root(cfg.output_dir)
+        path = root / f"{CHECKPOINT_PREFIX}{done:07d}"
+        raise _stopped(cfg, path if place.dist.main else None)
 
 
 def training_card(

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import alpaca_records
+from conftest import alpaca_records, build_tiny_llama
 from safetensors.torch import load_file
 
 from finetune.cli import config_from_args
 from finetune.cli import main as cli_main
 from finetune.cogtools import free_port
 from finetune.config import TrainConfig
-from finetune.trainer import checkpoint_root, plan_steps, train
+from finetune.modeling import ModelError
+from finetune.trainer import TrainingStopped, checkpoint_root, plan_steps, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -367,6 +370,148 @@ def test_resume_refuses_a_checkpoint_of_another_run(tiny_model_dir, tiny_data, t
     with pytest.raises(ModelError, match=f"belongs to another run: .*{named}"):
         train(config_from_args(tiny_args(tiny_model_dir, data, out, *resume), environ={}))
     assert not out.exists()
+
+
+def test_resume_refuses_a_checkpoint_made_on_another_base_model(
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch
+):
+    # No --base_model: both runs take $BASE_MODEL, which names another model by the resume. The
+    # fingerprint holds the model resolved, so the resume is refused rather than mixing two bases.
+    other = tmp_path / "other-model"
+    build_tiny_llama(other, seed=1)  # same shapes: it would load without complaint
+    out = tmp_path / "adapter"
+    args = tiny_args(tiny_model_dir, tiny_data, out, "--max_steps", "3", "--save_steps", "1")[2:]
+    assert "--base_model" not in args
+    monkeypatch.setenv("BASE_MODEL", str(tiny_model_dir))
+    with pytest.raises(Crash):
+        train(config_from_args(args, environ={}), on_step=crash_at(2))
+    monkeypatch.setenv("BASE_MODEL", str(other))
+    with pytest.raises(ModelError, match="belongs to another run: base_model changed"):
+        train(config_from_args([*args, "--resume_from_checkpoint", "latest"], environ={}))
+    assert not out.exists()
+
+
+@contextlib.contextmanager
+def sigterm_guard():
+    """A SIGTERM that the trainer does not handle would end pytest: this counts it instead."""
+    unhandled: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: unhandled.append(1))
+    try:
+        yield unhandled
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_while_the_model_loads_stops_before_the_first_step(
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch
+):
+    from finetune import trainer
+
+    real_build = trainer.build_run
+
+    def build(cfg, plan):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_build(cfg, plan)
+
+    monkeypatch.setattr(trainer, "build_run", build)
+    out = tmp_path / "adapter"
+    with sigterm_guard() as unhandled, pytest.raises(TrainingStopped, match="before the first step"):
+        train(config_from_args(tiny_args(tiny_model_dir, tiny_data, out, "--max_steps", "2"), environ={}))
+    assert unhandled == [] and not out.exists() and not checkpoint_root(out).exists()
+
+
+def test_a_sigterm_in_the_final_evaluation_stops_with_a_checkpoint_that_finishes_the_run(
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch
+):
+    # The final evaluation comes after the last step and may take minutes: a SIGTERM there stops the
+    # run with a checkpoint of the last step, and the resume runs no step again.
+    from finetune import trainer
+
+    out = tmp_path / "adapter"
+    args = tiny_args(
+        tiny_model_dir, tiny_data, out, "--max_steps", "2", "--eval_recall", "2", "--eval_generate", "0"
+    )
+    real_evaluate = trainer.evaluate_step
+
+    def evaluate(cfg, plan, built, done):
+        if done == plan.total_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(cfg, plan, built, done)
+
+    monkeypatch.setattr(trainer, "evaluate_step", evaluate)
+    with sigterm_guard() as unhandled, pytest.raises(TrainingStopped) as stopped:
+        train(config_from_args(args, environ={}))
+    assert unhandled == [] and not out.exists()
+    assert stopped.value.checkpoint == checkpoint_root(out) / "checkpoint-0000002"
+    assert [p.name for p in checkpoint_root(out).iterdir()] == ["checkpoint-0000002"]
+    monkeypatch.setattr(trainer, "evaluate_step", real_evaluate)
+    lines: list[str] = []
+    result = train(
+        config_from_args([*args, "--resume_from_checkpoint", "latest"], environ={}), log=lines.append
+    )
+    assert any("resuming at step 2" in line for line in lines)
+    assert [s["step"] for s in result.card["history"]["steps"]] == [1, 2]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("interruption", ["sigterm", "disk full"])
+def test_a_checkpoint_of_the_last_step_is_on_disk_while_the_adapter_is_saved(
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch, interruption
+):
+    # So a kill during the save (one follows a SIGTERM after a grace period) loses no training. A
+    # SIGTERM once the save has begun lets it finish: the adapter is the whole result. Either way
+    # the checkpoint goes once the save has ended (a failed save leaves the folders as they were).
+    from finetune import trainer
+
+    out = tmp_path / "adapter"
+    args = tiny_args(
+        tiny_model_dir, tiny_data, out, "--max_steps", "2", "--eval_recall", "2", "--eval_generate", "0"
+    )
+    real_save = trainer.save_adapter
+    seen: list[list[str]] = []
+
+    def save(*a, **kw):
+        seen.append(sorted(p.name for p in checkpoint_root(out).iterdir()))
+        if interruption == "disk full":
+            raise OSError(28, "No space left on device")
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(*a, **kw)
+
+    monkeypatch.setattr(trainer, "save_adapter", save)
+    with sigterm_guard() as unhandled, contextlib.ExitStack() as expect:
+        if interruption == "disk full":
+            expect.enter_context(pytest.raises(OSError, match="No space left"))
+        train(config_from_args(args, environ={}))
+    assert seen == [["checkpoint-0000002"]] and unhandled == []
+    assert (out / "adapter_model.safetensors").is_file() == (interruption == "sigterm")
+    assert not checkpoint_root(out).exists()
+
+
+def test_the_adapter_and_checkpoints_reach_the_disk_before_their_names(
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch
+):
+    # Written under a temporary name, every file and folder flushed, renamed, then the parent flushed:
+    # after a power loss the folder is whole or absent.
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "adapter"
+    args = ["--max_steps", "2", "--save_steps", "1", "--eval_recall", "2", "--eval_generate", "0"]
+    train(config_from_args(tiny_args(tiny_model_dir, tiny_data, out, *args), environ={}))
+    checkpoint = checkpoint_root(out) / "checkpoint-0000001"
+    for folder in (out, checkpoint):
+        written = [p.relative_to(folder) for p in folder.rglob("*")]
+        assert written
+        for rel in written:  # flushed in the temporary folder, whose name starts with a dot
+            assert any(
+                s.endswith(f"/{rel}") and Path(s).parts[-len(rel.parts) - 1].startswith(".") for s in synced
+            ), rel
+        assert str(folder.parent) in synced
 
 
 def run_ddp_worker(nproc: int, dump_dir: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
