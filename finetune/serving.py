@@ -304,7 +304,8 @@ class ModelServer:
             card_path = folder / CARD_JSON
             if card_path.is_file():
                 card = read_json(card_path, CARD_JSON)
-                check_identity(card.get("base_model", {}) if isinstance(card, dict) else {}, self.model, "")
+                identity = card.get("base_model", {}) if isinstance(card, dict) else {}
+                check_identity(identity if isinstance(identity, dict) else {}, self.model, redact(source))
             template = prompts.template_from_adapter(folder)
         except (AdapterRefused, ModelError, prompts.TemplateError) as exc:
             self._remove_files(folder)  # strangers could otherwise fill the disk one request at a time
