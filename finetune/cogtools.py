@@ -80,9 +80,11 @@ def _input_schema(inputs: dict[str, Any], title: str) -> tuple[dict[str, Any], d
             ("pattern", f.regex),
         ):
             if value is not None:
-                # Cog keeps bounds as floats; an integer input's bound is written as the integer it is
-                # (2**63 - 1 as a float is 2**63, one past what a seed may be).
-                prop[key] = int(value) if prop.get("type") == "integer" and float(value).is_integer() else value
+                # Cog keeps bounds as floats: an integer input's bound is written as the integer it is
+                # (a seed's bound as 9223372036854774784, not 9.223372036854776e+18).
+                prop[key] = (
+                    int(value) if prop.get("type") == "integer" and float(value).is_integer() else value
+                )
         if f.deprecated:
             prop["deprecated"] = True
         properties[name] = prop

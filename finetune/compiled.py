@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native, quant
-from .decoder import KV, PEFT_BASE, Decoder, _base_linear, _plain, kv_geometry
+from .decoder import KV, PEFT_BASE, Decoder, base_linear, kv_geometry, plain_linear
 
 COMPILE_ENV = "SERVE_COMPILE"
 CACHE_ENV = native.CACHE_ENV
@@ -69,7 +69,7 @@ def _linear(h: torch.Tensor, weight: tuple[torch.Tensor, ...], kind: str) -> tor
     return out.view(*h.shape[:-1], -1)
 
 
-def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """decoder._rms_norm: in fp32 as transformers' LlamaRMSNorm, cast back after (no-op in fp32)."""
     return F.rms_norm(x.float(), weight.shape, weight.float(), eps).to(x.dtype)
 
@@ -141,7 +141,7 @@ class _Layer(torch.nn.Module):
         heads, kv_heads, head_dim, eps, kind = self.heads, self.kv_heads, self.head_dim, self.eps, self.kind
         norm1, qkv, o_proj, norm2, gate_up, down = weights
         rows = x.shape[0]
-        h = _norm(x, norm1, eps)
+        h = rms_norm_fp32(x, norm1, eps)
         out = _plus(_linears(h, qkv, kind), h, slot, lora[0]).view(rows, 1, heads + 2 * kv_heads, head_dim)
         qk = out[:, :, : heads + kv_heads]
         half = head_dim // 2
@@ -160,7 +160,7 @@ class _Layer(torch.nn.Module):
         )
         a = a.transpose(1, 2).reshape(rows, 1, -1)
         x = x + _plus(_linear(a, o_proj, kind), a, slot, lora[1])
-        h = _norm(x, norm2, eps)
+        h = rms_norm_fp32(x, norm2, eps)
         g, u = _plus(_linears(h, gate_up, kind), h, slot, lora[2]).chunk(2, dim=-1)
         m = F.silu(g) * u
         return x + _plus(_linear(m, down, kind), m, slot, lora[3]), k[:, 0], v[:, 0]
@@ -216,7 +216,7 @@ def _stack(
 ) -> list[torch.Tensor]:
     """The (a, b) stacks `_lora` takes for one group of modules: module g's A of adapter i in
     a[i, g*rank:][:r], its B x scaling, transposed, in b[i, g*rank:][:r, its columns]."""
-    bases = [_base_linear(m) for m in group]
+    bases = [base_linear(m) for m in group]
     a = torch.zeros(slots, len(group) * rank, bases[0].in_features, dtype=dtype)
     b = torch.zeros(slots, len(group) * rank, sum(base.out_features for base in bases), dtype=dtype)
     column = 0
@@ -235,7 +235,7 @@ def _stack(
 def _lora_stacks(decoder: Decoder, dtype: torch.dtype) -> tuple[dict[str, int], Stacks]:
     """Every attached adapter that `_lora` can compute, by slot (from 1; 0 is no adapter), and each
     layer's stacks, every adapter's rank padded to the same multiple of _RANK_STEP."""
-    modules = [m for layer in decoder.layers() for m in layer.linears if m is not _base_linear(m)]
+    modules = [m for layer in decoder.layers() for m in layer.linears if m is not base_linear(m)]
     names = {n for m in modules for n in m.lora_A}
     names -= {n for m in modules for n in m.lora_A if not _stackable(m, n)}
     adapters = {n: i + 1 for i, n in enumerate(sorted(names))}
@@ -250,12 +250,12 @@ def _lora_stacks(decoder: Decoder, dtype: torch.dtype) -> tuple[dict[str, int], 
 
 
 def _kind(module: Any) -> str:
-    return getattr(_base_linear(module), "qkind", "none")
+    return getattr(base_linear(module), "qkind", "none")
 
 
 def _copy(module: Any) -> tuple[torch.Tensor, ...]:
     """What a base linear layer's forward multiplies with now."""
-    base = _base_linear(module)
+    base = base_linear(module)
     return (base.qweight, base.qscales) if hasattr(base, "qkind") else (base.weight,)
 
 
@@ -299,7 +299,7 @@ class CompiledStep:
     # -- what a call reads ------------------------------------------------------------------
     def _group(self, decoder_group: Any, modules: list[Any]) -> list[tuple[torch.Tensor, ...]]:
         if self.kind == "none":
-            return [(decoder_group._fuse([_base_linear(m).weight for m in modules]),)]
+            return [(decoder_group._fuse([base_linear(m).weight for m in modules]),)]
         copies = [_copy(m) for m in modules]
         key = tuple(c[0].data_ptr() for c in copies)
         fused = self._fused.get(key)
@@ -313,7 +313,7 @@ class CompiledStep:
         """The compiled math is the model's math right now without LoRA stacks: every linear layer
         plain (no LoRA adding to it) and `covers_base`."""
         return self.covers_base(decoder) and all(
-            _plain(m) for layer in decoder.layers() if layer.lora for m in layer.linears
+            plain_linear(m) for layer in decoder.layers() if layer.lora for m in layer.linears
         )
 
     def covers_base(self, decoder: Decoder) -> bool:
@@ -321,7 +321,7 @@ class CompiledStep:
         compiled for."""
         for layer in decoder.layers():
             for m in layer.linears:
-                if _base_linear(m).bias is not None or _kind(m) != self.kind:
+                if base_linear(m).bias is not None or _kind(m) != self.kind:
                     return False
         head = decoder.base.lm_head
         return head.bias is None and _kind(head) == self.head_kind
@@ -356,8 +356,8 @@ class CompiledStep:
         if layers is not self._layers:
             modules = [m for layer in layers for m in layer.linears]
             self._layers, self._key = layers, None
-            self._bases = [_base_linear(m) for m in modules] + [decoder.base.lm_head]
-            self._loras = [m for m in modules if m is not _base_linear(m)]
+            self._bases = [base_linear(m) for m in modules] + [decoder.base.lm_head]
+            self._loras = [m for m in modules if m is not base_linear(m)]
         lora = self._loras[0] if self._loras else None
         adapters = (
             None
@@ -452,14 +452,26 @@ class CompiledStep:
                 x, k, v = run([x, cos, sin, mask, slot, *weights, *stacks[i], past_k, past_v])
             kv.append(i, k, v)
         kv.advance(1)
-        return _linear(_norm(x[:, -1], norm, inner.norm.variance_epsilon), head, self.head_kind).float()
+        return _linear(
+            rms_norm_fp32(x[:, -1], norm, inner.norm.variance_epsilon), head, self.head_kind
+        ).float()
 
 
 def _math_source() -> str:
     """A digest of the code the compiled file is made from (its math, not the rest of this module)."""
     parts = [
         inspect.getsource(f)
-        for f in (_Layer, _LoraLayer, _plus, _norm, _linear, _linears, _lora, _fuse_low_bit, quant._matmul)
+        for f in (
+            _Layer,
+            _LoraLayer,
+            _plus,
+            rms_norm_fp32,
+            _linear,
+            _linears,
+            _lora,
+            _fuse_low_bit,
+            quant._matmul,
+        )
     ]
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
 
@@ -517,7 +529,7 @@ def _example(
         return (x, cos.unsqueeze(2), sin.unsqueeze(2), mask, *weights, past_k, past_v)
     stacks = []
     for group in _groups(decoder)[0]:
-        bases = [_base_linear(m) for m in group]
+        bases = [base_linear(m) for m in group]
         k, out = 4 * len(group), sum(base.out_features for base in bases)
         a, b = randn(3, k, bases[0].in_features), randn(3, k, out)
         a[0], b[0] = 0, 0  # slot 0: no adapter
@@ -659,20 +671,17 @@ def _build(decoder: Decoder, signature: dict[str, Any], step: CompiledStep, lora
 def load(
     decoder: Decoder | None, device: torch.device, max_rows: int, mode: str = "auto", adapters: bool = True
 ) -> Any:
-    """The compiled decode step for this model (compiling it on a first start; CUDA graphs on a
-    GPU), or None with the reason printed: the engine then decodes eagerly. With `adapters` (a
+    """The compiled decode step for this model on a CPU (compiling it on a first start), or None
+    with the reason printed: the engine then decodes eagerly. With `adapters` (a
     server that takes per-request adapters), steps with unmerged adapters get a second file; without
     it (not asked for, failed or disagreed) they decode eagerly."""
     if mode not in MODES:
         raise ValueError(f"{COMPILE_ENV}={mode!r}: use one of {', '.join(MODES)}")
     if mode == "off" or decoder is None:
         return None
-    if device.type == "cuda":
-        from . import cudagraph
-
-        return cudagraph.load(decoder, device, max_rows)
     if device.type != "cpu":
-        return _skip("the compiled step is built for CPUs and CUDA GPUs; this model runs on " + device.type)
+        # CUDA graphs serve GPUs (fast_paths.load_step picks them).
+        return _skip("the compiled step is built for CPUs; this model runs on " + device.type)
     kinds = {_kind(m) for layer in decoder.layers() for m in layer.linears}
     if len(kinds) != 1:
         return _skip("some linear layers are quantized and others are not")

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
-from .compiled import CompiledStep, _norm
-from .decoder import KV, Decoder, _base_linear
+from .compiled import CompiledStep, rms_norm_fp32
+from .decoder import KV, Decoder, base_linear
 
 MIN_COLUMNS = 64  # the smallest column bucket: a short prompt's first graph serves its first 64 tokens
 
@@ -99,7 +99,7 @@ class GraphStep:
             self._prepared, self._pointers = prepared, pointers
             # CompiledStep.covers checks kind and bias; a graph also needs torch's own Linear (not
             # bitsandbytes' or another library's layer) and the six tensors a layer of kind none has.
-            bases = [_base_linear(m) for layer in decoder.layers() for m in layer.linears]
+            bases = [base_linear(m) for layer in decoder.layers() for m in layer.linears]
             self._plain = all(type(b) is torch.nn.Linear for b in bases) and all(len(x) == 6 for x in layers)
         return self._plain
 
@@ -204,7 +204,7 @@ class GraphStep:
         where = g.column.view(1)
         half = head_dim // 2
         for i, (norm1, qkv, o_proj, norm2, gate_up, down) in enumerate(layers):
-            out = F.linear(_norm(x, norm1, eps), qkv).view(rows, 1, heads + 2 * kv_heads, head_dim)
+            out = F.linear(rms_norm_fp32(x, norm1, eps), qkv).view(rows, 1, heads + 2 * kv_heads, head_dim)
             qk = out[:, :, : heads + kv_heads]
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
             q, k, v = qk[:, :, :heads], qk[:, :, heads:], out[:, :, heads + kv_heads :]
@@ -220,9 +220,9 @@ class GraphStep:
                 enable_gqa=heads != kv_heads,
             )
             x = x + F.linear(a.transpose(1, 2).reshape(rows, 1, -1), o_proj)
-            g_, u = F.linear(_norm(x, norm2, eps), gate_up).chunk(2, dim=-1)
+            g_, u = F.linear(rms_norm_fp32(x, norm2, eps), gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(g_) * u, down)
-        return F.linear(_norm(x[:, -1], norm, eps), head[0]).float()
+        return F.linear(rms_norm_fp32(x[:, -1], norm, eps), head[0]).float()
 
 
 def load(decoder: Decoder | None, device: torch.device, max_rows: int) -> GraphStep | None:

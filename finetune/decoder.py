@@ -146,14 +146,14 @@ def _base(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _base_linear(module: Any) -> Any:
+def base_linear(module: Any) -> Any:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
-def _plain(module: Any) -> bool:
+def plain_linear(module: Any) -> bool:
     """No LoRA adds to this module's base layer now: merged into the weight, disabled, or none of its
     adapters active."""
-    if module is _base_linear(module):
+    if module is base_linear(module):
         return True
     if module.merged:  # PEFT unmerges a merged layer whose adapters were disabled: not plain
         return not module.disable_adapters
@@ -188,13 +188,13 @@ class _Group:
         """Every module computes F.linear with its base weight right now: no bias, not quantized,
         and no LoRA adding to it (checked only when the layer has LoRA modules at all)."""
         for m in modules:
-            base = _base_linear(m)
+            base = base_linear(m)
             if type(base) is not torch.nn.Linear or base.bias is not None or hasattr(base, "qkind"):
                 return False
-        return not lora or all(_plain(m) for m in modules)
+        return not lora or all(plain_linear(m) for m in modules)
 
     def matmul(self, x: torch.Tensor, modules: list[Any]) -> torch.Tensor:
-        return F.linear(x, self._fuse([_base_linear(m).weight for m in modules]))
+        return F.linear(x, self._fuse([base_linear(m).weight for m in modules]))
 
 
 @dataclass
@@ -244,7 +244,7 @@ class Decoder:
                         layer.post_attention_layernorm,
                         linears[4:6],
                         mlp.down_proj,
-                        lora=any(m is not _base_linear(m) for m in linears),
+                        lora=any(m is not base_linear(m) for m in linears),
                     )
                 )
             self._adapters = adapters

@@ -14,7 +14,7 @@ server's `prepare` hook sets the model up for the step's adapters (a merged setu
 active adapter, or PEFT's per-row `adapter_names`).
 
 Everything here runs on one thread (the server's compute thread, or the caller's for
-`inference.stream_tokens`); requests talk to the outside only through their outbox queue."""
+`stream_tokens` below); requests talk to the outside only through their outbox queue."""
 
 from __future__ import annotations
 
@@ -35,13 +35,14 @@ import torch
 from . import quant
 from .config import GenerationSettings
 from .decoder import KV, Decoder, hf_forward, unsupported
+from .encoding import encode_prompt
 from .inference import (
     GenerationError,
     GenerationStats,
     TextStream,
-    _logits_processors,
     check_fits,
     eos_ids,
+    logits_processors,
 )
 
 log = logging.getLogger(__name__)
@@ -346,7 +347,7 @@ class Engine:
                 )
             r.stats.input_token_count = len(r.prompt_ids)
             r.text = TextStream(self.tokenizer, r.settings.stop_sequences)
-            r.processors = _logits_processors(r.settings)
+            r.processors = logits_processors(r.settings)
             if r.settings.repetition_penalty != 1.0:
                 # Only the penalty reads the ids: one buffer filled token by token, not a new tensor of
                 # the whole sequence every step.
@@ -603,3 +604,23 @@ class Engine:
 
     def _compact(self) -> None:
         self.batch.keep([i for i, r in enumerate(self.batch.rows) if not r.done])
+
+
+def stream_tokens(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    settings: GenerationSettings,
+    stats: GenerationStats | None = None,
+    cancel: threading.Event | None = None,
+) -> Iterator[str]:
+    """Yield text chunks for `prompt` (already templated), in this thread: the serving engine with
+    one request. Stops at EOS, a stop sequence, max_new_tokens or `cancel` (checked before every
+    token); the stop sequence is never yielded."""
+    # transformers' forward: the model here may be mid-training (its precision, its autocast);
+    # decoder.py's forward serves (ModelServer), where the model is set up for it.
+    engine = Engine(model, tokenizer, own_forward=False)
+    request = Request(encode_prompt(tokenizer, prompt), settings, stats=stats or GenerationStats())
+    if cancel is not None:
+        request.cancel = cancel
+    yield from engine.drive(engine.submit(request))

@@ -23,7 +23,8 @@ from . import metrics
 from .batching import collate_padded
 from .config import DataConfig, GenerationSettings, field_default
 from .encoding import Encoded, encode_example
-from .inference import GenerationStats, stream_tokens
+from .engine import stream_tokens
+from .inference import GenerationStats
 from .losses import token_loss_sum
 from .prompts import AUTO, PromptTemplate, load_template, split_record, template_from_adapter
 from .records import DatasetError, Record

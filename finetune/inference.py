@@ -1,19 +1,15 @@
-"""Generation: one decode loop with a KV cache that streams text as it is produced.
-
-Our own loop instead of `model.generate` + a streamer thread: cancellation (Cog raises into the
-calling thread) stops it at the next token, stop sequences never leak into the output, and partial
-UTF-8 characters are held back until complete."""
+"""What one generation request needs besides the model: its errors and figures, the sampling
+processors its settings ask for, the context check, and the text stream that turns tokens into
+text (stop sequences never leak into the output, partial UTF-8 characters are held back until
+complete). The decode loop itself is the engine's (engine.py)."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import GenerationSettings
-from .encoding import encode_prompt
 
 
 class GenerationError(ValueError):
@@ -53,7 +49,7 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _logits_processors(settings: GenerationSettings) -> Any:
+def logits_processors(settings: GenerationSettings) -> Any:
     from transformers import (
         LogitsProcessorList,
         RepetitionPenaltyLogitsProcessor,
@@ -150,25 +146,3 @@ def check_fits(model: Any, n_prompt: int, max_new_tokens: int) -> None:
             f"the prompt is {n_prompt} tokens and max_new_tokens is {max_new_tokens}, but this model's "
             f"context is {limit} tokens: shorten the prompt or lower max_new_tokens to {max(limit - n_prompt, 0)}"
         )
-
-
-def stream_tokens(
-    model: Any,
-    tokenizer: Any,
-    prompt: str,
-    settings: GenerationSettings,
-    stats: GenerationStats | None = None,
-    cancel: threading.Event | None = None,
-) -> Iterator[str]:
-    """Yield text chunks for `prompt` (already templated), in this thread: the serving engine with
-    one request. Stops at EOS, a stop sequence, max_new_tokens or `cancel` (checked before every
-    token); the stop sequence is never yielded."""
-    from .engine import Engine, Request
-
-    # transformers' forward: the model here may be mid-training (its precision, its autocast);
-    # decoder.py's forward serves (ModelServer), where the model is set up for it.
-    engine = Engine(model, tokenizer, own_forward=False)
-    request = Request(encode_prompt(tokenizer, prompt), settings, stats=stats or GenerationStats())
-    if cancel is not None:
-        request.cancel = cancel
-    yield from engine.drive(engine.submit(request))

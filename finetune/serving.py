@@ -31,6 +31,7 @@ from .config import DataConfig, GenerationSettings, env_flag, field_default
 from .decoder import PEFT_BASE, kv_geometry
 from .encoding import encode_prompt
 from .engine import DONE, Engine, EngineLimits, Request
+from .fast_paths import load_step
 from .inference import GenerationError, GenerationStats, context_length
 from .modeling import (
     ModelError,
@@ -255,7 +256,7 @@ class ModelServer:
         self.engine.prefix_tag = self._prefix_tag
         # With no room for per-request adapters (ADAPTER_CACHE_SIZE=0), the setup adapter stays merged:
         # no step ever has an unmerged adapter, so no second file is compiled.
-        self.engine.compiled = compiled.load(
+        self.engine.compiled = load_step(
             self.engine.decoder(),
             self.device,
             self.engine.limits.max_batch,

@@ -214,14 +214,14 @@ def test_any_error_accepting_a_request_fails_it_alone(server, monkeypatch):
     import finetune.engine as engine_module
 
     solo = [serve(server, p) for p in PROMPTS[:3]]
-    original = engine_module._logits_processors
+    original = engine_module.logits_processors
 
     def flaky(settings):
         if settings.top_k == 7:
             raise OverflowError("a crafted setting")
         return original(settings)
 
-    monkeypatch.setattr(engine_module, "_logits_processors", flaky)
+    monkeypatch.setattr(engine_module, "logits_processors", flaky)
     bad = GenerationSettings(max_new_tokens=16, temperature=0.5, top_k=7)
     with pytest.raises(OverflowError, match="a crafted setting"):
         "".join(server.generate(PROMPTS[0], settings=bad, prompt_template="none"))

@@ -13,7 +13,8 @@ import torch
 from conftest import build_tokenizer, train_llama_sentencepiece
 
 from finetune.config import GenerationSettings
-from finetune.inference import TextStream, stream_tokens
+from finetune.engine import stream_tokens
+from finetune.inference import TextStream
 
 # English only: every CJK character and emoji below falls back to bytes in the sentencepiece model.
 CORPUS = [

@@ -1,0 +1,26 @@
+"""The engine's fast decode step, whichever one the device has: a step compiled ahead of time on a
+CPU (compiled.py) or CUDA graphs on a GPU (cudagraph.py). One entry point, so that neither of the
+two imports the other's loader and the server asks one question."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import compiled, cudagraph
+from .decoder import Decoder
+
+
+def load_step(
+    decoder: Decoder | None, device: torch.device, max_rows: int, mode: str = "auto", adapters: bool = True
+) -> Any:
+    """The fast decode step for this model, or None (with the reason printed): decode eagerly.
+    `mode` is SERVE_COMPILE (auto | off); `adapters`: also cover steps with unmerged adapters."""
+    if mode not in compiled.MODES:
+        raise ValueError(f"{compiled.COMPILE_ENV}={mode!r}: use one of {', '.join(compiled.MODES)}")
+    if mode == "off" or decoder is None:
+        return None
+    if device.type == "cuda":
+        return cudagraph.load(decoder, device, max_rows)
+    return compiled.load(decoder, device, max_rows, mode, adapters)
