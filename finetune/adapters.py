@@ -8,6 +8,7 @@ its header alone, and hands PEFT a LoraConfig it built itself, never the file's.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -76,6 +77,7 @@ def _suffixes(names: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
     return out
 
 
+@functools.cache
 def _defaults() -> dict[str, Any]:
     from peft import LoraConfig
 
@@ -220,9 +222,7 @@ def check_tensors(path: Path, expected: dict[str, list[int]]) -> None:
             )
 
 
-def check_adapter(
-    folder: Path, model: Any, linears: dict[str, tuple[int, int]], bounds: AdapterBounds
-) -> Any:
+def check_adapter(folder: Path, linears: dict[str, tuple[int, int]], bounds: AdapterBounds) -> Any:
     """A PEFT LoraConfig for this adapter folder, built from its validated settings (the folder's own
     config never reaches PEFT), or AdapterRefused."""
     from peft import LoraConfig

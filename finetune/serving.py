@@ -211,9 +211,9 @@ class ModelServer:
             REQUEST_LIMITS,
             deadline_s=env_number(DOWNLOAD_DEADLINE_ENV, float, REQUEST_LIMITS.deadline_s, minimum=1),
         )
+        self.stall_s = env_number(STALL_ENV, float, 120.0, minimum=0.001)
         # Distinct per-request adapters loaded or loading for running requests: each holds memory and
         # a download, and none of them may be evicted while in use.
-        self.stall_s = env_number(STALL_ENV, float, 120.0, minimum=0.001)
         self.adapters_in_use = env_number(ADAPTERS_IN_USE_ENV, int, max(self.capacity, 8), minimum=1)
         self.cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._loading: dict[str, Future[LoadedAdapter]] = {}
@@ -301,7 +301,7 @@ class ModelServer:
 
         try:
             check_adapter_dir(folder)
-            config = check_adapter(folder, self.model, self.linears, bounds)
+            config = check_adapter(folder, self.linears, bounds)
             card_path = folder / CARD_JSON
             if card_path.is_file():
                 card = read_json(card_path, CARD_JSON)
