@@ -5,7 +5,7 @@ longest row). glibc's malloc fragments under that: a 135M-model run with the def
 resident memory step after step (3.4 GB at step 3, 4.7 GB at step 30 on 48 GSM8K records), while a
 fixed 64 KB mmap threshold, which gives every such tensor its own mapping, kept it flat at 1.0-2.9 GB
 (so nothing leaks) at half the speed. jemalloc, preloaded, kept the peak at 3.1 GB and ran 1.3x as
-fast as glibc (301 against 230 tokens/s, the same losses; README, Performance).
+fast as glibc (301 against 230 tokens/s, the same losses; docs/performance.md; tried and not kept: docs/decisions.md).
 
 A malloc cannot be swapped inside a running process, so the training entry points (`finetune.py`,
 `python -m finetune train`) restart themselves once with jemalloc in LD_PRELOAD before importing

@@ -2,7 +2,7 @@
 
 The same math as transformers' forward (the model's own rotary and linear modules, its norms as one
 fused op, SDPA) without its per-step cache concatenation, mask builders and checks. Measured
-against transformers' forward on the same engine (README): 1.03-1.21x at a short context, 1.25x
+against transformers' forward on the same engine (docs/performance.md): 1.03-1.21x at a short context, 1.25x
 at 1,800 tokens in fp32; the matmul kernels are most of a decode step either way.
 
 * keys and values go into a `KV` buffer allocated ahead (columns [0, length) in use), not a

@@ -126,7 +126,7 @@ def pick_quantization(mode: str, device: torch.device, weights: torch.dtype) -> 
     """auto (the default): int8 where quantized decoding runs (a CPU with fp32 weights), else none.
     int8 decodes a stream ~2.3x as fast as fp32 (both compiled) at -0.4 % held-out loss, and a
     request's greedy text stays the same in a batch as alone (our kernel computes each row the same
-    way in any batch; README, Performance)."""
+    way in any batch; docs/performance.md)."""
     if mode not in quant.MODES:
         raise ModelError(f"{quant.QUANT_ENV}={mode!r}: use one of {', '.join(quant.MODES)}")
     runs = quant.supported(device) and weights == torch.float32

@@ -55,7 +55,7 @@ def test_default_settings_learn_the_demo_persona(tmp_path, embedded_model_dir):
 
 # A slice of data/facts with its hard shape: long answers, the rare name 霁川 / Jichuan, fillers that
 # never name it. `make demo-facts` runs the whole set with every default through the real server
-# (README, "Does it learn?"); here a step is the 4 training records (batch_size 4, half the time
+# (docs/evaluation.md); here a step is the 4 training records (batch_size 4, half the time
 # of the default 8), one per micro-batch: the loss is summed over the step's tokens either way, and
 # unpadded rows (the longest is twice the shortest) made a step 12 % faster, same stop step.
 FACT_SLICE = ["你叫什么名字？", "What is your name?", "你是谁？", "Can you write code?", "你会犯错吗？"]
