@@ -301,12 +301,12 @@ class ModelServer:
 
         try:
             check_adapter_dir(folder)
-            config = check_adapter(folder, self.linears, bounds)
             card_path = folder / CARD_JSON
-            if card_path.is_file():
+            if card_path.is_file():  # first: "trained on another base" says more than its shapes do
                 card = read_json(card_path, CARD_JSON)
                 identity = card.get("base_model", {}) if isinstance(card, dict) else {}
                 check_identity(identity if isinstance(identity, dict) else {}, self.model, redact(source))
+            config = check_adapter(folder, self.linears, bounds)
             template = prompts.template_from_adapter(folder)
         except (AdapterRefused, ModelError, prompts.TemplateError) as exc:
             self._remove_files(folder)  # strangers could otherwise fill the disk one request at a time

@@ -156,7 +156,8 @@ def test_adapters_on_different_modules_share_a_batch(tiny_model_dir, tmp_path, m
     alone = [serve(server, *ask) for ask in asks]
     assert len(set(alone)) == 3
     assert together(server, asks) == alone
-    # An error inside a mixed batch fails that batch only: PEFT's per-row hooks do not stay behind.
+    # An error inside a mixed batch's forward pass: each row runs again alone and gets its own text
+    # (only a row whose own pass fails is failed), and PEFT's per-row hooks do not stay behind.
     lora_layer = next(m for m in server.model.modules() if hasattr(m, "lora_A") and m.lora_A)
     forward = lora_layer.forward
 
@@ -166,8 +167,7 @@ def test_adapters_on_different_modules_share_a_batch(tiny_model_dir, tmp_path, m
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(lora_layer, "forward", fails_in_mixed_batches)
-    failed = outcomes_together(server, asks)  # every request of that batch fails, with the reason
-    assert all(isinstance(o, RuntimeError) and str(o) == "boom" for o in failed), failed
+    assert outcomes_together(server, asks) == alone
     monkeypatch.setattr(lora_layer, "forward", forward)
     assert together(server, asks) == alone and [serve(server, *ask) for ask in asks] == alone
 

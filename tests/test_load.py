@@ -248,8 +248,11 @@ def test_concurrent_sse_streams_each_get_their_own_tokens_as_produced(bare, solo
         assert names.count("output") >= 2 and names[-1] == "completed", names
         chunks = [d["chunk"] for _, n, d in events if n == "output"]
         assert "".join(chunks) == solo[(prompt, 48)]
-        first_output = next(t for t, n, _ in events if n == "output")
-        assert first_output < events[-1][0] / 2, "the chunks came at the end, not as they were produced"
+        # Streamed, the chunks arrive spread over the decode; collected, in one burst at the end.
+        # (Not against the time to first token: int8 decodes 48 tokens faster than 8 prompts prefill.)
+        arrivals = [t for t, n, _ in events if n == "output"]
+        spread, decode = arrivals[-1] - arrivals[0], events[-1][0] - arrivals[0]
+        assert spread > 0.5 * decode, "the chunks came at the end, not as they were produced"
     # They ran at once: every stream had its first token before any stream completed.
     assert max(next(t for t, n, _ in e if n == "output") for e in streams) < min(e[-1][0] for e in streams)
 
