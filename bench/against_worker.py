@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, list[dict]] = {"ref": [], "this": []}
         for r in range(args.rounds):
             for name, root in (("ref", other), ("this", ROOT)):
-                case = run_case(f"{name}-{r}", {"root": root}, {}, spec, body)
+                # A compile cache per tree: each tree compiles once and reuses it in later rounds.
+                env = {"SERVE_COMPILE_CACHE": str(work / f"compiled-{name}")}
+                case = run_case(f"{name}-{r}", {"root": root}, env, spec, body)
                 row = case["rows"][0]
                 results[name].append(row)
                 print(
