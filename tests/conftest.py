@@ -119,6 +119,20 @@ def build_tiny_llama(folder: Path, seed: int = 0, kv_heads: int = 2):
     return model, tok
 
 
+@pytest.fixture
+def synced(monkeypatch) -> list[str]:
+    """Every path os.fsync flushes during the test, in order."""
+    paths: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return paths
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")

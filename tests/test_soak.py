@@ -60,7 +60,8 @@ def test_hostile_soak(tmp_path, persona_adapters, embedded_model_dir):
         stop = time.monotonic() + seconds
         failures: list[str] = []
         counts = {"normal": 0, "hostile": 0}
-        peak = [baseline]
+        samples: list[tuple[float, int]] = []  # (seconds into the soak, RSS of the server's processes)
+        began = time.monotonic()
 
         def normal(i: int) -> None:
             while time.monotonic() < stop:
@@ -81,7 +82,7 @@ def test_hostile_soak(tmp_path, persona_adapters, embedded_model_dir):
                         timeout=300,
                     )
                     counts["hostile"] += 1
-                    peak[0] = max(peak[0], tree_rss(server.proc.pid))
+                    samples.append((time.monotonic() - began, tree_rss(server.proc.pid)))
 
         threads = [threading.Thread(target=normal, args=(i,)) for i in range(8)] + [
             threading.Thread(target=attacker)
@@ -90,10 +91,17 @@ def test_hostile_soak(tmp_path, persona_adapters, embedded_model_dir):
             t.start()
         for t in threads:
             t.join(seconds + 600)
-        print(f"soak: {counts}, RSS {baseline / 2**20:.0f} -> peak {peak[0] / 2**20:.0f} MiB")
+        first = max(rss for t, rss in samples if t < seconds / 2)
+        second = max(rss for t, rss in samples if t >= seconds / 2)
+        print(
+            f"soak: {counts}, RSS {baseline / 2**20:.0f} MiB at the start, peak {first / 2**20:.0f} MiB in the "
+            f"first half, {second / 2**20:.0f} MiB in the second"
+        )
         assert not failures, failures[:5]
         assert counts["normal"] >= 8 and counts["hostile"] >= len(hostile)
         assert server.health()["status"] == "READY"
-        assert peak[0] < baseline + 1.5 * 2**30  # no request grows the server by more than its own work
+        # Bounded: the first half pays for compiling and caches once; the second adds nothing real.
+        assert first < baseline + 1.5 * 2**30
+        assert second < first + 256 * 2**20
     finally:
         server.stop()

@@ -342,17 +342,9 @@ def test_a_training_stopped_by_sigterm_keeps_its_checkpoint_until_resume_from_fi
 
 
 def test_finished_trainings_leave_nothing_but_the_last_archive_in_the_temp_folder(
-    service, tiny_model_dir, tiny_data, tmp_path, monkeypatch
+    service, tiny_model_dir, tiny_data, tmp_path, monkeypatch, synced
 ):
     tmp, checkpoints = service
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     first = run_training(tiny_training(tiny_model_dir, tiny_data, max_steps=1))
     assert files(tmp) == [first.archive] and first.archive.name == "weights.tar"
     # Flushed under a temporary name, then renamed, then its folder flushed.

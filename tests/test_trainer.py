@@ -488,18 +488,10 @@ def test_a_checkpoint_of_the_last_step_is_on_disk_while_the_adapter_is_saved(
 
 
 def test_the_adapter_and_checkpoints_reach_the_disk_before_their_names(
-    tiny_model_dir, tiny_data, tmp_path, monkeypatch
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch, synced
 ):
     # Written under a temporary name, every file and folder flushed, renamed, then the parent flushed:
     # after a power loss the folder is whole or absent.
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
     out = tmp_path / "adapter"
     args = ["--max_steps", "2", "--save_steps", "1", "--eval_recall", "2", "--eval_generate", "0"]
     train(config_from_args(tiny_args(tiny_model_dir, tiny_data, out, *args), environ={}))
