@@ -179,6 +179,7 @@ def compare(
     from .archives import materialize
     from .artifacts import CARD_JSON
     from .modeling import (
+        attach_adapter,
         check_adapter_dir,
         check_identity,
         load_base,
@@ -210,15 +211,13 @@ def compare(
             result["adapter"] = None
             return result
 
-        from peft import PeftModel
-
         card = folder / CARD_JSON
         if card.is_file():
             check_identity(
                 json.loads(card.read_text(encoding="utf-8")).get("base_model", {}), model, str(adapter)
             )
         # Attach first, so a broken adapter fails before the base has been scored for nothing.
-        model = PeftModel.from_pretrained(model, str(folder)).eval()
+        model = attach_adapter(model, folder).eval()
         with model.disable_adapter():
             result["base"] = evaluate_model(model, tokenizer, records, template, **kwargs)
         result["adapter"] = evaluate_model(model, tokenizer, records, template, **kwargs)

@@ -262,6 +262,20 @@ def check_identity(expected: dict[str, Any], model: Any, adapter: str) -> None:
         )
 
 
+def attach_adapter(model: Any, folder: Path, name: str = "default", config: Any = None) -> Any:
+    """Load the LoRA adapter in `folder` into `model` under `name`: a new PeftModel around a bare
+    model, or one more adapter of a PeftModel. `config`: a LoraConfig to use instead of the folder's
+    own (the server passes the one it built from checked values; adapters.py)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        if config is not None:
+            model.add_adapter(name, config)
+        model.load_adapter(str(folder), adapter_name=name)
+        return model
+    return PeftModel.from_pretrained(model, str(folder), adapter_name=name, config=config)
+
+
 def check_adapter_dir(folder: Path) -> None:
     """An adapter folder must hold safetensors weights; pickles are refused, never unpickled."""
     folder = Path(folder)

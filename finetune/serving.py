@@ -35,6 +35,7 @@ from .fast_paths import load_step
 from .inference import GenerationError, GenerationStats, context_length
 from .modeling import (
     ModelError,
+    attach_adapter,
     check_adapter_dir,
     check_identity,
     load_base,
@@ -317,16 +318,11 @@ class ModelServer:
         if self.merged:
             self._unmerge()  # PEFT would unmerge by subtraction to add a layer's new adapter
         try:
-            if isinstance(self.model, PeftModel):
-                self.model.add_adapter(name, config)
-                self.model.load_adapter(str(folder), adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(
-                    self.model, str(folder), adapter_name=name, config=config
-                )
-                if hasattr(self, "engine"):
-                    self.engine.model = self.model
-                    self.engine.prefixes.forget()  # the base now runs through LoRA layers
+            first = not isinstance(self.model, PeftModel)
+            self.model = attach_adapter(self.model, folder, name, config)
+            if first and hasattr(self, "engine"):
+                self.engine.model = self.model
+                self.engine.prefixes.forget()  # the base now runs through LoRA layers
         except BaseException:
             if isinstance(self.model, PeftModel) and name in self.model.peft_config:
                 self.model.delete_adapter(name)
