@@ -129,22 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
         print("usage: python -m finetune {" + ",".join(COMMANDS) + "} [options]")
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
-    from .archives import ArchiveError, WeightsSourceError
-    from .inference import GenerationError
-    from .modeling import ModelError
-    from .prompts import TemplateError
-    from .weights import WeightsError
+    from .errors import user_errors
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (
-        WeightsError,
-        ModelError,
-        ArchiveError,
-        WeightsSourceError,
-        GenerationError,
-        TemplateError,
-    ) as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

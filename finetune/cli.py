@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from .config import ConfigError, DataConfig, LoraSettings, TrainConfig, field_doc
+from .config import DataConfig, LoraSettings, TrainConfig, field_doc
 
 SECTIONS: dict[str, type] = {"": TrainConfig, "data": DataConfig, "lora": LoraSettings}
 # The seed's environment names that differ from the upper-cased flag name.
@@ -116,25 +116,13 @@ def config_from_args(argv: list[str] | None = None, environ: Mapping[str, str] |
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .modeling import ModelError
-    from .prompts import TemplateError
-    from .records import DatasetError
+    from .errors import user_errors
     from .trainer import TrainingStopped, train
-    from .weights import WeightsError
 
     try:
         cfg = config_from_args(argv)
         train(cfg)
-    except (
-        ConfigError,
-        DatasetError,
-        WeightsError,
-        ModelError,
-        TemplateError,
-        FileNotFoundError,
-        PermissionError,
-        OSError,
-    ) as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingStopped as exc:

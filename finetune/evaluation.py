@@ -300,12 +300,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .archives import ArchiveError, WeightsSourceError
-    from .inference import GenerationError
-    from .modeling import ModelError
-    from .prompts import TemplateError
+    from .errors import user_errors
     from .records import read_records
-    from .weights import WeightsError
 
     args = _parser().parse_args(argv)
     try:
@@ -318,15 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             cutoff_len=args.cutoff_len,
             max_new_tokens=args.max_new_tokens,
         )
-    except (
-        DatasetError,
-        ModelError,
-        WeightsError,
-        WeightsSourceError,
-        ArchiveError,
-        TemplateError,
-        GenerationError,
-    ) as exc:
+    except user_errors() as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     result["data"] = str(args.data)

@@ -1,0 +1,30 @@
+"""The one list of errors that mean "what you asked for cannot be done": bad data, settings,
+weights, adapters, archives, prompts, files. Every command's `main` prints these as one line and
+exits with status 2; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    # Imported when a command runs, not at import time: the list reaches into most of the package.
+    from .archives import ArchiveError, WeightsSourceError
+    from .config import ConfigError
+    from .export import ExportError
+    from .inference import GenerationError
+    from .modeling import ModelError
+    from .prompts import TemplateError
+    from .records import DatasetError
+    from .weights import WeightsError
+
+    return (
+        ConfigError,
+        DatasetError,
+        TemplateError,
+        WeightsError,
+        WeightsSourceError,
+        ArchiveError,
+        ModelError,
+        GenerationError,
+        ExportError,
+        OSError,  # a missing or unwritable file
+    )
