@@ -151,8 +151,9 @@ def test_predictor_refuses_a_pickled_adapter(tmp_path, tiny_model_dir, pickled_a
         list(server.generate("hi", lora_weights=str(pickled_adapter)))
     settings = GenerationSettings(max_new_tokens=2, temperature=0)
     stats = GenerationStats()
-    "".join(server.generate("hi", settings=settings, stats=stats))  # still serving
-    assert stats.stop_reason == "length" and stats.output_token_count == 2 or stats.stop_reason == "eos"
+    "".join(server.generate("hi", settings=settings, stats=stats))
+    # Still serving: 2 tokens, or EOS before them (never EOS at any length).
+    assert (stats.stop_reason, stats.output_token_count) in {("length", 2), ("eos", 0), ("eos", 1)}
     assert not marker.exists()
 
 
@@ -550,7 +551,11 @@ def test_prompt_plus_new_tokens_over_the_context_fails_with_a_reason(tiny_server
     fits = GenerationSettings(max_new_tokens=12, temperature=0)
     stats = GenerationStats()
     "".join(tiny_server.generate(prompt, settings=fits, prompt_template="none", stats=stats))
-    assert stats.input_token_count + fits.max_new_tokens == 512 and stats.stop_reason in ("length", "eos")
+    assert stats.input_token_count + fits.max_new_tokens == 512
+    # All 12 tokens, or EOS before the 12th.
+    assert (stats.stop_reason == "length" and stats.output_token_count == 12) or (
+        stats.stop_reason == "eos" and stats.output_token_count < 12
+    )
 
 
 @pytest.mark.parametrize("case", ["record-chars", "records", "bytes"])

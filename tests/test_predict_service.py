@@ -282,6 +282,10 @@ def test_cancel_stops_a_lora_weights_download_while_others_decode(bare):
         ({"prompt": ""}, "prompt"),
         ({"prompt": "hi", "max_new_tokens": 5000}, "max_new_tokens"),
         ({"prompt": "hi", "prompt_template": "vicuna"}, "prompt_template"),
+        ({"prompt": "hi", "seed": 2**64}, "seed"),
+        ({"prompt": "hi", "seed": -1}, "seed"),
+        ({"prompt": "hi", "stop_sequences": ",".join(["x"] * 17)}, "stop_sequences"),
+        ({"prompt": "hi", "stop_sequences": "x" * 257}, "stop_sequences"),
     ],
 )
 def test_bad_inputs_are_422(bare, inputs, field):
