@@ -20,7 +20,6 @@ import io
 import lzma
 import os
 import re
-import shutil
 import stat
 import struct
 import tarfile
@@ -37,6 +36,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import urllib3
+
+from .staging import staged_dir, staged_file
 
 ACCEPTED_ARCHIVES = ".tar, .tar.gz, .tar.bz2, .tar.xz or .zip"
 ACCEPTED_SOURCES = (
@@ -140,9 +141,7 @@ def safe_extract(archive: Path, dest: Path, limits: Limits = DEFAULT_LIMITS) -> 
     archive, dest = Path(archive), Path(dest)
     if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
         raise FileExistsError(f"{dest} already exists and is not an empty folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    try:
+    with staged_dir(dest) as tmp:  # rename(2) fills an empty dest and refuses anything else
         tree = _Tree(tmp, limits)
         with open(archive, "rb") as f:
             head = f.read(6)
@@ -155,16 +154,6 @@ def safe_extract(archive: Path, dest: Path, limits: Limits = DEFAULT_LIMITS) -> 
             except _READ_ERRORS as e:
                 at = f" at entry {tree.current!r}" if tree.current is not None else ""
                 raise ArchiveError(f"the archive is corrupt or truncated{at} ({e}); upload it again") from e
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        try:
-            tmp.rename(dest)  # atomic; replaces an empty folder
-        except OSError as e:
-            if dest.exists():  # another caller filled dest meanwhile
-                raise FileExistsError(f"{dest} already exists and is not an empty folder") from e
-            raise
-    except BaseException:  # includes Cog's CancelationException
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return _content_root(dest)
 
 
@@ -528,32 +517,25 @@ def pack_dir(src: Path, archive: Path) -> Path:
     if archive.resolve().is_relative_to(src.resolve()):
         raise ValueError(f"{archive} is inside {src}; write the archive outside the folder it packs")
     entries = list(_walk(src))  # before creating anything: refuses links and special files
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{archive.name}.", suffix=".tmp", dir=archive.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            # No name and mtime 0 in the gzip header, so the bytes depend only on the contents.
-            compressed = lower.endswith((".gz", ".tgz"))
-            with (
-                gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6)
-                if compressed
-                else contextlib.nullcontext(raw) as out,
-                tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar,
-            ):
-                for rel, path, st in entries:
-                    info = tarfile.TarInfo(rel)  # defaults: mtime 0, uid/gid 0, no owner names
-                    if stat.S_ISDIR(st.st_mode):
-                        info.type, info.mode = tarfile.DIRTYPE, 0o755
-                        tar.addfile(info)
-                    else:
-                        info.size, info.mode = st.st_size, 0o755 if st.st_mode & stat.S_IXUSR else 0o644
-                        with open(path, "rb") as data:
-                            tar.addfile(info, data)
-        os.replace(tmp, archive)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # mode=None: owner-only, as the archive always was.
+    with staged_file(archive, mode=None) as raw:
+        # No name and mtime 0 in the gzip header, so the bytes depend only on the contents.
+        compressed = lower.endswith((".gz", ".tgz"))
+        with (
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6)
+            if compressed
+            else contextlib.nullcontext(raw) as out,
+            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            for rel, path, st in entries:
+                info = tarfile.TarInfo(rel)  # defaults: mtime 0, uid/gid 0, no owner names
+                if stat.S_ISDIR(st.st_mode):
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                else:
+                    info.size, info.mode = st.st_size, 0o755 if st.st_mode & stat.S_IXUSR else 0o644
+                    with open(path, "rb") as data:
+                        tar.addfile(info, data)
     return archive
 
 

@@ -5,9 +5,6 @@ into place."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +12,8 @@ import torch
 
 from . import prompts
 from .modeling import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelError
+from .staging import fsync_path as fsync_path  # re-exported: service_train flushes with it
+from .staging import staged_dir
 
 CARD_JSON = "training_card.json"
 CARD_MD = "README.md"
@@ -53,41 +52,11 @@ def verify_adapter(folder: Path, expected_keys: set[str]) -> int:
     return len(tensors)
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary folder to `final` (replacing a folder there) so that `final` is
-    whole or absent, after a crash or a power loss too: every file and folder is flushed before the
-    rename, and the parent's entry after it."""
-    for folder, _, files in os.walk(tmp, topdown=False):
-        for name in files:
-            fsync_path(Path(folder, name))
-        fsync_path(Path(folder))
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    fsync_path(final.parent)
-
-
 def save_adapter(
     model: Any, output_dir: str | Path, template: prompts.PromptTemplate, card: dict[str, Any]
 ) -> Path:
     output = Path(output_dir)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with staged_dir(output, replace=True) as tmp:  # a new training replaces the adapter there
         model.save_pretrained(tmp, safe_serialization=True)
         card["adapter"] = {
             "tensors": verify_adapter(tmp, lora_state_keys(model)),
@@ -99,10 +68,6 @@ def save_adapter(
         )
         (tmp / CARD_MD).write_text(card_markdown(card), encoding="utf-8")
         plot_loss(card, tmp / LOSS_PNG)
-        tmp.chmod(0o755)
-        publish_dir(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 

@@ -17,13 +17,13 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm import tqdm
 
+from .staging import staged_dir
 from .weights import MARKER
 
 if TYPE_CHECKING:
@@ -378,9 +378,7 @@ def convert_meta(
                 _verify_checklist(checklist)
 
     params = _read_params(params_path)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with staged_dir(output_dir) as tmp:  # absent or empty, checked above
         max_positions = max_position_embeddings or DEFAULT_MAX_POSITIONS[llama_version]
         vocab_size, bos_id, eos_id = _save_tokenizer(tokenizer_path, tmp, max_positions)
         config = meta_params_to_hf_config(params, vocab_size, llama_version, max_positions, bos_id, eos_id)
@@ -427,12 +425,6 @@ def convert_meta(
             "checksums_verified": verify_checksums,
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if output_dir.exists():
-            output_dir.rmdir()  # checked empty above
-        tmp.rename(output_dir)
-        output_dir.chmod(0o755)  # mkdtemp made it private
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 

@@ -18,7 +18,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from .artifacts import CARD_JSON
 from .convert_meta import LAYER_TENSORS, TOP_TENSORS, meta_params_to_hf_config, unpermute_to_meta
 from .modeling import ModelError, check_adapter_dir, check_identity
 from .prompts import ADAPTER_TEMPLATE_FILE
+from .staging import staged_dir
 from .weights import MARKER, WeightsError, resolve_base_model
 
 FORMATS = ("hf", "meta", "gguf")
@@ -512,20 +512,12 @@ def _check_output(output_dir: Path) -> None:
 @contextmanager
 def _staging(output_dir: Path) -> Iterator[Path]:
     """A temporary sibling folder that becomes output_dir only when the body finishes."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with staged_dir(output_dir) as tmp:
         yield tmp
-        # mkdtemp and safetensors create owner-only files; a server may run as another user
-        tmp.chmod(0o755)
+        # the files too (safetensors creates owner-only ones); a server may run as another user
         for path in tmp.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         _check_output(output_dir)  # someone may have written there while we were busy
-        if output_dir.exists():
-            output_dir.rmdir()
-        tmp.rename(output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sentencepiece_file(base: str) -> Path | None:

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import __version__, prompts
-from .artifacts import publish_dir, save_adapter
+from .artifacts import save_adapter
 from .batching import iter_collated, micro_batches
 from .config import TrainConfig
 from .encoding import IGNORE_INDEX, Encoded, encode_example
@@ -48,6 +48,7 @@ from .modeling import (
     pick_precision,
 )
 from .records import Record, dataset_fingerprint, read_records, split_records
+from .staging import staged_dir
 from .weights import resolve_base_model
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -248,8 +249,8 @@ def find_checkpoint(cfg: TrainConfig, fingerprint: dict[str, Any]) -> Path | Non
 
 def check_output_writable(output_dir: str | Path, need_bytes: int = 64 << 20) -> None:
     """Fail before any model loads if the adapter could not be written at the end."""
-    # A file where the adapter or its checkpoints go would be moved aside by the final rename, or
-    # fail the first checkpoint only after training has run.
+    # A file where the adapter or its checkpoints go would fail the final rename, or the first
+    # checkpoint, only after training has run.
     for path in (Path(output_dir), checkpoint_root(output_dir)):
         if path.exists() and not path.is_dir():
             raise FileExistsError(f"{path} is a file, not a folder; move it or choose another --output_dir")
@@ -325,10 +326,10 @@ def save_checkpoint(
 ) -> Path:
     """Atomic and durable: written to a temporary folder, flushed to disk, then renamed; older
     checkpoints pruned after, all but the `keep` newest (None: none pruned)."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    # Owner-only (mode=None keeps mkdtemp's mode), as checkpoints always were; one of this step
+    # already there is replaced.
+    with staged_dir(final, mode=None, replace=True) as tmp:
         model.save_pretrained(tmp / "adapter")
         if best_state is not None:
             save_file(best_state, tmp / BEST_FILE)
@@ -343,9 +344,6 @@ def save_checkpoint(
             tmp / "trainer_state.pt",
         )
         (tmp / RUN_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
-        publish_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if keep is not None:
         for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

