@@ -5,11 +5,14 @@ exits with status 2; anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 
+class ExportError(Exception):
+    """The base, adapter or output cannot be exported as asked; the message says what to change."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     # Imported when a command runs, not at import time: the list reaches into most of the package.
     from .archives import ArchiveError, WeightsSourceError
     from .config import ConfigError
-    from .export import ExportError
     from .inference import GenerationError
     from .modeling import ModelError
     from .prompts import TemplateError

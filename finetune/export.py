@@ -31,10 +31,11 @@ from tqdm import tqdm
 
 from .artifacts import CARD_JSON
 from .convert_meta import LAYER_TENSORS, TOP_TENSORS, meta_params_to_hf_config, unpermute_to_meta
-from .modeling import ModelError, check_adapter_dir, check_identity
+from .errors import ExportError, user_errors
+from .modeling import attach_adapter, check_adapter_dir, check_identity
 from .prompts import ADAPTER_TEMPLATE_FILE
 from .staging import staged_dir
-from .weights import MARKER, WeightsError, resolve_base_model
+from .weights import MARKER, resolve_base_model
 
 FORMATS = ("hf", "meta", "gguf")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,10 +69,6 @@ GGUF_TOP_TENSORS = {
 }
 
 
-class ExportError(Exception):
-    """The base, adapter or output cannot be exported as asked; the message says what to change."""
-
-
 # --- base + adapter -> one merged model ----------------------------------------------------------
 
 
@@ -93,7 +90,6 @@ def _read_card(adapter: Path) -> dict[str, Any] | None:
 
 def load_merged(base: str, adapter: Path | None, dtype: torch.dtype) -> Any:
     """The base model with the adapter merged into its weights (or the bare base)."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     try:
@@ -106,7 +102,7 @@ def load_merged(base: str, adapter: Path | None, dtype: torch.dtype) -> Any:
     if card and card.get("base_model"):
         check_identity(card["base_model"], model, str(adapter))
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        peft_model = attach_adapter(model, adapter)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ExportError(f"adapter {adapter} does not fit base model {base}: {_brief(exc)}") from exc
     try:
@@ -648,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
             model_size=getattr(args, "model_size", DEFAULT_MODEL_SIZE),
             tokenizer_pre=getattr(args, "tokenizer_pre", None),
         )
-    except (ExportError, ModelError, WeightsError) as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for note in notes:
