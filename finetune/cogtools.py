@@ -21,6 +21,7 @@ from typing import Any
 
 from . import allocator
 from .config import PROJECT_ROOT
+from .staging import staged_file
 
 SCHEMA_PATH = Path(".cog") / "openapi_schema.json"
 PREDICTOR_REF = "predict.py:Predictor"
@@ -355,9 +356,8 @@ def write_schema(root: Path = PROJECT_ROOT) -> Path:
     path = root / SCHEMA_PATH
     path.parent.mkdir(exist_ok=True)
     text = json.dumps(build_schema(root), indent=2) + "\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with staged_file(path) as out:
+        out.write(text.encode())
     return path
 
 
@@ -532,10 +532,8 @@ def output_text(output: Any) -> str:
 
 def save_data_uri(uri: str, dest: Path) -> Path:
     header, _, payload = uri.partition(",")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    tmp.write_bytes(base64.b64decode(payload) if ";base64" in header else payload.encode())
-    tmp.replace(dest)
+    with staged_file(dest) as out:
+        out.write(base64.b64decode(payload) if ";base64" in header else payload.encode())
     return dest
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archives import pack_dir
-from .artifacts import fsync_path
 from .config import TrainConfig
 from .trainer import CHECKPOINT_PREFIX, TrainingStopped, checkpoint_root, log_line, train
 from .workdirs import owned_workdir
@@ -260,16 +259,7 @@ class _Outbox:
 
     def publish(self, adapter_dir: Path) -> Path:
         """Pack the adapter folder: whole, on disk, and only then under its name."""
-        folder = self._folder()
-        partial, final = folder / f".{ARCHIVE_NAME}.partial.tar", folder / ARCHIVE_NAME
-        try:
-            pack_dir(adapter_dir, partial)
-            fsync_path(partial)
-            partial.rename(final)
-        finally:
-            partial.unlink(missing_ok=True)
-        fsync_path(folder)
-        return final
+        return pack_dir(adapter_dir, self._folder() / ARCHIVE_NAME)  # staged, flushed, renamed
 
     def clear(self) -> None:
         if self.folder is not None and self.folder.is_dir():
