@@ -24,10 +24,10 @@ TEMPLATE_CHOICES = [AUTO, RAW, *available_templates()]
 # tokenizes it; the context check then gives the exact limit.
 MAX_PROMPT_CHARS = 400_000
 CONCURRENCY = 32  # = @concurrent(max=...) below, which must be a literal for the Cog CLI
-# At most MAX_STOP_SEQUENCES comma-separated strings of at most MAX_STOP_CHARS each, checked by Cog's
-# schema (422) before the request reaches the engine.
 # Cog writes bounds as floats: the largest float not above MAX_SEED, so that the schema's bound is exact.
 SCHEMA_MAX_SEED = 2**63 - 1024
+# At most MAX_STOP_SEQUENCES comma-separated strings of at most MAX_STOP_CHARS each, checked by Cog's
+# schema (422) before the request reaches the engine.
 STOP_PATTERN = rf"^[^,]{{0,{MAX_STOP_CHARS}}}(,[^,]{{0,{MAX_STOP_CHARS}}}){{0,{MAX_STOP_SEQUENCES - 1}}}$"
 
 

@@ -543,10 +543,11 @@ class Engine:
                     theirs[layer][kv.length, i] = t[own.length - 1, 0]
             out.append(logits)
         kv.advance(1)
-        shape = next((t for t in out if t is not None), None)
-        if shape is None:
+        like = next((t for t in out if t is not None), None)
+        if like is None:
             raise GenerationError("the model failed on every request of the batch")
-        return torch.cat([shape.new_full(shape.shape, float("nan")) if t is None else t for t in out])
+        # A failed row's logits are never read (it is finished); NaN keeps the rows in place.
+        return torch.cat([like.new_full(like.shape, float("nan")) if t is None else t for t in out])
 
     def _sample(self, r: Request, scores: torch.Tensor) -> int:
         if r.processors:
