@@ -15,7 +15,11 @@ A graph replays fixed addresses and shapes, so the step here is a static version
 * rows are padded to a bucket (1, 2, 4, ... up to the batch limit); the padding rows compute
   garbage nobody reads;
 * one graph per (rows, columns) bucket, captured on first use (milliseconds) and dropped when the
-  weights they read move (fused anew, an adapter swapped by replacing tensors) or the pool grows.
+  weights they read move (fused anew, an adapter swapped by replacing tensors) or the pool grows;
+* the pool (rows bucket x columns bucket) comes out of the engine's KV budget (`pool_tokens`, the
+  KV_CACHE_TOKENS slots): a step whose pool would be larger decodes eagerly, and a pool or a
+  recording the GPU cannot allocate drops the graphs, lowers the limit and decodes eagerly, so an
+  out-of-memory error here never reaches a request.
 
 What a graph does not cover runs eagerly, as on CPU: prefill (matmul-bound), per-request LoRA
 adapters (unmerged), quantized or biased linear layers, models decoder.py does not cover.
@@ -67,13 +71,18 @@ class _Graph:
 class GraphStep:
     """The engine's `compiled` hook on a GPU: `forward` as compiled.CompiledStep's."""
 
-    def __init__(self, max_rows: int, capture: bool = True) -> None:
+    def __init__(self, max_rows: int, capture: bool = True, pool_tokens: int | None = None) -> None:
         self.max_rows = max_rows
         self.capture = capture
+        # The engine's KV budget in token slots (rows x columns): the pool never holds more, so a
+        # long prompt decodes eagerly instead of asking for a pool the budget never counted.
+        self.pool_tokens = pool_tokens
         self.weights = CompiledStep(None, "none", "none", None)  # gathers the fused weights it reads
         self.pool_k: list[torch.Tensor] = []
         self.pool_v: list[torch.Tensor] = []
         self.columns = 0
+        self.pool_rows = 0
+        self._eager_logged: set[str] = set()
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.steps = 0  # decode steps this object ran (replays, or eager runs without capture)
         self._prepared: tuple[Any, ...] | None = None
@@ -103,26 +112,66 @@ class GraphStep:
             self._plain = all(type(b) is torch.nn.Linear for b in bases) and all(len(x) == 6 for x in layers)
         return self._plain
 
-    def _adopt(self, kv: KV, rows: int, columns: int) -> None:
-        """Make `kv` (rows x kv.length tokens) a view of the pool, growing the pool to `columns`."""
-        if columns > self.columns or not self.pool_k:
-            old = self.columns
-            self.columns = max(columns, 2 * old)
-            template = kv.keys[0]
-            shape = (self.columns, self.max_rows, *template.shape[2:])
+    def _fits(self, rows: int, columns: int) -> bool:
+        return self.pool_tokens is None or rows * columns <= self.pool_tokens
+
+    def _eager(self, why: str) -> None:
+        """Log once per reason that steps of this size decode eagerly."""
+        if why not in self._eager_logged:
+            self._eager_logged.add(why)
+            print(f"compile: {why}: those steps decode eagerly", file=sys.stderr, flush=True)
+
+    def _grow(self, kv: KV, rows: int, columns: int) -> bool:
+        """A pool of at least `rows` x `columns` slots within the budget (columns doubled when that
+        still fits, so a growing context re-allocates rarely). The new pool is made before anything
+        of the old one changes: a failed allocation leaves the step as it was."""
+        if columns <= self.columns and rows <= self.pool_rows and self.pool_k:
+            return True
+        rows = max(rows, self.pool_rows)
+        if not self._fits(rows, columns):
+            self._eager(
+                f"a {rows}-row x {columns}-column pool is over the KV budget of {self.pool_tokens} slots"
+            )
+            return False
+        wide = max(columns, 2 * self.columns)
+        columns = wide if self._fits(rows, wide) else columns
+        template = kv.keys[0]
+        shape = (columns, rows, *template.shape[2:])
+        try:
             # Zeros, not empty: masked columns still enter attention's sums (times 0), and 0 x NaN is NaN.
-            self.pool_k = [template.new_zeros(shape) for _ in kv.keys]
-            self.pool_v = [template.new_zeros(shape) for _ in kv.values]
-            self.graphs.clear()
+            pool_k = [template.new_zeros(shape) for _ in kv.keys]
+            pool_v = [template.new_zeros(shape) for _ in kv.values]
+        except torch.OutOfMemoryError:
+            self.out_of_memory(rows * columns)
+            return False
+        self.pool_k, self.pool_v, self.columns, self.pool_rows = pool_k, pool_v, columns, rows
+        self.graphs.clear()
+        return True
+
+    def out_of_memory(self, slots: int) -> None:
+        """Drop the graphs and the pool, and keep later pools below the size that failed."""
+        self.graphs.clear()
+        self.pool_k, self.pool_v, self.columns, self.pool_rows = [], [], 0, 0
+        self.pool_tokens = min(self.pool_tokens or slots, max(slots // 2, MIN_COLUMNS))
+        self._eager(f"out of GPU memory for a pool of {slots} slots (now at most {self.pool_tokens})")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _adopt(self, kv: KV, rows: int, padded: int, columns: int) -> bool:
+        """Make `kv` (rows x kv.length tokens) a view of the pool, growing the pool to `padded` x
+        `columns`; False when the budget or the GPU's memory cannot hold that pool."""
+        if not self._grow(kv, padded, columns):
+            return False
         pool_k, pool_v = self.pool_k, self.pool_v
         if kv.keys[0].data_ptr() == pool_k[0].data_ptr() and kv.keys[0].shape[:2] == (self.columns, rows):
-            return
+            return True
         n = kv.length
         for i in range(len(kv.keys)):
             pool_k[i][:n, :rows] = kv.keys[i][:n]
             pool_v[i][:n, :rows] = kv.values[i][:n]
             kv.keys[i], kv.values[i] = pool_k[i][:, :rows], pool_v[i][:, :rows]
         kv.capacity = self.columns
+        return True
 
     # -- one step ---------------------------------------------------------------------------
     def forward(
@@ -143,7 +192,30 @@ class GraphStep:
             return None
         padded, length = self.row_bucket(rows), kv.length
         columns = _bucket(length + 1, MIN_COLUMNS)
-        self._adopt(kv, rows, columns)
+        if not self._adopt(kv, rows, padded, columns):
+            return None
+        try:
+            logits = self._run(decoder, ids, positions, kv, mask, padded, columns)
+        except torch.OutOfMemoryError:
+            # Nothing advanced: the eager step that follows writes this token's key/value again.
+            self.out_of_memory(padded * columns)
+            return None
+        kv.advance(1)
+        self.steps += 1
+        return logits
+
+    def _run(
+        self,
+        decoder: Decoder,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KV,
+        mask: torch.Tensor | None,
+        padded: int,
+        columns: int,
+    ) -> torch.Tensor:
+        """Fill the bucket's inputs, record its graph on first use, replay it."""
+        rows, length = ids.shape[0], kv.length
         g = self.graphs.get((padded, columns))
         fresh = g is None
         if g is None:
@@ -161,8 +233,6 @@ class GraphStep:
             g.graph.replay()
         else:
             g.logits = self._step(decoder, g, padded, columns)
-        kv.advance(1)
-        self.steps += 1
         assert g.logits is not None
         return g.logits[:rows].clone()  # the next replay overwrites the graph's output
 
@@ -225,12 +295,14 @@ class GraphStep:
         return F.linear(rms_norm_fp32(x[:, -1], norm, eps), head[0]).float()
 
 
-def load(decoder: Decoder | None, device: torch.device, max_rows: int) -> GraphStep | None:
+def load(
+    decoder: Decoder | None, device: torch.device, max_rows: int, pool_tokens: int | None = None
+) -> GraphStep | None:
     """The CUDA-graph decode step for a model on a GPU (None, with the reason printed: eager)."""
     if decoder is None:
         print("compile: decoding eagerly: decoder.py does not cover this model", file=sys.stderr, flush=True)
         return None
-    step = GraphStep(max_rows, capture=device.type == "cuda")
+    step = GraphStep(max_rows, capture=device.type == "cuda", pool_tokens=pool_tokens)
     print(
         f"compile: decode steps run as CUDA graphs (recorded per batch and context bucket, up to {max_rows} rows)",
         file=sys.stderr,

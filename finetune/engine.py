@@ -324,11 +324,24 @@ class Engine:
         try:
             fn()
         except Exception as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                exc = self._out_of_memory(exc)
             for r in requests:
                 self._finish(r, "error", exc)
             self._compact()
             if self.prefilling in requests:
                 self.prefilling = None
+
+    def _out_of_memory(self, exc: torch.OutOfMemoryError) -> GenerationError:
+        """Give the allocator's cached blocks back, so the next request starts from a clean pool, and
+        say what the request can change (the allocator's own message is about the whole device)."""
+        log.warning("out of memory in a forward pass: %s", exc)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return GenerationError(
+            f"the {self.device.type.upper()} ran out of memory for this request; retry, or shorten the prompt or "
+            "lower max_new_tokens (the operator can lower KV_CACHE_TOKENS or MAX_BATCH_SIZE)"
+        )
 
     def _accept(self, r: Request) -> None:
         """Check a new request and set up its sampling state; any failure here fails it alone."""

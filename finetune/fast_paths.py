@@ -13,14 +13,20 @@ from .decoder import Decoder
 
 
 def load_step(
-    decoder: Decoder | None, device: torch.device, max_rows: int, mode: str = "auto", adapters: bool = True
+    decoder: Decoder | None,
+    device: torch.device,
+    max_rows: int,
+    mode: str = "auto",
+    adapters: bool = True,
+    kv_tokens: int | None = None,
 ) -> Any:
     """The fast decode step for this model, or None (with the reason printed): decode eagerly.
-    `mode` is SERVE_COMPILE (auto | off); `adapters`: also cover steps with unmerged adapters."""
+    `mode` is SERVE_COMPILE (auto | off); `adapters`: also cover steps with unmerged adapters;
+    `kv_tokens`: the engine's KV budget, which a GPU's graph pool stays within."""
     if mode not in compiled.MODES:
         raise ValueError(f"{compiled.COMPILE_ENV}={mode!r}: use one of {', '.join(compiled.MODES)}")
     if mode == "off" or decoder is None:
         return None
     if device.type == "cuda":
-        return cudagraph.load(decoder, device, max_rows)
+        return cudagraph.load(decoder, device, max_rows, kv_tokens)
     return compiled.load(decoder, device, max_rows, mode, adapters)

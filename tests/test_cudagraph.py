@@ -11,7 +11,8 @@ import torch
 from finetune import compiled, cudagraph
 from finetune.config import GenerationSettings
 from finetune.decoder import KV
-from finetune.engine import Engine, EngineLimits
+from finetune.encoding import encode_prompt
+from finetune.engine import Engine, EngineLimits, Request
 from finetune.serving import ModelServer
 from tests.test_compiled import PROMPTS, run, tiny
 
@@ -82,6 +83,99 @@ def test_engine_tokens_alone_and_batched_match_eager_decoding(tiny_model_dir):
     # Rows joining and leaving (adopted into the pool again each time), with left padding.
     assert run(engine, tokenizer, PROMPTS, GREEDY80) == alone
     assert any(rows == 4 for rows, _ in step.graphs)
+
+
+def test_the_pool_stays_within_the_kv_budget_and_longer_steps_decode_eagerly(tiny_model_dir, capsys):
+    model, tokenizer = tiny(tiny_model_dir, "none")
+    eager = Engine(model, tokenizer, EngineLimits())
+    want = [run(eager, tokenizer, [p], GREEDY80)[0] for p in PROMPTS]
+    engine = Engine(model, tokenizer, EngineLimits())
+    # One row of 64 columns fits; the 128-column bucket (and 4 rows of 64) do not.
+    engine.compiled = step = cudagraph.GraphStep(engine.limits.max_batch, capture=False, pool_tokens=100)
+    alone = [run(engine, tokenizer, [p], GREEDY80)[0] for p in PROMPTS]
+    assert alone == want and max(len(t) for t in alone) > 64
+    assert 0 < step.steps < sum(len(t) for t in alone)  # the short context ran the static step
+    assert set(step.graphs) == {(1, 64)} and step.pool_rows * step.columns <= 100
+    assert run(engine, tokenizer, PROMPTS, GREEDY80) == alone  # batches: eager, same tokens
+    assert step.pool_rows * step.columns <= 100
+    assert "over the KV budget of 100 slots" in capsys.readouterr().err
+
+
+def test_out_of_memory_in_the_static_step_drops_its_pool_and_decodes_eagerly(tiny_model_dir, capsys):
+    model, tokenizer = tiny(tiny_model_dir, "none")
+    want = run(Engine(model, tokenizer, EngineLimits()), tokenizer, PROMPTS[:1], GREEDY80)
+    engine = Engine(model, tokenizer, EngineLimits())
+    engine.compiled = step = cudagraph.GraphStep(engine.limits.max_batch, capture=False)
+    real, failed = step._step, []
+
+    def step_or_oom(decoder, g, rows, columns):
+        if columns == 128 and not failed:
+            failed.append(columns)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+        return real(decoder, g, rows, columns)
+
+    step._step = step_or_oom
+    assert run(engine, tokenizer, PROMPTS[:1], GREEDY80) == want  # the request never saw the error
+    assert failed == [128] and step.pool_tokens == 64  # half the 128-slot pool that failed
+    assert not step.pool_k and step.columns == 0
+    assert "out of GPU memory for a pool of 128 slots" in capsys.readouterr().err
+    # A short request afterwards runs the static step again, within the lowered limit.
+    before = step.steps
+    assert run(engine, tokenizer, PROMPTS[1:2]) == run(
+        Engine(model, tokenizer, EngineLimits()), tokenizer, PROMPTS[1:2]
+    )
+    assert step.steps > before and step.columns == 64
+
+
+def test_a_failed_pool_allocation_never_leaves_a_raised_column_count(tiny_model_dir, monkeypatch):
+    model, tokenizer = tiny(tiny_model_dir, "none")
+    engine = Engine(model, tokenizer, EngineLimits())
+    engine.compiled = step = cudagraph.GraphStep(engine.limits.max_batch, capture=False)
+    run(engine, tokenizer, PROMPTS[1:2])
+    assert step.columns == 64 and step.graphs
+    real, tried = torch.Tensor.new_zeros, []
+
+    def no_memory(self, *args, **kwargs):
+        if args and args[0][0] == 128:
+            tried.append(args[0])
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", no_memory)
+    want = run(Engine(model, tokenizer, EngineLimits()), tokenizer, PROMPTS[:1], GREEDY80)
+    assert run(engine, tokenizer, PROMPTS[:1], GREEDY80) == want
+    # The growth to 128 columns failed: no pool claims columns it does not have, no graph is left
+    # reading the old one, and later pools stay under the size that failed.
+    assert tried and step.columns == 0 and not step.pool_k and not step.graphs and step.pool_tokens == 64
+
+
+class _OutOfMemoryOnce:
+    """A fast step whose first call fails as a GPU allocation would, then declines (eager)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+        return None
+
+
+def test_an_out_of_memory_request_fails_alone_with_a_clear_error_and_the_next_is_served(tiny_model_dir):
+    model, tokenizer = tiny(tiny_model_dir, "none")
+    want = run(Engine(model, tokenizer, EngineLimits()), tokenizer, PROMPTS[:1])
+    engine = Engine(model, tokenizer, EngineLimits())
+    engine.compiled = _OutOfMemoryOnce()
+    first = engine.submit(Request(encode_prompt(tokenizer, PROMPTS[0]), GREEDY80))
+    while engine.step():
+        pass
+    assert first.done and first.stats.stop_reason == "error"
+    error = first.outbox.get_nowait()
+    while isinstance(error, str):
+        error = first.outbox.get_nowait()
+    assert "ran out of memory for this request" in str(error) and "KV_CACHE_TOKENS" in str(error)
+    assert run(engine, tokenizer, PROMPTS[:1]) == want
 
 
 def test_per_request_adapters_run_eagerly_and_moved_weights_drop_the_graphs(
