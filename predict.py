@@ -14,6 +14,7 @@ from finetune.config import (
     field_default,
     field_doc,
 )
+from finetune.devices import serve_device
 from finetune.inference import GenerationStats
 from finetune.prompts import AUTO, RAW, available_templates
 from finetune.serving import ModelServer, default_adapter
@@ -38,7 +39,9 @@ def _input(name: str, **bounds):
 class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
         """Load the base model once; `weights` (COG_WEIGHTS) is an adapter folder, archive, URL or data URI."""
-        self.server = ModelServer(adapter=weights or default_adapter())
+        # SERVE_DEVICE, or the GPU; a GPU image whose GPU torch cannot use stops here with the reason.
+        device = serve_device()
+        self.server = ModelServer(adapter=weights or default_adapter(), device=device)
         # One thread per concurrent prediction: the loop's default pool has cpu+4 threads, and a
         # few slow downloads would hold up every request behind them.
         self.io = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="request")

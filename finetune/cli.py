@@ -116,11 +116,13 @@ def config_from_args(argv: list[str] | None = None, environ: Mapping[str, str] |
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .devices import train_device
     from .errors import user_errors
     from .trainer import TrainingStopped, train
 
     try:
         cfg = config_from_args(argv)
+        train_device()  # a GPU image whose GPU torch cannot use fails here, not hours into a CPU run
         train(cfg)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .archives import pack_dir
 from .config import TrainConfig
+from .devices import train_device
 from .trainer import CHECKPOINT_PREFIX, TrainingStopped, checkpoint_root, log_line, train
 from .workdirs import owned_workdir
 
@@ -85,6 +86,7 @@ def run_training(
 ) -> TrainingSummary:
     """`make_config(output_dir)` builds the settings; returns the packed adapter and its figures.
     `resume_from`: the run id of a training stopped by SIGTERM, to finish it."""
+    train_device(log)  # a GPU image whose GPU torch cannot use fails here, not hours into a CPU run
     root, keep = checkpoint_dir(), checkpoints_kept()
     sweep(root, keep)
     run = _Run.resume(root, resume_from, keep) if resume_from is not None else _Run.new(root)
