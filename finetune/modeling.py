@@ -1,5 +1,12 @@
 """Loading the base model and tokenizer (device, dtype, quantization), attaching a new LoRA, and
-loading saved adapters safely."""
+loading saved adapters safely.
+
+Quantization (`8bit`, `4bit`: QLoRA's nf4 with double quantization) goes through bitsandbytes, on a
+CUDA GPU or on a CPU (its CPU backend, a native library in the same wheel). Two things of that CPU
+backend (bitsandbytes 0.50) shape what is here: on CPUs with AVX512-BF16 a 4-bit layer repacks its
+weight for a bf16 kernel, in place, on its first forward pass outside training (see
+`limit_cpu_repacking`); and its 8-bit layers outside training cast activations to float16 to
+quantize them (LLM.int8()), as on a GPU."""
 
 from __future__ import annotations
 
@@ -31,8 +38,30 @@ IDENTITY_FIELDS = (
 )
 
 
+# bitsandbytes' loggers that speak on every run of this project, and why they are quieted to errors:
+BNB_QUIET = (
+    # At import (peft imports bitsandbytes), on CPUs with AVX512-BF16: the optional `kernels`
+    # package is missing, which would fetch a faster 4-bit CPU kernel from the Hugging Face Hub at
+    # run time. The wheel's own kernel runs instead; a server should not download code.
+    "bitsandbytes.backends.cpu.ops",
+    # On every forward pass of every 8-bit layer outside training: "inputs will be cast from
+    # float32 to float16" (LLM.int8() quantizes float16 activations), once per layer and token.
+    "bitsandbytes.autograd._functions",
+)
+# A 4-bit weight repacked for bitsandbytes' bf16 CPU kernel comes in blocks of this many outputs.
+BNB_CPU_BLOCK_N = 32
+
+
 class ModelError(RuntimeError):
     """The model, adapter or device setting cannot be used; the message says why and what to do."""
+
+
+def quiet_bitsandbytes() -> None:
+    for name in BNB_QUIET:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+quiet_bitsandbytes()
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -119,30 +148,82 @@ def load_base(
     quantization: str = "none",
     attn_implementation: str = "sdpa",
 ) -> Any:
+    """The base model on `device`; with quantization 8bit/4bit its linear layers (not the embeddings
+    or the vocabulary projection) are bitsandbytes layers."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": precision.weights, "attn_implementation": attn_implementation}
     if quantization != "none":
-        if device.type != "cuda":
-            raise ModelError(
-                f"quantization {quantization} needs a CUDA GPU (bitsandbytes); use quantization none on CPU"
-            )
-        from transformers import BitsAndBytesConfig
-
-        if quantization == "8bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=precision.compute,
-            )
-        kwargs["device_map"] = {"": device.index or 0}
+        kwargs["quantization_config"] = bitsandbytes_config(quantization, device, precision)
+        # The whole model on the one device: bitsandbytes' CPU backend, or the GPU.
+        kwargs["device_map"] = {"": "cpu" if device.type == "cpu" else (device.index or 0)}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization == "none":
         model.to(device)
+    elif device.type == "cpu":
+        limit_cpu_repacking(model, training=False)
     return model
+
+
+def bitsandbytes_config(quantization: str, device: torch.device, precision: Precision) -> Any:
+    """transformers' BitsAndBytesConfig for 8bit or 4bit (nf4, double quantization), or a ModelError
+    saying why this installation or device cannot run it. The 4-bit compute dtype is the precision's
+    (float32 or bfloat16 on a CPU, both of which the CPU backend computes in)."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ModelError(
+            f"quantization {quantization} needs the bitsandbytes package (pinned in requirements.txt): "
+            "pip install bitsandbytes==0.50.2, or use quantization none"
+        ) from None
+    supported = getattr(bitsandbytes, "supported_torch_devices", {"cpu", "cuda"})
+    if device.type not in supported or device.type not in ("cpu", "cuda"):
+        raise ModelError(
+            f"quantization {quantization} runs on a CPU or a CUDA GPU (bitsandbytes), not on {device.type}; "
+            "use quantization none"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=precision.compute,
+        )
+    raise ModelError(f"quantization {quantization!r}: use none, 8bit or 4bit")
+
+
+def is_bitsandbytes_model(model: Any) -> bool:
+    """The base's linear layers are bitsandbytes layers (loaded with quantization 8bit or 4bit)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_8bit", False) or getattr(base, "is_loaded_in_4bit", False))
+
+
+def limit_cpu_repacking(model: Any, training: bool) -> int:
+    """On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer's weight for its bf16 kernel
+    on the layer's first forward pass outside training with no gradient, in place and for good. Turned
+    off here where that goes wrong; returns how many layers it was turned off for:
+    * a model being trained: the repacked kernel has no backward, so after one evaluation pass the
+      LoRA layers below a repacked layer silently got no gradient (measured: None grads);
+    * a layer whose shape the repacking cannot take (inputs a multiple of the quantization block,
+      outputs of 32): it fails there. Real LLaMA shapes fit; tiny test models may not."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    off = 0
+    for module in model.modules():
+        if not isinstance(module, Linear4bit) or not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        block = getattr(module.weight, "blocksize", None) or 64
+        fits = module.in_features % block == 0 and module.out_features % BNB_CPU_BLOCK_N == 0
+        if training or not fits:
+            module.support_avx512bf16_for_cpu = False
+            off += 1
+    return off
 
 
 def add_lora(
@@ -151,7 +232,13 @@ def add_lora(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # Freezes the base and casts its non-quantized fp16/bf16 weights (norms, embeddings, head) to
+        # fp32, on a CPU as on a GPU; checkpointing as below (non-reentrant).
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -226,9 +313,12 @@ def load_for_training(
     """The base with a new LoRA, prepared as training runs it. With autocast the frozen base is
     loaded straight into the compute dtype (no fp32 copy ever exists), which saves autocast from
     re-casting every weight on every forward pass; LoRA weights stay fp32 for the optimizer (peft
-    upcasts them). On CPU the LoRA dropout is FastDropout."""
+    upcasts them); with quantization, the non-quantized weights (norms, embeddings, head) go back to
+    fp32 (prepare_model_for_kbit_training). On CPU the LoRA dropout is FastDropout."""
     stored = Precision(precision.compute, precision.compute) if precision.autocast else precision
     model = load_base(path, device, stored, quantization)
+    if quantization != "none" and device.type == "cpu":
+        limit_cpu_repacking(model, training=True)
     model.config.use_cache = False
     model = add_lora(model, lora, gradient_checkpointing, quantized=quantization != "none")
     if device.type == "cpu":

@@ -632,10 +632,6 @@ def place_process(cfg: TrainConfig, checkpoint: Path | None) -> Placement:
         aside = move_aside_old_checkpoints(cfg.output_dir)
         if aside is not None:
             log_line(f"a fresh run: the checkpoints of an earlier run were moved to {aside}")
-    if cfg.quantization != "none" and device.type != "cuda":
-        raise ModelError(
-            f"quantization {cfg.quantization} needs a CUDA GPU (bitsandbytes); use quantization none on CPU"
-        )
     precision = pick_precision(cfg.dtype, device, training=True)
     if precision.compute == torch.float16 and cfg.quantization == "none":
         raise ValueError("dtype float16 training is unstable without loss scaling; use bfloat16 or float32")
