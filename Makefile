@@ -17,11 +17,11 @@ ARGS ?=
 
 setup: $(STAMP)
 
-# bitsandbytes is CUDA-only (the Cog image installs it); the CPU venv leaves it out.
+# Everything in requirements.txt, bitsandbytes included: its wheel carries a CPU backend, so
+# quantization 8bit/4bit trains and serves on a CPU too.
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check \
-		-r <(grep -v '^bitsandbytes' requirements.txt) -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	touch $@
 
 weights: $(STAMP)
