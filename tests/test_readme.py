@@ -2,7 +2,8 @@
 and every relative link works. Commands are checked in their cheap form (no GPU, Docker, network or
 long run): `python <program> [subcommand] --help` must exit 0, `make` targets must exist (and
 `make -n` must accept the line), `curl` must call the local server's Cog endpoints, `cog` must use a
-Cog CLI verb. Each checker is also fed a wrong example, so that a check that cannot fail is caught."""
+Cog CLI verb, and the Python command of `cog run|exec python ...` must answer --help too. Each
+checker is also fed a wrong example, so that a check that cannot fail is caught."""
 
 from __future__ import annotations
 
@@ -196,6 +197,14 @@ def check_cog(words: list[str]) -> None:
     assert len(words) > 1 and words[1] in COG_VERBS, f"`{shlex.join(words)}`: not a Cog CLI verb {COG_VERBS}"
 
 
+def cog_python(words: list[str]) -> list[str] | None:
+    """The Python command a `cog run|exec python ...` line runs in the container (its --help is
+    checked here like any other), else None."""
+    if len(words) > 2 and words[1] in {"run", "exec"} and words[2] in PYTHONS:
+        return words[2:]
+    return None
+
+
 def classify(commands: list[list[str]]) -> dict[str, list[list[str]]]:
     kinds: dict[str, list[list[str]]] = {"make": [], "python": [], "curl": [], "cog": []}
     for words in commands:
@@ -209,7 +218,8 @@ def classify(commands: list[list[str]]) -> dict[str, list[list[str]]]:
 TEXT = README.read_text()
 COMMANDS = [words for line in command_lines(TEXT) for words in simple_commands(line)]
 KINDS = classify(COMMANDS)
-HELP_COMMANDS = sorted({help_command(words) for words in KINDS["python"]})
+IN_COG = [inner for words in KINDS["cog"] if (inner := cog_python(words))]
+HELP_COMMANDS = sorted({help_command(words) for words in KINDS["python"] + IN_COG})
 MAKE_LINES = sorted({tuple(words) for words in KINDS["make"]})
 
 
@@ -225,6 +235,7 @@ def test_readme_has_commands_of_every_kind():
     assert COMMANDS[:2] == [["make", "predict", "PROMPT=Tell me something about alpacas."], ["make", "test"]]
     for kind, found in KINDS.items():
         assert found, f"no {kind} command in the README's code blocks"
+    assert IN_COG, "no `cog run python ...` command (the guide's spelling) in the README's code blocks"
 
 
 @pytest.mark.parametrize("command", HELP_COMMANDS, ids=" ".join)
@@ -302,6 +313,9 @@ def test_the_checks_fail_on_wrong_commands(tmp_path):
         check_curl(["curl", "http://localhost:5000/metrics"])
     with pytest.raises(AssertionError, match="Cog CLI verb"):
         check_cog(commands[3])
+    inner = cog_python(["cog", "exec", "python", "-m", "finetune", "no-such-command"])
+    assert help_command(inner) == ("-m", "finetune", "no-such-command")
+    assert cog_python(["cog", "predict", "-i", "prompt=hi"]) is None
     with pytest.raises(AssertionError, match="no check"):
         classify([["rm", "-rf", "outputs"]])
 
