@@ -12,24 +12,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .batching import collate_padded, iter_collated
 from .config import TrainConfig
+from .distributed import Dist
 from .encoding import IGNORE_INDEX, Encoded
 
 # Causal LMs whose logits are exactly lm_head(final hidden state): for these the loss projects only
 # the positions that carry a label (others, e.g. Gemma's soft-capping, take the full forward).
 LABELED_ONLY_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3"})
-
-
-@dataclass
-class Dist:
-    """This process's place among the training processes (one, without torch.distributed)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def _right_padded(mask: torch.Tensor) -> bool:

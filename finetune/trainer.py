@@ -35,12 +35,12 @@ from . import __version__, prompts
 from .artifacts import save_adapter
 from .batching import iter_collated, micro_batches
 from .config import TrainConfig
+from .distributed import Dist, Placement, init_distributed
 from .encoding import IGNORE_INDEX, Encoded, encode_example
 from .evaluation import evaluate_peft
-from .losses import Dist, TokenLoss, evaluate_loss, greedy_recall, token_loss_sum
+from .losses import TokenLoss, evaluate_loss, greedy_recall, token_loss_sum
 from .modeling import (
     ModelError,
-    Precision,
     base_identity,
     load_for_training,
     load_tokenizer,
@@ -138,17 +138,6 @@ def eval_score(entry: dict[str, float]) -> tuple[float, ...]:
     if val is not None and math.isfinite(val):
         key += (-val,)
     return key
-
-
-def init_distributed(device_type: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -478,16 +467,6 @@ class Data:
     base_path: str  # the base model as resolved (a folder or a hub id)
     fingerprint: dict[str, Any]
     checkpoint: Path | None
-
-
-@dataclass
-class Placement:
-    """Where this process computes, among how many, and in which precision."""
-
-    device: torch.device
-    dist: Dist
-    precision: Precision
-    autocast: Callable[[], Any]
 
 
 @dataclass
