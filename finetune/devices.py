@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .modeling import ModelError
 
 log = logging.getLogger(__name__)
@@ -147,8 +149,6 @@ def _major(version: str) -> int:
 
 # -- probing ----------------------------------------------------------------------------------------
 def probe() -> Facts:
-    import torch
-
     cuda_build = torch.version.cuda
     available = cuda_build is not None and torch.cuda.is_available()
     driver = error = None
@@ -187,8 +187,6 @@ def read_driver_version(path: Path = DRIVER_FILE) -> str | None:
 
 
 def _cuda_init_error() -> str | None:
-    import torch
-
     try:
         torch.cuda.init()
     except Exception as exc:  # torch raises RuntimeError or AssertionError, with the driver's reason
