@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -27,20 +26,28 @@ from typing import Any
 
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import __version__, prompts
 from .artifacts import save_adapter
 from .batching import iter_collated, micro_batches
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    History,
+    checkpoint_root,
+    find_checkpoint,
+    load_checkpoint,
+    move_aside_old_checkpoints,
+    run_fingerprint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .distributed import Dist, Placement, init_distributed
 from .encoding import IGNORE_INDEX, Encoded, encode_example
 from .evaluation import evaluate_peft
 from .losses import TokenLoss, evaluate_loss, greedy_recall, token_loss_sum
 from .modeling import (
-    ModelError,
     base_identity,
     load_for_training,
     load_tokenizer,
@@ -48,10 +55,8 @@ from .modeling import (
     pick_precision,
 )
 from .records import Record, dataset_fingerprint, read_records, split_records
-from .staging import staged_dir
 from .weights import resolve_base_model
 
-CHECKPOINT_PREFIX = "checkpoint-"
 # num_epochs=auto: about AUTO_EXAMPLES examples seen, in 3 to 30 epochs, and never fewer than
 # AUTO_MIN_STEPS optimizer steps. A few dozen records need ~15-30 passes and ~50 updates before a
 # rare name sticks (measured on data/facts); from 1,000 records up this is alpaca-lora's three
@@ -111,16 +116,6 @@ class TrainResult:
     tokenizer: Any = None
 
 
-@dataclass
-class History:
-    steps: list[dict[str, float]] = field(default_factory=list)
-    evals: list[dict[str, float]] = field(default_factory=list)
-    base_val_loss: float | None = None
-    best: dict[str, float] | None = None  # the evaluation whose adapter is kept (BEST_RULE)
-    stale: int = 0  # evaluations since the score last improved
-    stopped: str = ""  # why the run ended before its planned steps, if it did
-
-
 BEST_RULE = (
     "the evaluation with the highest recall exact match, then the highest recall token accuracy "
     "(to 3 decimals), then the lowest validation loss"
@@ -138,102 +133,6 @@ def eval_score(entry: dict[str, float]) -> tuple[float, ...]:
     if val is not None and math.isfinite(val):
         key += (-val,)
     return key
-
-
-def checkpoint_root(output_dir: str | Path) -> Path:
-    out = Path(output_dir)
-    return out.parent / f"{out.name}-checkpoints"
-
-
-RUN_FILE = "run.json"
-BEST_FILE = "best_adapter.safetensors"  # in a checkpoint: the weights of History.best
-# Settings that do not change what a step computes: a resumed run may differ in these.
-_OUTSIDE_FINGERPRINT = {
-    "output_dir",
-    "resume_from_checkpoint",
-    "save_steps",
-    "logging_steps",
-    "wandb_project",
-    "wandb_run_name",
-    "wandb_watch",
-    "wandb_log_model",
-}
-
-
-def run_fingerprint(cfg: TrainConfig, data_bytes: bytes, base_path: str) -> dict[str, Any]:
-    """What a checkpoint belongs to: the dataset's hash and every setting that shapes the run. The
-    base model is the one resolved (`base_path`), not the setting: an unset one means $BASE_MODEL or
-    the default, which may name another model by the time the run resumes."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _OUTSIDE_FINGERPRINT}
-    settings["base_model"] = str(Path(base_path).resolve()) if Path(base_path).is_dir() else base_path
-    # The data counts by its hash: the same file under another name (each upload to the Cog server
-    # gets a fresh one) is the same run.
-    settings["data"].pop("data_path", None)
-    return {
-        "data": dataset_fingerprint(data_bytes),
-        "settings": json.loads(json.dumps(settings, default=str)),
-    }
-
-
-def _fingerprint_problem(path: Path, expected: dict[str, Any]) -> str | None:
-    run_file = path / RUN_FILE
-    if not run_file.is_file():
-        return (
-            f"{path} does not say which run it belongs to (no {RUN_FILE}); it was not written by this trainer"
-        )
-    saved = json.loads(run_file.read_text(encoding="utf-8"))
-    changed = []
-    if saved.get("data") != expected["data"]:
-        changed.append("the training data")
-    old, new = saved.get("settings", {}), expected["settings"]
-    changed += [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if not changed:
-        return None
-    return (
-        f"{path} belongs to another run: {', '.join(changed)} changed since it was written. Resume with "
-        "the same data and settings, or start a fresh run without --resume_from_checkpoint (old "
-        "checkpoints are then moved aside)"
-    )
-
-
-def move_aside_old_checkpoints(output_dir: str | Path) -> Path | None:
-    """A fresh run must not share a folder with an older run's checkpoints: pruning would keep the
-    older, higher-numbered ones and `--resume_from_checkpoint latest` would pick them."""
-    root = checkpoint_root(output_dir)
-    if not any(root.glob(f"{CHECKPOINT_PREFIX}*")):
-        return None
-    aside = root.with_name(f"{root.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    root.rename(aside)
-    return aside
-
-
-def find_checkpoint(cfg: TrainConfig, fingerprint: dict[str, Any]) -> Path | None:
-    spec = cfg.resume_from_checkpoint
-    if not spec:
-        return None
-    if spec in {"latest", "true", "True"}:
-        found = sorted(checkpoint_root(cfg.output_dir).glob(f"{CHECKPOINT_PREFIX}*"))
-        if not found:
-            raise FileNotFoundError(f"no checkpoint under {checkpoint_root(cfg.output_dir)} to resume from")
-        path = found[-1]
-    else:
-        path = Path(spec)
-    state = path / "trainer_state.pt"
-    if not state.is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint folder (no trainer_state.pt)")
-    # A checkpoint folder may have been copied from elsewhere: refuse a bad one before any model
-    # loads (weights_only never runs pickled code; the state is LoRA-sized, so reading it twice is cheap).
-    try:
-        torch.load(state, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(
-            f"{state} was not loaded: it is corrupt or holds pickled objects, which are never unpickled "
-            f"({type(exc).__name__}); resume only from a checkpoint this trainer wrote"
-        ) from exc
-    problem = _fingerprint_problem(path, fingerprint)
-    if problem:
-        raise ModelError(problem)
-    return path
 
 
 def check_output_writable(output_dir: str | Path, need_bytes: int = 64 << 20) -> None:
@@ -286,73 +185,6 @@ def encode_records(
             encode_example(prompt, response, tokenizer, d.cutoff_len, d.train_on_inputs, d.add_eos_token)
         )
     return out
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(
-    root: Path,
-    step: int,
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    history: History,
-    fingerprint: dict[str, Any],
-    keep: int | None = 2,
-    best_state: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Atomic and durable: written to a temporary folder, flushed to disk, then renamed; older
-    checkpoints pruned after, all but the `keep` newest (None: none pruned)."""
-    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
-    # Owner-only (mode=None keeps mkdtemp's mode), as checkpoints always were; one of this step
-    # already there is replaced.
-    with staged_dir(final, mode=None, replace=True) as tmp:
-        model.save_pretrained(tmp / "adapter")
-        if best_state is not None:
-            save_file(best_state, tmp / BEST_FILE)
-        torch.save(
-            {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-                "history": dataclasses.asdict(history),
-            },
-            tmp / "trainer_state.pt",
-        )
-        (tmp / RUN_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
-    if keep is not None:
-        for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(
-    path: Path, model: Any, optimizer: Any, scheduler: Any
-) -> tuple[int, History, dict[str, torch.Tensor] | None]:
-    """The step, history and best evaluation's weights (if kept) of a checkpoint, loaded into
-    the model, optimizer and schedule."""
-    set_peft_model_state_dict(model, load_file(path / "adapter" / "adapter_model.safetensors"))
-    best_state = load_file(path / BEST_FILE) if (path / BEST_FILE).exists() else None
-    # weights_only: a checkpoint folder may have been copied from elsewhere; never unpickle code.
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    history = History(**state["history"])
-    return int(state["step"]), history, best_state
 
 
 # --- SIGTERM -------------------------------------------------------------------------------------
