@@ -1,5 +1,6 @@
-"""Weight-only quantized decoding on CPU (`SERVE_QUANT=int8|int4`): every linear layer of the base
-gets a low-bit copy of its weight that a CPU kernel multiplies with the activations: int8 (a
+"""Weight-only quantized decoding on CPU (`SERVE_QUANT=int8|int4`; `pick_quantization` reads the
+setting, whose bnb8|bnb4 load the base through bitsandbytes instead): every linear layer of the
+base gets a low-bit copy of its weight that a CPU kernel multiplies with the activations: int8 (a
 scale per 64 weights) through our own kernel (`native.py`: fp32 activations, rounded to int16 per
 group off AVX-512 CPUs; about 2x the weight streaming rate of torch's `aten._weight_int8pack_mm`,
 which it falls back to, with one scale per row, where ours cannot be built), int4 (a scale and
@@ -23,9 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .modeling import ModelError
 
 QUANT_ENV = "SERVE_QUANT"
-MODES = ("auto", "none", "int8", "int4")
+# SERVE_QUANT values that load the base through bitsandbytes, and the `quantization` they load with.
+BNB_MODES = {"bnb8": "8bit", "bnb4": "4bit"}
+MODES = ("auto", "none", "int8", "int4", *BNB_MODES)
 INT4_GROUP = 32
 INT8_GROUP = 64
 _local = threading.local()
@@ -52,6 +56,44 @@ def in_fp32_block() -> bool:
 
 def supported(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def pick_quantization(mode: str, device: torch.device, weights: torch.dtype) -> str:
+    """SERVE_QUANT: how the base's linear layers are quantized for serving.
+
+    auto (the default): int8 where quantized decoding runs (a CPU with fp32 weights), else none.
+    int8 decodes a stream ~2.3x as fast as fp32 (both compiled) at -0.4 % held-out loss, and a
+    request's greedy text stays the same in a batch as alone (our kernel computes each row the same
+    way in any batch; docs/performance.md). int8 and int4 (this module) keep the fp32 weights beside
+    their low-bit copies: they save time, not memory.
+
+    bnb8 / bnb4: the base is loaded through bitsandbytes instead, as training's `quantization`
+    8bit / 4bit loads it (LLM.int8(); nf4 with double quantization), on a CPU or a CUDA GPU: the
+    linear weights take a quarter / an eighth of fp32's memory and nothing else is kept. The cost:
+    adapters, the setup adapter included, run unmerged beside the base's layers (bitsandbytes layers
+    cannot take an adapter into their weights and give the loaded ones back exactly), and decoding
+    runs eagerly (no compiled step, no CUDA graphs). bnb8 quantizes each batch's activations
+    together (LLM.int8()'s outlier columns are found over the whole batch), so a request's text
+    may depend on what it is batched with; bnb4 on a CPU with AVX512-BF16 computes in bfloat16."""
+    if mode not in MODES:
+        raise ModelError(f"{QUANT_ENV}={mode!r}: use one of {', '.join(MODES)}")
+    if mode in BNB_MODES:
+        return mode  # load_base says why when bitsandbytes or the device cannot run it
+    runs = supported(device) and weights == torch.float32
+    if mode == "auto":
+        return "int8" if runs else "none"
+    if mode != "none" and not runs:
+        raise ModelError(
+            f"{QUANT_ENV}={mode} needs a CPU and float32 weights (got {device.type}, {weights}); "
+            f"use {QUANT_ENV}=none, or SERVE_DTYPE=float32 on a CPU"
+        )
+    return mode
+
+
+def describe_quantization(mode: str) -> str:
+    if mode in BNB_MODES:
+        return f"bitsandbytes {BNB_MODES[mode]} base"
+    return "not quantized" if mode == "none" else f"{mode} decoding"
 
 
 def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

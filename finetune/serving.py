@@ -1,5 +1,6 @@
 """The prediction service behind predict.py: one resident base model, a setup adapter (merged for
-speed while it is the only one in use) and an LRU cache of per-request adapters."""
+speed while it is the only one in use; never on a bitsandbytes base, SERVE_QUANT=bnb8|bnb4) and an
+LRU cache of per-request adapters."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from .modeling import (
     pick_device,
     pick_precision,
 )
+from .quant import BNB_MODES, describe_quantization, pick_quantization
 from .weights import resolve_base_model
 from .workdirs import owned_workdir
 
@@ -121,24 +123,6 @@ def engine_limits(model: Any, device: torch.device) -> EngineLimits:
         prefix_tokens=env_number(PREFIX_CACHE_ENV, int, defaults.prefix_tokens, minimum=0),
         max_waiting=env_number(MAX_WAITING_ENV, int, defaults.max_waiting, minimum=1),
     )
-
-
-def pick_quantization(mode: str, device: torch.device, weights: torch.dtype) -> str:
-    """auto (the default): int8 where quantized decoding runs (a CPU with fp32 weights), else none.
-    int8 decodes a stream ~2.3x as fast as fp32 (both compiled) at -0.4 % held-out loss, and a
-    request's greedy text stays the same in a batch as alone (our kernel computes each row the same
-    way in any batch; docs/performance.md)."""
-    if mode not in quant.MODES:
-        raise ModelError(f"{quant.QUANT_ENV}={mode!r}: use one of {', '.join(quant.MODES)}")
-    runs = quant.supported(device) and weights == torch.float32
-    if mode == "auto":
-        return "int8" if runs else "none"
-    if mode != "none" and not runs:
-        raise ModelError(
-            f"{quant.QUANT_ENV}={mode} needs a CPU and float32 weights (got {device.type}, {weights}); "
-            f"use {quant.QUANT_ENV}=none, or SERVE_DTYPE=float32 on a CPU"
-        )
-    return mode
 
 
 def env_number(name: str, kind: type[int] | type[float], default: float, minimum: float) -> Any:
@@ -222,6 +206,8 @@ class ModelServer:
         self._encode_lock = threading.Lock()
         self.setup_adapter: LoadedAdapter | None = None
         self.merged = False
+        # A bitsandbytes base never merges: its adapters stay beside it (see pick_quantization).
+        self.mergeable = self.quantization not in BNB_MODES
         self._mode: tuple[Any, ...] | None = None  # how the model is set up for the last forward pass
         self._base_weights: BaseWeights | None = None
         # Bumped each time an adapter name is attached: a name may come back with other weights
@@ -238,9 +224,10 @@ class ModelServer:
 
     def _setup(self, adapter: str | None, limits: EngineLimits | None) -> None:
         self.tokenizer = load_tokenizer(self.base_path)
-        self.model: Any = load_base(self.base_path, self.device, self.precision).eval()
+        bnb = BNB_MODES.get(self.quantization, "none")
+        self.model: Any = load_base(self.base_path, self.device, self.precision, bnb).eval()
         flatten_head_input(self.model)
-        if self.quantization != "none":
+        if self.quantization in ("int8", "int4"):
             quant.quantize(self.model, self.quantization)  # before any adapter: the bare base's copies
         self.linears = linear_shapes(self.model)  # what an adapter may target
         # No token stands for more characters than its own text (twice that, for normalizers that
@@ -250,24 +237,34 @@ class ModelServer:
         if adapter:
             folder = materialize(adapter, self.workdir, SETUP_LIMITS, allow_local=True)
             self.setup_adapter = self._attach(folder, SETUP_NAME, adapter, SETUP_BOUNDS)
-            self._merge()
+            if self.mergeable:
+                self._merge()
         self.engine = Engine(
             self.model, self.tokenizer, limits or engine_limits(self.model, self.device), self._prepare
         )
         self.engine.prefix_tag = self._prefix_tag
+        compile_mode = self.compile_mode
+        if not self.mergeable and compile_mode != "off":
+            compile_mode = "off"  # neither the compiled step nor CUDA graphs cover bitsandbytes layers
+            print(
+                f"setup: {quant.QUANT_ENV}={self.quantization}: a bitsandbytes base, so adapters stay "
+                "unmerged and decoding runs eagerly (no compiled step, no CUDA graphs)",
+                file=sys.stderr,
+                flush=True,
+            )
         # With no room for per-request adapters (ADAPTER_CACHE_SIZE=0), the setup adapter stays merged:
         # no step ever has an unmerged adapter, so no second file is compiled.
         self.engine.compiled = load_step(
             self.engine.decoder(),
             self.device,
             self.engine.limits.max_batch,
-            self.compile_mode,
+            compile_mode,
             adapters=self.capacity > 0,
         )
         self._warm_up()
         print(
             f"setup: base {self.base_path} on {self.device} ({self.precision.weights}, "
-            f"{'not quantized' if self.quantization == 'none' else self.quantization + ' decoding'}); "
+            f"{describe_quantization(self.quantization)}); "
             f"adapter {adapter or 'none'}{' (merged)' if self.merged else ''}; "
             f"batch {self.engine.limits.max_batch}, KV cache {self.engine.limits.kv_tokens} tokens",
             file=sys.stderr,
@@ -418,7 +415,7 @@ class ModelServer:
     # -- the model for one forward pass (the engine's prepare hook, compute thread) -----------
     def _prepare(self, adapters: list[str | None]) -> dict[str, Any]:
         wanted = set(adapters)
-        if self.setup_adapter is not None:
+        if self.setup_adapter is not None and self.mergeable:
             only_setup = wanted == {SETUP_NAME} and self.engine.active_adapters() <= {SETUP_NAME}
             if self.merged and not only_setup:
                 self._unmerge()
