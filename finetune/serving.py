@@ -237,6 +237,7 @@ class ModelServer:
         if adapter:
             folder = materialize(adapter, self.workdir, SETUP_LIMITS, allow_local=True)
             self.setup_adapter = self._attach(folder, SETUP_NAME, adapter, SETUP_BOUNDS)
+            self.mergeable = self.mergeable and self._room_to_unmerge()
             if self.mergeable:
                 self._merge()
         self.engine = Engine(
@@ -260,6 +261,7 @@ class ModelServer:
             self.engine.limits.max_batch,
             compile_mode,
             adapters=self.capacity > 0,
+            kv_tokens=self.engine.limits.kv_tokens,
         )
         self._warm_up()
         print(
@@ -270,6 +272,26 @@ class ModelServer:
             file=sys.stderr,
             flush=True,
         )
+
+    def _room_to_unmerge(self) -> bool:
+        """On a GPU a merge is undone from a copy of the base weights kept beside them (re-reading
+        gigabytes from disk on the compute thread would stall every stream for seconds). Without room
+        for that copy next to the KV cache, the setup adapter stays unmerged: it decodes eagerly beside
+        the base, and per-request adapters never wait for an unmerge."""
+        if self.device.type != "cuda":
+            return True
+        copy = sum(layer.get_base_layer().weight.nbytes for _, layer in _lora_layers(self.model))
+        free = torch.cuda.mem_get_info(self.device)[0]
+        room = int(free * (1 - KV_MEMORY_SHARE) * 0.5)  # half of what the KV cache leaves: activations
+        if copy <= room:
+            return True
+        print(
+            f"setup: the setup adapter stays unmerged: undoing a merge needs a copy of the base weights "
+            f"it adapts ({copy / 2**30:.1f} GiB), more than the GPU has room for ({room / 2**30:.1f} GiB)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
 
     def _warm_up(self) -> None:
         # The first forward pass pays for kernel selection and allocation; pay it in setup, not in
@@ -448,7 +470,7 @@ class ModelServer:
         """Fold the setup adapter into the base weights: while it is the only adapter in use, a
         trained version decodes at the base model's speed."""
         if self._base_weights is None:
-            self._base_weights = BaseWeights(self.base_path, self.model)
+            self._base_weights = BaseWeights(self.base_path, self.model, read_back=self.device.type == "cpu")
         self.model.base_model.enable_adapter_layers()
         self.model.set_adapter(SETUP_NAME)
         self.model.merge_adapter([SETUP_NAME])
@@ -567,15 +589,16 @@ class ModelServer:
 
 
 class BaseWeights:
-    """The base weights under the LoRA layers, as loaded, to undo a merge exactly: read back from
-    the checkpoint's safetensors (no memory kept), or a copy taken before merging when the base
-    did not come from a local safetensors folder."""
+    """The base weights under the LoRA layers, as loaded, to undo a merge exactly: on a CPU read back
+    from the checkpoint's safetensors (no memory kept); a copy taken before merging on a GPU (a
+    device copy takes milliseconds, a read from disk seconds) or when the base did not come from a
+    local safetensors folder."""
 
-    def __init__(self, base_path: str, model: Any) -> None:
+    def __init__(self, base_path: str, model: Any, read_back: bool = True) -> None:
         self.targets = {_checkpoint_key(name): layer for name, layer in _lora_layers(model)}
         self.files: dict[str, Path] = {}
         folder = Path(base_path)
-        if folder.is_dir():
+        if read_back and folder.is_dir():
             from safetensors import safe_open
 
             for path in sorted(folder.glob("*.safetensors")):

@@ -425,16 +425,34 @@ def test_mixed_adapters_in_one_batch_match_each_alone(tiny_model_dir, adapters, 
 
 
 @pytest.mark.parametrize(
-    "dtype, quantization", [("float32", "none"), ("bfloat16", "none"), ("float32", "int8")]
+    "dtype, quantization, read_back",
+    [
+        ("float32", "none", True),
+        ("bfloat16", "none", True),
+        ("float32", "int8", True),
+        ("float32", "none", False),
+    ],
 )
-def test_a_merged_setup_adapter_switches_exactly(tiny_model_dir, adapters, dtype, quantization, monkeypatch):
+def test_a_merged_setup_adapter_switches_exactly(
+    tiny_model_dir, adapters, dtype, quantization, read_back, monkeypatch
+):
     """Setup adapter merged -> a per-request adapter (unmerge) -> setup only again (merge) -> ...:
     the base weights are the loaded ones after every switch, bit for bit, and each adapter's text
-    stays the same; with int8 decoding, so are the int8 copies the kernel reads."""
+    stays the same; with int8 decoding, so are the int8 copies the kernel reads. Undone from the
+    checkpoint's files (CPU) or from a copy kept beside the weights (what a GPU does)."""
+    from finetune import serving
     from finetune.quant import base_linears
     from finetune.serving import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
+    made: list[serving.BaseWeights] = []
+    real = serving.BaseWeights
+
+    def base_weights_as(base_path, model, **_):
+        made.append(real(base_path, model, read_back=read_back))
+        return made[-1]
+
+    monkeypatch.setattr(serving, "BaseWeights", base_weights_as)
     fresh = ModelServer(base_model=str(tiny_model_dir), dtype=dtype, quantization=quantization)
     base = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
     server = ModelServer(
@@ -464,6 +482,7 @@ def test_a_merged_setup_adapter_switches_exactly(tiny_model_dir, adapters, dtype
     now_int8 = [layer.qweight for layer in base_linears(server.model) if hasattr(layer, "qweight")]
     assert len(now_int8) == len(fresh_int8) == (15 if quantization == "int8" else 0)  # 2 x 7 + head
     assert all(torch.equal(a, b) for a, b in zip(now_int8, fresh_int8, strict=True))
+    assert len(made) == 1 and bool(made[0].files) == read_back and bool(made[0].copies) != read_back
 
 
 def test_the_adapter_cache_evicts_the_least_recently_used_idle_adapter(tiny_model_dir, adapters, monkeypatch):
