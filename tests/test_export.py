@@ -6,10 +6,15 @@ convert-meta and transformers' GGUF loader; then the embedded default model."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
 import stat
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,8 @@ from conftest import train_llama_sentencepiece
 
 from finetune.artifacts import CARD_JSON
 from finetune.convert_meta import convert_meta, meta_params_to_hf_config, permute_for_hf
-from finetune.export import bpe_pre_tokenizer, main, meta_params
+from finetune.export import main
+from finetune.export_llama import bpe_pre_tokenizer, meta_params
 from finetune.modeling import ADAPTER_WEIGHTS, base_identity
 from finetune.prompts import ADAPTER_TEMPLATE_FILE, load_template, save_template
 
@@ -114,7 +120,14 @@ def tiny_base(folder: Path, kind: str) -> Path:
     return folder
 
 
-def make_adapter(base: Path, folder: Path, scale: float = 0.05, targets: list[str] = ALL_LINEAR) -> Path:
+def make_adapter(
+    base: Path,
+    folder: Path,
+    scale: float = 0.05,
+    targets: list[str] = ALL_LINEAR,
+    use_dora: bool = False,
+    **save: Any,
+) -> Path:
     """A LoRA adapter with random B (a fresh one is all zeros), a training card and a template."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -122,14 +135,15 @@ def make_adapter(base: Path, folder: Path, scale: float = 0.05, targets: list[st
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     identity = base_identity(model, str(base))
     peft_model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM")
+        model,
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=use_dora, task_type="CAUSAL_LM"),
     )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=g) * scale)
-    peft_model.save_pretrained(folder)
+    peft_model.save_pretrained(folder, **save)
     (folder / CARD_JSON).write_text(json.dumps({"base_model": identity}))
     save_template(load_template("alpaca"), folder)
     return folder
@@ -221,6 +235,14 @@ def test_meta_export_round_trips_through_convert_meta(tiny, tmp_path):
     assert (out / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
     params = json.loads((out / "custom" / "params.json").read_text())
     assert params["n_kv_heads"] == 2 and params["rope_theta"] == 50000.0 and params["norm_eps"] == 1e-6
+    # Written tensor by tensor: a zip whose every record passes its CRC, read by torch.load whole or
+    # memory-mapped (which needs the storages aligned as torch.save aligns them).
+    checkpoint = out / "custom" / "consolidated.00.pth"
+    assert zipfile.ZipFile(checkpoint).testzip() is None
+    whole = torch.load(checkpoint, weights_only=True)
+    mapped = torch.load(checkpoint, weights_only=True, mmap=True)
+    assert len(whole) == 3 + 9 * 2 and list(whole) == list(mapped)
+    assert all(torch.equal(whole[k], mapped[k]) and whole[k].dtype == torch.float32 for k in whole)
 
     hf = convert_meta(out, "custom", tmp_path / "back", dtype="float32", max_position_embeddings=128)
     model = LlamaForCausalLM.from_pretrained(hf).eval()
@@ -366,6 +388,270 @@ def test_bpe_pre_tokenizer_names():
     )
     assert bpe_pre_tokenizer(spec(llama3)) in {"llama3", "llama-v3", "llama-bpe"}
     assert bpe_pre_tokenizer(spec(pre_tokenizers.Whitespace())) is None
+
+
+# --- streaming: tensor by tensor, in the base's dtype, sharded, bounded memory --------------------
+
+
+def hf_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in a Hugging Face folder."""
+    from safetensors.torch import load_file
+
+    return {k: v for path in sorted(folder.glob("*.safetensors")) for k, v in load_file(path).items()}
+
+
+def resave(base: Path, folder: Path, dtype: torch.dtype = torch.float32, **save: Any) -> Path:
+    """A copy of `base` (tokenizer and all) with its weights saved again as asked."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(base, folder, ignore=shutil.ignore_patterns("model*.safetensors*", "config.json"))
+    AutoModelForCausalLM.from_pretrained(base, dtype=dtype).save_pretrained(folder, **save)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte_level"])
+def test_streamed_hf_equals_the_peft_merge_tensor_by_tensor(tiny, kind, tmp_path):
+    base, adapter = tiny[kind]
+    out = tmp_path / "merged"
+    assert export("hf", base, out, adapter) == 0
+    merged = peft_reference(base, adapter, merge=True).state_dict()
+    original = hf_state(base)
+    state = hf_state(out)
+    assert set(state) == set(original)  # the tied head stays left out
+    for name, tensor in state.items():
+        assert tensor.dtype == torch.float32
+        assert torch.equal(tensor, merged[name]), name  # the same fp32 operations as PEFT's
+    changed = {n for n in state if not torch.equal(state[n], original[n])}
+    assert changed == {n for n in state if n.endswith("proj.weight")}  # the adapter's targets, all
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_a_bf16_base_exports_in_bf16_within_its_rounding(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    fp32_base, adapter = tiny["sentencepiece"]
+    base = resave(fp32_base, tmp_path / "bf16-base", dtype=torch.bfloat16)
+    out = tmp_path / "hf"
+    assert export("hf", base, out, adapter) == 0  # no --dtype: the base's own
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    state = hf_state(out)
+
+    def merged(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+
+    fp32, bf16 = merged(torch.float32), merged(torch.bfloat16)
+    for name, tensor in state.items():
+        assert tensor.dtype == torch.bfloat16
+        # the fp32 merge of the bf16 weights, rounded once...
+        assert torch.equal(tensor, fp32[name].to(torch.bfloat16)), name
+        # ...and PEFT's merge in bf16 (delta rounded, then the sum) at most one bf16 step away
+        step = torch.finfo(torch.bfloat16).eps * fp32[name].abs()
+        assert ((tensor.float() - bf16[name].float()).abs() <= step).all(), name
+
+    meta = tmp_path / "meta"
+    assert export("meta", base, meta, adapter) == 0
+    assert torch.load(meta / "custom" / "consolidated.00.pth", weights_only=True)["norm.weight"].dtype == (
+        torch.bfloat16
+    )
+    assert export("hf", base, tmp_path / "fp32", adapter, "--dtype", "float32") == 0
+    assert all(t.dtype == torch.float32 for t in hf_state(tmp_path / "fp32").values())
+
+
+def test_a_sharded_base_exports_in_bounded_shards_with_an_index(tiny, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    original, adapter = tiny["sentencepiece"]
+    base = resave(original, tmp_path / "sharded", max_shard_size="100KB")
+    assert (
+        len(list(base.glob("model-*-of-*.safetensors"))) > 2
+        and (base / "model.safetensors.index.json").is_file()
+    )
+    out = tmp_path / "hf"
+    assert export("hf", base, out, adapter, "--max_shard_size", "100KB") == 0
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files == sorted(p.name for p in out.glob("*.safetensors"))
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    state = hf_state(out)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    for file in files:
+        with safe_open(out / file, "pt") as f:
+            names = set(f.keys())
+        assert names == {n for n, f in index["weight_map"].items() if f == file}
+        size = sum(state[n].numel() * state[n].element_size() for n in names)
+        assert size <= 100_000 or len(names) == 1, file
+    merged = peft_reference(original, adapter, merge=True)
+    for name, tensor in merged.state_dict().items():
+        assert (state[name] - tensor).abs().max().item() <= 1e-6, name
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = AutoTokenizer.from_pretrained(out)(TEXTS[0]).input_ids
+    assert (logits(model, ids) - logits(merged, ids)).abs().max().item() < 1e-4
+
+
+def test_a_bin_base_is_merged_whole_and_says_so(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    original, adapter = tiny["sentencepiece"]
+    base = shutil.copytree(original, tmp_path / "bin")
+    torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    assert export("hf", base, tmp_path / "whole", adapter) == 0
+    assert "not safetensors, so the whole model is loaded" in capsys.readouterr().err
+    assert export("hf", original, tmp_path / "streamed", adapter) == 0
+    whole, streamed = hf_state(tmp_path / "whole"), hf_state(tmp_path / "streamed")
+    assert whole.keys() == streamed.keys()
+    assert all((whole[n] - streamed[n]).abs().max().item() <= 1e-6 for n in whole)
+
+
+def test_a_dora_adapter_is_merged_whole_by_peft(tiny, tmp_path, capsys):
+    base, _ = tiny["sentencepiece"]
+    adapter = make_adapter(base, tmp_path / "dora", targets=["q_proj", "v_proj"], use_dora=True)
+    assert export("hf", base, tmp_path / "hf", adapter) == 0
+    assert "the adapter is DoRA, which PEFT merges, so the whole model is loaded" in capsys.readouterr().err
+    state = hf_state(tmp_path / "hf")
+    merged = peft_reference(base, adapter, merge=True).state_dict()
+    assert all(torch.equal(state[n], merged[n]) for n in state)
+    assert not torch.equal(
+        state["model.layers.0.self_attn.q_proj.weight"],
+        hf_state(base)["model.layers.0.self_attn.q_proj.weight"],
+    )
+
+
+def test_a_cast_that_overflows_names_the_tensor(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    original, adapter = tiny["sentencepiece"]
+    base = shutil.copytree(original, tmp_path / "large")
+    state = load_file(base / "model.safetensors")
+    state["model.norm.weight"][3] = 1e5  # fine in fp32 and bf16, beyond float16's 65504
+    save_file(state, base / "model.safetensors", metadata={"format": "pt"})
+    assert export("hf", base, tmp_path / "f16", adapter, "--dtype", "float16") == 2
+    assert "model.norm.weight holds values up to 100000, beyond float16's range" in capsys.readouterr().err
+    assert export("hf", base, tmp_path / "shards", adapter, "--max_shard_size", "lots") == 2
+    assert "--max_shard_size must be a size such as 2GB" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["large"]
+
+
+def test_an_adapter_on_a_tied_head_unties_it(tiny, tmp_path):
+    """PEFT applies a delta on a tied lm_head to the head alone: the export keeps the embeddings
+    and writes the merged head as a tensor of its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, _ = tiny["byte_level"]
+    # PEFT would also save the tied weight itself, which the adapter checks refuse
+    adapter = make_adapter(
+        base, tmp_path / "head", targets=["q_proj", "lm_head"], save_embedding_layers=False
+    )
+    out = tmp_path / "hf"
+    assert export("hf", base, out, adapter) == 0
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not model.config.tie_word_embeddings
+    assert torch.equal(
+        hf_state(out)["model.embed_tokens.weight"], hf_state(base)["model.embed_tokens.weight"]
+    )
+    reference = peft_reference(base, adapter)
+    ids = AutoTokenizer.from_pretrained(base)(TEXTS[0]).input_ids
+    assert (logits(model, ids) - logits(reference, ids)).abs().max().item() < 1e-4
+    assert export("gguf", base, tmp_path / "gguf", adapter, "--dtype", "f32") == 0
+    assert "output.weight" in read_gguf(tmp_path / "gguf" / "model-f32.gguf")[1]
+
+
+# A random Llama of ~790 MB in fp32 whose largest tensor is 32 MB (8 MiB of vocabulary rows).
+SCALED = {
+    "vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 14,
+    "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 256,
+}  # fmt: skip
+SHARD = 50_000_000  # --max_shard_size 50MB, as transformers counts
+# Run in a child so that its peak RSS is the export's alone; the baseline child imports the same.
+CHILD = """
+import json, resource, sys
+import peft.tuners.lora, safetensors.torch, transformers.models.llama.modeling_llama
+from finetune.export import main
+
+peaks = {}
+for fmt, *args in json.loads(sys.argv[1]):
+    assert main([fmt, *args]) == 0
+    peaks[fmt] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(peaks | {"end": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory) -> Iterator[tuple[Path, Path, int]]:
+    """(base in 200 MB shards, adapter on every linear layer, the weights' bytes)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("scaled")
+    base = root / "base"
+    base.mkdir()
+    tokenizer = byte_level_tokenizer(base)
+    config = LlamaConfig(**SCALED, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    model.save_pretrained(base, max_shard_size="200MB")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    identity = base_identity(model, str(base))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(root / "adapter")
+    (root / "adapter" / CARD_JSON).write_text(json.dumps({"base_model": identity}))
+    del model, peft_model
+    yield base, root / "adapter", size
+    shutil.rmtree(root)  # 790 MB
+
+
+def run_child(runs: list[list[str]]) -> dict[str, int]:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(runs)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def baseline_rss() -> int:
+    return run_child([])["end"]
+
+
+@pytest.mark.parametrize("fmt", ["hf", pytest.param("meta", marks=pytest.mark.slow)])
+def test_export_memory_stays_within_one_shard_of_the_interpreter(scaled, baseline_rss, fmt, tmp_path):
+    """Peak RSS over an interpreter that imported the same modules: within one output shard (hf;
+    meta has none) plus a quarter of the model. The whole-model merge this replaced grew by about
+    twice the model (fp32 weights plus PEFT's merged copies)."""
+    base, adapter, size = scaled
+    out = tmp_path / fmt
+    shard = ["--max_shard_size", "50MB"] if fmt == "hf" else []
+    peaks = run_child(
+        [[fmt, "--base_model", str(base), "--adapter", str(adapter), "--output_dir", str(out), *shard]]
+    )
+    assert 700e6 < size < 850e6
+    growth = peaks[fmt] - baseline_rss
+    assert growth < (SHARD if fmt == "hf" else 0) + size // 4, (
+        f"{growth / 2**20:.0f} MiB over the interpreter"
+    )
+    if fmt == "hf":
+        files = [p.stat().st_size for p in out.glob("*.safetensors")]
+        assert len(files) >= size // SHARD and max(files) <= SHARD + 100_000
+    shutil.rmtree(out)
 
 
 # --- errors --------------------------------------------------------------------------------------
