@@ -169,7 +169,9 @@ class Lora:
             a = f.get_tensor(f"base_model.model.{module}.lora_A.weight").float()
             b = f.get_tensor(f"base_model.model.{module}.lora_B.weight").float()
         merged = weight.float()  # `weight` is the caller's own copy (read for this merge alone)
-        merged += (b @ a) * self.scale
+        delta = b @ a
+        delta *= self.scale  # in place: one delta-sized temporary, the same values as PEFT's
+        merged += delta
         if not torch.isfinite(merged).all():
             raise ExportError(
                 f"merging adapter {self.folder} into {name} gives NaN or inf values; retrain it or use an "
