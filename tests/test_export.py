@@ -560,7 +560,7 @@ def test_an_adapter_on_a_tied_head_unties_it(tiny, tmp_path):
     assert "output.weight" in read_gguf(tmp_path / "gguf" / "model-f32.gguf")[1]
 
 
-# A random Llama of ~790 MB in fp32 whose largest tensor is 32 MB (8 MiB of vocabulary rows).
+# A random Llama of ~790 MB in fp32 whose largest tensors (embeddings, head) are 32 MiB each.
 SCALED = {
     "vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 14,
     "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 256,
