@@ -56,6 +56,12 @@ def _eval(argv: list[str]) -> int:
     return main(argv)
 
 
+def _plan(argv: list[str]) -> int:
+    from .plan_cli import main
+
+    return main(argv)
+
+
 def _convert_adapter(argv: list[str]) -> int:
     from pathlib import Path
 
@@ -121,6 +127,7 @@ COMMANDS = {
     "generate": _generate,
     "export": _export,
     "eval": _eval,
+    "plan": _plan,
 }
 
 
