@@ -319,15 +319,21 @@ def logits_per_token(shape: Shape) -> int:
 
 
 def training_parts(
-    shape: Shape, checkpointing: bool, dtype_bytes: int, s: Step, world_size: int
+    shape: Shape,
+    checkpointing: bool,
+    dtype_bytes: int,
+    s: Step,
+    world_size: int = 1,
+    strategy: str = "single",
 ) -> dict[str, int]:
-    """The tensors of one training step at its peak, by part (their sum is the peak; footprint.py
-    says what each count holds). FSDP (world_size > 1) divides the weights and the LoRA state among
-    the GPUs and gathers one layer's weights at a time, the next one prefetched."""
-    n, shard = s.tokens, max(world_size, 1)
+    """The tensors of one training step at its peak on one GPU, by part (their sum is the peak).
+    ddp: every GPU holds the whole model, and DistributedDataParallel's buckets a copy of the LoRA
+    gradients. fsdp: FSDP2 keeps 1/world_size of every weight and of the LoRA state per GPU, and
+    gathers a decoder layer's weights while it runs (the next one prefetched) and the weights outside
+    the layers (embeddings, head) together."""
+    n = s.tokens
+    shard = world_size if strategy == "fsdp" else 1
     weights = weight_bytes(shape, dtype_bytes, s.quantization) // shard
-    if shard > 1:
-        weights += 2 * layer_weight_bytes(shape, dtype_bytes, s.quantization)
     p = lora_params(shape, s.r, list(s.targets)) // shard
     layer = layer_saved_per_token(shape, s) * n
     final = final_saved_per_token(shape) * n
@@ -340,7 +346,7 @@ def training_parts(
     layer_phase += layer_work_per_token(shape, s) * n + kbit_work(shape, s.quantization, n)
     logits = logits_per_token(shape) * n
     optimizer_phase = 4 * p  # AdamW's foreach copy, once the activations are gone
-    return {
+    parts = {
         "base_weights": weights,
         "lora_weights": 4 * p,
         "lora_grads": 4 * p,
@@ -349,6 +355,12 @@ def training_parts(
         "logits": logits,
         "backward_extra": max(0, layer_phase - saved - logits, optimizer_phase - saved - logits),
     }
+    if strategy == "ddp":
+        parts["ddp_buckets"] = 4 * p
+    if strategy == "fsdp":
+        outside = (shape.embed_params + shape.head_params) * (4 if s.quantization != "none" else dtype_bytes)
+        parts["fsdp_gathered"] = 2 * layer_weight_bytes(shape, dtype_bytes, s.quantization) + outside
+    return parts
 
 
 # -- serving ----------------------------------------------------------------------------------------

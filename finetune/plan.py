@@ -7,9 +7,10 @@ the CUDA context and a safety margin, and compares the sum with the GPU's memory
 
 `auto` settings take the fastest that fit, in this order: the compute dtype without gradient
 checkpointing; with it; 4-bit (QLoRA) with it. When none fits, the plan says what the smallest
-needs and points at multi-GPU training (FSDP under torchrun: with world_size > 1 the base weights,
-LoRA weights and optimizer state are divided among the GPUs). Explicit settings are honoured; their
-plan may then not fit, and its reason says by how much.
+needs and points at multi-GPU training (torchrun with FSDP: the base weights, LoRA weights and
+optimizer state divided among the GPUs). With world_size > 1 the strategy is DDP when the whole
+model fits each GPU, else FSDP. Explicit settings are honoured; their plan may then not fit, and
+its reason says by how much.
 
     plan = plan_training(config, gpu_memory="24GiB", micro_batch_size=4, cutoff_len=256, lora_r=8,
                          lora_target_modules=["all-linear"])
@@ -37,6 +38,7 @@ UNITS |= {"t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 <<
 UNITS |= {"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 QUANTIZATIONS = ("auto", "none", "8bit", "4bit")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+STRATEGIES = ("auto", "ddp", "fsdp")
 DEFAULT_MICRO_BATCH = field_default(TrainConfig, "micro_batch_size")
 DEFAULT_CUTOFF = field_default(DataConfig, "cutoff_len")
 DEFAULT_R = field_default(LoraSettings, "lora_r")
@@ -178,6 +180,7 @@ class TrainingAsk:
     targets: tuple[str, ...]
     dropout: float
     world_size: int
+    strategy: str  # single (one GPU), ddp or fsdp
 
     def plan(self, c: Candidate) -> Plan:
         step = fp.Step(
@@ -190,7 +193,7 @@ class TrainingAsk:
             quantization=c.quantization,
         )
         parts = fp.training_parts(
-            self.shape, c.checkpointing, fp.DTYPE_BYTES[self.dtype], step, self.world_size
+            self.shape, c.checkpointing, fp.DTYPE_BYTES[self.dtype], step, self.world_size, self.strategy
         )
         peak = sum(parts.values())
         parts |= _overhead(peak, self.device, self.world_size)
@@ -204,7 +207,7 @@ class TrainingAsk:
             "lora_r": self.lora_r,
             "lora_target_modules": list(self.targets),
             "world_size": self.world_size,
-            "strategy": "fsdp" if self.world_size > 1 else "single",
+            "strategy": self.strategy,
         }
         fits = self.memory is None or required <= self.memory
         return Plan("training", fits, peak, required, self.memory, parts, settings, "")
@@ -254,15 +257,26 @@ def _way_out(ask: TrainingAsk, plan: Plan, auto: bool) -> str:
     for n in (2, 4, 8):
         if n <= ask.world_size:
             continue
-        sharded = replace(ask, world_size=n).search("auto", "auto")
+        sharded = replace(ask, world_size=n, strategy="fsdp").search("auto", "auto")
         if sharded.fits or n == 8:
             verdict = "fits" if sharded.fits else "still does not fit"
             return out + (
-                f". Multi-GPU: on {n} GPUs, FSDP under torchrun (torchrun --nproc_per_node {n}; plan it with "
-                f"--world_size {n}): {chosen(sharded).describe(ask.dtype)} {verdict}, "
+                f". Multi-GPU: on {n} GPUs under torchrun (torchrun --nproc_per_node {n}; plan it with "
+                f"--world_size {n}), FSDP sharding the model: {chosen(sharded).describe(ask.dtype)} {verdict}, "
                 f"{_gib(sharded.required_bytes)} per GPU"
             )
     return out
+
+
+def _search_strategies(ask: TrainingAsk, quantization: str, checkpointing: str | bool) -> Plan:
+    """Over several GPUs with strategy auto: DDP when the whole model fits each GPU (it only
+    all-reduces LoRA gradients), else FSDP (it gathers every layer's weights twice a step)."""
+    ddp = replace(ask, strategy="ddp").search(quantization, checkpointing)
+    if ddp.fits or quantization == "8bit":  # 8-bit cannot be sharded (distributed.check_strategy)
+        return ddp
+    fsdp = replace(ask, strategy="fsdp").search(quantization, checkpointing)
+    fsdp.reason += f"; whole on each GPU (ddp) it would need {_gib(ddp.required_bytes)}"
+    return fsdp
 
 
 def _targets(shape: Shape, names: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -297,6 +311,7 @@ def plan_training(
     quantization: str = "auto",
     gradient_checkpointing: str | bool = "auto",
     world_size: int = 1,
+    strategy: str = "auto",
     device: str = "cuda",
 ) -> Plan:
     """Will a LoRA training step fit in `gpu_memory` (bytes or "24GiB"; None: no limit)?
@@ -304,7 +319,8 @@ def plan_training(
     `config`: a transformers config, a model folder, a config.json path or a hub id. `auto`
     quantization and gradient_checkpointing pick the fastest setting that fits (module docstring);
     dtype auto is bfloat16 on a GPU (a GPU without bf16 trains in float32), float32 on a CPU.
-    world_size > 1 plans FSDP under torchrun. `device="cpu"` plans a CPU run (float dropout masks,
+    world_size > 1 plans torchrun's processes, one GPU each: `strategy` ddp (the whole model on each),
+    fsdp (sharded) or auto (ddp when it fits, else fsdp). `device="cpu"` plans a CPU run (float dropout masks,
     no CUDA context) with the weights in `dtype` (the CPU trainer's bf16 autocast is not modelled)."""
     memory = parse_memory(gpu_memory)
     sizes = {
@@ -314,17 +330,38 @@ def plan_training(
         "world_size": world_size,
     }
     _check_training_args(sizes, dtype, quantization, gradient_checkpointing)
+    if strategy not in STRATEGIES:
+        raise PlanError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if strategy == "fsdp" and quantization == "8bit" and world_size > 1:
+        raise PlanError("--quantization 8bit cannot be sharded with --strategy fsdp; use 4bit, or ddp")
     shape = Shape.from_config(load_config(config))
     targets = _targets(shape, lora_target_modules)
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     ask = TrainingAsk(
-        shape, memory, dtype, device, micro_batch_size, cutoff_len, lora_r, targets, lora_dropout, world_size
+        shape,
+        memory,
+        dtype,
+        device,
+        micro_batch_size,
+        cutoff_len,
+        lora_r,
+        targets,
+        lora_dropout,
+        world_size,
+        "single" if world_size == 1 else strategy,
     )
-    plan = ask.search(quantization, gradient_checkpointing)
+    if ask.strategy == "auto":
+        plan = _search_strategies(ask, quantization, gradient_checkpointing)
+    else:
+        plan = ask.search(quantization, gradient_checkpointing)
     if not plan.fits:
-        plan.reason += _way_out(ask, plan, auto=quantization == "auto" and gradient_checkpointing == "auto")
-    if world_size > 1:
+        plan.reason += _way_out(
+            replace(ask, strategy=plan.settings["strategy"]),
+            plan,
+            auto=quantization == "auto" and gradient_checkpointing == "auto",
+        )
+    if plan.settings["strategy"] == "fsdp":
         plan.notes.append(
             f"strategy fsdp: base weights, LoRA weights and optimizer state divided among {world_size} GPUs"
         )

@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--dtype", default="auto", help=f"{', '.join(DTYPES)}; auto: bfloat16 on a GPU")
     add("--quantization", default="auto", help=f"{', '.join(QUANTIZATIONS)}; auto: the fastest that fits")
     add("--gradient_checkpointing", default="auto", help="auto, true or false; auto: the fastest that fits")
-    add("--world_size", type=int, default=1, help="GPUs under torchrun; above 1 the plan shards with FSDP")
+    add("--world_size", type=int, default=1, help="GPUs under torchrun, one process each")
+    add("--strategy", default="auto", help="ddp, fsdp or auto (ddp when the whole model fits each GPU)")
     add(
         "--serve_rows",
         type=int,
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 quantization=args.quantization,
                 gradient_checkpointing=_checkpointing(args.gradient_checkpointing),
                 world_size=args.world_size,
+                strategy=args.strategy,
             )
         ]
         if args.serve_rows != 0:

@@ -297,6 +297,16 @@ def test_fsdp_over_four_gpus_fits_13b_on_8gb():
     assert plan.parts["base_weights"] < single.parts["base_weights"] / 2
 
 
+def test_several_gpus_take_ddp_while_the_whole_model_fits_each():
+    ddp = plan_training(LLAMA2_7B, gpu_memory="24GiB", world_size=2)
+    assert ddp.fits and ddp.settings["strategy"] == "ddp" and ddp.parts["ddp_buckets"] > 0
+    fsdp = plan_training(LLAMA2_7B, gpu_memory="24GiB", world_size=2, strategy="fsdp")
+    assert fsdp.fits and fsdp.settings["strategy"] == "fsdp"
+    assert fsdp.parts["base_weights"] == ddp.parts["base_weights"] // 2
+    with pytest.raises(PlanError, match="--quantization 8bit cannot be sharded"):
+        plan_training(LLAMA2_7B, world_size=2, strategy="fsdp", quantization="8bit")
+
+
 def test_no_limit_takes_the_fastest_setting():
     plan = plan_training(LLAMA2_13B, gpu_memory=None)
     assert (
