@@ -508,3 +508,17 @@ def plan_serving(
     if not plan.fits:
         plan.reason += _serving_way_out(ask, plan)
     return plan
+
+
+def largest_kv_budget(
+    config: Any, *, gpu_memory: int | str, max_rows: int | None = None, **options: Any
+) -> int:
+    """The largest KV budget (KV_CACHE_TOKENS, token slots) with which plan_serving fits, 0 when
+    not even 64 slots do: what a server can take on this GPU with every allowance of its plan.
+    `options` are plan_serving's (quantization, dtype, adapters, cuda_graphs, ...)."""
+    low, high = 0, 1 << 24  # beyond any context a server holds
+    while high - low > 1:  # fits(low) or low == 0, not fits(high)
+        middle = (low + high) // 2
+        plan = plan_serving(config, gpu_memory=gpu_memory, max_rows=max_rows, max_tokens=middle, **options)
+        low, high = (middle, high) if plan.fits else (low, middle)
+    return low if low >= 64 else 0

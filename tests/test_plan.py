@@ -16,7 +16,15 @@ import torch
 
 from finetune import footprint as fp
 from finetune.__main__ import main as finetune_main
-from finetune.plan import GIB, PlanError, load_config, parse_memory, plan_serving, plan_training
+from finetune.plan import (
+    GIB,
+    PlanError,
+    largest_kv_budget,
+    load_config,
+    parse_memory,
+    plan_serving,
+    plan_training,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "bench" / "configs"
@@ -383,6 +391,15 @@ def test_serving_budget_defaults_to_the_servers_own_rule():
     assert plan.settings["max_tokens"] == 2 * 8192
     plan = plan_serving(LLAMA3_8B, gpu_memory="24GiB", max_rows=8)
     assert 2 * 8192 <= plan.settings["max_tokens"] < 8 * 8192
+
+
+def test_largest_kv_budget_is_the_edge_of_fitting():
+    config = load_config(LLAMA3_8B)
+    budget = largest_kv_budget(config, gpu_memory="24GiB", max_rows=4)
+    assert budget > 4096
+    assert plan_serving(config, gpu_memory="24GiB", max_rows=4, max_tokens=budget).fits
+    assert not plan_serving(config, gpu_memory="24GiB", max_rows=4, max_tokens=budget + 1).fits
+    assert largest_kv_budget(config, gpu_memory="12GiB") == 0  # the bf16 weights alone are 15 GiB
 
 
 def test_serving_4bit_weights_are_smaller():
