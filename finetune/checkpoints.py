@@ -14,10 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
+from .distributed import (
+    Dist,
+    Placement,
+    all_ranks,
+    load_lora_state,
+    load_optimizer_state,
+    optimizer_state,
+    whole_lora,
+)
 from .modeling import ModelError
 from .records import dataset_fingerprint
 from .staging import staged_dir
@@ -149,15 +157,18 @@ def save_checkpoint(
     root: Path,
     step: int,
     model: Any,
-    optimizer: Any,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     history: History,
     fingerprint: dict[str, Any],
     keep: int | None = 2,
     best_state: dict[str, torch.Tensor] | None = None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Atomic and durable: written to a temporary folder, flushed to disk, then renamed; older
-    checkpoints pruned after, all but the `keep` newest (None: none pruned)."""
+    checkpoints pruned after, all but the `keep` newest (None: none pruned). The model's LoRA
+    weights must be whole here and `optimizer_state` as one process's; `rng_ranks`: every
+    process's random state, by rank, when there are several (write_checkpoint)."""
     final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
     # Owner-only (mode=None keeps mkdtemp's mode), as checkpoints always were; one of this step
     # already there is replaced.
@@ -168,9 +179,11 @@ def save_checkpoint(
         torch.save(
             {
                 "step": step,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(),
+                # Each rank draws its own dropout masks: a resume gives each its own state back.
+                **({"rng_ranks": rng_ranks} if rng_ranks else {}),
                 "history": dataclasses.asdict(history),
             },
             tmp / "trainer_state.pt",
@@ -182,17 +195,47 @@ def save_checkpoint(
     return final
 
 
+def write_checkpoint(
+    root: Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    history: History,
+    fingerprint: dict[str, Any],
+    place: Placement,
+    keep: int | None = 2,
+    best_state: dict[str, torch.Tensor] | None = None,
+) -> Path | None:
+    """save_checkpoint from any strategy, called by every process (with several, each one's random
+    state is gathered): under FSDP the weights and the optimizer state are gathered whole first
+    (collectives); process 0 writes (None elsewhere). The adapter and optimizer state are as one
+    process writes them, so the checkpoint resumes under any strategy."""
+    rng_ranks = all_ranks(_rng_state(), place.dist) if place.dist.world_size > 1 else None
+    state = optimizer_state(model, optimizer, place.sharded) if place.sharded or place.dist.main else {}
+    with whole_lora(model):
+        if not place.dist.main:
+            return None
+        return save_checkpoint(
+            root, step, model, state, scheduler, history, fingerprint, keep, best_state, rng_ranks
+        )
+
+
 def load_checkpoint(
-    path: Path, model: Any, optimizer: Any, scheduler: Any
+    path: Path, model: Any, optimizer: Any, scheduler: Any, dist: Dist | None = None, sharded: bool = False
 ) -> tuple[int, History, dict[str, torch.Tensor] | None]:
     """The step, history and best evaluation's weights (if kept) of a checkpoint, loaded into
-    the model, optimizer and schedule."""
-    set_peft_model_state_dict(model, load_file(path / "adapter" / "adapter_model.safetensors"))
+    the model, optimizer, schedule and this rank's RNG (`sharded`: under FSDP, each process
+    keeping its shards)."""
+    load_lora_state(model, load_file(path / "adapter" / "adapter_model.safetensors"))
     best_state = load_file(path / BEST_FILE) if (path / BEST_FILE).exists() else None
     # weights_only: a checkpoint folder may have been copied from elsewhere; never unpickle code.
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(model, optimizer, state["optimizer"], sharded)
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    dist = dist or Dist()
+    ranks = state.get("rng_ranks") or []
+    # One random state per rank when the run had as many ranks as this one; else rank 0's for all.
+    _set_rng_state(ranks[dist.rank] if len(ranks) == dist.world_size else state["rng"])
     history = History(**state["history"])
     return int(state["step"]), history, best_state

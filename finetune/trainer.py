@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import __version__, prompts
@@ -40,10 +38,24 @@ from .checkpoints import (
     load_checkpoint,
     move_aside_old_checkpoints,
     run_fingerprint,
-    save_checkpoint,
+    write_checkpoint,
 )
 from .config import TrainConfig
-from .distributed import Dist, Placement, init_distributed
+from .distributed import (
+    Dist,
+    Placement,
+    check_strategy,
+    clip_grad_norm,
+    figures_as_main,
+    init_distributed,
+    load_lora_state,
+    lora_state,
+    same_as_main,
+    skip_grad_sync,
+    strategy_from_env,
+    whole_lora,
+    wrap_for_training,
+)
 from .encoding import IGNORE_INDEX, Encoded, encode_example
 from .evaluation import evaluate_peft
 from .losses import TokenLoss, evaluate_loss, greedy_recall, token_loss_sum
@@ -112,7 +124,7 @@ class TrainingStopped(Exception):
 class TrainResult:
     adapter_dir: Path
     card: dict[str, Any]
-    model: Any = None
+    model: Any = None  # under FSDP this process's shards: distributed.lora_state gathers the adapter
     tokenizer: Any = None
 
 
@@ -325,7 +337,7 @@ class Built:
     """The model and what trains it, at the step the run starts from (0, or a checkpoint's)."""
 
     model: Any
-    loss_fn: Any  # TokenLoss around the model, inside DDP when there are several processes
+    loss_fn: Any  # TokenLoss around the model; inside DDP, or around the FSDP-sharded model (distributed.py)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     identity: dict[str, Any]
@@ -449,7 +461,10 @@ def place_process(cfg: TrainConfig, checkpoint: Path | None) -> Placement:
     autocast = (
         (lambda: torch.autocast(device.type, dtype=precision.compute)) if precision.autocast else nullcontext
     )
-    return Placement(device, dist, precision, autocast)
+    strategy = strategy_from_env()
+    if dist.world_size > 1:
+        check_strategy(strategy, cfg.quantization)
+    return Placement(device, dist, precision, autocast, strategy)
 
 
 def _accumulation(cfg: TrainConfig, train_examples: list[Encoded], dist: Dist) -> tuple[int, int]:
@@ -489,11 +504,8 @@ def build_run(cfg: TrainConfig, plan: Plan) -> Built:
     identity = base_identity(model.get_base_model(), plan.base_path)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
-    loss_fn: Any = TokenLoss(model)
-    if place.dist.world_size > 1:
-        loss_fn = DistributedDataParallel(
-            loss_fn, device_ids=[place.device.index] if place.device.type == "cuda" else None
-        )
+    # Before the optimizer: under FSDP it must hold the sharded parameters.
+    loss_fn = wrap_for_training(TokenLoss(model), place, place.strategy)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.learning_rate,
@@ -503,7 +515,9 @@ def build_run(cfg: TrainConfig, plan: Plan) -> Built:
     history = History()
     start_step, best_state = 0, None
     if plan.data.checkpoint is not None:
-        start_step, history, best_state = load_checkpoint(plan.data.checkpoint, model, optimizer, scheduler)
+        start_step, history, best_state = load_checkpoint(
+            plan.data.checkpoint, model, optimizer, scheduler, place.dist, place.sharded
+        )
     return Built(
         model,
         loss_fn,
@@ -533,7 +547,8 @@ def log_start(cfg: TrainConfig, plan: Plan, built: Built, log: Callable[[str], N
     )
     log(
         f"{plan.total_steps} steps x {plan.accum} accumulation x {cfg.micro_batch_size} micro-batch x {place.dist.world_size} "
-        f"process(es) | lr {cfg.learning_rate} {cfg.lr_scheduler} | packing {cfg.data.packing}"
+        f"process(es){f' ({place.strategy})' if place.dist.world_size > 1 else ''} | lr {cfg.learning_rate} "
+        f"{cfg.lr_scheduler} | packing {cfg.data.packing}"
         + (f" | resuming at step {built.start_step}" if built.start_step else "")
     )
     log(f"steps: {plan.steps_rule}")
@@ -619,15 +634,15 @@ def optimizer_step(
     for k, batch in enumerate(batches):
         # Gradients are all-reduced once per step, on the last micro-batch.
         last = k == plan.accum - 1
-        with nullcontext() if last or place.dist.world_size == 1 else built.loss_fn.no_sync():
+        with nullcontext() if last else skip_grad_sync(built.loss_fn):
             loss_sum, _ = token_loss_sum(built.loss_fn, batch, place.device, place.autocast)
             # Normalise by trained tokens over the whole step (all micro-batches, all
-            # ranks); DDP averages over ranks, so scale back up by world size.
+            # ranks); DDP and FSDP average over ranks, so scale back up by world size.
             loss = loss_sum * place.dist.world_size / step_targets
             loss.backward()
         step_loss += loss_sum.detach()
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(built.model.parameters(), cfg.max_grad_norm)
+    # The norm of the whole step's gradient, over all ranks, logged whether or not it clips.
+    grad_norm = clip_grad_norm(built.model.parameters(), cfg.max_grad_norm)
     built.optimizer.step()
     built.scheduler.step()
     built.optimizer.zero_grad(set_to_none=True)
@@ -642,6 +657,7 @@ def optimizer_step(
         "epoch": round((step + 1) / plan.steps_per_epoch, 4),
         "loss": round(mean_loss, 5),
         "lr": built.scheduler.get_last_lr()[0],
+        "grad_norm": float(f"{grad_norm:.6g}"),
     }
     return entry, mean_loss
 
@@ -715,7 +731,7 @@ def _log_step(cfg: TrainConfig, plan: Plan, run: Run, entry: dict[str, float], m
     run.window_tokens, run.window_start = 0, now
     run.bar.write(
         f"epoch {entry['epoch']:.2f} | step {done}/{plan.total_steps} | loss {mean_loss:.4f} | "
-        f"lr {entry['lr']:.2e} | tok/s {tps:.0f} | mem {_memory_gb(plan.place.device):.2f} GB",
+        f"lr {entry['lr']:.2e} | grad_norm {entry['grad_norm']:.3g} | tok/s {tps:.0f} | mem {_memory_gb(plan.place.device):.2f} GB",
         file=sys.stdout,
     )
     sys.stdout.flush()
@@ -772,13 +788,13 @@ def evaluate_step(cfg: TrainConfig, plan: Plan, built: Built, done: int) -> dict
         entry["recall_token_accuracy"] = recall.token_accuracy
     if len(entry) == 1:
         return None
+    # Every rank keeps the same best: under FSDP copying it aside is a gather all must join.
+    entry = figures_as_main(entry, plan.place)
     history = built.history
     history.evals.append(entry)
     if history.best is None or eval_score(entry) > eval_score(history.best):
         history.best, history.stale = entry, 0
-        built.best_state = {
-            k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(built.model).items()
-        }
+        built.best_state = lora_state(built.model)
     else:
         history.stale += 1
     return entry
@@ -814,9 +830,9 @@ def _checkpoint_hook(
     want = cfg.save_steps and done % cfg.save_steps == 0 and done < plan.total_steps
     # A run stopping on evidence checkpoints too: a resume then finishes without more steps.
     want = want or (cfg.save_steps and built.history.stopped and not stop_now)
-    if not plan.place.dist.main or not (want or stop_now):
+    if not (want or stop_now):
         return None
-    path = save_checkpoint(
+    path = write_checkpoint(
         checkpoint_root(cfg.output_dir),
         done,
         built.model,
@@ -824,18 +840,21 @@ def _checkpoint_hook(
         built.scheduler,
         built.history,
         plan.data.fingerprint,
+        plan.place,
         best_state=built.best_state,
     )
-    run.bar.write(f"checkpoint {path}", file=sys.stdout)
+    if path is not None:
+        run.bar.write(f"checkpoint {path}", file=sys.stdout)
     return path
 
 
 def _val_loss(cfg: TrainConfig, plan: Plan, built: Built) -> float:
     place = plan.place
     pad_id = plan.tokenizer.pad_token_id
-    return evaluate_loss(
-        built.model, plan.val_examples, cfg, pad_id, place.device, place.autocast, place.dist
-    )
+    # Split over the ranks, a rank with one batch fewer would leave the others waiting in an FSDP
+    # forward: sharded, every rank computes the whole split (the same figure everywhere).
+    dist = Dist() if place.sharded else place.dist
+    return evaluate_loss(built.model, plan.val_examples, cfg, pad_id, place.device, place.autocast, dist)
 
 
 # --- finish --------------------------------------------------------------------------------------
@@ -888,11 +907,15 @@ def _evaluate_and_save(
     if auto_length(cfg) and history.best is not None:
         kept = history.best
         if kept["step"] != done and built.best_state is not None:
-            set_peft_model_state_dict(built.model, built.best_state)
+            load_lora_state(built.model, built.best_state)
             log(f"keeping step {kept['step']}'s adapter ({BEST_RULE}): {_eval_line(kept)}")
     val_loss = kept.get("val_loss") if kept else None
     generation_eval = None
-    if place.dist.main and data.val_records and cfg.eval_generate > 0:
+    # Sharded, every rank generates: each forward gathers weights from all of them. The ranks run
+    # the same greedy decoding on the same whole weights, so they stop at the same token. (Rank 0
+    # alone on the gathered model would need the whole base on one device, which FSDP is for
+    # models that do not fit.)
+    if (place.dist.main or place.sharded) and data.val_records and cfg.eval_generate > 0:
         generation_eval = evaluate_peft(
             built.model, plan.tokenizer, data.val_records, data.template, max_records=cfg.eval_generate
         )
@@ -901,12 +924,13 @@ def _evaluate_and_save(
     card = training_card(cfg, plan, built, run, kept, generation_eval, started)
     adapter_dir = Path(cfg.output_dir)
     base_val_loss = built.history.base_val_loss
-    if place.dist.main:
-        adapter_dir = save_adapter(built.model, cfg.output_dir, data.template, card)
-        log(
-            f"adapter written to {adapter_dir} (val_loss {val_loss if val_loss is None else round(val_loss, 4)}, "
-            f"base {base_val_loss if base_val_loss is None else round(base_val_loss, 4)})"
-        )
+    with whole_lora(built.model):  # sharded: the same adapter file as one process writes
+        if place.dist.main:
+            adapter_dir = save_adapter(built.model, cfg.output_dir, data.template, card)
+            log(
+                f"adapter written to {adapter_dir} (val_loss {val_loss if val_loss is None else round(val_loss, 4)}, "
+                f"base {base_val_loss if base_val_loss is None else round(base_val_loss, 4)})"
+            )
     if place.dist.world_size > 1:
         torch.distributed.barrier()
     return TrainResult(adapter_dir, card, built.model, plan.tokenizer)
@@ -916,9 +940,12 @@ def _final_checkpoint(cfg: TrainConfig, plan: Plan, built: Built, done: int) -> 
     """A checkpoint of the last step, written by this call (None: another process writes them, or
     one of that step exists already, such as the one the run resumed from)."""
     root = checkpoint_root(cfg.output_dir)
-    if not plan.place.dist.main or (root / f"{CHECKPOINT_PREFIX}{done:07d}").exists():
+    place = plan.place
+    exists = place.dist.main and (root / f"{CHECKPOINT_PREFIX}{done:07d}").exists()
+    # Every rank joins the checkpoint's gathers: each must know what rank 0's disk holds.
+    if same_as_main(exists, place):
         return None
-    return save_checkpoint(
+    return write_checkpoint(
         root,
         done,
         built.model,
@@ -926,6 +953,7 @@ def _final_checkpoint(cfg: TrainConfig, plan: Plan, built: Built, done: int) -> 
         built.scheduler,
         built.history,
         plan.data.fingerprint,
+        place,
         keep=None,  # removed again once the adapter is written: prune nothing for it
         best_state=built.best_state,
     )
@@ -979,6 +1007,7 @@ def training_card(
             "kept_rule": BEST_RULE if auto_length(cfg) else "the last step",
             "gradient_accumulation": plan.accum,
             "world_size": place.dist.world_size,
+            "strategy": place.strategy if place.dist.world_size > 1 else None,
             "trainable_params": built.trainable,
             "total_params": built.total_params,
             "device": str(place.device),

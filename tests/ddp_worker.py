@@ -1,46 +1,52 @@
-"""Run under torch.distributed.run by test_trainer (one process or several): trains, then each rank
-dumps its LoRA weights (rank{N}.pt) and what it logged (rank{N}.json)."""
+"""Run under torch.distributed.run by test_trainer (one process or several, TRAIN_STRATEGY ddp or
+fsdp): trains, then each rank dumps its LoRA weights, whole (rank{N}.pt), and what it logged
+(rank{N}.json). With SIGTERM_AT=N, rank SIGTERM_RANK (default 1) signals itself after step N: the
+run stops with a checkpoint, and the JSON holds only that."""
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
-from peft.utils import get_peft_model_state_dict
 
 from finetune.cli import config_from_args
-from finetune.trainer import train
+from finetune.distributed import lora_state
+from finetune.trainer import TrainingStopped, train
 
 
 def main() -> None:
     dump_dir = Path(sys.argv[1])
-    grad_norms: list[float] = []
-    clip = torch.nn.utils.clip_grad_norm_
+    rank = int(os.environ.get("RANK", "0"))
+    sigterm_at = int(os.environ.get("SIGTERM_AT", "0"))
 
-    def recording_clip(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # The trainer clips once per step, after DDP's all-reduce, so this is the norm of the
-        # gradient the optimizer applies. AdamW hides a gradient off by a constant factor (e.g. not
-        # averaged over ranks) from the weights; the norm shows it.
-        norm = clip(parameters, max_norm, *args, **kwargs)
-        grad_norms.append(float(norm))
-        return norm
+    def on_step(entry: dict[str, float]) -> None:
+        if entry["step"] == sigterm_at and rank == int(os.environ.get("SIGTERM_RANK", "1")):
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    torch.nn.utils.clip_grad_norm_ = recording_clip
-    result = train(config_from_args(sys.argv[2:]))
-    distributed = torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
-    torch.save(get_peft_model_state_dict(result.model), dump_dir / f"rank{rank}.pt")
-    logged = {
-        "losses": [s["loss"] for s in result.card["history"]["steps"]],
-        "grad_norms": grad_norms,
-        "base_val_loss": result.card["eval"]["base_val_loss"],
-        "val_loss": result.card["eval"]["val_loss"],
-        "stopped_early": result.card["training"]["stopped_early"],
-        "kept_step": result.card["training"]["kept_step"],
-    }
-    (dump_dir / f"rank{rank}.json").write_text(json.dumps(logged), encoding="utf-8")
-    if distributed:
+    try:
+        result = train(config_from_args(sys.argv[2:]), on_step=on_step)
+    except TrainingStopped as stopped:
+        logged = {"stopped": str(stopped.checkpoint) if stopped.checkpoint else None}
+        (dump_dir / f"rank{rank}.json").write_text(json.dumps(logged), encoding="utf-8")
+    else:
+        # Every rank: under FSDP each weight is gathered from all of them.
+        torch.save(lora_state(result.model), dump_dir / f"rank{rank}.pt")
+        steps = result.card["history"]["steps"]
+        logged = {
+            "losses": [s["loss"] for s in steps],
+            # The norm of the gradient the optimizer applies (after DDP's all-reduce, or FSDP's
+            # reduce-scatter). AdamW hides a gradient off by a constant factor (e.g. not averaged
+            # over ranks) from the weights; the norm shows it.
+            "grad_norms": [s["grad_norm"] for s in steps],
+            "base_val_loss": result.card["eval"]["base_val_loss"],
+            "val_loss": result.card["eval"]["val_loss"],
+            "stopped_early": result.card["training"]["stopped_early"],
+            "kept_step": result.card["training"]["kept_step"],
+        }
+        (dump_dir / f"rank{rank}.json").write_text(json.dumps(logged), encoding="utf-8")
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from finetune.cli import config_from_args
 from finetune.cli import main as cli_main
 from finetune.cogtools import free_port
-from finetune.config import TrainConfig
+from finetune.config import ConfigError, TrainConfig
+from finetune.distributed import check_strategy, strategy_from_env
 from finetune.modeling import ModelError
 from finetune.trainer import TrainingStopped, checkpoint_root, plan_steps, train
 
@@ -506,7 +507,9 @@ def test_the_adapter_and_checkpoints_reach_the_disk_before_their_names(
         assert str(folder.parent) in synced
 
 
-def run_ddp_worker(nproc: int, dump_dir: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+def run_ddp_worker(
+    nproc: int, dump_dir: Path, args: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Train under torch.distributed.run on CPU (gloo); the worker dumps each rank's weights and logs."""
     dump_dir.mkdir()
     cmd = [
@@ -521,15 +524,19 @@ def run_ddp_worker(nproc: int, dump_dir: Path, args: list[str]) -> subprocess.Co
         *args,
     ]
     # One thread per process for both runs, so they share the same kernels.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-def test_two_ranks_stop_early_at_the_same_step_and_keep_the_same_adapter(tiny_model_dir, tiny_data, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_stop_early_at_the_same_step_and_keep_the_same_adapter(
+    tiny_model_dir, tiny_data, tmp_path, strategy
+):
     # num_epochs=auto with patience 2: the tiny model's recall plateaus, and rank 0's decision to
-    # stop must reach rank 1 (a rank left in the loop would hang in its next all-reduce).
+    # stop must reach rank 1 (a rank left in the loop would hang in its next all-reduce). Under
+    # FSDP every evaluation's best weights are gathered by both ranks, and put back at the end.
     settings = [
         "--eval_steps",
         "2",
@@ -540,61 +547,200 @@ def test_two_ranks_stop_early_at_the_same_step_and_keep_the_same_adapter(tiny_mo
         "--micro_batch_size",
         "2",
     ]
-    run_ddp_worker(2, tmp_path / "ddp", tiny_args(tiny_model_dir, tiny_data, tmp_path / "adapter", *settings))
+    out = tmp_path / "adapter"
+    run_ddp_worker(
+        2,
+        tmp_path / "ddp",
+        tiny_args(tiny_model_dir, tiny_data, out, *settings),
+        {"TRAIN_STRATEGY": strategy},
+    )
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["stopped_early"] and "no better score" in ranks[0]["stopped_early"]
     assert len(ranks[0]["losses"]) == len(ranks[1]["losses"]) < 150
     assert ranks[0]["kept_step"] == ranks[1]["kept_step"]
+    # The kept step is an earlier one: its weights were put back, on both ranks, and saved.
+    assert ranks[0]["kept_step"] < len(ranks[0]["losses"])
     weights = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    saved = load_file(out / "adapter_model.safetensors")
+    assert weights[0].keys() == weights[1].keys() == saved.keys()
+    assert all(
+        torch.equal(weights[0][k], weights[1][k]) and torch.equal(saved[k], weights[0][k]) for k in saved
+    )
 
 
-def test_two_gloo_ranks_train_as_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path):
-    """Two ranks with micro-batch 2 and no accumulation against one process with micro-batch 2 and
-    accumulation 2: each step sees the same 4 examples, so the logged losses, the gradients and the
-    adapter must agree up to float rounding. They differ if the ranks share a shard, gradients are
-    not averaged, accumulation is miscounted for the world size, the loss is normalised per rank,
-    or only rank 0's loss is logged."""
-    records = alpaca_records(24)
+# 36 records less 4 for validation, 8 a step: 4 steps per epoch, so 6 steps cross an epoch boundary.
+# fp32 and no dropout: the runs then differ only in summation order. max_grad_norm 0.5 clips some
+# steps, so a norm taken over one rank's shard would change the weights too.
+EQUIVALENCE_SETTINGS = [
+    "--max_steps",
+    "6",
+    "--batch_size",
+    "8",
+    "--dtype",
+    "float32",
+    "--lora_dropout",
+    "0",
+    "--max_grad_norm",
+    "0.5",
+    "--eval_generate",
+    "2",
+]
+
+
+def equivalence_data(folder: Path) -> Path:
+    records = alpaca_records(36)
     for i, record in enumerate(records):
         # Answers of 1 to 4 sentences, so that micro-batches hold different numbers of trained
         # tokens and normalising by a rank's own count instead of the global one shows.
         record["output"] = " ".join([record["output"]] * (1 + i % 4))
-    data = tmp_path / "data.json"
+    data = folder / "data.json"
     data.write_text(json.dumps(records), encoding="utf-8")
-    # fp32 and no dropout: the two runs then differ only in summation order. 24 records less 4 for
-    # validation, 4 per step: 5 steps per epoch, so 6 steps cross an epoch boundary. (An odd number
-    # of micro-batches per epoch would not match: one process carries the odd one into the next
-    # epoch's first step, two ranks drop it.)
-    settings = ["--max_steps", "6", "--dtype", "float32", "--lora_dropout", "0", "--eval_generate", "0"]
-    single_out, ddp_out = tmp_path / "single-adapter", tmp_path / "ddp-adapter"
-    run_ddp_worker(1, tmp_path / "single", tiny_args(tiny_model_dir, data, single_out, *settings))
-    proc = run_ddp_worker(2, tmp_path / "ddp", tiny_args(tiny_model_dir, data, ddp_out, *settings))
+    return data
 
-    single = json.loads((tmp_path / "single" / "rank0.json").read_text())
-    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """One process, micro-batch 2, accumulation 4: the reference the two-rank runs must match."""
+    folder = tmp_path_factory.mktemp("one-process")
+    data = equivalence_data(folder)
+    args = tiny_args(tiny_model_dir, data, folder / "adapter", *EQUIVALENCE_SETTINGS)
+    run_ddp_worker(1, folder / "dump", args)
+    return data, folder
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_ranks_train_as_one_process_on_the_same_global_batch(
+    tiny_model_dir, one_process_run, tmp_path, strategy
+):
+    """Two ranks with micro-batch 2 and accumulation 2 against one process with micro-batch 2 and
+    accumulation 4: each step sees the same 8 examples, so the logged losses and gradient norms,
+    the adapter and its generations must agree up to float rounding. They differ if the ranks
+    share a shard, gradients are not averaged (or are reduced on every micro-batch and then
+    again), accumulation is miscounted for the world size, the loss is normalised per rank, only
+    rank 0's loss is logged, or (FSDP) the gradient norm is one rank's shard's, the saved adapter
+    one rank's shard, or the final evaluation not run by every rank."""
+    data, single_folder = one_process_run
+    out = tmp_path / "adapter"
+    args = tiny_args(tiny_model_dir, data, out, *EQUIVALENCE_SETTINGS)
+    proc = run_ddp_worker(2, tmp_path / "dump", args, env={"TRAIN_STRATEGY": strategy})
+
+    single = json.loads((single_folder / "dump" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "dump" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(single["losses"]) == len(single["grad_norms"]) == 6
+    assert max(single["grad_norms"]) > 0.5  # clipping is exercised
     rtol, atol = 1e-4, 1e-5
     for logged in ranks:  # every rank logs the global figures, not its own shard's
         for name in ("losses", "grad_norms", "base_val_loss", "val_loss"):
             assert logged[name] == pytest.approx(single[name], rel=rtol, abs=atol), name
 
-    single_weights = load_file(single_out / "adapter_model.safetensors")
-    ddp_weights = load_file(ddp_out / "adapter_model.safetensors")
-    assert single_weights.keys() == ddp_weights.keys() and single_weights
-    for key, value in single_weights.items():
+    single_weights = load_file(single_folder / "adapter" / "adapter_model.safetensors")
+    weights = load_file(out / "adapter_model.safetensors")
+    assert single_weights.keys() == weights.keys() and single_weights
+    for key, value in single_weights.items():  # whole tensors, as one process writes them
+        assert weights[key].shape == value.shape, key
         torch.testing.assert_close(
-            ddp_weights[key], value, rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}"
+            weights[key], value, rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}"
         )
-    # DDP keeps the ranks' weights bit-identical, and rank 0 saved its own.
-    rank0, rank1 = torch.load(tmp_path / "ddp" / "rank0.pt"), torch.load(tmp_path / "ddp" / "rank1.pt")
-    assert rank0.keys() == rank1.keys() == ddp_weights.keys()
+    # The ranks hold the same weights (FSDP: gathered from their shards), and rank 0 saved them.
+    rank0, rank1 = torch.load(tmp_path / "dump" / "rank0.pt"), torch.load(tmp_path / "dump" / "rank1.pt")
+    assert rank0.keys() == rank1.keys() == weights.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-        assert torch.equal(ddp_weights[key], rank0[key]), key
+        assert torch.equal(weights[key], rank0[key]), key
 
-    card = json.loads((ddp_out / "training_card.json").read_text())
-    assert card["training"]["world_size"] == 2 and card["training"]["gradient_accumulation"] == 1
+    single_card = json.loads((single_folder / "adapter" / "training_card.json").read_text())
+    card = json.loads((out / "training_card.json").read_text())
+    assert card["training"]["world_size"] == 2 and card["training"]["gradient_accumulation"] == 2
+    assert card["training"]["strategy"] == strategy and single_card["training"]["strategy"] is None
+    # The greedy generations at the end, through the serving engine: the same texts.
+    assert card["eval"]["examples"] == single_card["eval"]["examples"] and card["eval"]["examples"]
     # Only rank 0 logs the step lines.
     assert proc.stdout.count("step 6/6") == 1
+
+
+def test_an_fsdp_run_stopped_by_sigterm_resumes_to_the_uninterrupted_runs_adapter(
+    tiny_model_dir, tiny_data, tmp_path
+):
+    # Rank 1 alone is signalled after step 3: both ranks stop there, gather the sharded weights and
+    # optimizer state, and rank 0 writes the checkpoint. Dropout makes each rank's RNG matter.
+    args = ["--max_steps", "6", "--save_steps", "2", "--lora_dropout", "0.1", "--seed", "7"]
+    args += ["--eval_generate", "0"]
+    fsdp = {"TRAIN_STRATEGY": "fsdp"}
+    full = tmp_path / "full"
+    run_ddp_worker(2, tmp_path / "full-dump", tiny_args(tiny_model_dir, tiny_data, full, *args), env=fsdp)
+
+    resumed = tmp_path / "resumed"
+    stop_args = tiny_args(tiny_model_dir, tiny_data, resumed, *args)
+    run_ddp_worker(2, tmp_path / "stop-dump", stop_args, env={**fsdp, "SIGTERM_AT": "3"})
+    stopped = json.loads((tmp_path / "stop-dump" / "rank0.json").read_text())
+    assert stopped == {"stopped": str(checkpoint_root(resumed) / "checkpoint-0000003")}
+    assert not resumed.exists()
+    assert sorted(p.name for p in checkpoint_root(resumed).iterdir()) == [
+        "checkpoint-0000002",
+        "checkpoint-0000003",
+    ]
+    # The checkpoint holds whole tensors, as one process writes them.
+    saved = load_file(
+        checkpoint_root(resumed) / "checkpoint-0000003" / "adapter" / "adapter_model.safetensors"
+    )
+    full_weights = load_file(full / "adapter_model.safetensors")
+    assert saved.keys() == full_weights.keys()
+    assert all(saved[k].shape == full_weights[k].shape for k in saved)
+
+    resume_args = [*stop_args, "--resume_from_checkpoint", "latest"]
+    run_ddp_worker(2, tmp_path / "resume-dump", resume_args, env=fsdp)
+    resumed_weights = load_file(resumed / "adapter_model.safetensors")
+    assert resumed_weights.keys() == full_weights.keys()
+    for key in full_weights:  # bit for bit, as a single process resumes
+        assert torch.equal(resumed_weights[key], full_weights[key]), key
+    full_log = json.loads((tmp_path / "full-dump" / "rank0.json").read_text())
+    resumed_log = json.loads((tmp_path / "resume-dump" / "rank0.json").read_text())
+    assert resumed_log["losses"] == full_log["losses"]
+    assert resumed_log["grad_norms"] == full_log["grad_norms"]
+
+
+def test_a_4bit_base_sharded_over_two_ranks_trains_as_one_process(tiny_model_dir, tiny_data, tmp_path):
+    # QLoRA under FSDP: the packed 4-bit weights (uint8 storage, never cast) are sharded with the
+    # rest and gathered whole for each layer; bitsandbytes puts their quantization state back.
+    settings = ["--max_steps", "3", "--dtype", "float32", "--lora_dropout", "0", "--eval_generate", "0"]
+    settings += ["--quantization", "4bit"]
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    run_ddp_worker(1, tmp_path / "single-dump", tiny_args(tiny_model_dir, tiny_data, single, *settings))
+    env = {"TRAIN_STRATEGY": "fsdp"}
+    run_ddp_worker(
+        2, tmp_path / "sharded-dump", tiny_args(tiny_model_dir, tiny_data, sharded, *settings), env=env
+    )
+    one = json.loads((tmp_path / "single-dump" / "rank0.json").read_text())
+    two = json.loads((tmp_path / "sharded-dump" / "rank0.json").read_text())
+    for name in ("losses", "grad_norms", "val_loss"):
+        assert two[name] == pytest.approx(one[name], rel=1e-4, abs=1e-5), name
+    a, b = load_file(single / "adapter_model.safetensors"), load_file(sharded / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("", "ddp"), ("auto", "ddp"), ("DDP", "ddp"), (" fsdp ", "fsdp")]
+)
+def test_train_strategy_reads_ddp_fsdp_or_auto(value, expected):
+    assert strategy_from_env({"TRAIN_STRATEGY": value}) == expected
+    assert strategy_from_env({}) == "ddp"
+
+
+def test_a_bad_train_strategy_fails_before_the_model_loads(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    from finetune import trainer
+
+    monkeypatch.setenv("TRAIN_STRATEGY", "zero3")
+    monkeypatch.setattr(trainer, "load_for_training", lambda *a, **k: pytest.fail("the model loaded"))
+    out = tmp_path / "adapter"
+    with pytest.raises(ConfigError, match=r"TRAIN_STRATEGY='zero3' is not a training strategy: use ddp"):
+        train(config_from_args(tiny_args(tiny_model_dir, tiny_data, out, "--max_steps", "1"), environ={}))
+    assert not out.exists()
+
+
+def test_8bit_weights_cannot_be_sharded_and_say_what_to_use():
+    with pytest.raises(ConfigError, match="quantization 8bit cannot be sharded .*use quantization 4bit"):
+        check_strategy("fsdp", "8bit")
+    check_strategy("ddp", "8bit")
+    check_strategy("fsdp", "4bit")
