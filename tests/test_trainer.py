@@ -744,3 +744,26 @@ def test_8bit_weights_cannot_be_sharded_and_say_what_to_use():
         check_strategy("fsdp", "8bit")
     check_strategy("ddp", "8bit")
     check_strategy("fsdp", "4bit")
+
+
+@pytest.mark.parametrize(
+    ("storage", "gathered", "refused"),
+    [("uint8", torch.bfloat16, False), ("float32", torch.float32, False), ("float32", torch.bfloat16, True)],
+)
+def test_4bit_weights_are_sharded_only_in_a_storage_fsdp_leaves_uncast(
+    tiny_model_dir, storage, gathered, refused
+):
+    # FSDP casts floating-point weights to the dtype it gathers in (bf16 on a bf16 GPU): packed
+    # 4-bit bytes stored as float32 would become other numbers. Integer storage is never cast.
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from finetune.distributed import check_quantized
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=getattr(torch, storage))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir), quantization_config=config, device_map={"": "cpu"}
+    )
+    with contextlib.ExitStack() as expect:
+        if refused:
+            expect.enter_context(pytest.raises(ModelError, match="bnb_4bit_quant_storage=torch.bfloat16"))
+        check_quantized(model, gathered)
