@@ -1,12 +1,20 @@
 """Cog trainer (`cog train -i train_data=@data.json`, POST /trainings): returns a weights archive that
 a predictor loads through COG_WEIGHTS (a "trained version"). Thin: the work is in finetune/."""
 
-from typing import Optional
+from typing import Optional, get_args
 
 from cog import BaseModel, Input, Path
 
-from finetune.cli import parse_list
-from finetune.config import DataConfig, LoraSettings, TrainConfig, field_default, field_doc
+from finetune.cli import parse_auto_bool
+from finetune.config import (
+    DataConfig,
+    LoraSettings,
+    Quantization,
+    TrainConfig,
+    field_default,
+    field_doc,
+    parse_list,
+)
 from finetune.prompts import available_templates
 from finetune.service_train import RUN_ID, run_training
 from finetune.trainer import watch_sigterm
@@ -62,7 +70,12 @@ def train(
     quantization: str = Input(
         description=field_doc(TrainConfig, "quantization"),
         default=field_default(TrainConfig, "quantization"),
-        choices=["none", "8bit", "4bit"],
+        choices=list(get_args(Quantization)),
+    ),
+    gradient_checkpointing: str = Input(
+        description=field_doc(TrainConfig, "gradient_checkpointing"),
+        default="auto",
+        choices=["auto", "true", "false"],
     ),
     resume_from: Optional[str] = Input(
         description="The run id of a training stopped by SIGTERM (its error and logs name it): "
@@ -81,6 +94,7 @@ def train(
             micro_batch_size=micro_batch_size,
             seed=seed if seed is not None else field_default(TrainConfig, "seed"),
             quantization=quantization,
+            gradient_checkpointing=parse_auto_bool(gradient_checkpointing),
             data=DataConfig(
                 data_path=str(train_data),
                 cutoff_len=cutoff_len,

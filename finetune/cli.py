@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from .config import DataConfig, LoraSettings, TrainConfig, field_doc
+from .config import DataConfig, LoraSettings, TrainConfig, field_doc, parse_list
 
 SECTIONS: dict[str, type] = {"": TrainConfig, "data": DataConfig, "lora": LoraSettings}
 # The seed's environment names that differ from the upper-cased flag name.
@@ -39,12 +39,6 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def parse_list(text: str) -> list[str]:
-    """'[q_proj,v_proj]', "['q_proj', 'v_proj']" or 'q_proj,v_proj'."""
-    items = [s.strip().strip("'\"") for s in text.strip().strip("[]").split(",")]
-    return [s for s in items if s]
-
-
 def parse_auto_float(text: str) -> float | None:
     """A number, or "auto" for the value the trainer derives from the data."""
     if text.strip().lower() == "auto":
@@ -55,11 +49,18 @@ def parse_auto_float(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
+def parse_auto_bool(text: str) -> bool | None:
+    """true or false, or "auto" for what the memory plan decides."""
+    return None if text.strip().lower() == "auto" else parse_bool(text)
+
+
 def _converter(tp: Any) -> Any:
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if args == [float] and len(typing.get_args(tp)) == 2:  # float | None: None reads as "auto"
         return parse_auto_float
+    if args == [bool] and len(typing.get_args(tp)) == 2:  # bool | None: None reads as "auto"
+        return parse_auto_bool
     if tp is bool:
         return parse_bool
     if origin is list:
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kwargs: dict[str, Any] = {
             "type": _converter(tp),
-            "default": "auto" if _converter(tp) is parse_auto_float and default is None else default,
+            "default": "auto"
+            if _converter(tp) in (parse_auto_float, parse_auto_bool) and default is None
+            else default,
             "help": field_doc(SECTIONS[section], f.name) or " ",
         }
         if tp is bool:

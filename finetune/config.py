@@ -18,7 +18,7 @@ BASE_MODEL_ENV = "BASE_MODEL"
 SAMPLE_DATA = PROJECT_ROOT / "data" / "sample_alpaca.json"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-Quantization = Literal["none", "8bit", "4bit"]
+Quantization = Literal["auto", "none", "8bit", "4bit"]
 
 
 class ConfigError(ValueError):
@@ -116,9 +116,12 @@ class TrainConfig:
     dtype: Dtype = "auto"
     """Compute dtype: auto = bf16 where the device supports it, else fp32 (fp16 only on request)."""
     quantization: Quantization = "none"
-    """Load the base in 8-bit or 4-bit (QLoRA, nf4) through bitsandbytes; CUDA only."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Load the base in 8-bit or 4-bit (QLoRA, nf4) through bitsandbytes (CUDA or CPU). auto: the
+    memory plan's choice on a GPU, 4-bit only when bf16 does not fit even with checkpointing (see
+    `python -m finetune plan`); none on a CPU."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass to save memory. Unset or auto: on when the memory
+    plan says training does not fit the GPU without it."""
     logging_steps: int = 1
     """Print a step line every N optimizer steps."""
     eval_steps: int = 0
@@ -236,6 +239,12 @@ def field_doc(cls: type, name: str) -> str:
         ):
             return " ".join(str(nxt.value.value).split())
     return ""
+
+
+def parse_list(text: str) -> list[str]:
+    """'[q_proj,v_proj]', "['q_proj', 'v_proj']" or 'q_proj,v_proj'."""
+    items = [s.strip().strip("'\"") for s in text.strip().strip("[]").split(",")]
+    return [s for s in items if s]
 
 
 def env_flag(name: str, default: bool = False) -> bool:

@@ -50,6 +50,13 @@ DONE = None  # the outbox item after the last chunk
 _NO_IDS = torch.empty(1, 0, dtype=torch.long)  # the samplers' ids argument when no processor reads it
 
 
+# The share of free memory after loading a CPU server's KV cache takes when KV_CACHE_TOKENS is unset
+# (a GPU server takes what its memory plan leaves, plan.largest_kv_budget).
+KV_MEMORY_SHARE = 0.25
+MAX_BATCH_ENV = "MAX_BATCH_SIZE"
+KV_TOKENS_ENV = "KV_CACHE_TOKENS"
+
+
 @dataclass
 class EngineLimits:
     max_batch: int = 8

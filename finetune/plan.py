@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import footprint as fp
-from .cli import parse_list
-from .config import DataConfig, LoraSettings, TrainConfig, field_default
+from .config import DataConfig, LoraSettings, TrainConfig, field_default, parse_list
 from .footprint import PlanError, Shape
 
 GIB = 1 << 30
@@ -412,10 +411,32 @@ class ServingAsk:
         return replace(self, server=replace(self.server, **changes))
 
 
+def plan_run(
+    cfg: TrainConfig, base_path: str, device_type: str, gpu_memory: int | None, world_size: int
+) -> Plan:
+    """The plan a training run starts with: cfg's settings (auto where unset) against the GPU's total
+    memory (the plan counts the CUDA context itself), or no limit on a CPU."""
+    checkpointing = "auto" if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    return plan_training(
+        base_path,
+        gpu_memory=gpu_memory if device_type == "cuda" else None,
+        micro_batch_size=cfg.micro_batch_size,
+        cutoff_len=cfg.data.cutoff_len,
+        lora_r=cfg.lora.lora_r,
+        lora_target_modules=cfg.lora.lora_target_modules,
+        lora_dropout=cfg.lora.lora_dropout,
+        dtype=cfg.dtype,
+        quantization=cfg.quantization if device_type == "cuda" or cfg.quantization != "auto" else "none",
+        gradient_checkpointing=checkpointing,
+        world_size=world_size,
+        device="cuda" if device_type == "cuda" else "cpu",
+    )
+
+
 def _serving_way_out(ask: ServingAsk, plan: Plan) -> str:
     """Server settings that would fit instead: fewer rows, a smaller KV budget, no CUDA graphs."""
     from .compiled import COMPILE_ENV
-    from .serving import KV_TOKENS_ENV, MAX_BATCH_ENV
+    from .engine import KV_TOKENS_ENV, MAX_BATCH_ENV
 
     tips = []
     rows = ask.server.max_rows // 2
@@ -459,8 +480,7 @@ def plan_serving(
     longest row is min(max_tokens, the model's context). `quantization`: auto and none keep the
     weights in `dtype` (auto: bfloat16 on a GPU); 8bit / 4bit plan a bitsandbytes base (SERVE_QUANT
     bnb8 / bnb4). `adapters`: LoRA adapters held at once (ADAPTER_CACHE_SIZE) of rank `lora_r`."""
-    from .engine import EngineLimits
-    from .serving import KV_MEMORY_SHARE
+    from .engine import KV_MEMORY_SHARE, EngineLimits
 
     memory = parse_memory(gpu_memory)
     limits = EngineLimits()

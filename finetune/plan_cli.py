@@ -77,7 +77,7 @@ def _checkpointing(text: str) -> str | bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import parse_list
+    from .config import parse_list
     from .errors import user_errors
 
     args = _parser().parse_args(argv)

@@ -12,7 +12,7 @@ import sys
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -31,7 +31,7 @@ from .compute import POLL_S, ComputeThread
 from .config import DataConfig, GenerationSettings, env_flag, field_default
 from .decoder import PEFT_BASE, kv_geometry
 from .encoding import encode_prompt
-from .engine import DONE, Engine, EngineLimits, Request
+from .engine import DONE, KV_MEMORY_SHARE, KV_TOKENS_ENV, MAX_BATCH_ENV, Engine, EngineLimits, Request
 from .fast_paths import load_step
 from .inference import GenerationError, GenerationStats, context_length
 from .modeling import (
@@ -52,14 +52,11 @@ ADAPTER_CACHE_ENV = "ADAPTER_CACHE_SIZE"
 LOCAL_LORA_ENV = "ALLOW_LOCAL_LORA_WEIGHTS"
 DTYPE_ENV = "SERVE_DTYPE"  # auto | float32 | bfloat16 | float16
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-MAX_BATCH_ENV = "MAX_BATCH_SIZE"
-KV_TOKENS_ENV = "KV_CACHE_TOKENS"
 PREFILL_CHUNK_ENV = "PREFILL_CHUNK_TOKENS"
 PREFIX_CACHE_ENV = "PREFIX_CACHE_TOKENS"
 MIN_HEAD = 16  # template heads shorter than this are prefilled with the rest of the prompt
 QUEUE_TIMEOUT_ENV = "QUEUE_TIMEOUT_S"
 DOWNLOAD_DEADLINE_ENV = "LORA_DOWNLOAD_DEADLINE_S"
-KV_MEMORY_SHARE = 0.25
 SETUP_NAME = "setup"
 # An adapter is megabytes (a few GB for r=64 on all layers of a 70B); a request gets tighter
 # limits than the operator's COG_WEIGHTS.
@@ -107,17 +104,28 @@ def adapter_key(source: str) -> str:
     return "a" + hashlib.sha256(source.encode()).hexdigest()
 
 
-def engine_limits(model: Any, device: torch.device) -> EngineLimits:
-    """Batch and KV budget from the environment, else sized for the machine: a quarter of the
-    memory available after loading the model (at most max_batch full contexts)."""
+def engine_limits(
+    model: Any, device: torch.device, gpu_budget: Callable[[int], int] | None = None
+) -> EngineLimits:
+    """Batch and KV budget from the environment, else sized for the machine: on a GPU what the
+    serving plan leaves (`gpu_budget(max_batch)`, which counts the graph pools and activations
+    too), else a quarter of the memory available after loading the model; at most max_batch full
+    contexts."""
     defaults = EngineLimits()
     max_batch = env_number(MAX_BATCH_ENV, int, defaults.max_batch, minimum=1)
-    per_token = kv_bytes_per_token(model)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
-    budget = min(int(free * KV_MEMORY_SHARE) // per_token, max_batch * context_length(model))
+    full = max_batch * context_length(model)
+    if os.environ.get(KV_TOKENS_ENV, "").strip():
+        budget = env_number(KV_TOKENS_ENV, int, 0, minimum=1)  # the operator's, as given
+    elif device.type == "cuda" and gpu_budget is not None:
+        budget = min(gpu_budget(max_batch), full)
+    else:
+        free = (
+            torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+        )
+        budget = min(int(free * KV_MEMORY_SHARE) // kv_bytes_per_token(model), full)
     return EngineLimits(
         max_batch=max_batch,
-        kv_tokens=env_number(KV_TOKENS_ENV, int, budget, minimum=1),
+        kv_tokens=budget,
         prefill_chunk=env_number(PREFILL_CHUNK_ENV, int, defaults.prefill_chunk, minimum=1),
         queue_timeout_s=env_number(QUEUE_TIMEOUT_ENV, float, defaults.queue_timeout_s, minimum=0),
         prefix_tokens=env_number(PREFIX_CACHE_ENV, int, defaults.prefix_tokens, minimum=0),
@@ -241,7 +249,10 @@ class ModelServer:
             if self.mergeable:
                 self._merge()
         self.engine = Engine(
-            self.model, self.tokenizer, limits or engine_limits(self.model, self.device), self._prepare
+            self.model,
+            self.tokenizer,
+            limits or engine_limits(self.model, self.device, self._gpu_budget),
+            self._prepare,
         )
         self.engine.prefix_tag = self._prefix_tag
         compile_mode = self.compile_mode
@@ -272,6 +283,29 @@ class ModelServer:
             file=sys.stderr,
             flush=True,
         )
+
+    def _gpu_budget(self, max_batch: int) -> int:
+        """The KV budget the serving plan leaves on this GPU (weights, adapters, graph pools and
+        activations counted); the plan is logged, and a model the GPU cannot serve stops setup."""
+        from .plan import largest_kv_budget, plan_serving
+
+        options: dict[str, Any] = {
+            "max_rows": max_batch,
+            "dtype": str(self.precision.weights).removeprefix("torch."),
+            "quantization": {"bnb8": "8bit", "bnb4": "4bit"}.get(self.quantization, "none"),
+            "adapters": self.capacity,
+            "cuda_graphs": self.compile_mode != "off" and self.quantization not in BNB_MODES,
+        }
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = largest_kv_budget(self.model.config, gpu_memory=total, **options)
+        plan = plan_serving(self.model.config, gpu_memory=total, max_tokens=max(budget, 64), **options)
+        print(f"setup: memory plan\n{plan.table()}", file=sys.stderr, flush=True)
+        if budget == 0:
+            raise ModelError(
+                f"this GPU cannot serve the model with room for a KV cache: {plan.reason}; "
+                f"use {quant.QUANT_ENV}=bnb4 or bnb8, a smaller {MAX_BATCH_ENV}, or a GPU with more memory"
+            )
+        return budget
 
     def _room_to_unmerge(self) -> bool:
         """On a GPU a merge is undone from a copy of the base weights kept beside them (re-reading

@@ -477,3 +477,30 @@ def test_command_refuses_a_missing_folder_and_a_config_without_shape(tmp_path, c
     assert finetune_main(["plan", "--base_model", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "--base_model" in err and "num_hidden_layers" in err and len(err.splitlines()) == 1
+
+
+def test_a_gpu_server_takes_the_kv_budget_its_plan_leaves_unless_the_operator_sets_one(monkeypatch, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune.serving import engine_limits
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config)
+    asked: list[int] = []
+    monkeypatch.delenv("KV_CACHE_TOKENS", raising=False)
+    monkeypatch.setenv("MAX_BATCH_SIZE", "3")
+    limits = engine_limits(model, torch.device("cuda"), lambda rows: asked.append(rows) or 777)
+    assert asked == [3] and limits.kv_tokens == 777 and limits.max_batch == 3
+    # Never more than max_batch full contexts, whatever the plan leaves.
+    assert engine_limits(model, torch.device("cuda"), lambda rows: 10**9).kv_tokens == 3 * 512
+    monkeypatch.setenv("KV_CACHE_TOKENS", "100")
+    assert engine_limits(model, torch.device("cuda"), lambda rows: asked.append(rows) or 777).kv_tokens == 100
+    assert asked == [3]  # the operator's budget wins without asking the plan
