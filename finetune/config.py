@@ -115,7 +115,7 @@ class TrainConfig:
     """Seed for the split, shuffling, LoRA init and dropout; same seed, same adapter."""
     dtype: Dtype = "auto"
     """Compute dtype: auto = bf16 where the device supports it, else fp32 (fp16 only on request)."""
-    quantization: Quantization = "none"
+    quantization: Quantization = "auto"
     """Load the base in 8-bit or 4-bit (QLoRA, nf4) through bitsandbytes (CUDA or CPU). auto: the
     memory plan's choice on a GPU, 4-bit only when bf16 does not fit even with checkpointing (see
     `python -m finetune plan`); none on a CPU."""

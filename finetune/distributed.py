@@ -1,7 +1,8 @@
 """Distributed set-up: this process's place among the training processes (torchrun's RANK,
 LOCAL_RANK and WORLD_SIZE), where it computes, and how the model is spread over the processes.
 
-Two strategies, read from TRAIN_STRATEGY (ddp, fsdp or auto) until a setting carries them:
+Two strategies, TRAIN_STRATEGY (ddp, fsdp, or auto: the memory plan's choice, ddp while the whole
+model fits each GPU):
 
 * ddp: every process holds the whole model; DistributedDataParallel averages the gradients.
 * fsdp: FSDP2 (`fully_shard`) keeps 1/world_size of every weight per process, frozen base and
@@ -29,7 +30,7 @@ from .modeling import ModelError, Precision
 
 STRATEGY_ENV = "TRAIN_STRATEGY"
 STRATEGIES = ("ddp", "fsdp")
-AUTO_STRATEGY = "ddp"  # until the memory planner picks fsdp for a model that fits no single GPU
+AUTO_STRATEGY = "ddp"  # where no memory plan decides (one process, or a plan without a strategy)
 
 
 @dataclass
@@ -57,10 +58,10 @@ def init_distributed(device_type: str) -> Dist:
 
 
 def parse_strategy(value: str) -> str:
-    """ddp or fsdp from a TRAIN_STRATEGY value (auto: ddp)."""
+    """ddp, fsdp or auto (the memory plan decides) from a TRAIN_STRATEGY value."""
     choice = value.strip().lower() or "auto"
     if choice == "auto":
-        return AUTO_STRATEGY
+        return choice
     if choice not in STRATEGIES:
         raise ConfigError(
             f"{STRATEGY_ENV}={value!r} is not a training strategy: use ddp (a whole model per "
@@ -83,6 +84,7 @@ class Placement:
     precision: Precision
     autocast: Callable[[], Any]
     strategy: str = AUTO_STRATEGY
+    memory: Any = None  # the memory plan (plan.Plan) the run's settings came from
 
     @property
     def sharded(self) -> bool:

@@ -411,7 +411,7 @@ class ServingAsk:
         return replace(self, server=replace(self.server, **changes))
 
 
-def plan_run(
+def plan_for_config(
     cfg: TrainConfig, base_path: str, device_type: str, gpu_memory: int | None, world_size: int
 ) -> Plan:
     """The plan a training run starts with: cfg's settings (auto where unset) against the GPU's total

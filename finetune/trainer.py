@@ -40,8 +40,11 @@ from .checkpoints import (
     run_fingerprint,
     write_checkpoint,
 )
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
+from .devices import train_device
 from .distributed import (
+    AUTO_STRATEGY,
+    STRATEGIES,
     Dist,
     Placement,
     check_strategy,
@@ -66,6 +69,7 @@ from .modeling import (
     pick_device,
     pick_precision,
 )
+from .plan import plan_for_config
 from .records import Record, dataset_fingerprint, read_records, split_records
 from .weights import resolve_base_model
 
@@ -373,6 +377,7 @@ def train(
     # From the start: a SIGTERM while the model loads stops the run before its first step.
     with _StopFlag() as stop:
         plan = plan_run(cfg)
+        cfg = settle_memory(cfg, plan.place)
         built = build_run(cfg, plan)
         log_start(cfg, plan, built, log)
         run = run_loop(cfg, plan, built, on_step, stop)
@@ -383,9 +388,10 @@ def train(
 
 
 def plan_run(cfg: TrainConfig) -> Plan:
-    """Read, split and encode the data and size the run; every check that needs no model runs here."""
+    """Read, split and encode the data and size the run; every check that needs no model runs here.
+    `cfg` must have its memory settings resolved (settle_memory)."""
     data = read_data(cfg)
-    place = place_process(cfg, data.checkpoint)
+    place = place_process(cfg, data)
     base_path = data.base_path
     tokenizer = load_tokenizer(base_path)
     train_examples = encode_records(data.train_records, tokenizer, data.template, cfg)
@@ -443,28 +449,62 @@ def read_data(cfg: TrainConfig) -> Data:
     return Data(records, data_bytes, train_records, val_records, template, base_path, fingerprint, checkpoint)
 
 
-def place_process(cfg: TrainConfig, checkpoint: Path | None) -> Placement:
-    """Device, rank and precision. A fresh run moves an earlier run's checkpoints aside here, once
+def place_process(cfg: TrainConfig, data: Data) -> Placement:
+    """Device, rank, precision and the memory plan (which settles auto quantization, gradient
+    checkpointing and strategy). A fresh run moves an earlier run's checkpoints aside here, once
     the main process is known."""
-    device = pick_device()
+    device = pick_device(train_device())
     dist = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    if checkpoint is None and dist.main:
+    if data.checkpoint is None and dist.main:
         aside = move_aside_old_checkpoints(cfg.output_dir)
         if aside is not None:
             log_line(f"a fresh run: the checkpoints of an earlier run were moved to {aside}")
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    memory = memory_plan(cfg, data.base_path, device.type, total, dist)
+    quantization = memory.settings["quantization"]
     precision = pick_precision(cfg.dtype, device, training=True)
-    if precision.compute == torch.float16 and cfg.quantization == "none":
+    if precision.compute == torch.float16 and quantization == "none":
         raise ValueError("dtype float16 training is unstable without loss scaling; use bfloat16 or float32")
     autocast = (
         (lambda: torch.autocast(device.type, dtype=precision.compute)) if precision.autocast else nullcontext
     )
     strategy = strategy_from_env()
+    if strategy == "auto":
+        strategy = (
+            memory.settings.get("strategy")
+            if memory.settings.get("strategy") in STRATEGIES
+            else AUTO_STRATEGY
+        )
     if dist.world_size > 1:
-        check_strategy(strategy, cfg.quantization)
-    return Placement(device, dist, precision, autocast, strategy)
+        check_strategy(strategy, quantization)
+    return Placement(device, dist, precision, autocast, strategy, memory)
+
+
+def memory_plan(cfg: TrainConfig, base_path: str, device_type: str, total: int | None, dist: Dist) -> Any:
+    """The memory plan for this run on a device with `total` bytes (None: a CPU, no limit). Auto
+    settings that fit nothing stop the run with the plan's reason; explicit ones that the plan
+    expects not to fit run anyway (the user may know better), with a warning."""
+    memory = plan_for_config(cfg, base_path, device_type, total, dist.world_size)
+    if not memory.fits:
+        explicit = cfg.quantization != "auto" and cfg.gradient_checkpointing is not None
+        if not explicit:
+            raise ConfigError(f"training does not fit this GPU: {memory.reason}")
+        if dist.main:
+            log_line(f"warning: the memory plan expects this run not to fit: {memory.reason}")
+    return memory
+
+
+def settle_memory(cfg: TrainConfig, place: Placement) -> TrainConfig:
+    """cfg with the memory plan's quantization and gradient checkpointing in place of auto."""
+    settings = place.memory.settings
+    return dataclasses.replace(
+        cfg,
+        quantization=settings["quantization"],
+        gradient_checkpointing=bool(settings["gradient_checkpointing"]),
+    )
 
 
 def _accumulation(cfg: TrainConfig, train_examples: list[Encoded], dist: Dist) -> tuple[int, int]:
@@ -552,6 +592,8 @@ def log_start(cfg: TrainConfig, plan: Plan, built: Built, log: Callable[[str], N
         + (f" | resuming at step {built.start_step}" if built.start_step else "")
     )
     log(f"steps: {plan.steps_rule}")
+    if place.device.type == "cuda" or cfg.quantization != "none" or cfg.gradient_checkpointing:
+        log(f"memory {place.memory.table()}")
     effective = plan.accum * cfg.micro_batch_size * place.dist.world_size
     if effective != cfg.batch_size:
         # Accumulation is a whole number of micro-batches: say what a step really trains on.
@@ -1008,6 +1050,7 @@ def training_card(
             "gradient_accumulation": plan.accum,
             "world_size": place.dist.world_size,
             "strategy": place.strategy if place.dist.world_size > 1 else None,
+            "memory_plan": place.memory.to_json() if place.memory is not None else None,
             "trainable_params": built.trainable,
             "total_params": built.total_params,
             "device": str(place.device),

@@ -504,3 +504,28 @@ def test_a_gpu_server_takes_the_kv_budget_its_plan_leaves_unless_the_operator_se
     monkeypatch.setenv("KV_CACHE_TOKENS", "100")
     assert engine_limits(model, torch.device("cuda"), lambda rows: asked.append(rows) or 777).kv_tokens == 100
     assert asked == [3]  # the operator's budget wins without asking the plan
+
+
+def test_training_settles_auto_settings_from_its_memory_plan(capsys):
+    from finetune.config import ConfigError, TrainConfig
+    from finetune.distributed import Dist
+    from finetune.trainer import memory_plan
+
+    llama13b = str(CONFIGS / "llama-2-13b.json")
+    # A 24 GiB GPU: auto picks 4-bit with checkpointing for 13B.
+    plan = memory_plan(TrainConfig(), llama13b, "cuda", 24 << 30, Dist())
+    assert (
+        plan.fits
+        and plan.settings["quantization"] == "4bit"
+        and plan.settings["gradient_checkpointing"] is True
+    )
+    # Nothing fits 8 GiB: auto stops before any weight loads, pointing at several GPUs.
+    with pytest.raises(ConfigError, match="training does not fit this GPU.*GPUs"):
+        memory_plan(TrainConfig(), llama13b, "cuda", 8 << 30, Dist())
+    # Explicit settings the plan expects not to fit run anyway, with a warning.
+    explicit = TrainConfig(quantization="none", gradient_checkpointing=False)
+    assert not memory_plan(explicit, llama13b, "cuda", 24 << 30, Dist()).fits
+    assert "warning: the memory plan expects this run not to fit" in capsys.readouterr().out
+    # A CPU has no limit: auto is the fastest setting, nothing quantized.
+    cpu = memory_plan(TrainConfig(), llama13b, "cpu", None, Dist())
+    assert cpu.settings["quantization"] == "none" and cpu.settings["gradient_checkpointing"] is False

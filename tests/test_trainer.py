@@ -114,6 +114,13 @@ def test_an_explicit_epoch_count_is_exact(tiny_model_dir, tiny_data, tmp_path):
     assert result.card["training"]["steps"] == 5
     assert result.card["training"]["steps_rule"] == "num_epochs=1"
     assert "Training length: num_epochs=1" in (out / "README.md").read_text()
+    # The memory plan it ran under: auto on a CPU settles on the fastest setting, no limit.
+    memory = result.card["training"]["memory_plan"]
+    assert memory["fits"] and memory["gpu_memory"] is None and memory["peak_bytes"] > 0
+    assert (
+        memory["settings"]["quantization"] == "none" and memory["settings"]["gradient_checkpointing"] is False
+    )
+    assert result.card["config"]["quantization"] == "none"  # the settled value, not auto
 
 
 def test_a_batch_size_that_does_not_divide_says_what_a_step_trains_on(tiny_model_dir, tiny_data, tmp_path):
@@ -721,11 +728,11 @@ def test_a_4bit_base_sharded_over_two_ranks_trains_as_one_process(tiny_model_dir
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"), [("", "ddp"), ("auto", "ddp"), ("DDP", "ddp"), (" fsdp ", "fsdp")]
+    ("value", "expected"), [("", "auto"), ("auto", "auto"), ("DDP", "ddp"), (" fsdp ", "fsdp")]
 )
 def test_train_strategy_reads_ddp_fsdp_or_auto(value, expected):
     assert strategy_from_env({"TRAIN_STRATEGY": value}) == expected
-    assert strategy_from_env({}) == "ddp"
+    assert strategy_from_env({}) == "auto"
 
 
 def test_a_bad_train_strategy_fails_before_the_model_loads(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
