@@ -542,3 +542,27 @@ def largest_kv_budget(
         plan = plan_serving(config, gpu_memory=gpu_memory, max_rows=max_rows, max_tokens=middle, **options)
         low, high = (middle, high) if plan.fits else (low, middle)
     return low if low >= 64 else 0
+
+
+def serving_quantization(
+    config: Any, *, gpu_memory: int | str, max_rows: int | None = None, min_tokens: int = 4096, **options: Any
+) -> str:
+    """SERVE_QUANT=auto on a GPU: none while the base in its dtype leaves a KV budget of at least
+    `min_tokens` slots (capped at the model's context), else bnb8, else bnb4; a model that fits
+    none of them raises PlanError with the 4-bit plan's reason. `options` as plan_serving's."""
+    config = load_config(config)
+    need = min(min_tokens, Shape.from_config(config).context)
+    for quantization, mode in (("none", "none"), ("8bit", "bnb8"), ("4bit", "bnb4")):
+        if quantization != "none":
+            options["cuda_graphs"] = False  # a bitsandbytes base decodes eagerly (serving.py)
+        budget = largest_kv_budget(
+            config, gpu_memory=gpu_memory, max_rows=max_rows, quantization=quantization, **options
+        )
+        if budget >= need:
+            return mode
+    plan = plan_serving(
+        config, gpu_memory=gpu_memory, max_rows=max_rows, max_tokens=need, quantization="4bit", **options
+    )
+    raise PlanError(
+        f"this GPU cannot serve the model even in 4-bit with a {need}-token KV cache: {plan.reason}"
+    )

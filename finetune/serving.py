@@ -184,15 +184,16 @@ class ModelServer:
         if dtype not in DTYPES:
             raise ModelError(f"{DTYPE_ENV}={dtype!r} is not a dtype: use one of {', '.join(DTYPES)}")
         self.precision = pick_precision(dtype, self.device, training=False)
-        self.quantization = pick_quantization(
-            quantization or os.environ.get(quant.QUANT_ENV) or "auto", self.device, self.precision.weights
-        )
+        mode = quantization or os.environ.get(quant.QUANT_ENV) or "auto"
+        self.quantization = pick_quantization(mode, self.device, self.precision.weights)
         self.compile_mode = os.environ.get(compiled.COMPILE_ENV) or "auto"
         if self.compile_mode not in compiled.MODES:
             raise ModelError(
                 f"{compiled.COMPILE_ENV}={self.compile_mode!r}: use one of {', '.join(compiled.MODES)}"
             )
         self.base_path = resolve_base_model(base_model)
+        if mode == "auto" and self.device.type == "cuda":
+            self.quantization = self._planned_quantization()
         # Downloaded adapters live here; they leave with the server, or at the latest when the process
         # exits (the compute thread's loop keeps a serving server alive until then). A server killed
         # by a signal leaves its folder to the next one to remove.
@@ -283,6 +284,33 @@ class ModelServer:
             file=sys.stderr,
             flush=True,
         )
+
+    def _planned_quantization(self) -> str:
+        """SERVE_QUANT=auto on a GPU: the base in its dtype where the memory plan leaves room for a
+        full-context KV cache, else a bitsandbytes base (bnb8, then bnb4), chosen before loading."""
+        from .plan import PlanError, serving_quantization
+
+        max_batch = env_number(MAX_BATCH_ENV, int, EngineLimits().max_batch, minimum=1)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        try:
+            mode = serving_quantization(
+                self.base_path,
+                gpu_memory=total,
+                max_rows=max_batch,
+                dtype=str(self.precision.weights).removeprefix("torch."),
+                adapters=env_number(ADAPTER_CACHE_ENV, int, 4, minimum=0),
+                cuda_graphs=self.compile_mode != "off",
+            )
+        except PlanError as exc:
+            raise ModelError(f"{exc}; use a GPU with more memory, or a smaller {MAX_BATCH_ENV}") from None
+        if mode != "none":
+            print(
+                f"setup: {quant.QUANT_ENV}=auto: the base does not fit in {self.precision.weights} with a full "
+                f"KV cache, so it loads as {mode} (bitsandbytes)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return mode
 
     def _gpu_budget(self, max_batch: int) -> int:
         """The KV budget the serving plan leaves on this GPU (weights, adapters, graph pools and

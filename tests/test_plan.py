@@ -529,3 +529,14 @@ def test_training_settles_auto_settings_from_its_memory_plan(capsys):
     # A CPU has no limit: auto is the fastest setting, nothing quantized.
     cpu = memory_plan(TrainConfig(), llama13b, "cpu", None, Dist())
     assert cpu.settings["quantization"] == "none" and cpu.settings["gradient_checkpointing"] is False
+
+
+def test_serve_quant_auto_on_a_gpu_loads_bitsandbytes_only_where_the_dtype_leaves_no_room():
+    from finetune.plan import serving_quantization
+
+    card = "24564MiB"  # an RTX 4090
+    assert serving_quantization(CONFIGS / "llama-2-7b.json", gpu_memory=card, max_rows=8) == "none"
+    assert serving_quantization(CONFIGS / "llama-2-7b.json", gpu_memory="16GiB", max_rows=8) == "bnb8"
+    assert serving_quantization(CONFIGS / "llama-2-13b.json", gpu_memory=card, max_rows=8) == "bnb4"
+    with pytest.raises(PlanError, match="even in 4-bit.*KV_CACHE_TOKENS="):
+        serving_quantization(CONFIGS / "llama-2-13b.json", gpu_memory="12GiB", max_rows=8)
