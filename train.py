@@ -17,7 +17,7 @@ from finetune.config import (
 )
 from finetune.prompts import available_templates
 from finetune.service_train import RUN_ID, run_training
-from finetune.trainer import watch_sigterm
+from finetune.stopping import watch_sigterm
 
 # Cog's worker calls train() off the main thread, where Python's SIGTERM handling never reaches:
 # armed here, at import in the main thread, a SIGTERM makes the training checkpoint and stop.

@@ -121,7 +121,8 @@ def config_from_args(argv: list[str] | None = None, environ: Mapping[str, str] |
 def main(argv: list[str] | None = None) -> int:
     from .devices import train_device
     from .errors import user_errors
-    from .trainer import TrainingStopped, train
+    from .stopping import TrainingStopped
+    from .trainer import train
 
     try:
         cfg = config_from_args(argv)

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archives import pack_dir
+from .checkpoints import CHECKPOINT_PREFIX, checkpoint_root
 from .config import TrainConfig
 from .devices import train_device
-from .trainer import CHECKPOINT_PREFIX, TrainingStopped, checkpoint_root, log_line, train
+from .stopping import TrainingStopped
+from .trainer import log_line, train
 from .workdirs import owned_workdir
 
 CHECKPOINT_DIR_ENV = "TRAINING_CHECKPOINT_DIR"

@@ -13,10 +13,8 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -71,6 +69,7 @@ from .modeling import (
 )
 from .plan import plan_for_config
 from .records import Record, dataset_fingerprint, read_records, split_records
+from .stopping import StopFlag, TrainingStopped, stop_before_save, stop_requested, stopped
 from .weights import resolve_base_model
 
 # num_epochs=auto: about AUTO_EXAMPLES examples seen, in 3 to 30 epochs, and never fewer than
@@ -113,15 +112,6 @@ def eval_interval(cfg: TrainConfig, total_steps: int) -> int:
     if cfg.eval_steps:
         return cfg.eval_steps
     return max(1, math.ceil(total_steps / AUTO_EVALUATIONS)) if auto_length(cfg) else 0
-
-
-class TrainingStopped(Exception):
-    """Training was asked to stop (SIGTERM); `checkpoint` holds the progress (None: no step had run,
-    or this process is not the one that writes checkpoints)."""
-
-    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -203,99 +193,6 @@ def encode_records(
     return out
 
 
-# --- SIGTERM -------------------------------------------------------------------------------------
-# Python runs signal handlers in the main thread only, between bytecodes. Cog's worker runs train()
-# in another thread while its main thread stays in native code, so there a Python handler never
-# runs (and without one SIGTERM kills the worker, and its training slot with it). watch_sigterm has
-# the C-level handler also write each signal's number to a pipe, which the training thread reads.
-_sigterm = threading.Event()  # a SIGTERM arrived while a training ran
-_wakeup_read: int | None = None  # the pipe's read end, once watch_sigterm armed it
-_active_runs = 0
-_consumed = False  # a SIGTERM was read from the pipe: its late Python handler must not act again
-
-
-def watch_sigterm() -> bool:
-    """Let a training in any thread of this process see SIGTERM (it checkpoints and stops); call from
-    the main thread. Where Python can still act on it, a SIGTERM while no training runs ends the
-    process as before. False when another user of signal.set_wakeup_fd (an asyncio loop) was first."""
-    global _wakeup_read
-    if _wakeup_read is not None:
-        return True
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    read, write = os.pipe()
-    os.set_blocking(read, False)
-    os.set_blocking(write, False)  # a full pipe drops bytes rather than block the signal handler
-    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    if previous != -1:
-        signal.set_wakeup_fd(previous)
-        os.close(read)
-        os.close(write)
-        return False
-    signal.signal(signal.SIGTERM, _on_sigterm)  # the wakeup pipe is written only for handled signals
-    _wakeup_read = read
-    return True
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    global _consumed
-    if _active_runs:
-        _sigterm.set()
-        _consumed = False  # if the training read this signal from the pipe, here is its handler
-    elif _consumed:
-        _consumed = False
-    else:  # no training to stop: the default, the process ends
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _sigterm_in_pipe() -> bool:
-    """Empty the wakeup pipe; whether it held a SIGTERM."""
-    seen = False
-    while _wakeup_read is not None:
-        try:
-            chunk = os.read(_wakeup_read, 512)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        seen = seen or signal.SIGTERM in chunk
-    return seen
-
-
-class _StopFlag:
-    """Set by SIGTERM while a training runs; the run checkpoints at the end of the step and stops."""
-
-    def __init__(self) -> None:
-        self.previous: Any = None
-
-    def __enter__(self) -> _StopFlag:
-        global _active_runs
-        if not _active_runs:  # a SIGTERM from before this run is not meant for it
-            _sigterm.clear()
-            _sigterm_in_pipe()
-        _active_runs += 1
-        try:
-            self.previous = signal.signal(signal.SIGTERM, _on_sigterm)
-        except ValueError:  # not the main thread: the pipe of watch_sigterm, if armed, says it
-            self.previous = None
-        return self
-
-    @property
-    def set(self) -> bool:
-        global _consumed
-        if not _sigterm.is_set() and _sigterm_in_pipe():
-            _sigterm.set()
-            _consumed = True
-        return _sigterm.is_set()
-
-    def __exit__(self, *exc: object) -> None:
-        global _active_runs
-        _active_runs -= 1
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
 def log_line(text: str) -> None:
     print(text, flush=True)
 
@@ -375,7 +272,7 @@ def train(
     run (no model yet), build the model and optimizer, run the steps, finish (evaluate, save)."""
     started = time.time()
     # From the start: a SIGTERM while the model loads stops the run before its first step.
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         plan = plan_run(cfg)
         cfg = settle_memory(cfg, plan.place)
         built = build_run(cfg, plan)
@@ -611,11 +508,11 @@ def run_loop(
     plan: Plan,
     built: Built,
     on_step: Callable[[dict[str, float]], None] | None,
-    stop: _StopFlag,
+    stop: StopFlag,
 ) -> Run:
     """From the start step to the last; on SIGTERM, checkpoint at the end of the step and stop."""
-    if _stop_requested(stop, plan.place):  # before the first step: nothing new to keep
-        raise _stopped(cfg, plan.data.checkpoint)
+    if stop_requested(stop, plan.place):  # before the first step: nothing new to keep
+        raise stopped(cfg, plan.data.checkpoint)
     run = _start_loop(cfg, plan, built)
     checkpoint = None
     for step in range(built.start_step, plan.total_steps):
@@ -625,23 +522,13 @@ def run_loop(
         _after_step(cfg, plan, built, run, entry, mean_loss)
         if on_step is not None:
             on_step(entry)
-        stop_now = _stop_requested(stop, plan.place)
+        stop_now = stop_requested(stop, plan.place)
         checkpoint = _checkpoint_hook(cfg, plan, built, run, step + 1, stop_now)
         if stop_now:
             run.bar.close()
-            raise _stopped(cfg, checkpoint)
+            raise stopped(cfg, checkpoint)
     run.bar.close()
     return run
-
-
-def _stopped(cfg: TrainConfig, checkpoint: Path | None) -> TrainingStopped:
-    if checkpoint is None and not any(checkpoint_root(cfg.output_dir).glob(f"{CHECKPOINT_PREFIX}*")):
-        return TrainingStopped("stopped by SIGTERM before the first step; there is nothing to resume")
-    return TrainingStopped(
-        f"stopped by SIGTERM; resume with --resume_from_checkpoint latest "
-        f"(checkpoints in {checkpoint_root(cfg.output_dir)})",
-        checkpoint,
-    )
 
 
 def _start_loop(cfg: TrainConfig, plan: Plan, built: Built) -> Run:
@@ -857,15 +744,6 @@ def _eval_line(entry: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-def _stop_requested(stop: _StopFlag, place: Placement) -> bool:
-    """SIGTERM on any rank stops every rank at the same step."""
-    if place.dist.world_size == 1:
-        return stop.set
-    flag = torch.tensor([int(stop.set)], device=place.device)
-    torch.distributed.all_reduce(flag)
-    return bool(flag.item())
-
-
 def _checkpoint_hook(
     cfg: TrainConfig, plan: Plan, built: Built, run: Run, done: int, stop_now: bool
 ) -> Path | None:
@@ -909,7 +787,7 @@ def finish_run(
     run: Run,
     started: float,
     log: Callable[[str], None],
-    stop: _StopFlag,
+    stop: StopFlag,
 ) -> TrainResult:
     """The last evaluation; with num_epochs=auto the best evaluation's weights back in the model
     (BEST_RULE); base-vs-adapter generations, the card; the adapter folder on disk. A SIGTERM before
@@ -938,13 +816,13 @@ def _evaluate_and_save(
     run: Run,
     started: float,
     log: Callable[[str], None],
-    stop: _StopFlag,
+    stop: StopFlag,
     done: int,
 ) -> TrainResult:
     place, data, history = plan.place, plan.data, built.history
     last = history.evals[-1] if history.evals and history.evals[-1]["step"] == done else None
     last = last or evaluate_step(cfg, plan, built, done)
-    _stop_before_save(cfg, stop, place, done)
+    stop_before_save(cfg, stop, place, done)
     kept = last
     if auto_length(cfg) and history.best is not None:
         kept = history.best
@@ -961,7 +839,7 @@ def _evaluate_and_save(
         generation_eval = evaluate_peft(
             built.model, plan.tokenizer, data.val_records, data.template, max_records=cfg.eval_generate
         )
-    _stop_before_save(cfg, stop, place, done)
+    stop_before_save(cfg, stop, place, done)
     # From here the adapter is written even if a SIGTERM comes: it is the whole result.
     card = training_card(cfg, plan, built, run, kept, generation_eval, started)
     adapter_dir = Path(cfg.output_dir)
@@ -1006,13 +884,6 @@ def _remove_checkpoint(path: Path | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
         with contextlib.suppress(OSError):  # the folder too, if nothing else is there
             path.parent.rmdir()
-
-
-def _stop_before_save(cfg: TrainConfig, stop: _StopFlag, place: Placement, done: int) -> None:
-    if _stop_requested(stop, place):
-        root = checkpoint_root(cfg.output_dir)
-        path = root / f"{CHECKPOINT_PREFIX}{done:07d}"
-        raise _stopped(cfg, path if place.dist.main else None)
 
 
 def training_card(

@@ -13,7 +13,8 @@ import torch
 
 from finetune.cli import config_from_args
 from finetune.distributed import lora_state
-from finetune.trainer import TrainingStopped, train
+from finetune.stopping import TrainingStopped
+from finetune.trainer import train
 
 
 def main() -> None:

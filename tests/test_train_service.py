@@ -30,7 +30,7 @@ from finetune.cogtools import CogServer, data_uri, post_with_retry, save_data_ur
 from finetune.config import DataConfig, LoraSettings, TrainConfig
 from finetune.records import DatasetError
 from finetune.service_train import ResumeError, run_training, sweep
-from finetune.trainer import TrainingStopped
+from finetune.stopping import TrainingStopped
 
 integration = pytest.mark.integration  # starts the real Cog server
 
