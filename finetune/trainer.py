@@ -215,7 +215,7 @@ class Data:
 
 
 @dataclass
-class Plan:
+class RunPlan:
     """The run as the data decides it, before any model loads: encoded examples and step counts."""
 
     data: Data
@@ -234,7 +234,7 @@ class Plan:
 
 
 @dataclass
-class Built:
+class TrainState:
     """The model and what trains it, at the step the run starts from (0, or a checkpoint's)."""
 
     model: Any
@@ -250,7 +250,7 @@ class Built:
 
 
 @dataclass
-class Run:
+class LoopState:
     """What the loop carries from one step to the next."""
 
     bar: Any
@@ -275,16 +275,16 @@ def train(
     with StopFlag() as stop:
         plan = plan_run(cfg)
         cfg = settle_memory(cfg, plan.place)
-        built = build_run(cfg, plan)
-        log_start(cfg, plan, built, log)
-        run = run_loop(cfg, plan, built, on_step, stop)
-        return finish_run(cfg, plan, built, run, started, log, stop)
+        state = build_run(cfg, plan)
+        log_start(cfg, plan, state, log)
+        loop = run_loop(cfg, plan, state, on_step, stop)
+        return finish_run(cfg, plan, state, loop, started, log, stop)
 
 
 # --- plan ----------------------------------------------------------------------------------------
 
 
-def plan_run(cfg: TrainConfig) -> Plan:
+def plan_run(cfg: TrainConfig) -> RunPlan:
     """Read, split and encode the data and size the run; every check that needs no model runs here.
     `cfg` must have its memory settings resolved (settle_memory)."""
     data = read_data(cfg)
@@ -297,7 +297,7 @@ def plan_run(cfg: TrainConfig) -> Plan:
     steps_per_epoch = micro_per_epoch / accum
     total_steps, steps_rule = plan_steps(cfg, steps_per_epoch, len(data.train_records))
     recall_examples = recall_sample(cfg, data.train_records, tokenizer, data.template)
-    return Plan(
+    return RunPlan(
         data,
         place,
         base_path,
@@ -430,7 +430,7 @@ def _accumulation(cfg: TrainConfig, train_examples: list[Encoded], dist: Dist) -
 # --- build ---------------------------------------------------------------------------------------
 
 
-def build_run(cfg: TrainConfig, plan: Plan) -> Built:
+def build_run(cfg: TrainConfig, plan: RunPlan) -> TrainState:
     """Base model + a new LoRA, the optimizer and schedule; a checkpoint's state when resuming."""
     place = plan.place
     torch.manual_seed(cfg.seed)
@@ -455,7 +455,7 @@ def build_run(cfg: TrainConfig, plan: Plan) -> Built:
         start_step, history, best_state = load_checkpoint(
             plan.data.checkpoint, model, optimizer, scheduler, place.dist, place.sharded
         )
-    return Built(
+    return TrainState(
         model,
         loss_fn,
         optimizer,
@@ -469,11 +469,11 @@ def build_run(cfg: TrainConfig, plan: Plan) -> Built:
     )
 
 
-def log_start(cfg: TrainConfig, plan: Plan, built: Built, log: Callable[[str], None]) -> None:
+def log_start(cfg: TrainConfig, plan: RunPlan, state: TrainState, log: Callable[[str], None]) -> None:
     place = plan.place
     if not place.dist.main:
         return
-    trainable, total_params, examples = built.trainable, built.total_params, plan.train_examples
+    trainable, total_params, examples = state.trainable, state.total_params, plan.train_examples
     log(
         f"base {plan.base_path} | {total_params / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable "
         f"({100 * trainable / total_params:.2f}%) | device {place.device} weights {place.precision.weights} compute {place.precision.compute}"
@@ -486,7 +486,7 @@ def log_start(cfg: TrainConfig, plan: Plan, built: Built, log: Callable[[str], N
         f"{plan.total_steps} steps x {plan.accum} accumulation x {cfg.micro_batch_size} micro-batch x {place.dist.world_size} "
         f"process(es){f' ({place.strategy})' if place.dist.world_size > 1 else ''} | lr {cfg.learning_rate} "
         f"{cfg.lr_scheduler} | packing {cfg.data.packing}"
-        + (f" | resuming at step {built.start_step}" if built.start_step else "")
+        + (f" | resuming at step {state.start_step}" if state.start_step else "")
     )
     log(f"steps: {plan.steps_rule}")
     if place.device.type == "cuda" or cfg.quantization != "none" or cfg.gradient_checkpointing:
@@ -505,99 +505,99 @@ def log_start(cfg: TrainConfig, plan: Plan, built: Built, log: Callable[[str], N
 
 def run_loop(
     cfg: TrainConfig,
-    plan: Plan,
-    built: Built,
+    plan: RunPlan,
+    state: TrainState,
     on_step: Callable[[dict[str, float]], None] | None,
     stop: StopFlag,
-) -> Run:
+) -> LoopState:
     """From the start step to the last; on SIGTERM, checkpoint at the end of the step and stop."""
     if stop_requested(stop, plan.place):  # before the first step: nothing new to keep
         raise stopped(cfg, plan.data.checkpoint)
-    run = _start_loop(cfg, plan, built)
+    loop = _start_loop(cfg, plan, state)
     checkpoint = None
-    for step in range(built.start_step, plan.total_steps):
-        if built.history.stopped:  # a resumed run that had already stopped on evidence
+    for step in range(state.start_step, plan.total_steps):
+        if state.history.stopped:  # a resumed run that had already stopped on evidence
             break
-        entry, mean_loss = optimizer_step(cfg, plan, built, run, step)
-        _after_step(cfg, plan, built, run, entry, mean_loss)
+        entry, mean_loss = optimizer_step(cfg, plan, state, loop, step)
+        _after_step(cfg, plan, state, loop, entry, mean_loss)
         if on_step is not None:
             on_step(entry)
         stop_now = stop_requested(stop, plan.place)
-        checkpoint = _checkpoint_hook(cfg, plan, built, run, step + 1, stop_now)
+        checkpoint = _checkpoint_hook(cfg, plan, state, loop, step + 1, stop_now)
         if stop_now:
-            run.bar.close()
+            loop.bar.close()
             raise stopped(cfg, checkpoint)
-    run.bar.close()
-    return run
+    loop.bar.close()
+    return loop
 
 
-def _start_loop(cfg: TrainConfig, plan: Plan, built: Built) -> Run:
+def _start_loop(cfg: TrainConfig, plan: RunPlan, state: TrainState) -> LoopState:
     """wandb, the base model's validation loss and the progress bar, before the first step."""
     wandb_run = _wandb(cfg, plan.place.dist) if cfg.wandb_project else None
     # Once per run: a resumed run has it in its history.
-    if plan.val_examples and built.history.base_val_loss is None:
-        with built.model.disable_adapter():
-            built.history.base_val_loss = _val_loss(cfg, plan, built)
-    built.model.train()
+    if plan.val_examples and state.history.base_val_loss is None:
+        with state.model.disable_adapter():
+            state.history.base_val_loss = _val_loss(cfg, plan, state)
+    state.model.train()
     bar = tqdm(
         total=plan.total_steps,
-        initial=built.start_step,
+        initial=state.start_step,
         desc="train",
         disable=not plan.place.dist.main,
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    return Run(bar, wandb_run)
+    return LoopState(bar, wandb_run)
 
 
 def optimizer_step(
-    cfg: TrainConfig, plan: Plan, built: Built, run: Run, step: int
+    cfg: TrainConfig, plan: RunPlan, state: TrainState, loop: LoopState, step: int
 ) -> tuple[dict[str, float], float]:
     """One optimizer step over `accum` micro-batches: its history entry and its unrounded mean loss."""
     place = plan.place
     t0 = time.perf_counter()
-    batches = [_micro_batch(cfg, plan, run, step * plan.accum + k) for k in range(plan.accum)]
+    batches = [_micro_batch(cfg, plan, loop, step * plan.accum + k) for k in range(plan.accum)]
     step_targets = _step_targets(batches, place)
     # Summed on the device and read once per step: one host sync, not one per micro-batch.
     step_loss = torch.zeros((), dtype=torch.float64, device=place.device)
     for k, batch in enumerate(batches):
         # Gradients are all-reduced once per step, on the last micro-batch.
         last = k == plan.accum - 1
-        with nullcontext() if last else skip_grad_sync(built.loss_fn):
-            loss_sum, _ = token_loss_sum(built.loss_fn, batch, place.device, place.autocast)
+        with nullcontext() if last else skip_grad_sync(state.loss_fn):
+            loss_sum, _ = token_loss_sum(state.loss_fn, batch, place.device, place.autocast)
             # Normalise by trained tokens over the whole step (all micro-batches, all
             # ranks); DDP and FSDP average over ranks, so scale back up by world size.
             loss = loss_sum * place.dist.world_size / step_targets
             loss.backward()
         step_loss += loss_sum.detach()
     # The norm of the whole step's gradient, over all ranks, logged whether or not it clips.
-    grad_norm = clip_grad_norm(built.model.parameters(), cfg.max_grad_norm)
-    built.optimizer.step()
-    built.scheduler.step()
-    built.optimizer.zero_grad(set_to_none=True)
+    grad_norm = clip_grad_norm(state.model.parameters(), cfg.max_grad_norm)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
 
     loss_total, step_tokens = _step_totals(step_loss, batches, place)
-    run.total_tokens += step_tokens
-    run.window_tokens += step_tokens
-    run.train_seconds += time.perf_counter() - t0
+    loop.total_tokens += step_tokens
+    loop.window_tokens += step_tokens
+    loop.train_seconds += time.perf_counter() - t0
     mean_loss = loss_total / step_targets
     entry = {
         "step": step + 1,
         "epoch": round((step + 1) / plan.steps_per_epoch, 4),
         "loss": round(mean_loss, 5),
-        "lr": built.scheduler.get_last_lr()[0],
+        "lr": state.scheduler.get_last_lr()[0],
         "grad_norm": float(f"{grad_norm:.6g}"),
     }
     return entry, mean_loss
 
 
-def _micro_batch(cfg: TrainConfig, plan: Plan, run: Run, index: int) -> dict[str, torch.Tensor]:
+def _micro_batch(cfg: TrainConfig, plan: RunPlan, loop: LoopState, index: int) -> dict[str, torch.Tensor]:
     """The index-th micro-batch of the run, collated; the order is a pure function of seed and epoch."""
     epoch, pos = divmod(index, plan.micro_per_epoch)
-    if epoch != run.epoch:
+    if epoch != loop.epoch:
         dist = plan.place.dist
-        run.epoch = epoch
-        run.epoch_order = micro_batches(
+        loop.epoch = epoch
+        loop.epoch_order = micro_batches(
             plan.train_examples,
             cfg.micro_batch_size,
             cfg.seed,
@@ -608,7 +608,7 @@ def _micro_batch(cfg: TrainConfig, plan: Plan, run: Run, index: int) -> dict[str
             plan.accum,
         )
     pad_id = plan.tokenizer.pad_token_id
-    return next(iter_collated(plan.train_examples, [run.epoch_order[pos]], pad_id, cfg.data.packing))
+    return next(iter_collated(plan.train_examples, [loop.epoch_order[pos]], pad_id, cfg.data.packing))
 
 
 def _step_targets(batches: list[dict[str, torch.Tensor]], place: Placement) -> float:
@@ -641,24 +641,31 @@ def _step_totals(
 
 
 def _after_step(
-    cfg: TrainConfig, plan: Plan, built: Built, run: Run, entry: dict[str, float], mean_loss: float
+    cfg: TrainConfig,
+    plan: RunPlan,
+    state: TrainState,
+    loop: LoopState,
+    entry: dict[str, float],
+    mean_loss: float,
 ) -> None:
-    built.history.steps.append(entry)
-    run.bar.update(1)
-    _log_step(cfg, plan, run, entry, mean_loss)
-    _eval_hook(cfg, plan, built, run, int(entry["step"]))
-    if run.wandb_run is not None:
-        run.wandb_run.log(entry, step=entry["step"])
+    state.history.steps.append(entry)
+    loop.bar.update(1)
+    _log_step(cfg, plan, loop, entry, mean_loss)
+    _eval_hook(cfg, plan, state, loop, int(entry["step"]))
+    if loop.wandb_run is not None:
+        loop.wandb_run.log(entry, step=entry["step"])
 
 
-def _log_step(cfg: TrainConfig, plan: Plan, run: Run, entry: dict[str, float], mean_loss: float) -> None:
+def _log_step(
+    cfg: TrainConfig, plan: RunPlan, loop: LoopState, entry: dict[str, float], mean_loss: float
+) -> None:
     done = entry["step"]
     if not plan.place.dist.main or (done % cfg.logging_steps != 0 and done != plan.total_steps):
         return
     now = time.perf_counter()
-    tps = run.window_tokens / max(now - run.window_start, 1e-9)
-    run.window_tokens, run.window_start = 0, now
-    run.bar.write(
+    tps = loop.window_tokens / max(now - loop.window_start, 1e-9)
+    loop.window_tokens, loop.window_start = 0, now
+    loop.bar.write(
         f"epoch {entry['epoch']:.2f} | step {done}/{plan.total_steps} | loss {mean_loss:.4f} | "
         f"lr {entry['lr']:.2e} | grad_norm {entry['grad_norm']:.3g} | tok/s {tps:.0f} | mem {_memory_gb(plan.place.device):.2f} GB",
         file=sys.stdout,
@@ -666,17 +673,17 @@ def _log_step(cfg: TrainConfig, plan: Plan, run: Run, entry: dict[str, float], m
     sys.stdout.flush()
 
 
-def _eval_hook(cfg: TrainConfig, plan: Plan, built: Built, run: Run, done: int) -> None:
+def _eval_hook(cfg: TrainConfig, plan: RunPlan, state: TrainState, loop: LoopState, done: int) -> None:
     """Evaluate every eval_every steps; the last step's comes with the final evaluation. With
     num_epochs=auto, decide here whether the run has learned what it can (History.stopped)."""
     if not (plan.eval_every and done % plan.eval_every == 0 and done < plan.total_steps):
         return
-    entry = evaluate_step(cfg, plan, built, done)
+    entry = evaluate_step(cfg, plan, state, done)
     if entry is None:
         return
-    history = built.history
+    history = state.history
     if plan.place.dist.main:
-        run.bar.write(_eval_line(entry), file=sys.stdout)
+        loop.bar.write(_eval_line(entry), file=sys.stdout)
     if not (auto_length(cfg) and cfg.stop_patience):
         return
     history.stopped = stop_reason(entry, history.stale, cfg.stop_patience)
@@ -688,7 +695,7 @@ def _eval_hook(cfg: TrainConfig, plan: Plan, built: Built, run: Run, done: int) 
         elif not history.stopped:
             history.stopped = "rank 0 stopped"
     if history.stopped and plan.place.dist.main:
-        run.bar.write(f"stopping at {history.stopped}", file=sys.stdout)
+        loop.bar.write(f"stopping at {history.stopped}", file=sys.stdout)
 
 
 def stop_reason(entry: dict[str, float], stale: int, patience: int) -> str:
@@ -702,16 +709,16 @@ def stop_reason(entry: dict[str, float], stale: int, patience: int) -> str:
     return ""
 
 
-def evaluate_step(cfg: TrainConfig, plan: Plan, built: Built, done: int) -> dict[str, float] | None:
+def evaluate_step(cfg: TrainConfig, plan: RunPlan, state: TrainState, done: int) -> dict[str, float] | None:
     """Validation loss and greedy recall now, recorded in the history; the best evaluation's weights
     are copied aside. None when there is nothing to evaluate on."""
     entry: dict[str, float] = {"step": done}
     if plan.val_examples:
-        entry["val_loss"] = _val_loss(cfg, plan, built)
+        entry["val_loss"] = _val_loss(cfg, plan, state)
     if plan.recall_examples:
         place = plan.place
         recall = greedy_recall(
-            built.model, plan.recall_examples, plan.tokenizer.pad_token_id, place.device, place.autocast
+            state.model, plan.recall_examples, plan.tokenizer.pad_token_id, place.device, place.autocast
         )
         entry["recall_exact"] = recall.exact
         entry["recall_token_accuracy"] = recall.token_accuracy
@@ -719,18 +726,18 @@ def evaluate_step(cfg: TrainConfig, plan: Plan, built: Built, done: int) -> dict
         return None
     # Every rank keeps the same best: under FSDP copying it aside is a gather all must join.
     entry = figures_as_main(entry, plan.place)
-    history = built.history
+    history = state.history
     history.evals.append(entry)
     if history.best is None or eval_score(entry) > eval_score(history.best):
         history.best, history.stale = entry, 0
-        built.best_state = lora_state(built.model)
+        state.best_state = lora_state(state.model)
     else:
         history.stale += 1
     return entry
 
 
-def steps_run(built: Built) -> int:
-    return int(built.history.steps[-1]["step"]) if built.history.steps else built.start_step
+def steps_run(state: TrainState) -> int:
+    return int(state.history.steps[-1]["step"]) if state.history.steps else state.start_step
 
 
 def _eval_line(entry: dict[str, float]) -> str:
@@ -745,36 +752,36 @@ def _eval_line(entry: dict[str, float]) -> str:
 
 
 def _checkpoint_hook(
-    cfg: TrainConfig, plan: Plan, built: Built, run: Run, done: int, stop_now: bool
+    cfg: TrainConfig, plan: RunPlan, state: TrainState, loop: LoopState, done: int, stop_now: bool
 ) -> Path | None:
     want = cfg.save_steps and done % cfg.save_steps == 0 and done < plan.total_steps
     # A run stopping on evidence checkpoints too: a resume then finishes without more steps.
-    want = want or (cfg.save_steps and built.history.stopped and not stop_now)
+    want = want or (cfg.save_steps and state.history.stopped and not stop_now)
     if not (want or stop_now):
         return None
     path = write_checkpoint(
         checkpoint_root(cfg.output_dir),
         done,
-        built.model,
-        built.optimizer,
-        built.scheduler,
-        built.history,
+        state.model,
+        state.optimizer,
+        state.scheduler,
+        state.history,
         plan.data.fingerprint,
         plan.place,
-        best_state=built.best_state,
+        best_state=state.best_state,
     )
     if path is not None:
-        run.bar.write(f"checkpoint {path}", file=sys.stdout)
+        loop.bar.write(f"checkpoint {path}", file=sys.stdout)
     return path
 
 
-def _val_loss(cfg: TrainConfig, plan: Plan, built: Built) -> float:
+def _val_loss(cfg: TrainConfig, plan: RunPlan, state: TrainState) -> float:
     place = plan.place
     pad_id = plan.tokenizer.pad_token_id
     # Split over the ranks, a rank with one batch fewer would leave the others waiting in an FSDP
     # forward: sharded, every rank computes the whole split (the same figure everywhere).
     dist = Dist() if place.sharded else place.dist
-    return evaluate_loss(built.model, plan.val_examples, cfg, pad_id, place.device, place.autocast, dist)
+    return evaluate_loss(state.model, plan.val_examples, cfg, pad_id, place.device, place.autocast, dist)
 
 
 # --- finish --------------------------------------------------------------------------------------
@@ -782,9 +789,9 @@ def _val_loss(cfg: TrainConfig, plan: Plan, built: Built) -> float:
 
 def finish_run(
     cfg: TrainConfig,
-    plan: Plan,
-    built: Built,
-    run: Run,
+    plan: RunPlan,
+    state: TrainState,
+    loop: LoopState,
     started: float,
     log: Callable[[str], None],
     stop: StopFlag,
@@ -792,42 +799,42 @@ def finish_run(
     """The last evaluation; with num_epochs=auto the best evaluation's weights back in the model
     (BEST_RULE); base-vs-adapter generations, the card; the adapter folder on disk. A SIGTERM before
     the adapter is being written stops the run with a checkpoint that finishes it without more steps."""
-    done = steps_run(built)
+    done = steps_run(state)
     # Before the evaluations and the save, which may outlast a stop's grace period: a SIGTERM, or
     # the kill that follows one, from here on loses no training.
-    final_checkpoint = _final_checkpoint(cfg, plan, built, done)
+    final_checkpoint = _final_checkpoint(cfg, plan, state, done)
     try:
-        result = _evaluate_and_save(cfg, plan, built, run, started, log, stop, done)
+        result = _evaluate_and_save(cfg, plan, state, loop, started, log, stop, done)
     except TrainingStopped:
         raise
     except Exception:  # a failed evaluation or save leaves the folders as they were
         _remove_checkpoint(final_checkpoint)
         raise
     _remove_checkpoint(final_checkpoint)
-    if run.wandb_run is not None:
-        run.wandb_run.finish()
+    if loop.wandb_run is not None:
+        loop.wandb_run.finish()
     return result
 
 
 def _evaluate_and_save(
     cfg: TrainConfig,
-    plan: Plan,
-    built: Built,
-    run: Run,
+    plan: RunPlan,
+    state: TrainState,
+    loop: LoopState,
     started: float,
     log: Callable[[str], None],
     stop: StopFlag,
     done: int,
 ) -> TrainResult:
-    place, data, history = plan.place, plan.data, built.history
+    place, data, history = plan.place, plan.data, state.history
     last = history.evals[-1] if history.evals and history.evals[-1]["step"] == done else None
-    last = last or evaluate_step(cfg, plan, built, done)
+    last = last or evaluate_step(cfg, plan, state, done)
     stop_before_save(cfg, stop, place, done)
     kept = last
     if auto_length(cfg) and history.best is not None:
         kept = history.best
-        if kept["step"] != done and built.best_state is not None:
-            load_lora_state(built.model, built.best_state)
+        if kept["step"] != done and state.best_state is not None:
+            load_lora_state(state.model, state.best_state)
             log(f"keeping step {kept['step']}'s adapter ({BEST_RULE}): {_eval_line(kept)}")
     val_loss = kept.get("val_loss") if kept else None
     generation_eval = None
@@ -837,26 +844,26 @@ def _evaluate_and_save(
     # models that do not fit.)
     if (place.dist.main or place.sharded) and data.val_records and cfg.eval_generate > 0:
         generation_eval = evaluate_peft(
-            built.model, plan.tokenizer, data.val_records, data.template, max_records=cfg.eval_generate
+            state.model, plan.tokenizer, data.val_records, data.template, max_records=cfg.eval_generate
         )
     stop_before_save(cfg, stop, place, done)
     # From here the adapter is written even if a SIGTERM comes: it is the whole result.
-    card = training_card(cfg, plan, built, run, kept, generation_eval, started)
+    card = training_card(cfg, plan, state, loop, kept, generation_eval, started)
     adapter_dir = Path(cfg.output_dir)
-    base_val_loss = built.history.base_val_loss
-    with whole_lora(built.model):  # sharded: the same adapter file as one process writes
+    base_val_loss = state.history.base_val_loss
+    with whole_lora(state.model):  # sharded: the same adapter file as one process writes
         if place.dist.main:
-            adapter_dir = save_adapter(built.model, cfg.output_dir, data.template, card)
+            adapter_dir = save_adapter(state.model, cfg.output_dir, data.template, card)
             log(
                 f"adapter written to {adapter_dir} (val_loss {val_loss if val_loss is None else round(val_loss, 4)}, "
                 f"base {base_val_loss if base_val_loss is None else round(base_val_loss, 4)})"
             )
     if place.dist.world_size > 1:
         torch.distributed.barrier()
-    return TrainResult(adapter_dir, card, built.model, plan.tokenizer)
+    return TrainResult(adapter_dir, card, state.model, plan.tokenizer)
 
 
-def _final_checkpoint(cfg: TrainConfig, plan: Plan, built: Built, done: int) -> Path | None:
+def _final_checkpoint(cfg: TrainConfig, plan: RunPlan, state: TrainState, done: int) -> Path | None:
     """A checkpoint of the last step, written by this call (None: another process writes them, or
     one of that step exists already, such as the one the run resumed from)."""
     root = checkpoint_root(cfg.output_dir)
@@ -868,14 +875,14 @@ def _final_checkpoint(cfg: TrainConfig, plan: Plan, built: Built, done: int) -> 
     return write_checkpoint(
         root,
         done,
-        built.model,
-        built.optimizer,
-        built.scheduler,
-        built.history,
+        state.model,
+        state.optimizer,
+        state.scheduler,
+        state.history,
         plan.data.fingerprint,
         place,
         keep=None,  # removed again once the adapter is written: prune nothing for it
-        best_state=built.best_state,
+        best_state=state.best_state,
     )
 
 
@@ -888,18 +895,18 @@ def _remove_checkpoint(path: Path | None) -> None:
 
 def training_card(
     cfg: TrainConfig,
-    plan: Plan,
-    built: Built,
-    run: Run,
+    plan: RunPlan,
+    state: TrainState,
+    loop: LoopState,
     kept: dict[str, float] | None,
     generation_eval: dict[str, Any] | None,
     started: float,
 ) -> dict[str, Any]:
     """What the adapter folder says about itself: base, template, settings, data, run, figures."""
-    place, data, history = plan.place, plan.data, built.history
+    place, data, history = plan.place, plan.data, state.history
     kept = kept or {}
     return {
-        "base_model": built.identity,
+        "base_model": state.identity,
         "template": data.template.to_dict(),
         "config": dataclasses.asdict(cfg),
         "data": {
@@ -912,7 +919,7 @@ def training_card(
             "trained_tokens_per_epoch": sum(e.trained_tokens for e in plan.train_examples),
         },
         "training": {
-            "steps": steps_run(built),
+            "steps": steps_run(state),
             "planned_steps": plan.total_steps,
             "steps_rule": plan.steps_rule,
             "stopped_early": history.stopped or None,
@@ -922,14 +929,14 @@ def training_card(
             "world_size": place.dist.world_size,
             "strategy": place.strategy if place.dist.world_size > 1 else None,
             "memory_plan": place.memory.to_json() if place.memory is not None else None,
-            "trainable_params": built.trainable,
-            "total_params": built.total_params,
+            "trainable_params": state.trainable,
+            "total_params": state.total_params,
             "device": str(place.device),
             "weights_dtype": str(place.precision.weights),
             "compute_dtype": str(place.precision.compute),
-            "tokens": run.total_tokens,
-            "tokens_per_second": round(run.total_tokens / max(run.train_seconds, 1e-9), 2),
-            "train_seconds": round(run.train_seconds, 2),
+            "tokens": loop.total_tokens,
+            "tokens_per_second": round(loop.total_tokens / max(loop.train_seconds, 1e-9), 2),
+            "train_seconds": round(loop.train_seconds, 2),
             "wall_seconds": round(time.time() - started, 2),
             "final_loss": history.steps[-1]["loss"] if history.steps else None,
         },
