@@ -18,7 +18,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +68,7 @@ from .modeling import (
 )
 from .plan import plan_for_config
 from .records import Record, dataset_fingerprint, read_records, split_records
+from .run_state import Data, LoopState, RunPlan, TrainResult, TrainState, steps_run
 from .stopping import StopFlag, TrainingStopped, stop_before_save, stop_requested, stopped
 from .weights import resolve_base_model
 
@@ -112,14 +112,6 @@ def eval_interval(cfg: TrainConfig, total_steps: int) -> int:
     if cfg.eval_steps:
         return cfg.eval_steps
     return max(1, math.ceil(total_steps / AUTO_EVALUATIONS)) if auto_length(cfg) else 0
-
-
-@dataclass
-class TrainResult:
-    adapter_dir: Path
-    card: dict[str, Any]
-    model: Any = None  # under FSDP this process's shards: distributed.lora_state gathers the adapter
-    tokenizer: Any = None
 
 
 BEST_RULE = (
@@ -198,69 +190,6 @@ def log_line(text: str) -> None:
 
 
 # --- the run in stages: plan -> build -> loop -> finish ------------------------------------------
-
-
-@dataclass
-class Data:
-    """The dataset as read and split, and the run it belongs to; nothing here needs a model."""
-
-    records: list[Record]
-    data_bytes: bytes
-    train_records: list[Record]
-    val_records: list[Record]
-    template: prompts.PromptTemplate
-    base_path: str  # the base model as resolved (a folder or a hub id)
-    fingerprint: dict[str, Any]
-    checkpoint: Path | None
-
-
-@dataclass
-class RunPlan:
-    """The run as the data decides it, before any model loads: encoded examples and step counts."""
-
-    data: Data
-    place: Placement
-    base_path: str
-    tokenizer: Any
-    train_examples: list[Encoded]
-    val_examples: list[Encoded]
-    accum: int
-    micro_per_epoch: int
-    steps_per_epoch: float
-    total_steps: int
-    steps_rule: str
-    recall_examples: list[Encoded]  # training answers each evaluation checks for greedy recall
-    eval_every: int  # steps between evaluations (0: only at the end)
-
-
-@dataclass
-class TrainState:
-    """The model and what trains it, at the step the run starts from (0, or a checkpoint's)."""
-
-    model: Any
-    loss_fn: Any  # TokenLoss around the model; inside DDP, or around the FSDP-sharded model (distributed.py)
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    identity: dict[str, Any]
-    trainable: int
-    total_params: int
-    start_step: int
-    history: History
-    best_state: dict[str, torch.Tensor] | None = None  # trainable weights at history.best
-
-
-@dataclass
-class LoopState:
-    """What the loop carries from one step to the next."""
-
-    bar: Any
-    wandb_run: Any
-    window_tokens: int = 0
-    window_start: float = field(default_factory=time.perf_counter)
-    total_tokens: int = 0
-    train_seconds: float = 0.0
-    epoch: int = -1  # the epoch whose micro-batch order is held below
-    epoch_order: list[list[int]] = field(default_factory=list)
 
 
 def train(
@@ -734,10 +663,6 @@ def evaluate_step(cfg: TrainConfig, plan: RunPlan, state: TrainState, done: int)
     else:
         history.stale += 1
     return entry
-
-
-def steps_run(state: TrainState) -> int:
-    return int(state.history.steps[-1]["step"]) if state.history.steps else state.start_step
 
 
 def _eval_line(entry: dict[str, float]) -> str:
