@@ -22,7 +22,8 @@ from finetune.modeling import (
     use_fast_dropout,
 )
 from finetune.records import read_records, split_records
-from finetune.trainer import encode_records, lr_lambda, train
+from finetune.schedule import lr_lambda
+from finetune.trainer import encode_records, train
 
 CPU = torch.device("cpu")
 FP32 = Precision(torch.float32, torch.float32)

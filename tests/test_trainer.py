@@ -21,8 +21,9 @@ from finetune.cogtools import free_port
 from finetune.config import ConfigError, TrainConfig
 from finetune.distributed import check_strategy, strategy_from_env
 from finetune.modeling import ModelError
+from finetune.schedule import plan_steps
 from finetune.stopping import TrainingStopped
-from finetune.trainer import checkpoint_root, plan_steps, train
+from finetune.trainer import checkpoint_root, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
