@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import random
 import shutil
@@ -46,10 +45,8 @@ from .distributed import (
     Placement,
     check_strategy,
     clip_grad_norm,
-    figures_as_main,
     init_distributed,
     load_lora_state,
-    lora_state,
     same_as_main,
     skip_grad_sync,
     strategy_from_env,
@@ -58,7 +55,7 @@ from .distributed import (
 )
 from .encoding import IGNORE_INDEX, Encoded, encode_example
 from .evaluation import evaluate_peft
-from .losses import TokenLoss, evaluate_loss, greedy_recall, token_loss_sum
+from .losses import TokenLoss, token_loss_sum
 from .modeling import (
     base_identity,
     load_for_training,
@@ -71,25 +68,8 @@ from .records import Record, dataset_fingerprint, read_records, split_records
 from .run_state import Data, LoopState, RunPlan, TrainResult, TrainState, steps_run
 from .schedule import auto_length, eval_interval, lr_lambda, plan_steps
 from .stopping import StopFlag, TrainingStopped, stop_before_save, stop_requested, stopped
+from .train_eval import BEST_RULE, eval_hook, eval_line, evaluate_step, validation_loss
 from .weights import resolve_base_model
-
-BEST_RULE = (
-    "the evaluation with the highest recall exact match, then the highest recall token accuracy "
-    "(to 3 decimals), then the lowest validation loss"
-)
-
-
-def eval_score(entry: dict[str, float]) -> tuple[float, ...]:
-    """BEST_RULE as a sortable key; figures an evaluation lacks (no recall sample, no validation
-    split) drop out of the comparison."""
-    exact, accuracy = entry.get("recall_exact"), entry.get("recall_token_accuracy")
-    val = entry.get("val_loss")
-    key: tuple[float, ...] = ()
-    if exact is not None and accuracy is not None:
-        key += (exact, round(accuracy, 3))
-    if val is not None and math.isfinite(val):
-        key += (-val,)
-    return key
 
 
 def check_output_writable(output_dir: str | Path, need_bytes: int = 64 << 20) -> None:
@@ -409,7 +389,7 @@ def _start_loop(cfg: TrainConfig, plan: RunPlan, state: TrainState) -> LoopState
     # Once per run: a resumed run has it in its history.
     if plan.val_examples and state.history.base_val_loss is None:
         with state.model.disable_adapter():
-            state.history.base_val_loss = _val_loss(cfg, plan, state)
+            state.history.base_val_loss = validation_loss(cfg, plan, state)
     state.model.train()
     bar = tqdm(
         total=plan.total_steps,
@@ -523,7 +503,7 @@ def _after_step(
     state.history.steps.append(entry)
     loop.bar.update(1)
     _log_step(cfg, plan, loop, entry, mean_loss)
-    _eval_hook(cfg, plan, state, loop, int(entry["step"]))
+    eval_hook(cfg, plan, state, loop, int(entry["step"]))
     if loop.wandb_run is not None:
         loop.wandb_run.log(entry, step=entry["step"])
 
@@ -543,80 +523,6 @@ def _log_step(
         file=sys.stdout,
     )
     sys.stdout.flush()
-
-
-def _eval_hook(cfg: TrainConfig, plan: RunPlan, state: TrainState, loop: LoopState, done: int) -> None:
-    """Evaluate every eval_every steps; the last step's comes with the final evaluation. With
-    num_epochs=auto, decide here whether the run has learned what it can (History.stopped)."""
-    if not (plan.eval_every and done % plan.eval_every == 0 and done < plan.total_steps):
-        return
-    entry = evaluate_step(cfg, plan, state, done)
-    if entry is None:
-        return
-    history = state.history
-    if plan.place.dist.main:
-        loop.bar.write(_eval_line(entry), file=sys.stdout)
-    if not (auto_length(cfg) and cfg.stop_patience):
-        return
-    history.stopped = stop_reason(entry, history.stale, cfg.stop_patience)
-    if plan.place.dist.world_size > 1:  # every rank stops at the same step: rank 0 decides
-        flag = torch.tensor([int(bool(history.stopped))], device=plan.place.device)
-        torch.distributed.broadcast(flag, src=0)
-        if not flag.item():
-            history.stopped = ""
-        elif not history.stopped:
-            history.stopped = "rank 0 stopped"
-    if history.stopped and plan.place.dist.main:
-        loop.bar.write(f"stopping at {history.stopped}", file=sys.stdout)
-
-
-def stop_reason(entry: dict[str, float], stale: int, patience: int) -> str:
-    """Why a num_epochs=auto run should stop after this evaluation ("" to go on): every checked
-    answer recalled token for token (more steps can only overfit), or `patience` evaluations in a
-    row without a better score by BEST_RULE."""
-    if entry.get("recall_exact") == 1.0:
-        return f"step {entry['step']}: every checked training answer is recalled exactly"
-    if stale >= patience:
-        return f"step {entry['step']}: no better score in {stale} evaluations"
-    return ""
-
-
-def evaluate_step(cfg: TrainConfig, plan: RunPlan, state: TrainState, done: int) -> dict[str, float] | None:
-    """Validation loss and greedy recall now, recorded in the history; the best evaluation's weights
-    are copied aside. None when there is nothing to evaluate on."""
-    entry: dict[str, float] = {"step": done}
-    if plan.val_examples:
-        entry["val_loss"] = _val_loss(cfg, plan, state)
-    if plan.recall_examples:
-        place = plan.place
-        recall = greedy_recall(
-            state.model, plan.recall_examples, plan.tokenizer.pad_token_id, place.device, place.autocast
-        )
-        entry["recall_exact"] = recall.exact
-        entry["recall_token_accuracy"] = recall.token_accuracy
-    if len(entry) == 1:
-        return None
-    # Every rank keeps the same best: under FSDP copying it aside is a gather all must join.
-    entry = figures_as_main(entry, plan.place)
-    history = state.history
-    history.evals.append(entry)
-    if history.best is None or eval_score(entry) > eval_score(history.best):
-        history.best, history.stale = entry, 0
-        state.best_state = lora_state(state.model)
-    else:
-        history.stale += 1
-    return entry
-
-
-def _eval_line(entry: dict[str, float]) -> str:
-    parts = [f"step {entry['step']}"]
-    if "val_loss" in entry:
-        parts.append(f"val_loss {entry['val_loss']:.4f}")
-    if "recall_exact" in entry:
-        parts.append(
-            f"recall exact {entry['recall_exact']:.2f} token accuracy {entry['recall_token_accuracy']:.3f}"
-        )
-    return " | ".join(parts)
 
 
 def _checkpoint_hook(
@@ -641,15 +547,6 @@ def _checkpoint_hook(
     if path is not None:
         loop.bar.write(f"checkpoint {path}", file=sys.stdout)
     return path
-
-
-def _val_loss(cfg: TrainConfig, plan: RunPlan, state: TrainState) -> float:
-    place = plan.place
-    pad_id = plan.tokenizer.pad_token_id
-    # Split over the ranks, a rank with one batch fewer would leave the others waiting in an FSDP
-    # forward: sharded, every rank computes the whole split (the same figure everywhere).
-    dist = Dist() if place.sharded else place.dist
-    return evaluate_loss(state.model, plan.val_examples, cfg, pad_id, place.device, place.autocast, dist)
 
 
 # --- finish --------------------------------------------------------------------------------------
@@ -703,7 +600,7 @@ def _evaluate_and_save(
         kept = history.best
         if kept["step"] != done and state.best_state is not None:
             load_lora_state(state.model, state.best_state)
-            log(f"keeping step {kept['step']}'s adapter ({BEST_RULE}): {_eval_line(kept)}")
+            log(f"keeping step {kept['step']}'s adapter ({BEST_RULE}): {eval_line(kept)}")
     val_loss = kept.get("val_loss") if kept else None
     generation_eval = None
     # Sharded, every rank generates: each forward gathers weights from all of them. The ranks run

@@ -17,7 +17,8 @@ from finetune.losses import greedy_recall
 from finetune.metrics import states_fact
 from finetune.modeling import load_tokenizer
 from finetune.records import read_records, split_records
-from finetune.trainer import checkpoint_root, eval_score, stop_reason, train
+from finetune.train_eval import eval_score, stop_reason
+from finetune.trainer import checkpoint_root, train
 from tests.test_trainer import tiny_args
 
 
