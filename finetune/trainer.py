@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__, prompts
+from . import prompts
 from .artifacts import save_adapter
 from .batching import iter_collated, micro_batches
+from .card import training_card
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     History,
@@ -64,7 +65,7 @@ from .modeling import (
     pick_precision,
 )
 from .plan import plan_for_config
-from .records import Record, dataset_fingerprint, read_records, split_records
+from .records import Record, read_records, split_records
 from .run_state import Data, LoopState, RunPlan, TrainResult, TrainState, steps_run
 from .schedule import auto_length, eval_interval, lr_lambda, plan_steps
 from .stopping import StopFlag, TrainingStopped, stop_before_save, stop_requested, stopped
@@ -658,105 +659,12 @@ def _remove_checkpoint(path: Path | None) -> None:
             path.parent.rmdir()
 
 
-def training_card(
-    cfg: TrainConfig,
-    plan: RunPlan,
-    state: TrainState,
-    loop: LoopState,
-    kept: dict[str, float] | None,
-    generation_eval: dict[str, Any] | None,
-    started: float,
-) -> dict[str, Any]:
-    """What the adapter folder says about itself: base, template, settings, data, run, figures."""
-    place, data, history = plan.place, plan.data, state.history
-    kept = kept or {}
-    return {
-        "base_model": state.identity,
-        "template": data.template.to_dict(),
-        "config": dataclasses.asdict(cfg),
-        "data": {
-            "path": str(cfg.data.data_path),
-            "sha256": dataset_fingerprint(data.data_bytes),
-            "records": len(data.records),
-            "train_records": len(data.train_records),
-            "val_records": len(data.val_records),
-            "truncated": sum(e.truncated for e in plan.train_examples),
-            "trained_tokens_per_epoch": sum(e.trained_tokens for e in plan.train_examples),
-        },
-        "training": {
-            "steps": steps_run(state),
-            "planned_steps": plan.total_steps,
-            "steps_rule": plan.steps_rule,
-            "stopped_early": history.stopped or None,
-            "kept_step": kept.get("step"),
-            "kept_rule": BEST_RULE if auto_length(cfg) else "the last step",
-            "gradient_accumulation": plan.accum,
-            "world_size": place.dist.world_size,
-            "strategy": place.strategy if place.dist.world_size > 1 else None,
-            "memory_plan": place.memory.to_json() if place.memory is not None else None,
-            "trainable_params": state.trainable,
-            "total_params": state.total_params,
-            "device": str(place.device),
-            "weights_dtype": str(place.precision.weights),
-            "compute_dtype": str(place.precision.compute),
-            "tokens": loop.total_tokens,
-            "tokens_per_second": round(loop.total_tokens / max(loop.train_seconds, 1e-9), 2),
-            "train_seconds": round(loop.train_seconds, 2),
-            "wall_seconds": round(time.time() - started, 2),
-            "final_loss": history.steps[-1]["loss"] if history.steps else None,
-        },
-        "eval": {
-            "base_val_loss": history.base_val_loss,
-            "val_loss": kept.get("val_loss"),
-            "recall_exact": kept.get("recall_exact"),
-            "recall_token_accuracy": kept.get("recall_token_accuracy"),
-            "recall_records": len(plan.recall_examples),
-            **_generation_figures(generation_eval),
-        },
-        "history": dataclasses.asdict(history),
-        "versions": _versions(),
-    }
-
-
-def _generation_figures(result: dict[str, Any] | None) -> dict[str, Any]:
-    """Base-vs-adapter figures from the end-of-training evaluation, as the card stores them."""
-    if not result:
-        return {}
-    names = ("loss", "perplexity", "exact_match", "f1", "repetition_rate", "stopped_cleanly_rate")
-    return {
-        "records": result["adapter"]["records"],
-        "metrics": {n: {"base": result["base"][n], "adapter": result["adapter"][n]} for n in names},
-        "examples": [
-            {
-                "instruction": a["instruction"],
-                "expected": a["expected"],
-                "base": b["generated"],
-                "adapter": a["generated"],
-            }
-            for a, b in zip(result["adapter"]["rows"], result["base"]["rows"], strict=True)
-        ],
-    }
-
-
 def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "finetune": __version__,
-    }
 
 
 def _wandb(cfg: TrainConfig, dist: Dist) -> Any:
