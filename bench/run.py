@@ -327,8 +327,9 @@ class Bench:
         """One process per serving precision, fp32 first (the others compare their greedy tokens
         with its); each alternates with plain `generate` fp32 for its ratio."""
         from finetune.serving import pick_quantization
+        from finetune.settings import COMPILE_ENV, QUANT_ENV
 
-        default = pick_quantization(os.environ.get("SERVE_QUANT") or "auto", *_cpu_fp32())
+        default = pick_quantization(os.environ.get(QUANT_ENV) or "auto", *_cpu_fp32())
         p = self.plan
         rows = []
         cache = str(self.workdir / "compiled-quant")
@@ -350,7 +351,7 @@ class Bench:
                 except Exception as exc:  # one mode failing (say, compiled bf16) keeps the others' rows
                     self.failures.append(str(exc))
                     log(str(exc))
-        compile_default = (os.environ.get("SERVE_COMPILE") or "auto") == "auto"
+        compile_default = (os.environ.get(COMPILE_ENV) or "auto") == "auto"
         out = {
             "default": "fp32" if default == "none" else default,
             "default_compiled": compile_default,

@@ -50,10 +50,10 @@ import torch.nn.functional as F
 
 from . import native, quant
 from .decoder import KV, PEFT_BASE, Decoder, base_linear, kv_geometry, plain_linear
+from .settings import COMPILE_ENV
+from .settings import COMPILE_MODES as MODES
 
-COMPILE_ENV = "SERVE_COMPILE"
 CACHE_ENV = native.CACHE_ENV
-MODES = ("auto", "off")
 _EXAMPLE_ROWS, _EXAMPLE_LENGTH = 2, 3  # export traces with sizes above 1 so neither is specialised
 # LoRA stacks hold at least 2 slots and rank 2 (sizes of 1 would be specialised too); real adapters'
 # ranks are padded up to a multiple of 8, so adapters of rank 4, 8 and 16 load into the same shapes.

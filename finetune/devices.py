@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from .modeling import ModelError
+from .settings import DEVICES, SERVE_DEVICE_ENV
 
 log = logging.getLogger(__name__)
 
-CHOICES = ("auto", "cuda", "cpu")
 # Values of NVIDIA_VISIBLE_DEVICES that mean "no GPU here on purpose" (NVIDIA container runtime).
 NO_DEVICES = {"", "void", "none"}
 # The oldest driver branch each CUDA major version runs on (NVIDIA's CUDA Toolkit release notes,
@@ -49,7 +49,7 @@ class Role:
     can_force_cpu: bool
 
 
-SERVE = Role("SERVE_DEVICE", "serving", can_force_cpu=True)
+SERVE = Role(SERVE_DEVICE_ENV, "serving", can_force_cpu=True)
 TRAIN = Role("TRAIN_DEVICE", "training", can_force_cpu=False)
 
 
@@ -80,8 +80,8 @@ class Choice:
 def choose(role: Role, requested: str | None, facts: Facts) -> Choice:
     """The device for `role` given the request (auto, cuda or cpu) and the probed facts."""
     wanted = (requested or "auto").strip().lower()
-    if wanted not in CHOICES:
-        raise DeviceError(f"{role.env}={requested!r} is not a device: use one of {', '.join(CHOICES)}")
+    if wanted not in DEVICES:
+        raise DeviceError(f"{role.env}={requested!r} is not a device: use one of {', '.join(DEVICES)}")
     if wanted == "cpu":
         if facts.gpu_available and not role.can_force_cpu:
             raise DeviceError(

@@ -44,6 +44,7 @@ from .inference import (
     eos_ids,
     logits_processors,
 )
+from .settings import KV_TOKENS_ENV, MAX_BATCH_ENV  # noqa: F401 (plan.py reads them here)
 
 log = logging.getLogger(__name__)
 DONE = None  # the outbox item after the last chunk
@@ -53,8 +54,6 @@ _NO_IDS = torch.empty(1, 0, dtype=torch.long)  # the samplers' ids argument when
 # The share of free memory after loading a CPU server's KV cache takes when KV_CACHE_TOKENS is unset
 # (a GPU server takes what its memory plan leaves, plan.largest_kv_budget).
 KV_MEMORY_SHARE = 0.25
-MAX_BATCH_ENV = "MAX_BATCH_SIZE"
-KV_TOKENS_ENV = "KV_CACHE_TOKENS"
 
 
 @dataclass

@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 from . import workdirs
+from .settings import COMPILE_CACHE_ENV as CACHE_ENV
+from .settings import CXX_ENV
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_linear.cpp"
-CACHE_ENV = "SERVE_COMPILE_CACHE"
 _lock = threading.Lock()
 _state: dict[str, str | None] = {}  # once tried: "path" loaded, or "error" why not
 
@@ -335,7 +336,7 @@ def _build(compiler: str, path: Path) -> None:
 
 
 def _load() -> Path:
-    compiler = os.environ.get("CXX") or "c++"
+    compiler = os.environ.get(CXX_ENV) or "c++"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH; set CXX)")
     path = library_path(compiler)

@@ -25,11 +25,8 @@ import torch.nn.functional as F
 
 from . import native
 from .modeling import ModelError
+from .settings import BNB_MODES, DTYPE_ENV, QUANT_ENV, QUANT_MODES
 
-QUANT_ENV = "SERVE_QUANT"
-# SERVE_QUANT values that load the base through bitsandbytes, and the `quantization` they load with.
-BNB_MODES = {"bnb8": "8bit", "bnb4": "4bit"}
-MODES = ("auto", "none", "int8", "int4", *BNB_MODES)
 INT4_GROUP = 32
 INT8_GROUP = 64
 _local = threading.local()
@@ -75,8 +72,8 @@ def pick_quantization(mode: str, device: torch.device, weights: torch.dtype) -> 
     runs eagerly (no compiled step, no CUDA graphs). bnb8 quantizes each batch's activations
     together (LLM.int8()'s outlier columns are found over the whole batch), so a request's text
     may depend on what it is batched with; bnb4 on a CPU with AVX512-BF16 computes in bfloat16."""
-    if mode not in MODES:
-        raise ModelError(f"{QUANT_ENV}={mode!r}: use one of {', '.join(MODES)}")
+    if mode not in QUANT_MODES:
+        raise ModelError(f"{QUANT_ENV}={mode!r}: use one of {', '.join(QUANT_MODES)}")
     if mode in BNB_MODES:
         return mode  # load_base says why when bitsandbytes or the device cannot run it
     runs = supported(device) and weights == torch.float32
@@ -85,7 +82,7 @@ def pick_quantization(mode: str, device: torch.device, weights: torch.dtype) -> 
     if mode != "none" and not runs:
         raise ModelError(
             f"{QUANT_ENV}={mode} needs a CPU and float32 weights (got {device.type}, {weights}); "
-            f"use {QUANT_ENV}=none, or SERVE_DTYPE=float32 on a CPU"
+            f"use {QUANT_ENV}=none, or {DTYPE_ENV}=float32 on a CPU"
         )
     return mode
 

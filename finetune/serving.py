@@ -5,7 +5,6 @@ LRU cache of per-request adapters."""
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import shutil
 import sys
@@ -23,15 +22,15 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from . import compiled, prompts, quant
+from . import prompts, quant
 from .adapters import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
 from .archives import DownloadStopped, Limits, materialize, redact
 from .artifacts import CARD_JSON
 from .compute import POLL_S, ComputeThread
-from .config import DataConfig, GenerationSettings, env_flag, field_default
+from .config import DataConfig, GenerationSettings, field_default
 from .decoder import PEFT_BASE, kv_geometry
 from .encoding import encode_prompt
-from .engine import DONE, KV_MEMORY_SHARE, KV_TOKENS_ENV, MAX_BATCH_ENV, Engine, EngineLimits, Request
+from .engine import DONE, KV_MEMORY_SHARE, Engine, EngineLimits, Request
 from .fast_paths import load_step
 from .inference import GenerationError, GenerationStats, context_length
 from .modeling import (
@@ -44,19 +43,20 @@ from .modeling import (
     pick_device,
     pick_precision,
 )
-from .quant import BNB_MODES, describe_quantization, pick_quantization
+from .quant import describe_quantization, pick_quantization
+from .settings import (
+    ADAPTERS_IN_USE_ENV,
+    BNB_MODES,
+    DTYPES,  # noqa: F401 (finetune generate's --dtype choices)
+    MAX_BATCH_ENV,
+    QUANT_ENV,
+    STALL_ENV,
+    ServeSettings,
+)
 from .weights import resolve_base_model
 from .workdirs import owned_workdir
 
-ADAPTER_CACHE_ENV = "ADAPTER_CACHE_SIZE"
-LOCAL_LORA_ENV = "ALLOW_LOCAL_LORA_WEIGHTS"
-DTYPE_ENV = "SERVE_DTYPE"  # auto | float32 | bfloat16 | float16
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-PREFILL_CHUNK_ENV = "PREFILL_CHUNK_TOKENS"
-PREFIX_CACHE_ENV = "PREFIX_CACHE_TOKENS"
 MIN_HEAD = 16  # template heads shorter than this are prefilled with the rest of the prompt
-QUEUE_TIMEOUT_ENV = "QUEUE_TIMEOUT_S"
-DOWNLOAD_DEADLINE_ENV = "LORA_DOWNLOAD_DEADLINE_S"
 SETUP_NAME = "setup"
 # An adapter is megabytes (a few GB for r=64 on all layers of a 70B); a request gets tighter
 # limits than the operator's COG_WEIGHTS.
@@ -66,15 +66,12 @@ REQUEST_LIMITS = Limits(
     max_total_bytes=4 * 2**30,
     max_file_bytes=4 * 2**30,
     max_download_bytes=4 * 2**30,
-    deadline_s=300,
+    deadline_s=ServeSettings.download_deadline_s,  # LORA_DOWNLOAD_DEADLINE_S changes it
 )
 DEFAULT_ADAPTER_DIR = Path("weights") / "adapter"
 # The operator's adapter may be as large as train.py trains; a stranger's is held to less.
 SETUP_BOUNDS = AdapterBounds(max_rank=1024)
 REQUEST_BOUNDS = AdapterBounds()
-ADAPTERS_IN_USE_ENV = "MAX_ADAPTERS_IN_USE"
-MAX_WAITING_ENV = "MAX_QUEUED_REQUESTS"
-STALL_ENV = "SERVE_STALL_S"  # one step or call on the compute thread longer than this: not healthy
 
 
 @dataclass(eq=False)
@@ -105,17 +102,19 @@ def adapter_key(source: str) -> str:
 
 
 def engine_limits(
-    model: Any, device: torch.device, gpu_budget: Callable[[int], int] | None = None
+    model: Any,
+    device: torch.device,
+    settings: ServeSettings,
+    gpu_budget: Callable[[int], int] | None = None,
 ) -> EngineLimits:
-    """Batch and KV budget from the environment, else sized for the machine: on a GPU what the
-    serving plan leaves (`gpu_budget(max_batch)`, which counts the graph pools and activations
-    too), else a quarter of the memory available after loading the model; at most max_batch full
-    contexts."""
-    defaults = EngineLimits()
-    max_batch = env_number(MAX_BATCH_ENV, int, defaults.max_batch, minimum=1)
+    """The engine's limits from the settings; an unset KV budget sized for the machine: on a GPU
+    what the serving plan leaves (`gpu_budget(max_batch)`, which counts the graph pools and
+    activations too), else a quarter of the memory available after loading the model; at most
+    max_batch full contexts."""
+    max_batch = settings.max_batch
     full = max_batch * context_length(model)
-    if os.environ.get(KV_TOKENS_ENV, "").strip():
-        budget = env_number(KV_TOKENS_ENV, int, 0, minimum=1)  # the operator's, as given
+    if settings.kv_tokens is not None:
+        budget = settings.kv_tokens  # the operator's, as given
     elif device.type == "cuda" and gpu_budget is not None:
         budget = min(gpu_budget(max_batch), full)
     else:
@@ -126,27 +125,11 @@ def engine_limits(
     return EngineLimits(
         max_batch=max_batch,
         kv_tokens=budget,
-        prefill_chunk=env_number(PREFILL_CHUNK_ENV, int, defaults.prefill_chunk, minimum=1),
-        queue_timeout_s=env_number(QUEUE_TIMEOUT_ENV, float, defaults.queue_timeout_s, minimum=0),
-        prefix_tokens=env_number(PREFIX_CACHE_ENV, int, defaults.prefix_tokens, minimum=0),
-        max_waiting=env_number(MAX_WAITING_ENV, int, defaults.max_waiting, minimum=1),
+        prefill_chunk=settings.prefill_chunk,
+        queue_timeout_s=settings.queue_timeout_s,
+        prefix_tokens=settings.prefix_tokens,
+        max_waiting=settings.max_waiting,
     )
-
-
-def env_number(name: str, kind: type[int] | type[float], default: float, minimum: float) -> Any:
-    """A numeric setting from the environment; a bad value stops setup with the variable's name."""
-    text = os.environ.get(name)
-    if text is None or not text.strip():
-        return default
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise ModelError(
-            f"{name}={text!r}: use {'a whole number' if kind is int else 'a number'} >= {minimum}"
-        )
-    return value
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -178,19 +161,24 @@ class ModelServer:
         compute: ComputeThread | None = None,
         limits: EngineLimits | None = None,
         quantization: str | None = None,
+        settings: ServeSettings | None = None,
     ) -> None:
-        self.device = pick_device(device)
-        dtype = dtype or os.environ.get(DTYPE_ENV) or "auto"
-        if dtype not in DTYPES:
-            raise ModelError(f"{DTYPE_ENV}={dtype!r} is not a dtype: use one of {', '.join(DTYPES)}")
-        self.precision = pick_precision(dtype, self.device, training=False)
-        mode = quantization or os.environ.get(quant.QUANT_ENV) or "auto"
+        """`settings`: read from the environment once when not given. `dtype`, `quantization` and
+        `cache_size` override its fields, `device` (any torch device) its device and `limits` the
+        engine limits it would give."""
+        settings = settings or ServeSettings.from_env()
+        self.settings = replace(
+            settings,
+            dtype=dtype or settings.dtype,
+            quantization=quantization or settings.quantization,
+            adapter_cache_size=settings.adapter_cache_size if cache_size is None else cache_size,
+        )
+        self.device = pick_device(
+            device or (None if self.settings.device == "auto" else self.settings.device)
+        )
+        self.precision = pick_precision(self.settings.dtype, self.device, training=False)
+        mode = self.settings.quantization
         self.quantization = pick_quantization(mode, self.device, self.precision.weights)
-        self.compile_mode = os.environ.get(compiled.COMPILE_ENV) or "auto"
-        if self.compile_mode not in compiled.MODES:
-            raise ModelError(
-                f"{compiled.COMPILE_ENV}={self.compile_mode!r}: use one of {', '.join(compiled.MODES)}"
-            )
         self.base_path = resolve_base_model(base_model)
         if mode == "auto" and self.device.type == "cuda":
             self.quantization = self._planned_quantization()
@@ -198,17 +186,7 @@ class ModelServer:
         # exits (the compute thread's loop keeps a serving server alive until then). A server killed
         # by a signal leaves its folder to the next one to remove.
         self.workdir = owned_workdir(self, "adapters-")
-        self.capacity = (
-            cache_size if cache_size is not None else env_number(ADAPTER_CACHE_ENV, int, 4, minimum=0)
-        )
-        self.request_limits = replace(
-            REQUEST_LIMITS,
-            deadline_s=env_number(DOWNLOAD_DEADLINE_ENV, float, REQUEST_LIMITS.deadline_s, minimum=1),
-        )
-        self.stall_s = env_number(STALL_ENV, float, 120.0, minimum=0.001)
-        # Distinct per-request adapters loaded or loading for running requests: each holds memory and
-        # a download, and none of them may be evicted while in use.
-        self.adapters_in_use = env_number(ADAPTERS_IN_USE_ENV, int, max(self.capacity, 8), minimum=1)
+        self.request_limits = replace(REQUEST_LIMITS, deadline_s=self.settings.download_deadline_s)
         self.cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._loading: dict[str, Future[LoadedAdapter]] = {}
         self._lock = threading.Lock()  # cache, _loading and users, shared by request threads
@@ -252,15 +230,15 @@ class ModelServer:
         self.engine = Engine(
             self.model,
             self.tokenizer,
-            limits or engine_limits(self.model, self.device, self._gpu_budget),
+            limits or engine_limits(self.model, self.device, self.settings, self._gpu_budget),
             self._prepare,
         )
         self.engine.prefix_tag = self._prefix_tag
-        compile_mode = self.compile_mode
+        compile_mode = self.settings.compile
         if not self.mergeable and compile_mode != "off":
             compile_mode = "off"  # neither the compiled step nor CUDA graphs cover bitsandbytes layers
             print(
-                f"setup: {quant.QUANT_ENV}={self.quantization}: a bitsandbytes base, so adapters stay "
+                f"setup: {QUANT_ENV}={self.quantization}: a bitsandbytes base, so adapters stay "
                 "unmerged and decoding runs eagerly (no compiled step, no CUDA graphs)",
                 file=sys.stderr,
                 flush=True,
@@ -272,7 +250,7 @@ class ModelServer:
             self.device,
             self.engine.limits.max_batch,
             compile_mode,
-            adapters=self.capacity > 0,
+            adapters=self.settings.adapter_cache_size > 0,
             kv_tokens=self.engine.limits.kv_tokens,
         )
         self._warm_up()
@@ -290,22 +268,21 @@ class ModelServer:
         full-context KV cache, else a bitsandbytes base (bnb8, then bnb4), chosen before loading."""
         from .plan import PlanError, serving_quantization
 
-        max_batch = env_number(MAX_BATCH_ENV, int, EngineLimits().max_batch, minimum=1)
         total = torch.cuda.get_device_properties(self.device).total_memory
         try:
             mode = serving_quantization(
                 self.base_path,
                 gpu_memory=total,
-                max_rows=max_batch,
+                max_rows=self.settings.max_batch,
                 dtype=str(self.precision.weights).removeprefix("torch."),
-                adapters=env_number(ADAPTER_CACHE_ENV, int, 4, minimum=0),
-                cuda_graphs=self.compile_mode != "off",
+                adapters=self.settings.adapter_cache_size,
+                cuda_graphs=self.settings.compile != "off",
             )
         except PlanError as exc:
             raise ModelError(f"{exc}; use a GPU with more memory, or a smaller {MAX_BATCH_ENV}") from None
         if mode != "none":
             print(
-                f"setup: {quant.QUANT_ENV}=auto: the base does not fit in {self.precision.weights} with a full "
+                f"setup: {QUANT_ENV}=auto: the base does not fit in {self.precision.weights} with a full "
                 f"KV cache, so it loads as {mode} (bitsandbytes)",
                 file=sys.stderr,
                 flush=True,
@@ -321,8 +298,8 @@ class ModelServer:
             "max_rows": max_batch,
             "dtype": str(self.precision.weights).removeprefix("torch."),
             "quantization": {"bnb8": "8bit", "bnb4": "4bit"}.get(self.quantization, "none"),
-            "adapters": self.capacity,
-            "cuda_graphs": self.compile_mode != "off" and self.quantization not in BNB_MODES,
+            "adapters": self.settings.adapter_cache_size,
+            "cuda_graphs": self.settings.compile != "off" and self.quantization not in BNB_MODES,
         }
         total = torch.cuda.get_device_properties(self.device).total_memory
         budget = largest_kv_budget(self.model.config, gpu_memory=total, **options)
@@ -331,7 +308,7 @@ class ModelServer:
         if budget == 0:
             raise ModelError(
                 f"this GPU cannot serve the model with room for a KV cache: {plan.reason}; "
-                f"use {quant.QUANT_ENV}=bnb4 or bnb8, a smaller {MAX_BATCH_ENV}, or a GPU with more memory"
+                f"use {QUANT_ENV}=bnb4 or bnb8, a smaller {MAX_BATCH_ENV}, or a GPU with more memory"
             )
         return budget
 
@@ -371,8 +348,9 @@ class ModelServer:
         if not self.compute.alive():
             return "the model's compute thread has stopped; restart the server"
         stalled = self.compute.stalled_for()
-        if stalled > self.stall_s:
-            return f"one step of the model has run for {stalled:.0f} s (limit {STALL_ENV}={self.stall_s:g})"
+        limit = self.settings.stall_s
+        if stalled > limit:
+            return f"one step of the model has run for {stalled:.0f} s (limit {STALL_ENV}={limit:g})"
         return None
 
     # -- adapters ---------------------------------------------------------------------------
@@ -438,10 +416,11 @@ class ModelServer:
                 pending = self._loading.get(key)
                 if pending is None:
                     in_use = sum(a.users > 0 for a in self.cache.values()) + len(self._loading)
-                    if in_use >= self.adapters_in_use:
+                    limit = self.settings.adapters_in_use
+                    if in_use >= limit:
                         raise GenerationError(
                             f"the server is serving {in_use} different lora_weights adapters at once, its "
-                            f"limit ({ADAPTERS_IN_USE_ENV}={self.adapters_in_use}); retry when a request ends"
+                            f"limit ({ADAPTERS_IN_USE_ENV}={limit}); retry when a request ends"
                         )
                     self._loading[key] = mine = Future()
             if pending is not None:
@@ -462,7 +441,7 @@ class ModelServer:
                     source,
                     self.workdir,
                     self.request_limits,
-                    allow_local=env_flag(LOCAL_LORA_ENV),
+                    allow_local=self.settings.allow_local_lora_weights,
                     cancel=cancel,
                 )
                 loaded = self.compute.call(self._attach, folder, key, source, REQUEST_BOUNDS)
@@ -486,7 +465,7 @@ class ModelServer:
             adapter.users -= 1
             evicted = []
             idle = [k for k, a in self.cache.items() if a.users == 0]  # least recently used first
-            while len(self.cache) > self.capacity and idle:
+            while len(self.cache) > self.settings.adapter_cache_size and idle:
                 evicted.append(self.cache.pop(idle.pop(0)))
         if evicted and self.merged:
             self._unmerge()  # PEFT unmerges by subtraction when it re-points a merged model's layers

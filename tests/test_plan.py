@@ -483,6 +483,7 @@ def test_a_gpu_server_takes_the_kv_budget_its_plan_leaves_unless_the_operator_se
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune.serving import engine_limits
+    from finetune.settings import ServeSettings
 
     config = LlamaConfig(
         hidden_size=64,
@@ -495,14 +496,14 @@ def test_a_gpu_server_takes_the_kv_budget_its_plan_leaves_unless_the_operator_se
     )
     model = LlamaForCausalLM(config)
     asked: list[int] = []
-    monkeypatch.delenv("KV_CACHE_TOKENS", raising=False)
-    monkeypatch.setenv("MAX_BATCH_SIZE", "3")
-    limits = engine_limits(model, torch.device("cuda"), lambda rows: asked.append(rows) or 777)
+    gpu = torch.device("cuda")
+    settings = ServeSettings(max_batch=3)
+    limits = engine_limits(model, gpu, settings, lambda rows: asked.append(rows) or 777)
     assert asked == [3] and limits.kv_tokens == 777 and limits.max_batch == 3
     # Never more than max_batch full contexts, whatever the plan leaves.
-    assert engine_limits(model, torch.device("cuda"), lambda rows: 10**9).kv_tokens == 3 * 512
-    monkeypatch.setenv("KV_CACHE_TOKENS", "100")
-    assert engine_limits(model, torch.device("cuda"), lambda rows: asked.append(rows) or 777).kv_tokens == 100
+    assert engine_limits(model, gpu, settings, lambda rows: 10**9).kv_tokens == 3 * 512
+    operator = ServeSettings(max_batch=3, kv_tokens=100)
+    assert engine_limits(model, gpu, operator, lambda rows: asked.append(rows) or 777).kv_tokens == 100
     assert asked == [3]  # the operator's budget wins without asking the plan
 
 

@@ -437,8 +437,10 @@ def test_the_compute_thread_survives_a_failing_step_and_reports_a_stall(monkeypa
 
 
 def test_a_wedged_server_reports_why(server, monkeypatch):
+    from dataclasses import replace
+
     assert server.health_problem() is None
-    monkeypatch.setattr(server, "stall_s", 0.2)
+    monkeypatch.setattr(server, "settings", replace(server.settings, stall_s=0.2))
     t = threading.Thread(target=lambda: server.compute.call(time.sleep, 0.6))
     t.start()
     time.sleep(0.4)

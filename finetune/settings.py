@@ -1,0 +1,177 @@
+"""The server's settings from the environment, parsed and checked once: `ServeSettings.from_env()`.
+
+Every serving variable's name lives here (other modules that print or set one import it from here),
+with the value sets the string settings take. A bad value stops setup with the variable's name and
+what to use instead; every bad one is reported at once, not the first only. Only config.py lies
+below this module, so engine, quant, compiled, native and devices can all read names from here."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .config import ConfigError
+
+SERVE_DEVICE_ENV = "SERVE_DEVICE"
+DTYPE_ENV = "SERVE_DTYPE"
+QUANT_ENV = "SERVE_QUANT"
+COMPILE_ENV = "SERVE_COMPILE"
+COMPILE_CACHE_ENV = "SERVE_COMPILE_CACHE"  # read where the cache is used (native.py), not here
+CXX_ENV = "CXX"  # likewise: the compiler native.py builds the int8 kernel with
+MAX_BATCH_ENV = "MAX_BATCH_SIZE"
+KV_TOKENS_ENV = "KV_CACHE_TOKENS"
+PREFILL_CHUNK_ENV = "PREFILL_CHUNK_TOKENS"
+PREFIX_CACHE_ENV = "PREFIX_CACHE_TOKENS"
+QUEUE_TIMEOUT_ENV = "QUEUE_TIMEOUT_S"
+MAX_WAITING_ENV = "MAX_QUEUED_REQUESTS"
+ADAPTER_CACHE_ENV = "ADAPTER_CACHE_SIZE"
+ADAPTERS_IN_USE_ENV = "MAX_ADAPTERS_IN_USE"
+DOWNLOAD_DEADLINE_ENV = "LORA_DOWNLOAD_DEADLINE_S"
+STALL_ENV = "SERVE_STALL_S"  # one step or call on the compute thread longer than this: not healthy
+LOCAL_LORA_ENV = "ALLOW_LOCAL_LORA_WEIGHTS"
+
+DEVICES = ("auto", "cuda", "cpu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# SERVE_QUANT values that load the base through bitsandbytes, and the `quantization` they load with.
+BNB_MODES = {"bnb8": "8bit", "bnb4": "4bit"}
+QUANT_MODES = ("auto", "none", "int8", "int4", *BNB_MODES)
+COMPILE_MODES = ("auto", "off")
+# Without MAX_ADAPTERS_IN_USE: this many distinct adapters in use, or the cache's size if larger.
+MIN_ADAPTERS_IN_USE = 8
+_TRUE = {"1", "true", "yes", "on"}  # config.env_flag's spelling of "on"
+
+
+class SettingsError(ConfigError):
+    """A serving setting is invalid; the message names each bad variable and what to use."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What a server is set up with. The defaults are those of an unset environment; engine.py's
+    EngineLimits holds the same numbers for an engine built without a server."""
+
+    device: str = "auto"
+    """SERVE_DEVICE: auto (the GPU where torch sees one), cuda or cpu."""
+    dtype: str = "auto"
+    """SERVE_DTYPE: the weights' dtype; auto is fp32 on CPUs, bf16 on GPUs that have it."""
+    quantization: str = "auto"
+    """SERVE_QUANT: none, int8, int4 (CPU decoding), bnb8, bnb4 (a bitsandbytes base) or auto."""
+    compile: str = "auto"
+    """SERVE_COMPILE: the compiled decode step on a CPU, CUDA graphs on a GPU; off: eager."""
+    max_batch: int = 8
+    """MAX_BATCH_SIZE: rows decoded together."""
+    kv_tokens: int | None = None
+    """KV_CACHE_TOKENS: KV cache slots; None: sized for the machine (serving.engine_limits)."""
+    prefill_chunk: int = 256
+    """PREFILL_CHUNK_TOKENS: prompt tokens prefilled per step between decode steps."""
+    prefix_tokens: int = 1024
+    """PREFIX_CACHE_TOKENS: cached prompt heads and shared contexts; 0 turns the reuse off."""
+    queue_timeout_s: float = 300.0
+    """QUEUE_TIMEOUT_S: a request that cannot start in time fails with a reason."""
+    max_waiting: int = 64
+    """MAX_QUEUED_REQUESTS: requests waiting at most; more fail at once."""
+    adapter_cache_size: int = 4
+    """ADAPTER_CACHE_SIZE: per-request adapters kept loaded (LRU); 0 loads one per request."""
+    max_adapters_in_use: int | None = None
+    """MAX_ADAPTERS_IN_USE: distinct lora_weights in use at once; None: `adapters_in_use`'s rule."""
+    download_deadline_s: float = 300.0
+    """LORA_DOWNLOAD_DEADLINE_S: a lora_weights download's time in all."""
+    stall_s: float = 120.0
+    """SERVE_STALL_S: a model step longer than this makes the health check fail."""
+    allow_local_lora_weights: bool = False
+    """ALLOW_LOCAL_LORA_WEIGHTS: local paths in lora_weights (trusted callers only)."""
+
+    def __post_init__(self) -> None:
+        _raise(self.problems())
+
+    @property
+    def adapters_in_use(self) -> int:
+        """Distinct per-request adapters loaded or loading at once: each holds memory and a download,
+        and none of them may be evicted while in use."""
+        if self.max_adapters_in_use is not None:
+            return self.max_adapters_in_use
+        return max(self.adapter_cache_size, MIN_ADAPTERS_IN_USE)
+
+    def problems(self) -> list[str]:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = _choice_problems(values)
+        for name, env, kind, minimum in _NUMBERS:
+            value = values[name]
+            if value is not None and not _in_range(value, kind, minimum):
+                out.append(_number_problem(env, value, kind, minimum))
+        return out
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> ServeSettings:
+        """The settings `environ` gives (an unset or empty variable: the default), every value
+        checked; a SettingsError lists all the bad ones."""
+        values: dict[str, Any] = {}
+        for name, env, _, _ in _CHOICES:
+            text = environ.get(env) or "auto"
+            values[name] = text.strip().lower() if env == SERVE_DEVICE_ENV else text  # as devices.py
+        problems = _choice_problems(values)
+        for name, env, kind, minimum in _NUMBERS:
+            text = environ.get(env)
+            if text is None or not text.strip():
+                continue
+            try:
+                value = kind(text)
+            except ValueError:
+                value = None
+            if value is None or not _in_range(value, kind, minimum):
+                problems.append(_number_problem(env, text, kind, minimum))
+            else:
+                values[name] = value
+        values["allow_local_lora_weights"] = environ.get(LOCAL_LORA_ENV, "").strip().lower() in _TRUE
+        _raise(problems)
+        return cls(**values)
+
+
+# (field, variable, allowed values, what the message calls a bad one)
+_CHOICES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("device", SERVE_DEVICE_ENV, DEVICES, " is not a device"),
+    ("dtype", DTYPE_ENV, DTYPES, " is not a dtype"),
+    ("quantization", QUANT_ENV, QUANT_MODES, ""),
+    ("compile", COMPILE_ENV, COMPILE_MODES, ""),
+)
+# (field, variable, int or float, least value)
+_NUMBERS: tuple[tuple[str, str, type, float], ...] = (
+    ("max_batch", MAX_BATCH_ENV, int, 1),
+    ("kv_tokens", KV_TOKENS_ENV, int, 1),
+    ("prefill_chunk", PREFILL_CHUNK_ENV, int, 1),
+    ("prefix_tokens", PREFIX_CACHE_ENV, int, 0),
+    ("queue_timeout_s", QUEUE_TIMEOUT_ENV, float, 0),
+    ("max_waiting", MAX_WAITING_ENV, int, 1),
+    ("adapter_cache_size", ADAPTER_CACHE_ENV, int, 0),
+    ("max_adapters_in_use", ADAPTERS_IN_USE_ENV, int, 1),
+    ("download_deadline_s", DOWNLOAD_DEADLINE_ENV, float, 1),
+    ("stall_s", STALL_ENV, float, 0.001),
+)
+
+
+def _choice_problems(values: Mapping[str, Any]) -> list[str]:
+    return [
+        f"{env}={values[name]!r}{what}: use one of {', '.join(choices)}"
+        for name, env, choices, what in _CHOICES
+        if values[name] not in choices
+    ]
+
+
+def _in_range(value: Any, kind: type, minimum: float) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        return False
+    return not math.isnan(value) and value >= minimum  # nan compares false with everything
+
+
+def _number_problem(env: str, value: Any, kind: type, minimum: float) -> str:
+    return f"{env}={value!r}: use {'a whole number' if kind is int else 'a number'} >= {minimum}"
+
+
+def _raise(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise SettingsError(problems[0])
+    if problems:
+        raise SettingsError(f"{len(problems)} serving settings are invalid:\n  - " + "\n  - ".join(problems))
