@@ -26,8 +26,9 @@ from .archives import pack_dir
 from .checkpoints import CHECKPOINT_PREFIX, checkpoint_root
 from .config import TrainConfig
 from .devices import train_device
+from .progress import log_line
 from .stopping import TrainingStopped
-from .trainer import log_line, train
+from .trainer import train
 from .workdirs import owned_workdir
 
 CHECKPOINT_DIR_ENV = "TRAINING_CHECKPOINT_DIR"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import random
 import shutil
 import sys
@@ -65,6 +64,7 @@ from .modeling import (
     pick_precision,
 )
 from .plan import plan_for_config
+from .progress import log_line, log_start, log_step, start_wandb
 from .records import Record, read_records, split_records
 from .run_state import Data, LoopState, RunPlan, TrainResult, TrainState, steps_run
 from .schedule import auto_length, eval_interval, lr_lambda, plan_steps
@@ -107,10 +107,6 @@ def encode_records(
             encode_example(prompt, response, tokenizer, d.cutoff_len, d.train_on_inputs, d.add_eos_token)
         )
     return out
-
-
-def log_line(text: str) -> None:
-    print(text, flush=True)
 
 
 # --- the run in stages: plan -> build -> loop -> finish ------------------------------------------
@@ -322,37 +318,6 @@ def build_run(cfg: TrainConfig, plan: RunPlan) -> TrainState:
     )
 
 
-def log_start(cfg: TrainConfig, plan: RunPlan, state: TrainState, log: Callable[[str], None]) -> None:
-    place = plan.place
-    if not place.dist.main:
-        return
-    trainable, total_params, examples = state.trainable, state.total_params, plan.train_examples
-    log(
-        f"base {plan.base_path} | {total_params / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable "
-        f"({100 * trainable / total_params:.2f}%) | device {place.device} weights {place.precision.weights} compute {place.precision.compute}"
-    )
-    log(
-        f"data {cfg.data.data_path}: {len(examples)} train / {len(plan.val_examples)} val, "
-        f"{sum(e.truncated for e in examples)} truncated to {cfg.data.cutoff_len} tokens"
-    )
-    log(
-        f"{plan.total_steps} steps x {plan.accum} accumulation x {cfg.micro_batch_size} micro-batch x {place.dist.world_size} "
-        f"process(es){f' ({place.strategy})' if place.dist.world_size > 1 else ''} | lr {cfg.learning_rate} "
-        f"{cfg.lr_scheduler} | packing {cfg.data.packing}"
-        + (f" | resuming at step {state.start_step}" if state.start_step else "")
-    )
-    log(f"steps: {plan.steps_rule}")
-    if place.device.type == "cuda" or cfg.quantization != "none" or cfg.gradient_checkpointing:
-        log(f"memory {place.memory.table()}")
-    effective = plan.accum * cfg.micro_batch_size * place.dist.world_size
-    if effective != cfg.batch_size:
-        # Accumulation is a whole number of micro-batches: say what a step really trains on.
-        log(
-            f"batch_size={cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size} x "
-            f"{place.dist.world_size} process(es): each step trains on {effective} examples"
-        )
-
-
 # --- run -----------------------------------------------------------------------------------------
 
 
@@ -386,7 +351,7 @@ def run_loop(
 
 def _start_loop(cfg: TrainConfig, plan: RunPlan, state: TrainState) -> LoopState:
     """wandb, the base model's validation loss and the progress bar, before the first step."""
-    wandb_run = _wandb(cfg, plan.place.dist) if cfg.wandb_project else None
+    wandb_run = start_wandb(cfg, plan.place.dist) if cfg.wandb_project else None
     # Once per run: a resumed run has it in its history.
     if plan.val_examples and state.history.base_val_loss is None:
         with state.model.disable_adapter():
@@ -503,27 +468,10 @@ def _after_step(
 ) -> None:
     state.history.steps.append(entry)
     loop.bar.update(1)
-    _log_step(cfg, plan, loop, entry, mean_loss)
+    log_step(cfg, plan, loop, entry, mean_loss)
     eval_hook(cfg, plan, state, loop, int(entry["step"]))
     if loop.wandb_run is not None:
         loop.wandb_run.log(entry, step=entry["step"])
-
-
-def _log_step(
-    cfg: TrainConfig, plan: RunPlan, loop: LoopState, entry: dict[str, float], mean_loss: float
-) -> None:
-    done = entry["step"]
-    if not plan.place.dist.main or (done % cfg.logging_steps != 0 and done != plan.total_steps):
-        return
-    now = time.perf_counter()
-    tps = loop.window_tokens / max(now - loop.window_start, 1e-9)
-    loop.window_tokens, loop.window_start = 0, now
-    loop.bar.write(
-        f"epoch {entry['epoch']:.2f} | step {done}/{plan.total_steps} | loss {mean_loss:.4f} | "
-        f"lr {entry['lr']:.2e} | grad_norm {entry['grad_norm']:.3g} | tok/s {tps:.0f} | mem {_memory_gb(plan.place.device):.2f} GB",
-        file=sys.stdout,
-    )
-    sys.stdout.flush()
 
 
 def _checkpoint_hook(
@@ -657,27 +605,3 @@ def _remove_checkpoint(path: Path | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
         with contextlib.suppress(OSError):  # the folder too, if nothing else is there
             path.parent.rmdir()
-
-
-def _memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _wandb(cfg: TrainConfig, dist: Dist) -> Any:
-    if not dist.main:
-        return None
-    try:
-        import wandb
-    except ImportError as exc:
-        raise ImportError("--wandb_project was given but wandb is not installed: pip install wandb") from exc
-    if cfg.wandb_watch:
-        os.environ["WANDB_WATCH"] = cfg.wandb_watch
-    if cfg.wandb_log_model:
-        os.environ["WANDB_LOG_MODEL"] = cfg.wandb_log_model
-    return wandb.init(
-        project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=dataclasses.asdict(cfg)
-    )
