@@ -1,20 +1,15 @@
 """The prediction service behind predict.py: one resident base model, a setup adapter (merged for
 speed while it is the only one in use; never on a bitsandbytes base, SERVE_QUANT=bnb8|bnb4) and an
-LRU cache of per-request adapters."""
+LRU cache of per-request adapters (adapter_cache.py), set up from the settings (settings.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import queue
-import shutil
 import sys
 import threading
 import types
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent import futures
-from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from . import prompts, quant
+from .adapter_cache import AdapterCache, LoadedAdapter, remove_files
 from .adapters import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
-from .archives import DownloadStopped, Limits, materialize, redact
+from .archives import Limits, materialize, redact
 from .artifacts import CARD_JSON
 from .compute import POLL_S, ComputeThread
 from .config import DataConfig, GenerationSettings, field_default
@@ -45,7 +41,6 @@ from .modeling import (
 )
 from .quant import describe_quantization, pick_quantization
 from .settings import (
-    ADAPTERS_IN_USE_ENV,
     BNB_MODES,
     DTYPES,  # noqa: F401 (finetune generate's --dtype choices)
     MAX_BATCH_ENV,
@@ -58,54 +53,17 @@ from .workdirs import owned_workdir
 
 MIN_HEAD = 16  # template heads shorter than this are prefilled with the rest of the prompt
 SETUP_NAME = "setup"
-# An adapter is megabytes (a few GB for r=64 on all layers of a 70B); a request gets tighter
-# limits than the operator's COG_WEIGHTS.
+# The operator's adapter (COG_WEIGHTS) is held to the archive defaults; a request's to tighter ones
+# (adapter_cache.REQUEST_LIMITS).
 SETUP_LIMITS = Limits()
-REQUEST_LIMITS = Limits(
-    max_files=64,
-    max_total_bytes=4 * 2**30,
-    max_file_bytes=4 * 2**30,
-    max_download_bytes=4 * 2**30,
-    deadline_s=ServeSettings.download_deadline_s,  # LORA_DOWNLOAD_DEADLINE_S changes it
-)
 DEFAULT_ADAPTER_DIR = Path("weights") / "adapter"
 # The operator's adapter may be as large as train.py trains; a stranger's is held to less.
 SETUP_BOUNDS = AdapterBounds(max_rank=1024)
 REQUEST_BOUNDS = AdapterBounds()
 
 
-@dataclass(eq=False)
-class LoadedAdapter:
-    name: str
-    folder: Path
-    template: prompts.PromptTemplate | None
-    users: int = 0  # queued or running requests; an adapter in use is never evicted
-
-
-def normalise_source(source: str) -> str:
-    """One spelling per adapter source: surrounding spaces dropped, a URL's scheme and host in lower
-    case (the rest of a URL is case-sensitive), a local path made absolute."""
-    source = source.strip()
-    scheme, sep, rest = source.partition("://")
-    if sep and scheme.lower() in ("http", "https"):
-        host, slash, path = rest.partition("/")
-        return f"{scheme.lower()}://{host.lower()}{slash}{path}"
-    if source.startswith("data:"):
-        return source
-    return str(Path(source).expanduser().resolve())
-
-
-def adapter_key(source: str) -> str:
-    """The cache key (and PEFT adapter name) of a normalised source: its whole SHA-256, so that no two
-    sources can share one by chance or by design."""
-    return "a" + hashlib.sha256(source.encode()).hexdigest()
-
-
 def engine_limits(
-    model: Any,
-    device: torch.device,
-    settings: ServeSettings,
-    gpu_budget: Callable[[int], int] | None = None,
+    model: Any, device: torch.device, settings: ServeSettings, gpu_budget: Callable[[int], int] | None = None
 ) -> EngineLimits:
     """The engine's limits from the settings; an unset KV budget sized for the machine: on a GPU
     what the serving plan leaves (`gpu_budget(max_batch)`, which counts the graph pools and
@@ -173,9 +131,8 @@ class ModelServer:
             quantization=quantization or settings.quantization,
             adapter_cache_size=settings.adapter_cache_size if cache_size is None else cache_size,
         )
-        self.device = pick_device(
-            device or (None if self.settings.device == "auto" else self.settings.device)
-        )
+        wanted = None if self.settings.device == "auto" else self.settings.device
+        self.device = pick_device(device or wanted)
         self.precision = pick_precision(self.settings.dtype, self.device, training=False)
         mode = self.settings.quantization
         self.quantization = pick_quantization(mode, self.device, self.precision.weights)
@@ -186,10 +143,7 @@ class ModelServer:
         # exits (the compute thread's loop keeps a serving server alive until then). A server killed
         # by a signal leaves its folder to the next one to remove.
         self.workdir = owned_workdir(self, "adapters-")
-        self.request_limits = replace(REQUEST_LIMITS, deadline_s=self.settings.download_deadline_s)
-        self.cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
-        self._loading: dict[str, Future[LoadedAdapter]] = {}
-        self._lock = threading.Lock()  # cache, _loading and users, shared by request threads
+        self.adapters = AdapterCache(self.workdir, self.settings, self._load_adapter)
         self._encode_lock = threading.Lock()
         self.setup_adapter: LoadedAdapter | None = None
         self.merged = False
@@ -200,9 +154,8 @@ class ModelServer:
         # Bumped each time an adapter name is attached: a name may come back with other weights
         # (the same lora_weights URL after an eviction), and cached prompt heads must not outlive them.
         self._generation: dict[str, int] = {}
-        self._heads: dict[
-            tuple[prompts.PromptTemplate, bool], list[int]
-        ] = {}  # a template's head ids, with or without input
+        # A template's head ids, with or without input.
+        self._heads: dict[tuple[prompts.PromptTemplate, bool], list[int]] = {}
         # Every torch call of this server runs on this thread (see compute.py for why); a process
         # that runs other torch work beside the server passes one thread for all of it.
         self.compute = compute or ComputeThread()
@@ -369,10 +322,11 @@ class ModelServer:
             config = check_adapter(folder, self.linears, bounds)
             template = prompts.template_from_adapter(folder)
         except (AdapterRefused, ModelError, prompts.TemplateError) as exc:
-            self._remove_files(folder)  # strangers could otherwise fill the disk one request at a time
+            # Strangers could otherwise fill the disk one request at a time.
+            remove_files(self.workdir, folder)
             raise ModelError(f"adapter {redact(source)}: {exc}") from None
         except BaseException:
-            self._remove_files(folder)
+            remove_files(self.workdir, folder)
             raise
         if self.merged:
             self._unmerge()  # PEFT would unmerge by subtraction to add a layer's new adapter
@@ -385,7 +339,7 @@ class ModelServer:
         except BaseException:
             if isinstance(self.model, PeftModel) and name in self.model.peft_config:
                 self.model.delete_adapter(name)
-            self._remove_files(folder)
+            remove_files(self.workdir, folder)
             raise
         finally:
             self._mode = None
@@ -393,87 +347,27 @@ class ModelServer:
         self._generation[name] = self._generation.get(name, 0) + 1
         return LoadedAdapter(name, folder, template)
 
-    def _remove_files(self, folder: Path) -> None:
-        if self.workdir in folder.parents:
-            # The top folder materialize() created under workdir (an archive may nest one more level).
-            shutil.rmtree(self.workdir / folder.relative_to(self.workdir).parts[0], ignore_errors=True)
+    def _load_adapter(self, folder: Path, name: str, source: str) -> LoadedAdapter:
+        return self.compute.call(self._attach, folder, name, source, REQUEST_BOUNDS)
 
     def _acquire(self, source: str | None, cancel: threading.Event) -> LoadedAdapter | None:
         """The adapter a request needs, loaded and counted as in use (None: the bare base; no
         lora_weights: the setup adapter). Downloading and extracting run on the caller's thread,
-        so the engine keeps decoding other requests meanwhile; `cancel` stops a download, or this
-        request's wait for another request's download of the same adapter."""
-        if not source:
-            return self.setup_adapter
-        source = normalise_source(source)
-        key = adapter_key(source)
-        while True:
-            with self._lock:
-                if key in self.cache:
-                    self.cache.move_to_end(key)
-                    self.cache[key].users += 1
-                    return self.cache[key]
-                pending = self._loading.get(key)
-                if pending is None:
-                    in_use = sum(a.users > 0 for a in self.cache.values()) + len(self._loading)
-                    limit = self.settings.adapters_in_use
-                    if in_use >= limit:
-                        raise GenerationError(
-                            f"the server is serving {in_use} different lora_weights adapters at once, its "
-                            f"limit ({ADAPTERS_IN_USE_ENV}={limit}); retry when a request ends"
-                        )
-                    self._loading[key] = mine = Future()
-            if pending is not None:
-                # Another request is loading the same adapter: take it from the cache once loaded. If
-                # that request was cancelled, its download stopped, and this one starts its own.
-                while not pending.done():
-                    if cancel.is_set():
-                        raise DownloadStopped("the request was cancelled while its adapter was loading")
-                    futures.wait([pending], timeout=POLL_S)
-                if isinstance(pending.exception(), DownloadStopped):
-                    continue
-                pending.result()  # that load failed: the same source fails this request too
-                continue
-            try:
-                # COG_WEIGHTS is the operator's choice; a per-request path would let any caller probe the
-                # server's disk, so requests may only send URLs and data URIs unless the operator opts in.
-                folder = materialize(
-                    source,
-                    self.workdir,
-                    self.request_limits,
-                    allow_local=self.settings.allow_local_lora_weights,
-                    cancel=cancel,
-                )
-                loaded = self.compute.call(self._attach, folder, key, source, REQUEST_BOUNDS)
-            except BaseException as exc:
-                with self._lock:
-                    del self._loading[key]
-                mine.set_exception(exc)
-                raise
-            with self._lock:
-                loaded.users = 1
-                self.cache[key] = loaded
-                del self._loading[key]
-            mine.set_result(loaded)
-            return loaded
+        so the engine keeps decoding other requests meanwhile (adapter_cache.py)."""
+        return self.adapters.acquire(source, cancel) if source else self.setup_adapter
 
     def _release(self, adapter: LoadedAdapter | None) -> None:
-        """A request that used `adapter` has finished (compute thread): evict what is over capacity."""
+        """A request that used `adapter` has finished (compute thread): unload what the cache evicts."""
         if adapter is None or adapter is self.setup_adapter:
             return
-        with self._lock:
-            adapter.users -= 1
-            evicted = []
-            idle = [k for k, a in self.cache.items() if a.users == 0]  # least recently used first
-            while len(self.cache) > self.settings.adapter_cache_size and idle:
-                evicted.append(self.cache.pop(idle.pop(0)))
+        evicted = self.adapters.release(adapter)
         if evicted and self.merged:
             self._unmerge()  # PEFT unmerges by subtraction when it re-points a merged model's layers
         for old in evicted:
             self.engine.prefixes.forget(old.name)
             self.model.delete_adapter(old.name)
             self._mode = None
-            self._remove_files(old.folder)
+            self.adapters.discard(old)
 
     # -- the model for one forward pass (the engine's prepare hook, compute thread) -----------
     def _prepare(self, adapters: list[str | None]) -> dict[str, Any]:

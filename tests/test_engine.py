@@ -486,7 +486,8 @@ def test_a_merged_setup_adapter_switches_exactly(
 
 
 def test_the_adapter_cache_evicts_the_least_recently_used_idle_adapter(tiny_model_dir, adapters, monkeypatch):
-    from finetune.serving import ModelServer, adapter_key
+    from finetune.adapter_cache import adapter_key
+    from finetune.serving import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
     server = ModelServer(base_model=str(tiny_model_dir), dtype="float32", cache_size=2)
@@ -494,15 +495,16 @@ def test_the_adapter_cache_evicts_the_least_recently_used_idle_adapter(tiny_mode
     resident = server.compute.call(lambda: set(server.model.peft_config))
     assert resident == {adapter_key(str(adapters[1])), adapter_key(str(adapters[2]))}
     assert serve(server, PROMPTS[1], str(adapters[0])) == first[0]  # loaded again, same text
-    assert list(server.cache) == [adapter_key(str(adapters[2])), adapter_key(str(adapters[0]))]
+    assert list(server.adapters.loaded) == [adapter_key(str(adapters[2])), adapter_key(str(adapters[0]))]
 
 
 def test_the_server_prefills_a_templates_head_once_per_adapter(tiny_model_dir, adapters, monkeypatch):
     """Requests through a template share its head (the text before the instruction): the warm-up
     caches the default template's head for the base, an adapter gets its own on first use, an
     evicted adapter's heads go with it; a reused head gives the text a freshly prefilled one gives."""
+    from finetune.adapter_cache import adapter_key
     from finetune.prompts import PromptTemplate
-    from finetune.serving import ModelServer, adapter_key
+    from finetune.serving import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
     server = ModelServer(base_model=str(tiny_model_dir), dtype="float32", cache_size=1)
@@ -594,7 +596,7 @@ def test_an_adapter_cache_of_size_zero_still_serves_each_request(tiny_model_dir,
     expected = [serve(cached, PROMPTS[1], str(a)) for a in adapters[:2]]
     server = ModelServer(base_model=str(tiny_model_dir), dtype="float32", cache_size=0)
     assert [serve(server, PROMPTS[1], str(a)) for a in adapters[:2]] == expected
-    assert len(server.cache) == 0
+    assert len(server.adapters.loaded) == 0
     assert server.compute.call(lambda: set(getattr(server.model, "peft_config", {}))) == set()
 
 

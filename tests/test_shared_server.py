@@ -263,7 +263,7 @@ def test_one_rows_sampling_failure_fails_that_row_only(server, tiny_model_dir, g
 
 
 def test_one_rows_forward_failure_fails_that_row_only(server, good, local_lora, monkeypatch):
-    from finetune.serving import adapter_key, normalise_source
+    from finetune.adapter_cache import adapter_key, normalise_source
 
     bad = adapter_key(normalise_source(str(good)))
     asks = [(PROMPTS[0], None), (PROMPTS[1], str(good)), (PROMPTS[2], None), (PROMPTS[4], None)]
@@ -349,7 +349,7 @@ def test_the_adapters_in_use_are_bounded(tiny_model_dir, good, tmp_path, local_l
 
 
 def test_adapter_keys_are_full_digests_of_the_normalised_source(tmp_path):
-    from finetune.serving import adapter_key, normalise_source
+    from finetune.adapter_cache import adapter_key, normalise_source
 
     assert len(adapter_key("x")) == 1 + 64
     assert normalise_source(" HTTPS://Example.COM/a/B.tar?x=Y ") == "https://example.com/a/B.tar?x=Y"
@@ -360,7 +360,7 @@ def test_adapter_keys_are_full_digests_of_the_normalised_source(tmp_path):
 def test_a_waiter_survives_the_first_clients_cancel_and_can_cancel_itself(server, good, monkeypatch):
     """Two requests for one slow adapter: the first is cancelled while downloading; the second, which
     waited for it, loads the adapter itself. A third waiter cancels its own wait."""
-    import finetune.serving as serving
+    from finetune import adapter_cache
     from finetune.archives import DownloadStopped
 
     source = "https://adapters.invalid/slow.tar"
@@ -378,7 +378,7 @@ def test_a_waiter_survives_the_first_clients_cancel_and_can_cancel_itself(server
         shutil.copytree(good, dest)
         return dest
 
-    monkeypatch.setattr(serving, "materialize", slow_materialize)
+    monkeypatch.setattr(adapter_cache, "materialize", slow_materialize)
     first_cancel, third_cancel = threading.Event(), threading.Event()
     out: dict[str, object] = {}
 
