@@ -124,7 +124,7 @@ def examples_in_order(cfg: Any, tokenizer: Any, per_step: int = 1) -> tuple[list
     from finetune import prompts
     from finetune.batching import micro_batches
     from finetune.records import read_records, split_records
-    from finetune.trainer import encode_records
+    from finetune.run_data import encode_records
 
     train_records, _ = split_records(read_records(cfg.data.data_path), cfg.data.val_set_size, cfg.seed)
     template = prompts.load_template(cfg.data.prompt_template_name)

@@ -12,7 +12,6 @@ import dataclasses
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,7 +21,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import prompts
 from .artifacts import save_adapter
 from .batching import iter_collated, micro_batches
 from .card import training_card
@@ -30,10 +28,8 @@ from .checkpoints import (
     CHECKPOINT_PREFIX,
     History,
     checkpoint_root,
-    find_checkpoint,
     load_checkpoint,
     move_aside_old_checkpoints,
-    run_fingerprint,
     write_checkpoint,
 )
 from .config import ConfigError, TrainConfig
@@ -53,7 +49,7 @@ from .distributed import (
     whole_lora,
     wrap_for_training,
 )
-from .encoding import IGNORE_INDEX, Encoded, encode_example
+from .encoding import IGNORE_INDEX, Encoded
 from .evaluation import evaluate_peft
 from .losses import TokenLoss, token_loss_sum
 from .modeling import (
@@ -65,49 +61,11 @@ from .modeling import (
 )
 from .plan import plan_for_config
 from .progress import log_line, log_start, log_step, start_wandb
-from .records import Record, read_records, split_records
+from .run_data import encode_records, read_data, recall_sample
 from .run_state import Data, LoopState, RunPlan, TrainResult, TrainState, steps_run
 from .schedule import auto_length, eval_interval, lr_lambda, plan_steps
 from .stopping import StopFlag, TrainingStopped, stop_before_save, stop_requested, stopped
 from .train_eval import BEST_RULE, eval_hook, eval_line, evaluate_step, validation_loss
-from .weights import resolve_base_model
-
-
-def check_output_writable(output_dir: str | Path, need_bytes: int = 64 << 20) -> None:
-    """Fail before any model loads if the adapter could not be written at the end."""
-    # A file where the adapter or its checkpoints go would fail the final rename, or the first
-    # checkpoint, only after training has run.
-    for path in (Path(output_dir), checkpoint_root(output_dir)):
-        if path.exists() and not path.is_dir():
-            raise FileExistsError(f"{path} is a file, not a folder; move it or choose another --output_dir")
-    parent = Path(output_dir).resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise PermissionError(
-            f"cannot write to {parent}: {exc.strerror}; choose another --output_dir"
-        ) from exc
-    free = shutil.disk_usage(parent).free
-    if free < need_bytes:
-        raise OSError(
-            f"only {free >> 20} MiB free under {parent}; at least {need_bytes >> 20} MiB are needed"
-        )
-
-
-def encode_records(
-    records: list[Record], tokenizer: Any, template: prompts.PromptTemplate, cfg: TrainConfig
-) -> list[Encoded]:
-    d = cfg.data
-    out = []
-    for record in records:
-        prompt, response = prompts.split_record(record, template, tokenizer)
-        out.append(
-            encode_example(prompt, response, tokenizer, d.cutoff_len, d.train_on_inputs, d.add_eos_token)
-        )
-    return out
-
 
 # --- the run in stages: plan -> build -> loop -> finish ------------------------------------------
 
@@ -161,38 +119,6 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
         recall_examples,
         eval_interval(cfg, total_steps),
     )
-
-
-def recall_sample(
-    cfg: TrainConfig, records: list[Record], tokenizer: Any, template: prompts.PromptTemplate
-) -> list[Encoded]:
-    """A seeded sample of eval_recall training records, encoded as served: the prompt, then the
-    answer and EOS as labels. Truncated records are left out: their served prompt differs."""
-    order = list(range(len(records)))
-    random.Random(cfg.seed + 1).shuffle(order)
-    chosen: list[Encoded] = []
-    for i in order:
-        if len(chosen) == cfg.eval_recall:
-            break
-        prompt, response = prompts.split_record(records[i], template, tokenizer)
-        encoded = encode_example(
-            prompt, response, tokenizer, cfg.data.cutoff_len, False, cfg.data.add_eos_token
-        )
-        if not encoded.truncated:
-            chosen.append(encoded)
-    return chosen
-
-
-def read_data(cfg: TrainConfig) -> Data:
-    records = read_records(cfg.data.data_path)  # bad data fails here, before any model loads
-    data_bytes = Path(cfg.data.data_path).read_bytes()
-    train_records, val_records = split_records(records, cfg.data.val_set_size, cfg.seed)
-    check_output_writable(cfg.output_dir)
-    template = prompts.load_template(cfg.data.prompt_template_name)
-    base_path = resolve_base_model(cfg.base_model)
-    fingerprint = run_fingerprint(cfg, data_bytes, base_path)
-    checkpoint = find_checkpoint(cfg, fingerprint)
-    return Data(records, data_bytes, train_records, val_records, template, base_path, fingerprint, checkpoint)
 
 
 def place_process(cfg: TrainConfig, data: Data) -> Placement:

@@ -22,8 +22,9 @@ from finetune.modeling import (
     use_fast_dropout,
 )
 from finetune.records import read_records, split_records
+from finetune.run_data import encode_records
 from finetune.schedule import lr_lambda
-from finetune.trainer import encode_records, train
+from finetune.trainer import train
 
 CPU = torch.device("cpu")
 FP32 = Precision(torch.float32, torch.float32)
