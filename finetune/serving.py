@@ -47,6 +47,7 @@ from .settings import (
     QUANT_ENV,
     STALL_ENV,
     ServeSettings,
+    SettingsError,
 )
 from .weights import resolve_base_model
 from .workdirs import owned_workdir
@@ -123,14 +124,17 @@ class ModelServer:
     ) -> None:
         """`settings`: read from the environment once when not given. `dtype`, `quantization` and
         `cache_size` override its fields, `device` (any torch device) its device and `limits` the
-        engine limits it would give."""
-        settings = settings or ServeSettings.from_env()
-        self.settings = replace(
-            settings,
-            dtype=dtype or settings.dtype,
-            quantization=quantization or settings.quantization,
-            adapter_cache_size=settings.adapter_cache_size if cache_size is None else cache_size,
-        )
+        engine limits it would give. A bad setting stops setup with a ModelError, as any other."""
+        try:
+            settings = settings or ServeSettings.from_env()
+            self.settings = replace(
+                settings,
+                dtype=dtype or settings.dtype,
+                quantization=quantization or settings.quantization,
+                adapter_cache_size=settings.adapter_cache_size if cache_size is None else cache_size,
+            )
+        except SettingsError as exc:
+            raise ModelError(str(exc)) from None
         wanted = None if self.settings.device == "auto" else self.settings.device
         self.device = pick_device(device or wanted)
         self.precision = pick_precision(self.settings.dtype, self.device, training=False)

@@ -326,8 +326,16 @@ def test_bad_compile_setting_stops_setup_with_a_reason(tiny_model_dir, monkeypat
 
 @pytest.fixture(scope="module")
 def embedded(cache, embedded_model_dir):
-    """The default on a CPU: int8 weights, the decode step compiled."""
-    return ModelServer(base_model=str(embedded_model_dir), dtype="float32", quantization="auto")
+    """The default on a CPU: int8 weights, the decode step compiled; the tests' adapters are local
+    folders, which the server's settings allow from the start."""
+    from dataclasses import replace
+
+    from finetune.settings import ServeSettings
+
+    settings = replace(ServeSettings.from_env(), allow_local_lora_weights=True)
+    return ModelServer(
+        base_model=str(embedded_model_dir), dtype="float32", quantization="auto", settings=settings
+    )
 
 
 def test_embedded_model_compiled_gives_the_eager_text_and_stops_and_cancels(embedded, embedded_model_dir):

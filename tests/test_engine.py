@@ -612,11 +612,11 @@ def test_an_adapter_cache_of_size_zero_still_serves_each_request(tiny_model_dir,
 def test_bad_serving_settings_stop_setup_with_the_variables_name(
     tiny_model_dir, monkeypatch, name, value, message
 ):
+    from finetune.modeling import ModelError
     from finetune.serving import ModelServer
-    from finetune.settings import SettingsError
 
     monkeypatch.setenv(name, value)
-    with pytest.raises(SettingsError, match=re.escape(message)):
+    with pytest.raises(ModelError, match=re.escape(message)):
         ModelServer(base_model=str(tiny_model_dir))
 
 
