@@ -1,4 +1,13 @@
-"""The training loop: dataset file -> verified LoRA adapter folder with a training card.
+"""The training run: dataset file -> verified LoRA adapter folder with a training card.
+
+train() is the recipe, in the order the data flows: plan_run (read, split and encode the data,
+place this process, size the run; no model yet) -> build_run (base model + LoRA, optimizer and
+schedule, or a checkpoint's state) -> run_loop (the optimizer steps) -> finish_run (the last
+evaluation, the adapter kept, its card, the folder on disk). The records the stages hand on are in
+run_state.py. Around them: run_data.py (the data read and encoded), schedule.py (the run's length,
+the learning rate), train_eval.py (evaluation during training, stopping on evidence),
+checkpoints.py, stopping.py (SIGTERM), progress.py (log lines, wandb), card.py (the training card),
+distributed.py (DDP, FSDP).
 
 Our own loop rather than HF Trainer: it packs examples without padding, normalises the loss by
 the number of trained tokens across gradient accumulation and ranks, runs bf16 autocast on CPUs
@@ -93,7 +102,7 @@ def train(
 
 def plan_run(cfg: TrainConfig) -> RunPlan:
     """Read, split and encode the data and size the run; every check that needs no model runs here.
-    `cfg` must have its memory settings resolved (settle_memory)."""
+    The memory plan settles auto settings here; settle_memory then puts them in `cfg`."""
     data = read_data(cfg)
     place = place_process(cfg, data)
     base_path = data.base_path
@@ -392,6 +401,7 @@ def _after_step(
     entry: dict[str, float],
     mean_loss: float,
 ) -> None:
+    """Record the step, log it, evaluate when due, and tell wandb."""
     state.history.steps.append(entry)
     loop.bar.update(1)
     log_step(cfg, plan, loop, entry, mean_loss)
@@ -403,6 +413,7 @@ def _after_step(
 def _checkpoint_hook(
     cfg: TrainConfig, plan: RunPlan, state: TrainState, loop: LoopState, done: int, stop_now: bool
 ) -> Path | None:
+    """A checkpoint every save_steps steps, on an early stop, and on SIGTERM (None: none written)."""
     want = cfg.save_steps and done % cfg.save_steps == 0 and done < plan.total_steps
     # A run stopping on evidence checkpoints too: a resume then finishes without more steps.
     want = want or (cfg.save_steps and state.history.stopped and not stop_now)
@@ -466,41 +477,72 @@ def _evaluate_and_save(
     stop: StopFlag,
     done: int,
 ) -> TrainResult:
-    place, data, history = plan.place, plan.data, state.history
+    """The evaluation kept, the generations and the card, then the adapter folder. A SIGTERM stops
+    the run until the save begins."""
+    kept = _final_evaluation(cfg, plan, state, log, stop, done)
+    generation_eval = _generations(cfg, plan, state)
+    stop_before_save(cfg, stop, plan.place, done)
+    # From here the adapter is written even if a SIGTERM comes: it is the whole result.
+    card = training_card(cfg, plan, state, loop, kept, generation_eval, started)
+    adapter_dir = _write_adapter(cfg, plan, state, card, kept, log)
+    return TrainResult(adapter_dir, card, state.model, plan.tokenizer)
+
+
+def _final_evaluation(
+    cfg: TrainConfig, plan: RunPlan, state: TrainState, log: Callable[[str], None], stop: StopFlag, done: int
+) -> dict[str, float] | None:
+    """The last step's evaluation (the loop's, or one now); with num_epochs=auto the best
+    evaluation's weights back in the model (BEST_RULE). The evaluation whose adapter is kept."""
+    history = state.history
     last = history.evals[-1] if history.evals and history.evals[-1]["step"] == done else None
     last = last or evaluate_step(cfg, plan, state, done)
-    stop_before_save(cfg, stop, place, done)
-    kept = last
-    if auto_length(cfg) and history.best is not None:
-        kept = history.best
-        if kept["step"] != done and state.best_state is not None:
-            load_lora_state(state.model, state.best_state)
-            log(f"keeping step {kept['step']}'s adapter ({BEST_RULE}): {eval_line(kept)}")
-    val_loss = kept.get("val_loss") if kept else None
-    generation_eval = None
+    stop_before_save(cfg, stop, plan.place, done)
+    if not (auto_length(cfg) and history.best is not None):
+        return last
+    kept = history.best
+    if kept["step"] != done and state.best_state is not None:
+        load_lora_state(state.model, state.best_state)
+        log(f"keeping step {kept['step']}'s adapter ({BEST_RULE}): {eval_line(kept)}")
+    return kept
+
+
+def _generations(cfg: TrainConfig, plan: RunPlan, state: TrainState) -> dict[str, Any] | None:
+    """Base-vs-adapter generations on up to eval_generate validation records (None: none asked)."""
+    place, data = plan.place, plan.data
     # Sharded, every rank generates: each forward gathers weights from all of them. The ranks run
     # the same greedy decoding on the same whole weights, so they stop at the same token. (Rank 0
     # alone on the gathered model would need the whole base on one device, which FSDP is for
     # models that do not fit.)
-    if (place.dist.main or place.sharded) and data.val_records and cfg.eval_generate > 0:
-        generation_eval = evaluate_peft(
-            state.model, plan.tokenizer, data.val_records, data.template, max_records=cfg.eval_generate
-        )
-    stop_before_save(cfg, stop, place, done)
-    # From here the adapter is written even if a SIGTERM comes: it is the whole result.
-    card = training_card(cfg, plan, state, loop, kept, generation_eval, started)
-    adapter_dir = Path(cfg.output_dir)
+    if not ((place.dist.main or place.sharded) and data.val_records and cfg.eval_generate > 0):
+        return None
+    return evaluate_peft(
+        state.model, plan.tokenizer, data.val_records, data.template, max_records=cfg.eval_generate
+    )
+
+
+def _write_adapter(
+    cfg: TrainConfig,
+    plan: RunPlan,
+    state: TrainState,
+    card: dict[str, Any],
+    kept: dict[str, float] | None,
+    log: Callable[[str], None],
+) -> Path:
+    """The adapter folder with its card, written by the main process; every rank waits for it."""
+    place = plan.place
+    val_loss = kept.get("val_loss") if kept else None
     base_val_loss = state.history.base_val_loss
+    adapter_dir = Path(cfg.output_dir)
     with whole_lora(state.model):  # sharded: the same adapter file as one process writes
         if place.dist.main:
-            adapter_dir = save_adapter(state.model, cfg.output_dir, data.template, card)
+            adapter_dir = save_adapter(state.model, cfg.output_dir, plan.data.template, card)
             log(
                 f"adapter written to {adapter_dir} (val_loss {val_loss if val_loss is None else round(val_loss, 4)}, "
                 f"base {base_val_loss if base_val_loss is None else round(base_val_loss, 4)})"
             )
     if place.dist.world_size > 1:
         torch.distributed.barrier()
-    return TrainResult(adapter_dir, card, state.model, plan.tokenizer)
+    return adapter_dir
 
 
 def _final_checkpoint(cfg: TrainConfig, plan: RunPlan, state: TrainState, done: int) -> Path | None:
