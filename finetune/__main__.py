@@ -79,7 +79,8 @@ def _convert_adapter(argv: list[str]) -> int:
 def _generate(argv: list[str]) -> int:
     from .config import GenerationSettings, field_default
     from .prompts import AUTO
-    from .serving import DTYPES, ModelServer
+    from .serving import ModelServer
+    from .settings import DTYPES
 
     G = GenerationSettings
     parser = argparse.ArgumentParser(

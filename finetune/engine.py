@@ -44,7 +44,6 @@ from .inference import (
     eos_ids,
     logits_processors,
 )
-from .settings import KV_TOKENS_ENV, MAX_BATCH_ENV  # noqa: F401 (plan.py reads them here)
 
 log = logging.getLogger(__name__)
 DONE = None  # the outbox item after the last chunk

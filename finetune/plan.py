@@ -435,8 +435,7 @@ def plan_for_config(
 
 def _serving_way_out(ask: ServingAsk, plan: Plan) -> str:
     """Server settings that would fit instead: fewer rows, a smaller KV budget, no CUDA graphs."""
-    from .compiled import COMPILE_ENV
-    from .engine import KV_TOKENS_ENV, MAX_BATCH_ENV
+    from .settings import COMPILE_ENV, KV_TOKENS_ENV, MAX_BATCH_ENV
 
     tips = []
     rows = ask.server.max_rows // 2

@@ -42,7 +42,6 @@ from .modeling import (
 from .quant import describe_quantization, pick_quantization
 from .settings import (
     BNB_MODES,
-    DTYPES,  # noqa: F401 (finetune generate's --dtype choices)
     MAX_BATCH_ENV,
     QUANT_ENV,
     STALL_ENV,
