@@ -47,7 +47,7 @@ def main(spec_path: str, out_path: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.export import export
+    from finetune.formats.export import export
     from finetune.modeling import load_tokenizer
     from finetune.prompts import load_template
     from finetune.weights import resolve_base_model

@@ -269,8 +269,8 @@ def run_case(
 
 
 def main(spec_path: str, out_path: str) -> None:
-    from finetune.archives import pack_dir
     from finetune.cogtools import data_uri, predictor_concurrency
+    from finetune.formats.archives import pack_dir
 
     spec = read_json(spec_path)
     workdir = Path(spec["workdir"])

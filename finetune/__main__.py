@@ -33,13 +33,13 @@ def _convert_gguf(argv: list[str]) -> int:
 
 
 def _convert_meta(argv: list[str]) -> int:
-    from .convert_meta import main
+    from .formats.convert_meta import main
 
     return main(argv)
 
 
 def _export(argv: list[str]) -> int:
-    from .export import main
+    from .formats.export import main
 
     return main(argv)
 

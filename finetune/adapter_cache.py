@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import prompts
-from .archives import DownloadStopped, Limits, materialize
 from .compute import POLL_S
+from .formats.archives import DownloadStopped, Limits, materialize
 from .inference import GenerationError
 from .settings import ADAPTERS_IN_USE_ENV, ServeSettings
 

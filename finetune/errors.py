@@ -11,8 +11,8 @@ class ExportError(Exception):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     # Imported when a command runs, not at import time: the list reaches into most of the package.
-    from .archives import ArchiveError, WeightsSourceError
     from .config import ConfigError
+    from .formats.archives import ArchiveError, WeightsSourceError
     from .inference import GenerationError
     from .modeling import ModelError
     from .prompts import TemplateError

@@ -176,8 +176,8 @@ def compare(
     `adapter` is a folder or an archive (.tar, .zip, ...); template "auto" means the adapter's own
     template, else alpaca. Returns {"base", "adapter" (None without one), "template", ...}.
     """
-    from .archives import materialize
     from .artifacts import CARD_JSON
+    from .formats.archives import materialize
     from .modeling import (
         attach_adapter,
         check_adapter_dir,

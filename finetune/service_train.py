@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .archives import pack_dir
 from .checkpoints import CHECKPOINT_PREFIX, checkpoint_root
 from .config import TrainConfig
 from .devices import train_device
+from .formats.archives import pack_dir
 from .progress import log_line
 from .stopping import TrainingStopped
 from .trainer import train

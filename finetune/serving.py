@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from . import prompts, quant
 from .adapter_cache import AdapterCache, LoadedAdapter, remove_files
 from .adapters import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
-from .archives import Limits, materialize, redact
 from .artifacts import CARD_JSON
 from .compute import POLL_S, ComputeThread
 from .config import DataConfig, GenerationSettings, field_default
@@ -28,6 +27,7 @@ from .decoder import PEFT_BASE, kv_geometry
 from .encoding import encode_prompt
 from .engine import DONE, KV_MEMORY_SHARE, Engine, EngineLimits, Request
 from .fast_paths import load_step
+from .formats.archives import Limits, materialize, redact
 from .inference import GenerationError, GenerationStats, context_length
 from .modeling import (
     ModelError,

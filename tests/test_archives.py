@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from finetune.archives import (
+from finetune.formats.archives import (
     ArchiveError,
     DownloadStopped,
     Limits,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import train_llama_sentencepiece
 
-from finetune.convert_meta import (
+from finetune.formats.convert_meta import (
     ConversionError,
     convert_meta,
     main,

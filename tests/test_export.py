@@ -24,9 +24,9 @@ import torch
 from conftest import train_llama_sentencepiece
 
 from finetune.artifacts import CARD_JSON
-from finetune.convert_meta import convert_meta, meta_params_to_hf_config, permute_for_hf
-from finetune.export import main
-from finetune.export_llama import bpe_pre_tokenizer, meta_params
+from finetune.formats.convert_meta import convert_meta, meta_params_to_hf_config, permute_for_hf
+from finetune.formats.export import main
+from finetune.formats.export_llama import bpe_pre_tokenizer, meta_params
 from finetune.modeling import ADAPTER_WEIGHTS, base_identity
 from finetune.prompts import ADAPTER_TEMPLATE_FILE, load_template, save_template
 
@@ -570,7 +570,7 @@ SHARD = 50_000_000  # --max_shard_size 50MB, as transformers counts
 CHILD = """
 import json, resource, sys
 import peft.tuners.lora, safetensors.torch, transformers.models.llama.modeling_llama
-from finetune.export import main
+from finetune.formats.export import main
 
 peaks = {}
 for fmt, *args in json.loads(sys.argv[1]):

@@ -122,7 +122,7 @@ def scaled_adapter(folder: Path, dest: Path, factor: float) -> str:
 
     from safetensors.torch import load_file, save_file
 
-    from finetune.archives import pack_dir
+    from finetune.formats.archives import pack_dir
 
     shutil.copytree(folder, dest)
     weights = dest / "adapter_model.safetensors"
@@ -298,8 +298,8 @@ def test_bad_adapters_fail_the_prediction_with_a_reason(bare, tiny_model_dir, tm
     import io
     import tarfile
 
-    from finetune.archives import pack_dir
     from finetune.config import DataConfig, LoraSettings, TrainConfig
+    from finetune.formats.archives import pack_dir
     from finetune.trainer import train
 
     data = tmp_path / "d.json"

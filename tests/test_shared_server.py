@@ -361,7 +361,7 @@ def test_a_waiter_survives_the_first_clients_cancel_and_can_cancel_itself(server
     """Two requests for one slow adapter: the first is cancelled while downloading; the second, which
     waited for it, loads the adapter itself. A third waiter cancels its own wait."""
     from finetune import adapter_cache
-    from finetune.archives import DownloadStopped
+    from finetune.formats.archives import DownloadStopped
 
     source = "https://adapters.invalid/slow.tar"
     started, release = threading.Event(), threading.Event()

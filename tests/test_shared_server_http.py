@@ -35,7 +35,7 @@ def shared(request, tmp_path_factory, embedded_model_dir):
 
 def hostile_adapter(good: Path, folder: Path, config: dict | None = None, files: dict | None = None) -> str:
     """The persona adapter with its config changed and files replaced, as a data: URI tar."""
-    from finetune.archives import pack_dir
+    from finetune.formats.archives import pack_dir
 
     out = shutil.copytree(good, folder)
     if config is not None:

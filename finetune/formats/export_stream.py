@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .adapters import (
+from ..adapters import (
     AdapterBounds,
     AdapterRefused,
     check_config,
@@ -41,10 +41,10 @@ from .adapters import (
     expected_tensors,
     linear_shapes,
 )
-from .adapters import read_json as read_capped_json
-from .artifacts import CARD_JSON
-from .errors import ExportError
-from .modeling import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_adapter, check_identity
+from ..adapters import read_json as read_capped_json
+from ..artifacts import CARD_JSON
+from ..errors import ExportError
+from ..modeling import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_adapter, check_identity
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

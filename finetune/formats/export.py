@@ -27,8 +27,12 @@ from typing import Any
 
 import torch
 
-from .artifacts import CARD_JSON
-from .errors import ExportError, user_errors
+from ..artifacts import CARD_JSON
+from ..errors import ExportError, user_errors
+from ..modeling import check_adapter_dir
+from ..prompts import ADAPTER_TEMPLATE_FILE
+from ..staging import staged_dir
+from ..weights import MARKER, resolve_base_model
 from .export_llama import GGUF_TYPES, check_llama_layout, gguf_vocab, meta_params, write_gguf, write_meta
 from .export_stream import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -40,10 +44,6 @@ from .export_stream import (
     open_merged,
     write_hf_shards,
 )
-from .modeling import check_adapter_dir
-from .prompts import ADAPTER_TEMPLATE_FILE
-from .staging import staged_dir
-from .weights import MARKER, resolve_base_model
 
 FORMATS = ("hf", "meta", "gguf")
 # hf and meta default to the base's own dtype (config.json, else its stored weights).

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import ExportError
 from .convert_meta import LAYER_TENSORS, TOP_TENSORS, meta_params_to_hf_config, unpermute_to_meta
-from .errors import ExportError
 from .export_stream import MergedTensors, write_torch_file
 
 GGUF_TYPES = {

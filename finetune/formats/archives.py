@@ -37,7 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import urllib3
 
-from .staging import staged_dir, staged_file
+from ..staging import staged_dir, staged_file
 
 ACCEPTED_ARCHIVES = ".tar, .tar.gz, .tar.bz2, .tar.xz or .zip"
 ACCEPTED_SOURCES = (
