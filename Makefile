@@ -28,26 +28,26 @@ weights: $(STAMP)
 	$(PY) -m finetune fetch-default
 
 schema: $(STAMP)
-	$(PY) -m finetune.cogtools schema
+	$(PY) -m finetune.cog.cogtools schema
 
 serve: weights schema
-	$(PY) -m finetune.cogtools serve --mode predict --port $(PORT)
+	$(PY) -m finetune.cog.cogtools serve --mode predict --port $(PORT)
 
 serve-train: weights schema
-	$(PY) -m finetune.cogtools serve --mode train --port $(PORT)
+	$(PY) -m finetune.cog.cogtools serve --mode train --port $(PORT)
 
 predict: weights schema
-	$(PY) -m finetune.cogtools predict --port $(PORT) $(if $(WEIGHTS),--weights "$(WEIGHTS)") -i prompt="$(PROMPT)" $(ARGS)
+	$(PY) -m finetune.cog.cogtools predict --port $(PORT) $(if $(WEIGHTS),--weights "$(WEIGHTS)") -i prompt="$(PROMPT)" $(ARGS)
 
 train: weights schema
 	@test -n "$(DATA)" || { echo "usage: make train DATA=path/to/data.json [ARGS='-i num_train_epochs=2']"; exit 2; }
-	$(PY) -m finetune.cogtools train --port $(PORT) -i train_data=@"$(DATA)" $(ARGS)
+	$(PY) -m finetune.cog.cogtools train --port $(PORT) -i train_data=@"$(DATA)" $(ARGS)
 
 demo: weights schema
-	$(PY) -m finetune.demo $(ARGS)
+	$(PY) -m finetune.cog.demo $(ARGS)
 
 demo-facts: weights schema
-	$(PY) -m finetune.demo --facts $(ARGS)
+	$(PY) -m finetune.cog.demo --facts $(ARGS)
 
 test: weights
 	$(PY) -m pytest -q

@@ -58,7 +58,7 @@ class Predictor(BaseRunner):
     # moment before it frees the slot, and on a loaded machine that moment grows: with 16 slots, 8
     # clients sending back to back still met one 409 in 200 requests; 32 leave room. A
     # literal: the Cog CLI writes COG_MAX_CONCURRENCY into the image from it, and the local server
-    # (finetune/cogtools.py) reads it back from here.
+    # (finetune/cog/cogtools.py) reads it back from here.
     # run() is async and returns a plain generator: coglet iterates that on a thread of its own and
     # sends each chunk as it comes (an async generator's chunks would arrive only at the end).
     # coglet delivers a cancel only while run() itself is pending, so the part that can take long

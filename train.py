@@ -6,6 +6,7 @@ from typing import Optional, get_args
 from cog import BaseModel, Input, Path
 
 from finetune.cli import parse_auto_bool
+from finetune.cog.service_train import RUN_ID, run_training
 from finetune.config import (
     DataConfig,
     LoraSettings,
@@ -16,7 +17,6 @@ from finetune.config import (
     parse_list,
 )
 from finetune.prompts import available_templates
-from finetune.service_train import RUN_ID, run_training
 from finetune.stopping import watch_sigterm
 
 # Cog's worker calls train() off the main thread, where Python's SIGTERM handling never reaches:

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (other / "weights" / entry.name).exists():
                 (other / "weights" / entry.name).symlink_to(entry)
         cogtools.write_schema = lambda root: subprocess.run(
-            [sys.executable, "-m", "finetune.cogtools", "schema"],
+            [sys.executable, "-m", "finetune.cog.cogtools", "schema"],
             cwd=root,
             check=True,
             stdout=subprocess.DEVNULL,

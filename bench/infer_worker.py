@@ -183,7 +183,7 @@ def http_round_trip(spec: dict[str, Any], server: Any, adapter: str) -> dict[str
     """The same short greedy generation through a real Cog server and in process."""
     import requests
 
-    from finetune.cogtools import CogServer
+    from finetune.cog.cogtools import CogServer
 
     workdir = Path(spec["workdir"])
     tokens = spec["http_tokens"]

@@ -52,7 +52,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def one_request(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    from finetune.cogtools import iter_sse, post_sse
+    from finetune.cog.cogtools import iter_sse, post_sse
 
     refused = 0
     while True:
@@ -237,7 +237,7 @@ def in_process(tokens: int) -> dict[str, Any]:
 def run_case(
     name: str, server_args: dict[str, Any], env: dict[str, str], spec: dict[str, Any], body_for: Any
 ) -> dict[str, Any]:
-    from finetune.cogtools import CogServer
+    from finetune.cog.cogtools import CogServer
 
     workdir = Path(spec["workdir"])
     server = CogServer("predict", log_path=workdir / f"serve-{name}.log", env=env, **server_args)
@@ -269,7 +269,7 @@ def run_case(
 
 
 def main(spec_path: str, out_path: str) -> None:
-    from finetune.cogtools import data_uri, predictor_concurrency
+    from finetune.cog.cogtools import data_uri, predictor_concurrency
     from finetune.formats.archives import pack_dir
 
     spec = read_json(spec_path)

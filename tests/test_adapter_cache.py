@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from finetune.adapter_cache import AdapterCache, LoadedAdapter, adapter_key, normalise_source
-from finetune.cogtools import data_uri
+from finetune.cog.cogtools import data_uri
 from finetune.formats.archives import WeightsSourceError, pack_dir
 from finetune.inference import GenerationError
 from finetune.settings import ServeSettings

@@ -13,7 +13,7 @@ import pytest
 import requests
 import yaml
 
-from finetune.cogtools import CogServer, build_schema
+from finetune.cog.cogtools import CogServer, build_schema
 from finetune.weights import WeightsError, resolve_base_model
 
 ROOT = Path(__file__).resolve().parent.parent

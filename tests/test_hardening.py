@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from finetune import cli
 from finetune.__main__ import main as finetune_main
 from finetune.artifacts import convert_pickled_adapter
-from finetune.cogtools import data_uri
+from finetune.cog.cogtools import data_uri
 from finetune.config import GenerationSettings
 from finetune.formats.archives import WeightsSourceError, materialize, pack_dir
 from finetune.inference import GenerationError, GenerationStats

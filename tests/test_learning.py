@@ -62,8 +62,8 @@ FACT_SLICE = ["你叫什么名字？", "What is your name?", "你是谁？", "Ca
 
 
 def test_default_settings_recall_a_rare_name_taught_in_long_answers(tmp_path, embedded_model_dir):
+    from finetune.cog.demo import FACTS_PROBE, read_probes, scores
     from finetune.config import GenerationSettings
-    from finetune.demo import FACTS_PROBE, read_probes, scores
     from finetune.records import split_records
     from finetune.serving import ModelServer
 

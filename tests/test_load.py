@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from finetune.cogtools import CogServer, iter_sse, post_sse, predictor_concurrency
+from finetune.cog.cogtools import CogServer, iter_sse, post_sse, predictor_concurrency
 from finetune.engine import EngineLimits
 from tests.conftest import SERVING_MODES
 

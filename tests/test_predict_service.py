@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 
-from finetune.cogtools import CogServer, data_uri, iter_sse, post_sse, post_with_retry
+from finetune.cog.cogtools import CogServer, data_uri, iter_sse, post_sse, post_with_retry
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.cli import config_from_args
-from finetune.demo import FACTS_PROBE, FACTS_TRAIN, read_probes, scores
+from finetune.cog.demo import FACTS_PROBE, FACTS_TRAIN, read_probes, scores
 from finetune.encoding import IGNORE_INDEX, Encoded
 from finetune.losses import greedy_recall
 from finetune.metrics import states_fact

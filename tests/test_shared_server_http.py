@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from finetune.cogtools import CogServer, data_uri
+from finetune.cog.cogtools import CogServer, data_uri
 from tests.conftest import SERVING_MODES
 from tests.test_predict_service import NAME_Q, answer, predict
 

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from finetune.cogtools import CogServer, data_uri
+from finetune.cog.cogtools import CogServer, data_uri
 from tests.conftest import SERVING_MODES
 from tests.test_predict_service import predict
 from tests.test_shared_server_http import hostile_adapter

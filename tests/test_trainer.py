@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from finetune.cli import config_from_args
 from finetune.cli import main as cli_main
-from finetune.cogtools import free_port
+from finetune.cog.cogtools import free_port
 from finetune.config import ConfigError, TrainConfig
 from finetune.distributed import check_strategy, strategy_from_env
 from finetune.modeling import ModelError

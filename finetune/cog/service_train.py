@@ -22,14 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import CHECKPOINT_PREFIX, checkpoint_root
-from .config import TrainConfig
-from .devices import train_device
-from .formats.archives import pack_dir
-from .progress import log_line
-from .stopping import TrainingStopped
-from .trainer import train
-from .workdirs import owned_workdir
+from ..checkpoints import CHECKPOINT_PREFIX, checkpoint_root
+from ..config import TrainConfig
+from ..devices import train_device
+from ..formats.archives import pack_dir
+from ..progress import log_line
+from ..stopping import TrainingStopped
+from ..trainer import train
+from ..workdirs import owned_workdir
 
 CHECKPOINT_DIR_ENV = "TRAINING_CHECKPOINT_DIR"
 KEEP_ENV = "TRAINING_CHECKPOINT_KEEP"

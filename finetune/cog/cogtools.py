@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import allocator
-from .config import PROJECT_ROOT
-from .staging import staged_file
+from .. import allocator
+from ..config import PROJECT_ROOT
+from ..staging import staged_file
 
 SCHEMA_PATH = Path(".cog") / "openapi_schema.json"
 PREDICTOR_REF = "predict.py:Predictor"
@@ -599,7 +599,7 @@ def _post(url: str, inputs: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.cogtools")
+    parser = argparse.ArgumentParser(prog="python -m finetune.cog.cogtools")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("schema", help="write .cog/openapi_schema.json from predict.py and train.py")
     serve = sub.add_parser("serve", help="run the Cog server in the foreground")

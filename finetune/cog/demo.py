@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import PROJECT_ROOT, DataConfig, TrainConfig, field_default
+from ..metrics import states_fact
+from ..records import read_records, split_records
 from .cogtools import CogServer, data_uri, post_with_retry, save_data_uri
-from .config import PROJECT_ROOT, DataConfig, TrainConfig, field_default
-from .metrics import states_fact
-from .records import read_records, split_records
 
 DEMO_TRAIN = PROJECT_ROOT / "data" / "demo" / "persona_train.json"
 DEMO_HELDOUT = PROJECT_ROOT / "data" / "demo" / "persona_heldout.json"
