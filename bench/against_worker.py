@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench.serve_worker import PROMPTS, run_case
-from finetune import cogtools
+from finetune.cog import cogtools
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import allocator, cogtools
+from finetune import allocator
+from finetune.cog import cogtools
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = (
