@@ -21,6 +21,7 @@ Results: bench/results/gpu-check.{json,md}."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -299,45 +300,26 @@ def shape_report(args: argparse.Namespace, shape: str, config: Path | None, work
         return {"shape": shape, "make": made}
     model = made["path"]
     cutoff, micro = (64, 2) if args.dry_run else (256, 4)
-    memory = card if card else None
-    auto = plan.plan_training(
+    # Every plan of this shape: the same model, card and batch; only the settings differ.
+    planned = functools.partial(
+        plan.plan_training,
         model,
-        gpu_memory=memory,
+        gpu_memory=card,
         micro_batch_size=micro,
         cutoff_len=cutoff,
         lora_r=8,
         lora_target_modules=["all-linear"],
-        quantization="auto",
-        gradient_checkpointing="auto",
     )
+    auto = planned(quantization="auto", gradient_checkpointing="auto")
     runs = []
     tried = [(auto.settings["quantization"], auto.settings["gradient_checkpointing"], "auto")]
     for quantization, checkpointing in CANDIDATES:
-        explicit = plan.plan_training(
-            model,
-            gpu_memory=memory,
-            micro_batch_size=micro,
-            cutoff_len=cutoff,
-            lora_r=8,
-            lora_target_modules=["all-linear"],
-            quantization=quantization,
-            gradient_checkpointing=checkpointing,
-        )
-        if not explicit.fits:
+        if not planned(quantization=quantization, gradient_checkpointing=checkpointing).fits:
             tried.append((quantization, checkpointing, "rejected"))
             break
     data = full_length_data(work / "data.json")
     for quantization, checkpointing, why in tried:
-        planned = plan.plan_training(
-            model,
-            gpu_memory=memory,
-            micro_batch_size=micro,
-            cutoff_len=cutoff,
-            lora_r=8,
-            lora_target_modules=["all-linear"],
-            quantization=quantization,
-            gradient_checkpointing=checkpointing,
-        )
+        expected = planned(quantization=quantization, gradient_checkpointing=checkpointing)
         measured = run_worker(
             "train",
             {
@@ -353,7 +335,7 @@ def shape_report(args: argparse.Namespace, shape: str, config: Path | None, work
             work,
             240,
         )
-        runs.append({"why": why, "plan": planned.to_json(), "measured": measured})
+        runs.append({"why": why, "plan": expected.to_json(), "measured": measured})
         log(f"{shape} train {quantization}/{checkpointing} ({why}): {measured.get('outcome')}")
     served = run_worker(
         "serve",
@@ -363,7 +345,7 @@ def shape_report(args: argparse.Namespace, shape: str, config: Path | None, work
     )
     log(f"{shape} serve: {[r.get('outcome') for r in served.get('requests', [])]}")
     serving = plan.plan_serving(
-        model, gpu_memory=memory, max_rows=8, max_tokens=served.get("kv_tokens") or 4096
+        model, gpu_memory=card, max_rows=8, max_tokens=served.get("kv_tokens") or 4096
     )
     shutil.rmtree(work / shape, ignore_errors=True)  # the next shape needs the disk
     return {

@@ -285,7 +285,8 @@ def _targets(shape: Shape, names: str | list[str] | tuple[str, ...]) -> tuple[st
     return targets
 
 
-def _check_training_args(values: dict[str, Any], dtype: str, quantization: str, checkpointing: Any) -> None:
+def _check_args(values: dict[str, Any], dtype: str, quantization: str, checkpointing: Any) -> None:
+    """The flags a training or serving plan takes, each named as the command spells it."""
     for name, value in values.items():
         if type(value) is not int or value < 1:
             raise PlanError(f"--{name} {value!r}: use a whole number >= 1")
@@ -328,7 +329,7 @@ def plan_training(
         "lora_r": lora_r,
         "world_size": world_size,
     }
-    _check_training_args(sizes, dtype, quantization, gradient_checkpointing)
+    _check_args(sizes, dtype, quantization, gradient_checkpointing)
     if strategy not in STRATEGIES:
         raise PlanError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     if strategy == "fsdp" and quantization == "8bit" and world_size > 1:
@@ -484,17 +485,8 @@ def plan_serving(
     memory = parse_memory(gpu_memory)
     limits = EngineLimits()
     max_rows = limits.max_batch if max_rows is None else max_rows
-    for flag, value in (
-        ("--serve_rows", max_rows),
-        ("--serve_tokens", max_tokens or 1),
-        ("--lora_r", lora_r),
-    ):
-        if type(value) is not int or value < 1:
-            raise PlanError(f"{flag} {value!r}: use a whole number >= 1")
-    if quantization not in QUANTIZATIONS:
-        raise PlanError(f"--quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
-    if dtype not in DTYPES:
-        raise PlanError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    sizes = {"serve_rows": max_rows, "serve_tokens": max_tokens or 1, "lora_r": lora_r}
+    _check_args(sizes, dtype, quantization, "auto")
     shape = Shape.from_config(load_config(config))
     targets = _targets(shape, lora_target_modules)
     if dtype == "auto":
