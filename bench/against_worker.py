@@ -24,6 +24,16 @@ from finetune.cog import cogtools
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def schema_module(root: Path) -> str:
+    """The module that writes a tree's Cog schema: finetune.cog.cogtools, or finetune.cogtools in
+    trees from before the finetune/cog/ package."""
+    return (
+        "finetune.cog.cogtools"
+        if (root / "finetune" / "cog" / "cogtools.py").is_file()
+        else "finetune.cogtools"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ref", help="the commit to compare with (e.g. HEAD~3)")
@@ -43,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (other / "weights" / entry.name).exists():
                 (other / "weights" / entry.name).symlink_to(entry)
         cogtools.write_schema = lambda root: subprocess.run(
-            [sys.executable, "-m", "finetune.cog.cogtools", "schema"],
+            [sys.executable, "-m", schema_module(Path(root)), "schema"],
             cwd=root,
             check=True,
             stdout=subprocess.DEVNULL,
