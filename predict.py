@@ -15,7 +15,7 @@ from finetune.config import (
     field_doc,
 )
 from finetune.devices import serve_device
-from finetune.inference import GenerationStats
+from finetune.engine.requests import GenerationStats
 from finetune.prompts import AUTO, RAW, available_templates
 from finetune.serving import ModelServer, default_adapter
 

@@ -218,7 +218,7 @@ def worker_serve(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from finetune.config import GenerationSettings
-    from finetune.inference import GenerationStats
+    from finetune.engine.requests import GenerationStats
     from finetune.serving import ModelServer
 
     hold = ballast(spec.get("card"))

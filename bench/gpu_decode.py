@@ -102,7 +102,7 @@ def concurrent(server: Any, tokens: int) -> dict[str, Any]:
 def measure_shape(args: argparse.Namespace, shape: str, work: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from finetune import compiled, cudagraph
+    from finetune.engine import cpu_step, cuda_graphs
     from finetune.modeling import load_tokenizer
     from finetune.serving import ModelServer
 
@@ -111,13 +111,13 @@ def measure_shape(args: argparse.Namespace, shape: str, work: Path) -> dict[str,
     log(f"{shape}: {path} ({weights})")
     servers = {}
     for mode in ("off", "auto"):
-        os.environ[compiled.COMPILE_ENV] = mode
+        os.environ[cpu_step.COMPILE_ENV] = mode
         t0 = time.perf_counter()
         servers[mode] = ModelServer(base_model=path, device=device)
         log(f"  ModelServer SERVE_COMPILE={mode}: {time.perf_counter() - t0:.1f} s")
     graphs = servers["auto"].engine.compiled
     if device == "cuda":
-        assert isinstance(graphs, cudagraph.GraphStep), (
+        assert isinstance(graphs, cuda_graphs.GraphStep), (
             "the default server on a GPU must decode through graphs"
         )
     tokenizer = load_tokenizer(path)

@@ -103,7 +103,7 @@ def baseline_generate(
 
 def ours_generate(server: Any, prompt: str, max_new_tokens: int) -> dict[str, Any]:
     from finetune.config import GenerationSettings
-    from finetune.inference import GenerationStats
+    from finetune.engine.requests import GenerationStats
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0)
     stats = GenerationStats()  # its clock starts here

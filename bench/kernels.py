@@ -1,4 +1,4 @@
-"""How fast the int8 decode kernels stream weights: ours (finetune/kernels/int8_linear.cpp) against
+"""How fast the int8 decode kernels stream weights: ours (finetune/engine/kernels/int8_linear.cpp) against
 torch's `aten._weight_int8pack_mm` and fp32 `F.linear`, in one run.
 
     .venv/bin/python bench/kernels.py [--threads 2] [--layers 30]
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune import native, quant  # noqa: E402
+from finetune.engine import kernel, quant
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # [out, in]
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not native.available():
+    if not kernel.available():
         sys.exit("the int8 kernel could not be built here (see above)")
     torch.manual_seed(0)
     fp32 = [[torch.randn(n, k) * 0.02 for n, k in SHAPES] for _ in range(args.layers)]
@@ -58,7 +58,7 @@ def main() -> None:
     params = args.layers * sum(n * k for n, k in SHAPES)
     print(
         f"{args.layers} layers of {SHAPES}, {params / 1e6:.0f}M weights, {args.threads} threads; "
-        f"ours runs its {native.isa()} code (FINETUNE_INT8_ISA=avx2|generic caps it)"
+        f"ours runs its {kernel.isa()} code (FINETUNE_INT8_ISA=avx2|generic caps it)"
     )
     print("| rows | kernel | ms per pass | GB/s of weights | × torch int8 |")
     print("|---:|---|---:|---:|---:|")

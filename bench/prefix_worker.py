@@ -30,7 +30,7 @@ def main(spec_path: str, out_path: str) -> None:
     spec = read_json(spec_path)
     setup_torch(spec["device"], spec["threads"])
     from finetune.config import GenerationSettings
-    from finetune.inference import GenerationStats
+    from finetune.engine.requests import GenerationStats
     from finetune.serving import ModelServer
 
     records = json.loads(data_path().read_text(encoding="utf-8"))[: spec.get("records", 6)]

@@ -158,7 +158,7 @@ def in_process(tokens: int) -> dict[str, Any]:
 
     from finetune.config import GenerationSettings
     from finetune.encoding import encode_prompt
-    from finetune.engine import Engine, Request
+    from finetune.engine.scheduler import Engine, Request
     from finetune.modeling import load_base, load_tokenizer, pick_device, pick_precision
     from finetune.prompts import load_template
     from finetune.serving import flatten_head_input

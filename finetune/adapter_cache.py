@@ -26,8 +26,8 @@ from pathlib import Path
 
 from . import prompts
 from .compute import POLL_S
+from .engine.requests import GenerationError
 from .formats.archives import DownloadStopped, Limits, materialize
-from .inference import GenerationError
 from .settings import ADAPTERS_IN_USE_ENV, ServeSettings
 
 # An adapter is megabytes (a few GB for r=64 on all layers of a 70B); a request gets tighter

@@ -12,8 +12,8 @@ class ExportError(Exception):
 def user_errors() -> tuple[type[BaseException], ...]:
     # Imported when a command runs, not at import time: the list reaches into most of the package.
     from .config import ConfigError
+    from .engine.requests import GenerationError
     from .formats.archives import ArchiveError, WeightsSourceError
-    from .inference import GenerationError
     from .modeling import ModelError
     from .prompts import TemplateError
     from .records import DatasetError

@@ -23,8 +23,8 @@ from . import metrics
 from .batching import collate_padded
 from .config import DataConfig, GenerationSettings, field_default
 from .encoding import Encoded, encode_example
-from .engine import stream_tokens
-from .inference import GenerationStats
+from .engine.requests import GenerationStats
+from .engine.scheduler import stream_tokens
 from .losses import token_loss_sum
 from .prompts import AUTO, PromptTemplate, load_template, split_record, template_from_adapter
 from .records import DatasetError, Record

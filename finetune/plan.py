@@ -480,7 +480,7 @@ def plan_serving(
     longest row is min(max_tokens, the model's context). `quantization`: auto and none keep the
     weights in `dtype` (auto: bfloat16 on a GPU); 8bit / 4bit plan a bitsandbytes base (SERVE_QUANT
     bnb8 / bnb4). `adapters`: LoRA adapters held at once (ADAPTER_CACHE_SIZE) of rank `lora_r`."""
-    from .engine import KV_MEMORY_SHARE, EngineLimits
+    from .engine.scheduler import KV_MEMORY_SHARE, EngineLimits
 
     memory = parse_memory(gpu_memory)
     limits = EngineLimits()
@@ -511,7 +511,7 @@ def plan_serving(
         targets=targets,
         prefill_chunk=limits.prefill_chunk,
         prefix_tokens=limits.prefix_tokens,
-        # Graphs cover plain torch Linear layers only (cudagraph.py): a bitsandbytes base decodes eagerly.
+        # Graphs cover plain torch Linear layers only (cuda_graphs.py): a bitsandbytes base decodes eagerly.
         graphs=cuda_graphs and device == "cuda" and quantization == "none",
     )
     ask = ServingAsk(shape, memory, dtype, device, server)

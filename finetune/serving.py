@@ -17,18 +17,20 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from . import prompts, quant
+from . import prompts
 from .adapter_cache import AdapterCache, LoadedAdapter, remove_files
 from .adapters import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
 from .artifacts import CARD_JSON
 from .compute import POLL_S, ComputeThread
 from .config import DataConfig, GenerationSettings, field_default
-from .decoder import PEFT_BASE, kv_geometry
 from .encoding import encode_prompt
-from .engine import DONE, KV_MEMORY_SHARE, Engine, EngineLimits, Request
-from .fast_paths import load_step
+from .engine import quant
+from .engine.decoder import PEFT_BASE, kv_geometry
+from .engine.fast_paths import load_step
+from .engine.quant import describe_quantization, pick_quantization
+from .engine.requests import GenerationError, GenerationStats, context_length
+from .engine.scheduler import DONE, KV_MEMORY_SHARE, Engine, EngineLimits, Request
 from .formats.archives import Limits, materialize, redact
-from .inference import GenerationError, GenerationStats, context_length
 from .modeling import (
     ModelError,
     attach_adapter,
@@ -39,7 +41,6 @@ from .modeling import (
     pick_device,
     pick_precision,
 )
-from .quant import describe_quantization, pick_quantization
 from .settings import (
     BNB_MODES,
     MAX_BATCH_ENV,
@@ -105,7 +106,7 @@ def kv_bytes_per_token(model: Any) -> int:
 
 
 class ModelServer:
-    """One resident base model serving many requests at once through the engine (engine.py): the
+    """One resident base model serving many requests at once through the engine (scheduler.py): the
     setup adapter merged while it is the only one in use, per-request adapters in an LRU cache,
     rows of one batch on different adapters."""
 

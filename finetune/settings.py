@@ -19,8 +19,8 @@ SERVE_DEVICE_ENV = "SERVE_DEVICE"
 DTYPE_ENV = "SERVE_DTYPE"
 QUANT_ENV = "SERVE_QUANT"
 COMPILE_ENV = "SERVE_COMPILE"
-COMPILE_CACHE_ENV = "SERVE_COMPILE_CACHE"  # read where the cache is used (native.py), not here
-CXX_ENV = "CXX"  # likewise: the compiler native.py builds the int8 kernel with
+COMPILE_CACHE_ENV = "SERVE_COMPILE_CACHE"  # read where the cache is used (kernel.py), not here
+CXX_ENV = "CXX"  # likewise: the compiler kernel.py builds the int8 kernel with
 MAX_BATCH_ENV = "MAX_BATCH_SIZE"
 KV_TOKENS_ENV = "KV_CACHE_TOKENS"
 PREFILL_CHUNK_ENV = "PREFILL_CHUNK_TOKENS"
@@ -50,7 +50,7 @@ class SettingsError(ConfigError):
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """What a server is set up with. The defaults are those of an unset environment; engine.py's
+    """What a server is set up with. The defaults are those of an unset environment; scheduler.py's
     EngineLimits holds the same numbers for an engine built without a server."""
 
     device: str = "auto"

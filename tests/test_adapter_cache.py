@@ -10,8 +10,8 @@ import pytest
 
 from finetune.adapter_cache import AdapterCache, LoadedAdapter, adapter_key, normalise_source
 from finetune.cog.cogtools import data_uri
+from finetune.engine.requests import GenerationError
 from finetune.formats.archives import WeightsSourceError, pack_dir
-from finetune.inference import GenerationError
 from finetune.settings import ServeSettings
 
 

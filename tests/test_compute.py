@@ -73,7 +73,7 @@ def test_an_idle_loop_costs_no_steps():
 
 def test_a_server_runs_every_forward_pass_on_its_compute_thread(tiny_model_dir):
     from finetune.config import GenerationSettings
-    from finetune.inference import GenerationStats
+    from finetune.engine.requests import GenerationStats
     from finetune.serving import ModelServer
 
     server = ModelServer(base_model=str(tiny_model_dir))

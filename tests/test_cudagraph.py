@@ -1,4 +1,4 @@
-"""The CUDA-graph decode step (cudagraph.py). On a CPU its static step runs without graphs
+"""The CUDA-graph decode step (cuda_graphs.py). On a CPU its static step runs without graphs
 (`capture=False`): the same buffers, buckets, pool and adoption a GPU records, checked against the
 eager step (logits, and tokens alone and in padded batches that cross column buckets). With a CUDA
 GPU the same checks run with graphs recorded, through ModelServer."""
@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune import compiled, cudagraph
 from finetune.config import GenerationSettings
-from finetune.decoder import KV
 from finetune.encoding import encode_prompt
-from finetune.engine import Engine, EngineLimits, Request
+from finetune.engine import cpu_step, cuda_graphs
+from finetune.engine.decoder import KV
+from finetune.engine.scheduler import Engine, EngineLimits, Request
 from finetune.serving import ModelServer
 from tests.test_compiled import PROMPTS, run, tiny
 
@@ -25,7 +25,7 @@ def cuda(test):
 GREEDY80 = GenerationSettings(max_new_tokens=80, temperature=0)  # past the 64-column bucket
 
 
-def teacher_forced(model, tokenizer, steps: list[cudagraph.GraphStep], n: int = 75):
+def teacher_forced(model, tokenizer, steps: list[cuda_graphs.GraphStep], n: int = 75):
     """Prefill three left-padded rows, then `n` decode steps fed the eager step's greedy tokens:
     per step, the eager logits and each GraphStep's, each over its own copy of the cache."""
     decoder = Engine(model, tokenizer, EngineLimits()).decoder()
@@ -54,15 +54,15 @@ def teacher_forced(model, tokenizer, steps: list[cudagraph.GraphStep], n: int = 
 
 
 def test_bucket_sizes():
-    assert [cudagraph._bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
-    assert cudagraph._bucket(10, 64) == 64 and cudagraph._bucket(65, 64) == 128
-    step = cudagraph.GraphStep(6, capture=False)
+    assert [cuda_graphs._bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    assert cuda_graphs._bucket(10, 64) == 64 and cuda_graphs._bucket(65, 64) == 128
+    step = cuda_graphs.GraphStep(6, capture=False)
     assert [step.row_bucket(n) for n in (1, 3, 5, 6)] == [1, 4, 6, 6]
 
 
 def test_static_step_gives_the_eager_logits_over_padding_buckets_and_pool_growth(tiny_model_dir):
     model, tokenizer = tiny(tiny_model_dir, "none")
-    step = cudagraph.GraphStep(8, capture=False)
+    step = cuda_graphs.GraphStep(8, capture=False)
     # Columns 10..84: buckets 64 then 128 (the pool grows once); three rows run as four.
     for want, (got,) in teacher_forced(model, tokenizer, [step]):
         assert got.shape == want.shape
@@ -76,7 +76,7 @@ def test_engine_tokens_alone_and_batched_match_eager_decoding(tiny_model_dir):
     eager = Engine(model, tokenizer, EngineLimits())
     want = [run(eager, tokenizer, [p], GREEDY80)[0] for p in PROMPTS]
     engine = Engine(model, tokenizer, EngineLimits())
-    engine.compiled = step = cudagraph.GraphStep(engine.limits.max_batch, capture=False)
+    engine.compiled = step = cuda_graphs.GraphStep(engine.limits.max_batch, capture=False)
     alone = [run(engine, tokenizer, [p], GREEDY80)[0] for p in PROMPTS]
     assert alone == want
     assert max(len(t) for t in alone) > 64 and (1, 128) in step.graphs
@@ -91,7 +91,7 @@ def test_the_pool_stays_within_the_kv_budget_and_longer_steps_decode_eagerly(tin
     want = [run(eager, tokenizer, [p], GREEDY80)[0] for p in PROMPTS]
     engine = Engine(model, tokenizer, EngineLimits())
     # One row of 64 columns fits; the 128-column bucket (and 4 rows of 64) do not.
-    engine.compiled = step = cudagraph.GraphStep(engine.limits.max_batch, capture=False, pool_tokens=100)
+    engine.compiled = step = cuda_graphs.GraphStep(engine.limits.max_batch, capture=False, pool_tokens=100)
     alone = [run(engine, tokenizer, [p], GREEDY80)[0] for p in PROMPTS]
     assert alone == want and max(len(t) for t in alone) > 64
     assert 0 < step.steps < sum(len(t) for t in alone)  # the short context ran the static step
@@ -105,7 +105,7 @@ def test_out_of_memory_in_the_static_step_drops_its_pool_and_decodes_eagerly(tin
     model, tokenizer = tiny(tiny_model_dir, "none")
     want = run(Engine(model, tokenizer, EngineLimits()), tokenizer, PROMPTS[:1], GREEDY80)
     engine = Engine(model, tokenizer, EngineLimits())
-    engine.compiled = step = cudagraph.GraphStep(engine.limits.max_batch, capture=False)
+    engine.compiled = step = cuda_graphs.GraphStep(engine.limits.max_batch, capture=False)
     real, failed = step._step, []
 
     def step_or_oom(decoder, g, rows, columns):
@@ -130,7 +130,7 @@ def test_out_of_memory_in_the_static_step_drops_its_pool_and_decodes_eagerly(tin
 def test_a_failed_pool_allocation_never_leaves_a_raised_column_count(tiny_model_dir, monkeypatch):
     model, tokenizer = tiny(tiny_model_dir, "none")
     engine = Engine(model, tokenizer, EngineLimits())
-    engine.compiled = step = cudagraph.GraphStep(engine.limits.max_batch, capture=False)
+    engine.compiled = step = cuda_graphs.GraphStep(engine.limits.max_batch, capture=False)
     run(engine, tokenizer, PROMPTS[1:2])
     assert step.columns == 64 and step.graphs
     real, tried = torch.Tensor.new_zeros, []
@@ -189,7 +189,7 @@ def test_per_request_adapters_run_eagerly_and_moved_weights_drop_the_graphs(
     settings = GenerationSettings(max_new_tokens=16, temperature=0)
     eager = ModelServer(base_model=str(tiny_model_dir), adapter=str(setup), dtype="float32")
     server = ModelServer(base_model=str(tiny_model_dir), adapter=str(setup), dtype="float32")
-    step = cudagraph.GraphStep(server.engine.limits.max_batch, capture=False)
+    step = cuda_graphs.GraphStep(server.engine.limits.max_batch, capture=False)
     server.compute.call(setattr, server.engine, "compiled", step)
     merged = "".join(server.generate(PROMPTS[0], settings=settings))
     assert merged == "".join(eager.generate(PROMPTS[0], settings=settings)) and step.graphs
@@ -218,7 +218,7 @@ def test_per_request_adapters_run_eagerly_and_moved_weights_drop_the_graphs(
 def test_cuda_graph_replays_compute_the_static_step_and_track_the_eager_one(tiny_model_dir, dtype):
     model, tokenizer = tiny(tiny_model_dir, "none")
     model = model.to("cuda", dtype)
-    graphs, static = cudagraph.GraphStep(8, capture=True), cudagraph.GraphStep(8, capture=False)
+    graphs, static = cuda_graphs.GraphStep(8, capture=True), cuda_graphs.GraphStep(8, capture=False)
     worst_replay = worst_eager = 0.0
     for want, (replayed, plain) in teacher_forced(model, tokenizer, [graphs, static]):
         scale = float(want.abs().max())
@@ -236,12 +236,12 @@ def test_cuda_graph_replays_compute_the_static_step_and_track_the_eager_one(tiny
 def test_the_default_server_on_a_gpu_decodes_through_graphs(tiny_model_dir, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    from finetune.inference import GenerationStats
+    from finetune.engine.requests import GenerationStats
 
-    monkeypatch.setenv(compiled.COMPILE_ENV, "auto")
+    monkeypatch.setenv(cpu_step.COMPILE_ENV, "auto")
     server = ModelServer(base_model=str(tiny_model_dir), device="cuda")
     step = server.engine.compiled
-    assert isinstance(step, cudagraph.GraphStep) and step.capture and step.graphs  # recorded in setup
+    assert isinstance(step, cuda_graphs.GraphStep) and step.capture and step.graphs  # recorded in setup
     before = step.steps
     stats = [GenerationStats() for _ in PROMPTS]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:

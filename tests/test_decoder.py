@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from finetune.config import GenerationSettings
-from finetune.decoder import KV, Decoder, unsupported
 from finetune.encoding import encode_prompt
-from finetune.engine import Engine, Request
+from finetune.engine.decoder import KV, Decoder, unsupported
+from finetune.engine.scheduler import Engine, Request
 
 PROMPTS = [
     "What is two plus two?",

@@ -14,7 +14,7 @@ import torch
 
 from finetune.config import GenerationSettings
 from finetune.encoding import encode_prompt
-from finetune.engine import Engine, EngineLimits, Request
+from finetune.engine.scheduler import Engine, EngineLimits, Request
 
 PROMPTS = [
     "What is two plus two?",
@@ -441,7 +441,7 @@ def test_a_merged_setup_adapter_switches_exactly(
     stays the same; with int8 decoding, so are the int8 copies the kernel reads. Undone from the
     checkpoint's files (CPU) or from a copy kept beside the weights (what a GPU does)."""
     from finetune import serving
-    from finetune.quant import base_linears
+    from finetune.engine.quant import base_linears
     from finetune.serving import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")

@@ -15,7 +15,7 @@ from finetune import evaluation
 from finetune.__main__ import main as finetune_main
 from finetune.batching import collate_padded
 from finetune.encoding import encode_example
-from finetune.inference import GenerationStats
+from finetune.engine.requests import GenerationStats
 from finetune.losses import token_loss_sum
 from finetune.metrics import exact_match, repeated_ngram_loop, token_f1
 from finetune.modeling import load_tokenizer

@@ -186,7 +186,7 @@ def test_fast_training_path_follows_the_plain_loss_curve(tiny_model_dir, tiny_da
 
 def test_bfloat16_serving_on_cpu_runs_bf16_weights(tiny_model_dir, monkeypatch):
     from finetune.config import GenerationSettings
-    from finetune.inference import GenerationStats
+    from finetune.engine.requests import GenerationStats
     from finetune.modeling import ModelError
     from finetune.serving import ModelServer
 

@@ -196,7 +196,7 @@ def test_the_cog_build_context_has_the_code_and_weights_and_nothing_local(embedd
         "train.py",
         "cog.yaml",
         "requirements.txt",
-        "finetune/engine.py",
+        "finetune/engine/scheduler.py",
         "finetune/templates/alpaca.json",
         *(str(p.relative_to(ROOT)) for p in embedded_model_dir.iterdir()),
     ]

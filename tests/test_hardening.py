@@ -27,8 +27,8 @@ from finetune.__main__ import main as finetune_main
 from finetune.artifacts import convert_pickled_adapter
 from finetune.cog.cogtools import data_uri
 from finetune.config import GenerationSettings
+from finetune.engine.requests import GenerationError, GenerationStats
 from finetune.formats.archives import WeightsSourceError, materialize, pack_dir
-from finetune.inference import GenerationError, GenerationStats
 from finetune.modeling import ModelError, check_adapter_dir
 from finetune.serving import ModelServer
 from finetune.trainer import checkpoint_root, train

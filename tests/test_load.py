@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from finetune.cog.cogtools import CogServer, iter_sse, post_sse, predictor_concurrency
-from finetune.engine import EngineLimits
+from finetune.engine.scheduler import EngineLimits
 from tests.conftest import SERVING_MODES
 
 pytestmark = pytest.mark.integration

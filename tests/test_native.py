@@ -1,4 +1,4 @@
-"""Our int8 kernel (finetune/kernels/int8_linear.cpp through native.py): the numbers against a
+"""Our int8 kernel (finetune/engine/kernels/int8_linear.cpp through kernel.py): the numbers against a
 float64 product, a row's result independent of its batch, clear errors for inputs it cannot
 take, the cached library reused, and int8 decoding on torch's kernel where no compiler is. The
 compile cache as a trust boundary: only a folder private to this user is used, and only files whose
@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import native, quant
+from finetune.engine import kernel, quant
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def op():
-    assert native.available(), "the int8 kernel did not build on this machine (see the log)"
+    assert kernel.available(), "the int8 kernel did not build on this machine (see the log)"
     return torch.ops.finetune.int8_linear
 
 
@@ -60,12 +60,12 @@ def test_every_vector_path_matches_float64_and_is_batch_invariant():
     code = (
         "import hashlib, sys, pytest, torch\n"
         "rc = pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'products_match', sys.argv[1]])\n"
-        "from finetune import native\n"
+        "from finetune.engine import kernel\n"
         "torch.manual_seed(0)\n"
         "w, x = torch.randint(-128, 128, (300, 1536), dtype=torch.int8), torch.randn(5, 1536) * 3\n"
         "out = torch.ops.finetune.int8_linear(x, w, torch.rand(300, 24) * 0.01)\n"
         "print('digest', hashlib.sha256(out.numpy().tobytes()).hexdigest())\n"
-        "print('isa', native.isa())\n"
+        "print('isa', kernel.isa())\n"
         "sys.exit(rc)\n"
     )
     digests = {}
@@ -105,11 +105,11 @@ def test_inputs_it_cannot_take_raise_a_clear_error(op):
 
 def test_the_built_library_is_cached_and_int8_uses_it(op):
     # Loaded once a process, from the cache folder of whoever asked first.
-    path = native.loaded()
+    path = kernel.loaded()
     assert (
         path is not None
         and path.is_file()
-        and path.name == native.library_path(os.environ.get("CXX") or "c++").name
+        and path.name == kernel.library_path(os.environ.get("CXX") or "c++").name
     )
     assert quant.int8_kernel() == "finetune"
     layer = torch.nn.Linear(64, 32, bias=False)
@@ -123,7 +123,7 @@ def test_without_a_compiler_int8_runs_on_torchs_kernel(tmp_path):
     decodes (torch's kernel, bf16 activations)."""
     code = (
         "import torch\n"
-        "from finetune import quant\n"
+        "from finetune.engine import quant\n"
         "layer = torch.nn.Linear(64, 32, bias=False)\n"
         "assert quant.quantize(torch.nn.Sequential(layer), 'int8') == 1\n"
         "x = torch.randn(2, 64)\n"
@@ -161,16 +161,16 @@ def planted_library(folder: Path, marker: Path) -> Path:
 
 
 def publish_bytes(data: bytes, path: Path) -> None:
-    """Record `data` as this user's build of `path`, as a real build does (native.publish)."""
+    """Record `data` as this user's build of `path`, as a real build does (kernel.publish)."""
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         (Path(tmp) / path.name).write_bytes(data)
-        native.publish(Path(tmp) / path.name, path)
+        kernel.publish(Path(tmp) / path.name, path)
 
 
 @pytest.fixture
 def fresh(monkeypatch):
     """No fallback folders from other tests: each case warns anew."""
-    monkeypatch.setattr(native, "_fallbacks", {})
+    monkeypatch.setattr(kernel, "_fallbacks", {})
 
 
 def _theirs(tmp_path: Path) -> Path:
@@ -227,21 +227,21 @@ def test_only_a_folder_private_to_this_user_is_used_as_the_cache(
             os.lchown(folder.parent, os.geteuid() + 12345, -1)
         except PermissionError:
             pytest.skip("needs root to make a link another user owns")
-    monkeypatch.setenv(native.CACHE_ENV, str(folder))
-    got = native.cache_dir()
+    monkeypatch.setenv(kernel.CACHE_ENV, str(folder))
+    got = kernel.cache_dir()
     err = capfd.readouterr().err
     if why is None:
         assert got == folder and err == ""
-        assert stat.S_IMODE(folder.stat().st_mode) & 0o022 == 0 and native.untrusted(got) is None
+        assert stat.S_IMODE(folder.stat().st_mode) & 0o022 == 0 and kernel.untrusted(got) is None
         if case == "missing":  # each folder made for it is private
             assert [
                 stat.S_IMODE(p.stat().st_mode) for p in (folder, folder.parent, folder.parent.parent)
             ] == [0o700] * 3
         return
-    assert got != folder and got.name.startswith(native._FALLBACK_PREFIX)
-    assert native.untrusted(got) is None and stat.S_IMODE(got.stat().st_mode) == 0o700
+    assert got != folder and got.name.startswith(kernel._FALLBACK_PREFIX)
+    assert kernel.untrusted(got) is None and stat.S_IMODE(got.stat().st_mode) == 0o700
     assert err.count("compile cache: not using") == 1 and why in err and str(folder) in err
-    assert native.cache_dir() == got and capfd.readouterr().err == ""  # once a process
+    assert kernel.cache_dir() == got and capfd.readouterr().err == ""  # once a process
 
 
 def test_only_recorded_private_files_pass_the_check(tmp_path):
@@ -255,30 +255,30 @@ def test_only_recorded_private_files_pass_the_check(tmp_path):
     (package / "version").write_text("1")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         shutil.copytree(package, Path(tmp) / "pkg")
-        native.publish(Path(tmp) / "pkg", cache / "pkg")
-    assert native.verified(library) == hashlib.sha256(b"built").hexdigest()
-    assert native.verified(cache / "pkg") == native.digest(package) is not None
-    assert json.loads((cache / native.MANIFEST).read_text())["sha256"].keys() == {"lib.so", "pkg"}
+        kernel.publish(Path(tmp) / "pkg", cache / "pkg")
+    assert kernel.verified(library) == hashlib.sha256(b"built").hexdigest()
+    assert kernel.verified(cache / "pkg") == kernel.digest(package) is not None
+    assert json.loads((cache / kernel.MANIFEST).read_text())["sha256"].keys() == {"lib.so", "pkg"}
     (cache / "pkg" / "data" / "model.so").write_bytes(b"modem")  # one file's bytes changed
-    assert native.verified(cache / "pkg") is None
+    assert kernel.verified(cache / "pkg") is None
     (cache / "pkg" / "data" / "model.so").write_bytes(b"model")
     (cache / "pkg" / "data" / "extra.so").write_bytes(b"")  # one file more
-    assert native.verified(cache / "pkg") is None
+    assert kernel.verified(cache / "pkg") is None
     (cache / "pkg" / "data" / "extra.so").unlink()
-    assert native.verified(cache / "pkg") is not None
+    assert kernel.verified(cache / "pkg") is not None
     library.chmod(0o664)  # the right bytes, but others could change them before the load
-    assert native.verified(library) is None
+    assert kernel.verified(library) is None
     library.chmod(0o644)
     elsewhere = tmp_path / "elsewhere.so"
     elsewhere.write_bytes(b"built")
     library.unlink()
     library.symlink_to(elsewhere)  # the right bytes behind a link
-    assert native.verified(library) is None
+    assert kernel.verified(library) is None
     library.unlink()
     library.write_bytes(b"built")
-    assert native.verified(library) is not None
-    (cache / native.MANIFEST).unlink()  # nothing recorded: nothing passes
-    assert native.verified(library) is None and native.verified(cache / "pkg") is None
+    assert kernel.verified(library) is not None
+    (cache / kernel.MANIFEST).unlink()  # nothing recorded: nothing passes
+    assert kernel.verified(library) is None and kernel.verified(cache / "pkg") is None
 
 
 @pytest.mark.parametrize("where", ["private", "group-writable"])
@@ -289,7 +289,7 @@ def test_a_planted_library_is_rebuilt_not_loaded(op, tmp_path, monkeypatch, wher
     It loads neither: it rebuilds the kernel, in place or in a private folder of its own, and that
     computes what this process's kernel does. The build is a stand-in compiler that copies this
     process's library (building the real one takes seconds a time)."""
-    genuine = native.loaded()
+    genuine = kernel.loaded()
     marker = tmp_path / "loaded-the-planted-library"
     planted = planted_library(tmp_path, marker).read_bytes()
     compiler = tmp_path / "cxx"
@@ -301,23 +301,23 @@ def test_a_planted_library_is_rebuilt_not_loaded(op, tmp_path, monkeypatch, wher
     compiler.chmod(0o755)
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
-    monkeypatch.setenv(native.CACHE_ENV, str(cache))
-    path = native.library_path(str(compiler))
+    monkeypatch.setenv(kernel.CACHE_ENV, str(cache))
+    path = kernel.library_path(str(compiler))
     publish_bytes(genuine.read_bytes() if where == "private" else planted, path)
     path.write_bytes(planted)
     if where == "group-writable":
         cache.chmod(0o770)
     code = (
         "import hashlib, torch\n"
-        "from finetune import native\n"
-        "assert native.available()\n"
-        "print('loaded', native.loaded(), hashlib.sha256(native.loaded().read_bytes()).hexdigest())\n"
+        "from finetune.engine import kernel\n"
+        "assert kernel.available()\n"
+        "print('loaded', kernel.loaded(), hashlib.sha256(kernel.loaded().read_bytes()).hexdigest())\n"
         "torch.manual_seed(0)\n"
         "w, x = torch.randint(-128, 128, (48, 64), dtype=torch.int8), torch.randn(3, 64)\n"
         "out = torch.ops.finetune.int8_linear(x, w, torch.rand(48, 1) * 0.01)\n"
         "print('digest', hashlib.sha256(out.numpy().tobytes()).hexdigest())\n"
     )
-    env = {**os.environ, "CXX": str(compiler), native.CACHE_ENV: str(cache), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "CXX": str(compiler), kernel.CACHE_ENV: str(cache), "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
@@ -332,7 +332,7 @@ def test_a_planted_library_is_rebuilt_not_loaded(op, tmp_path, monkeypatch, wher
     out = op(x, w, torch.rand(48, 1) * 0.01)
     assert words[words.index("digest") + 1] == hashlib.sha256(out.numpy().tobytes()).hexdigest()
     if where == "private":  # rebuilt in place, and recorded
-        assert loaded == path and native.verified(path) == built
+        assert loaded == path and kernel.verified(path) == built
         assert f"compile cache: {path} is not what this user built there" in done.stderr
     else:  # not even written to: built in the process's own folder, gone with it
         assert loaded.parent != cache and not loaded.parent.exists()

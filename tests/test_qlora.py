@@ -225,7 +225,7 @@ def test_the_server_on_a_quantized_base_serves_adapters_unmerged(
 
 
 def test_quantization_settings_that_cannot_run_say_why(monkeypatch):
-    from finetune.quant import pick_quantization
+    from finetune.engine.quant import pick_quantization
 
     with pytest.raises(ModelError, match="SERVE_QUANT='nf4': use one of auto, none, int8, int4, bnb8, bnb4"):
         pick_quantization("nf4", CPU, torch.float32)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune import quant
 from finetune.config import GenerationSettings
+from finetune.engine import quant
 from finetune.serving import ModelServer
 
 GREEDY16 = GenerationSettings(max_new_tokens=16, temperature=0)
@@ -111,7 +111,7 @@ def prompt_ids(server: ModelServer, prompt: str) -> list[int]:
 
 
 def token_ids(server: ModelServer, prompt: str, n: int = 16) -> list[int]:
-    from finetune.engine import Request
+    from finetune.engine.scheduler import Request
 
     request = Request(prompt_ids(server, prompt), GenerationSettings(max_new_tokens=n, temperature=0))
     server.engine.submit(request)
@@ -196,7 +196,7 @@ def test_quantized_batches_and_chunked_prompts_give_the_solo_tokens(tiny_model_d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.encoding import encode_prompt
-    from finetune.engine import Engine, EngineLimits, Request
+    from finetune.engine.scheduler import Engine, EngineLimits, Request
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

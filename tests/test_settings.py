@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from finetune.engine import EngineLimits
+from finetune.engine.scheduler import EngineLimits
 from finetune.settings import ServeSettings, SettingsError
 
 

@@ -211,7 +211,7 @@ def test_generation_settings_are_bounded(changes, message):
 
 
 def test_any_error_accepting_a_request_fails_it_alone(server, monkeypatch):
-    import finetune.engine as engine_module
+    import finetune.engine.scheduler as engine_module
 
     solo = [serve(server, p) for p in PROMPTS[:3]]
     original = engine_module.logits_processors
@@ -285,7 +285,7 @@ def test_one_rows_forward_failure_fails_that_row_only(server, good, local_lora, 
 
 
 def test_a_failing_cleanup_does_not_stop_the_engine(server):
-    from finetune.engine import Request
+    from finetune.engine.scheduler import Request
 
     solo = serve(server, PROMPTS[1])
     ids = server.tokenizer(PROMPTS[0])["input_ids"]
@@ -304,7 +304,7 @@ def test_a_failing_cleanup_does_not_stop_the_engine(server):
 
 
 def test_the_waiting_queue_is_bounded(tiny_model_dir):
-    from finetune.engine import EngineLimits
+    from finetune.engine.scheduler import EngineLimits
     from finetune.serving import ModelServer
 
     small = ModelServer(

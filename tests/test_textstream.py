@@ -13,8 +13,8 @@ import torch
 from conftest import build_tokenizer, train_llama_sentencepiece
 
 from finetune.config import GenerationSettings
-from finetune.engine import stream_tokens
-from finetune.inference import TextStream
+from finetune.engine.requests import TextStream
+from finetune.engine.scheduler import stream_tokens
 
 # English only: every CJK character and emoji below falls back to bytes in the sentencepiece model.
 CORPUS = [

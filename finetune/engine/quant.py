@@ -1,7 +1,7 @@
 """Weight-only quantized decoding on CPU (`SERVE_QUANT=int8|int4`; `pick_quantization` reads the
 setting, whose bnb8|bnb4 load the base through bitsandbytes instead): every linear layer of the
 base gets a low-bit copy of its weight that a CPU kernel multiplies with the activations: int8 (a
-scale per 64 weights) through our own kernel (`native.py`: fp32 activations, rounded to int16 per
+scale per 64 weights) through our own kernel (`kernel.py`: fp32 activations, rounded to int16 per
 group off AVX-512 CPUs; about 2x the weight streaming rate of torch's `aten._weight_int8pack_mm`,
 which it falls back to, with one scale per row, where ours cannot be built), int4 (a scale and
 offset per 32 weights) through torch's `aten._weight_int4pack_mm_for_cpu` with bf16 activations.
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import native
-from .modeling import ModelError
-from .settings import BNB_MODES, DTYPE_ENV, QUANT_ENV, QUANT_MODES
+from ..modeling import ModelError
+from ..settings import BNB_MODES, DTYPE_ENV, QUANT_ENV, QUANT_MODES
+from . import kernel
 
 INT4_GROUP = 32
 INT8_GROUP = 64
@@ -151,7 +151,7 @@ QUANTIZE = {"int8": _quantize_int8, "int4": _quantize_int4}
 
 def int8_kernel() -> str:
     """Which kernel int8 decoding runs: "finetune" (ours, built on first use) or "aten" (torch's)."""
-    return "finetune" if native.available() else "aten"
+    return "finetune" if kernel.available() else "aten"
 
 
 def bf16_activations(kind: str) -> bool:
@@ -164,7 +164,7 @@ def rounds_activations(kind: str) -> bool:
     group except on AVX-512 (kernels/int8_linear.cpp). A last-bit change in x may then move a
     product by a rounding step, not by an ulp."""
     if kind == "int8" and int8_kernel() == "finetune":
-        return native.isa() != "avx512"
+        return kernel.isa() != "avx512"
     return bf16_activations(kind)
 
 

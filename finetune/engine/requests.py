@@ -1,7 +1,7 @@
 """What one generation request needs besides the model: its errors and figures, the sampling
 processors its settings ask for, the context check, and the text stream that turns tokens into
 text (stop sequences never leak into the output, partial UTF-8 characters are held back until
-complete). The decode loop itself is the engine's (engine.py)."""
+complete). The decode loop itself is the engine's (scheduler.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import GenerationSettings
+from ..config import GenerationSettings
 
 
 class GenerationError(ValueError):

@@ -30,7 +30,7 @@ PEFT_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch 
 class KV:
     """Keys and values for some rows of sequences, per layer. Stored time-major, [capacity, rows,
     kv heads, head dim], so that the tokens so far (`prefix`) are one contiguous block: the compiled
-    decode step (compiled.py) reads them without a copy, and its input layout never depends on the
+    decode step (cpu_step.py) reads them without a copy, and its input layout never depends on the
     capacity. `write` hands out the [rows, kv heads, length, head dim] view attention expects.
     Columns [0, length) hold tokens; a row that is shorter is left-padded (its mask is False there).
     A layer's buffer is allocated when its first keys arrive (their shape and dtype: no model

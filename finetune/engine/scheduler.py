@@ -32,18 +32,11 @@ from typing import Any
 
 import torch
 
+from ..config import GenerationSettings
+from ..encoding import encode_prompt
 from . import quant
-from .config import GenerationSettings
 from .decoder import KV, Decoder, hf_forward, unsupported
-from .encoding import encode_prompt
-from .inference import (
-    GenerationError,
-    GenerationStats,
-    TextStream,
-    check_fits,
-    eos_ids,
-    logits_processors,
-)
+from .requests import GenerationError, GenerationStats, TextStream, check_fits, eos_ids, logits_processors
 
 log = logging.getLogger(__name__)
 DONE = None  # the outbox item after the last chunk

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
-from .compiled import CompiledStep, rms_norm_fp32
+from .cpu_step import CompiledStep, rms_norm_fp32
 from .decoder import KV, Decoder, base_linear
 
 MIN_COLUMNS = 64  # the smallest column bucket: a short prompt's first graph serves its first 64 tokens

@@ -5,7 +5,7 @@ in the matmuls (measured on the 135M model with int4 weights: 35 ms a token eage
 kernels are 12 ms). This module exports one decoder layer of decoder.Decoder's math, for one new
 token per row, as one graph (`torch.export`) and compiles it with AOTInductor into a shared
 library: the elementwise work is fused into a few C++ loops, the matmuls stay extern kernels (MKL,
-torch's int4 kernel, our int8 op from native.py, which the library calls through the dispatcher),
+torch's int4 kernel, our int8 op from kernel.py, which the library calls through the dispatcher),
 and a layer is one C++ call. The step calls it once per layer (the layers share their shapes, so
 one file serves any depth, and compiling takes the same time for 30 layers as for 2); embedding,
 final norm and vocabulary projection run eagerly around it (three ops).
@@ -17,7 +17,7 @@ final norm and vocabulary projection run eagerly around it (three ops).
 * The file is cached under `SERVE_COMPILE_CACHE` (default: the user cache folder), keyed by what
   the generated code depends on (torch version, the math's source, the layer's shapes, dtype and
   weight kind). A first start on a machine compiles it; later starts load it at once. As for
-  native.py's kernel, the folder must be private to this user, and the package and its unpacked
+  kernel.py's kernel, the folder must be private to this user, and the package and its unpacked
   copy are loaded only while their SHA-256 is the one recorded when they were made: anything else
   found there is rebuilt, never loaded.
 * Unmerged LoRA adapters (per-request `lora_weights`, or the setup adapter beside them) run
@@ -29,7 +29,7 @@ final norm and vocabulary projection run eagerly around it (three ops).
 * Prompts are still prefilled eagerly (many rows at once are matmul-bound), and a step runs eagerly
   whenever the compiled math does not cover it: an adapter other than plain LoRA (DoRA, a bias on
   B), a layer left in fp32 among quantized ones, a model decoder.py does not cover. On a CUDA GPU
-  the step runs as CUDA graphs instead (cudagraph.py), without per-request adapters.
+  the step runs as CUDA graphs instead (cuda_graphs.py), without per-request adapters.
 * At load, the compiled step is checked against the eager one on the model itself; a file that
   disagrees is not used (and the reason is printed)."""
 
@@ -48,12 +48,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import native, quant
+from ..settings import COMPILE_ENV
+from ..settings import COMPILE_MODES as MODES
+from . import kernel, quant
 from .decoder import KV, PEFT_BASE, Decoder, base_linear, kv_geometry, plain_linear
-from .settings import COMPILE_ENV
-from .settings import COMPILE_MODES as MODES
 
-CACHE_ENV = native.CACHE_ENV
+CACHE_ENV = kernel.CACHE_ENV
 _EXAMPLE_ROWS, _EXAMPLE_LENGTH = 2, 3  # export traces with sizes above 1 so neither is specialised
 # LoRA stacks hold at least 2 slots and rank 2 (sizes of 1 would be specialised too); real adapters'
 # ranks are padded up to a multiple of 8, so adapters of rank 4, 8 and 16 load into the same shapes.
@@ -560,7 +560,7 @@ def _compile(decoder: Decoder, signature: dict[str, Any], step: CompiledStep, pa
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = Path(tmp) / path.name
             torch._inductor.aoti_compile_and_package(program, package_path=str(built))
-            native.publish(built, path)  # recorded, then in place whole: no half-written file is seen
+            kernel.publish(built, path)  # recorded, then in place whole: no half-written file is seen
 
 
 def _load_runner(path: Path) -> Any:
@@ -576,22 +576,22 @@ def _load_runner(path: Path) -> Any:
 def _unpacked(path: Path) -> Path:
     """The package's files in a folder named after its bytes (a package rebuilt, say after a
     planted one, gets a new folder), unpacked once per machine, whole or not at all, and recorded
-    (native.publish). The loader runs the library in it: a folder there that is not what was
+    (kernel.publish). The loader runs the library in it: a folder there that is not what was
     recorded (planted, or a file in it altered) is unpacked anew from the package, never loaded."""
-    package = native.verified(path)
+    package = kernel.verified(path)
     if package is None:  # _build checked it: only this user's processes can have changed it since
         raise RuntimeError(f"{path.name} changed in the cache while loading")
     folder = path.parent / f"{path.stem}.{package[:16]}"
-    if native.verified(folder) is not None:
+    if kernel.verified(folder) is not None:
         return folder
-    native.distrust(folder, "unpacking the package anew into")
+    kernel.distrust(folder, "unpacking the package anew into")
     with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tops = {Path(name).parts[0] for name in archive.namelist()}
         if len(tops) != 1:
             raise ValueError(f"{path.name}: not one compiled package ({len(tops)} top-level entries)")
         archive.extractall(tmp)
-        native.publish(Path(tmp) / tops.pop(), folder)
-    if native.verified(folder) is None:
+        kernel.publish(Path(tmp) / tops.pop(), folder)
+    if kernel.verified(folder) is None:
         raise RuntimeError(f"{folder.name} changed in the cache while loading")
     return folder
 
@@ -650,11 +650,11 @@ def _lora_agrees(decoder: Decoder, step: CompiledStep, runner: Any) -> str | Non
 
 def _build(decoder: Decoder, signature: dict[str, Any], step: CompiledStep, lora: bool) -> Any:
     """The runner of the cached file for this signature, compiled first if it is not there yet, or
-    not what was recorded when it was compiled (native.verified)."""
+    not what was recorded when it was compiled (kernel.verified)."""
     key = hashlib.sha256(json.dumps({**signature, "lora": lora}, sort_keys=True).encode()).hexdigest()[:20]
-    path = native.cache_dir() / f"decode-{'lora-' if lora else ''}{key}.pt2"
-    if native.verified(path) is None:
-        native.distrust(path, "compiling")
+    path = kernel.cache_dir() / f"decode-{'lora-' if lora else ''}{key}.pt2"
+    if kernel.verified(path) is None:
+        kernel.distrust(path, "compiling")
         what = "the decode step with per-request adapters" if lora else "the decode step"
         print(
             f"compile: building {what} for this model shape ({signature['kind']}); a first start on "

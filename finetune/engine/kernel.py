@@ -1,4 +1,4 @@
-"""Our own CPU kernel for int8 decoding (`finetune/kernels/int8_linear.cpp`), built with the
+"""Our own CPU kernel for int8 decoding (`finetune/engine/kernels/int8_linear.cpp`), built with the
 machine's C++ compiler on first use and cached beside the compiled decode step.
 
 `torch.ops.finetune.int8_linear(x, w, scale)` multiplies fp32 activations (rounded to int16 per
@@ -11,7 +11,7 @@ The cache folder is a trust boundary: what is loaded from it runs as this proces
 the configured folder only when no one but this user (and root) can write it or a folder above it,
 else a private folder of this process's own, with a warning. Every file or folder built into it is
 recorded with its SHA-256 in the folder's manifest (`publish`), and loaded only while it still has
-that digest (`verified`); anything else there is rebuilt, never loaded. compiled.py's packages go
+that digest (`verified`); anything else there is rebuilt, never loaded. cpu_step.py's packages go
 through the same two functions."""
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from . import workdirs
-from .settings import COMPILE_CACHE_ENV as CACHE_ENV
-from .settings import CXX_ENV
+from .. import workdirs
+from ..settings import COMPILE_CACHE_ENV as CACHE_ENV
+from ..settings import CXX_ENV
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_linear.cpp"
 _lock = threading.Lock()
