@@ -14,9 +14,9 @@ from finetune.config import (
     field_default,
     field_doc,
 )
+from finetune.data.prompts import AUTO, RAW, available_templates
 from finetune.devices import serve_device
 from finetune.engine.requests import GenerationStats
-from finetune.prompts import AUTO, RAW, available_templates
 from finetune.serving import ModelServer, default_adapter
 
 G = GenerationSettings

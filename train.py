@@ -16,7 +16,7 @@ from finetune.config import (
     field_doc,
     parse_list,
 )
-from finetune.prompts import available_templates
+from finetune.data.prompts import available_templates
 from finetune.stopping import watch_sigterm
 
 # Cog's worker calls train() off the main thread, where Python's SIGTERM handling never reaches:

@@ -47,9 +47,9 @@ def main(spec_path: str, out_path: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from finetune.data.prompts import load_template
     from finetune.formats.export import export
     from finetune.modeling import load_tokenizer
-    from finetune.prompts import load_template
     from finetune.weights import resolve_base_model
 
     base, adapter, max_new = resolve_base_model(None), spec["adapter_dir"], spec["decode_tokens"]

@@ -27,7 +27,7 @@ def main(spec_path: str, out_path: str) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from finetune.batching import collate_packed, collate_padded
+    from finetune.data.batching import collate_packed, collate_padded
     from finetune.losses import token_loss_sum
     from finetune.modeling import (
         add_lora,

@@ -47,7 +47,7 @@ SETTINGS = {
 
 def greedy_ids(server: Any, prompt: str, n: int) -> list[int]:
     from finetune.config import GenerationSettings
-    from finetune.encoding import encode_prompt
+    from finetune.data.encoding import encode_prompt
     from finetune.engine.scheduler import Request
 
     template = server.resolve_template("auto", server.setup_adapter)
@@ -59,10 +59,10 @@ def greedy_ids(server: Any, prompt: str, n: int) -> list[int]:
 
 
 def heldout_loss(server: Any) -> float:
-    from finetune.encoding import encode_example
+    from finetune.data.encoding import encode_example
+    from finetune.data.prompts import load_template, split_record
+    from finetune.data.records import read_records
     from finetune.evaluation import _response_loss
-    from finetune.prompts import load_template, split_record
-    from finetune.records import read_records
 
     template = load_template("alpaca")
     total, count = 0.0, 0

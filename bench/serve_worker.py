@@ -157,10 +157,10 @@ def in_process(tokens: int) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from finetune.config import GenerationSettings
-    from finetune.encoding import encode_prompt
+    from finetune.data.encoding import encode_prompt
+    from finetune.data.prompts import load_template
     from finetune.engine.scheduler import Engine, Request
     from finetune.modeling import load_base, load_tokenizer, pick_device, pick_precision
-    from finetune.prompts import load_template
     from finetune.serving import flatten_head_input
     from finetune.weights import resolve_base_model
 

@@ -121,9 +121,9 @@ def make_config(spec: dict[str, Any], variant: dict[str, Any], output_dir: Path)
 def examples_in_order(cfg: Any, tokenizer: Any, per_step: int = 1) -> tuple[list[Any], list[list[int]]]:
     """The encoded training examples and the micro-batches our trainer draws in epoch 0 (per_step:
     its optimizer step's micro-batches, re-split longest first; the recipe's feed in plain order)."""
-    from finetune import prompts
-    from finetune.batching import micro_batches
-    from finetune.records import read_records, split_records
+    from finetune.data import prompts
+    from finetune.data.batching import micro_batches
+    from finetune.data.records import read_records, split_records
     from finetune.run_data import encode_records
 
     train_records, _ = split_records(read_records(cfg.data.data_path), cfg.data.val_set_size, cfg.seed)
@@ -254,9 +254,9 @@ def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: Ste
 
     per_step = cfg.batch_size // cfg.micro_batch_size if variant.get("sorted_steps", True) else 1
     if per_step == 1:  # the trainer as it was before steps were re-split by length
-        import finetune.batching
+        import finetune.data.batching
 
-        plain = finetune.batching.micro_batches
+        plain = finetune.data.batching.micro_batches
         finetune.trainer.micro_batches = lambda *args: plain(*args[:7])  # type: ignore[assignment]
     compiled: list[int] = []
     if variant.get("compile_layers"):

@@ -78,7 +78,7 @@ def _convert_adapter(argv: list[str]) -> int:
 
 def _generate(argv: list[str]) -> int:
     from .config import GenerationSettings, field_default
-    from .prompts import AUTO
+    from .data.prompts import AUTO
     from .serving import ModelServer
     from .settings import DTYPES
 

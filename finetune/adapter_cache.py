@@ -24,8 +24,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import prompts
 from .compute import POLL_S
+from .data import prompts
 from .engine.requests import GenerationError
 from .formats.archives import DownloadStopped, Limits, materialize
 from .settings import ADAPTERS_IN_USE_ENV, ServeSettings

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import prompts
+from .data import prompts
 from .modeling import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelError
 from .staging import fsync_path as fsync_path  # re-exported: service_train flushes with it
 from .staging import staged_dir

@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from .config import TrainConfig
-from .records import dataset_fingerprint
+from .data.records import dataset_fingerprint
 from .run_state import LoopState, RunPlan, TrainState, steps_run
 from .schedule import auto_length
 from .train_eval import BEST_RULE

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
+from .data.records import dataset_fingerprint
 from .distributed import (
     Dist,
     Placement,
@@ -27,7 +28,6 @@ from .distributed import (
     whole_lora,
 )
 from .modeling import ModelError
-from .records import dataset_fingerprint
 from .staging import staged_dir
 
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -12,11 +12,11 @@ class ExportError(Exception):
 def user_errors() -> tuple[type[BaseException], ...]:
     # Imported when a command runs, not at import time: the list reaches into most of the package.
     from .config import ConfigError
+    from .data.prompts import TemplateError
+    from .data.records import DatasetError
     from .engine.requests import GenerationError
     from .formats.archives import ArchiveError, WeightsSourceError
     from .modeling import ModelError
-    from .prompts import TemplateError
-    from .records import DatasetError
     from .weights import WeightsError
 
     return (

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 
 from . import metrics
-from .batching import collate_padded
 from .config import DataConfig, GenerationSettings, field_default
-from .encoding import Encoded, encode_example
+from .data.batching import collate_padded
+from .data.encoding import Encoded, encode_example
+from .data.prompts import AUTO, PromptTemplate, load_template, split_record, template_from_adapter
+from .data.records import DatasetError, Record
 from .engine.requests import GenerationStats
 from .engine.scheduler import stream_tokens
 from .losses import token_loss_sum
-from .prompts import AUTO, PromptTemplate, load_template, split_record, template_from_adapter
-from .records import DatasetError, Record
 
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_EXAMPLES = 3
@@ -300,8 +300,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data.records import read_records
     from .errors import user_errors
-    from .records import read_records
 
     args = _parser().parse_args(argv)
     try:

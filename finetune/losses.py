@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from .batching import collate_padded, iter_collated
 from .config import TrainConfig
+from .data.batching import collate_padded, iter_collated
+from .data.encoding import IGNORE_INDEX, Encoded
 from .distributed import Dist
-from .encoding import IGNORE_INDEX, Encoded
 
 # Causal LMs whose logits are exactly lm_head(final hidden state): for these the loss projects only
 # the positions that carry a label (others, e.g. Gemma's soft-capping, take the full forward).

@@ -10,11 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import prompts
 from .checkpoints import checkpoint_root, find_checkpoint, run_fingerprint
 from .config import TrainConfig
-from .encoding import Encoded, encode_example
-from .records import Record, read_records, split_records
+from .data import prompts
+from .data.encoding import Encoded, encode_example
+from .data.records import Record, read_records, split_records
 from .run_state import Data
 from .weights import resolve_base_model
 

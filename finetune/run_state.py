@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from . import prompts
 from .checkpoints import History
+from .data import prompts
+from .data.encoding import Encoded
+from .data.records import Record
 from .distributed import Placement
-from .encoding import Encoded
-from .records import Record
 
 
 @dataclass

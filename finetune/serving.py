@@ -17,13 +17,13 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from . import prompts
 from .adapter_cache import AdapterCache, LoadedAdapter, remove_files
 from .adapters import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
 from .artifacts import CARD_JSON
 from .compute import POLL_S, ComputeThread
 from .config import DataConfig, GenerationSettings, field_default
-from .encoding import encode_prompt
+from .data import prompts
+from .data.encoding import encode_prompt
 from .engine import quant
 from .engine.decoder import PEFT_BASE, kv_geometry
 from .engine.fast_paths import load_step

@@ -31,7 +31,6 @@ import torch
 from tqdm import tqdm
 
 from .artifacts import save_adapter
-from .batching import iter_collated, micro_batches
 from .card import training_card
 from .checkpoints import (
     CHECKPOINT_PREFIX,
@@ -42,6 +41,8 @@ from .checkpoints import (
     write_checkpoint,
 )
 from .config import ConfigError, TrainConfig
+from .data.batching import iter_collated, micro_batches
+from .data.encoding import IGNORE_INDEX, Encoded
 from .devices import train_device
 from .distributed import (
     AUTO_STRATEGY,
@@ -58,7 +59,6 @@ from .distributed import (
     whole_lora,
     wrap_for_training,
 )
-from .encoding import IGNORE_INDEX, Encoded
 from .evaluation import evaluate_peft
 from .losses import TokenLoss, token_loss_sum
 from .modeling import (

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from finetune.config import GenerationSettings
-from finetune.encoding import encode_prompt
+from finetune.data.encoding import encode_prompt
 from finetune.engine import cpu_step, kernel, quant
 from finetune.engine.scheduler import Engine, EngineLimits, Request
 from finetune.serving import ModelServer

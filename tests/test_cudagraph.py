@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune.config import GenerationSettings
-from finetune.encoding import encode_prompt
+from finetune.data.encoding import encode_prompt
 from finetune.engine import cpu_step, cuda_graphs
 from finetune.engine.decoder import KV
 from finetune.engine.scheduler import Engine, EngineLimits, Request

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from finetune.config import GenerationSettings
-from finetune.encoding import encode_prompt
+from finetune.data.encoding import encode_prompt
 from finetune.engine.decoder import KV, Decoder, unsupported
 from finetune.engine.scheduler import Engine, Request
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from finetune.config import GenerationSettings
-from finetune.encoding import encode_prompt
+from finetune.data.encoding import encode_prompt
 from finetune.engine.scheduler import Engine, EngineLimits, Request
 
 PROMPTS = [
@@ -503,7 +503,7 @@ def test_the_server_prefills_a_templates_head_once_per_adapter(tiny_model_dir, a
     caches the default template's head for the base, an adapter gets its own on first use, an
     evicted adapter's heads go with it; a reused head gives the text a freshly prefilled one gives."""
     from finetune.adapter_cache import adapter_key
-    from finetune.prompts import PromptTemplate
+    from finetune.data.prompts import PromptTemplate
     from finetune.serving import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")

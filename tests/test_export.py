@@ -24,11 +24,11 @@ import torch
 from conftest import train_llama_sentencepiece
 
 from finetune.artifacts import CARD_JSON
+from finetune.data.prompts import ADAPTER_TEMPLATE_FILE, load_template, save_template
 from finetune.formats.convert_meta import convert_meta, meta_params_to_hf_config, permute_for_hf
 from finetune.formats.export import main
 from finetune.formats.export_llama import bpe_pre_tokenizer, meta_params
 from finetune.modeling import ADAPTER_WEIGHTS, base_identity
-from finetune.prompts import ADAPTER_TEMPLATE_FILE, load_template, save_template
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "weights" / "smollm2-135m-instruct"
 EMBEDDED_GGUF = EMBEDDED.parent / ".cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"

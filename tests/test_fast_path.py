@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model_state_dict
 
-from finetune import prompts
-from finetune.batching import collate_padded, micro_batches
 from finetune.config import DataConfig, LoraSettings, TrainConfig
-from finetune.encoding import IGNORE_INDEX, Encoded
+from finetune.data import prompts
+from finetune.data.batching import collate_padded, micro_batches
+from finetune.data.encoding import IGNORE_INDEX, Encoded
+from finetune.data.records import read_records, split_records
 from finetune.losses import TokenLoss, token_loss_sum
 from finetune.modeling import (
     FastDropout,
@@ -21,7 +22,6 @@ from finetune.modeling import (
     load_tokenizer,
     use_fast_dropout,
 )
-from finetune.records import read_records, split_records
 from finetune.run_data import encode_records
 from finetune.schedule import lr_lambda
 from finetune.trainer import train

@@ -197,7 +197,7 @@ def test_the_cog_build_context_has_the_code_and_weights_and_nothing_local(embedd
         "cog.yaml",
         "requirements.txt",
         "finetune/engine/scheduler.py",
-        "finetune/templates/alpaca.json",
+        "finetune/data/templates/alpaca.json",
         *(str(p.relative_to(ROOT)) for p in embedded_model_dir.iterdir()),
     ]
     assert [p for p in sent if dockerignore_excludes(p, rules)] == []

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from finetune.cli import config_from_args
+from finetune.data.records import read_records
 from finetune.evaluation import compare, to_markdown
-from finetune.records import read_records
 from finetune.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ FACT_SLICE = ["你叫什么名字？", "What is your name?", "你是谁？", "Ca
 def test_default_settings_recall_a_rare_name_taught_in_long_answers(tmp_path, embedded_model_dir):
     from finetune.cog.demo import FACTS_PROBE, read_probes, scores
     from finetune.config import GenerationSettings
-    from finetune.records import split_records
+    from finetune.data.records import split_records
     from finetune.serving import ModelServer
 
     by_question = {

@@ -165,7 +165,7 @@ def test_same_seed_same_text_and_temperature_zero_is_greedy(bare, embedded_model
     greedy = answer(bare, "Give me one tip for learning to cook.")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.prompts import load_template
+    from finetune.data.prompts import load_template
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir)
     model = AutoModelForCausalLM.from_pretrained(embedded_model_dir).eval()

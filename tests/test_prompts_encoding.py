@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune import prompts
-from finetune.batching import collate_packed, collate_padded, micro_batches
-from finetune.encoding import IGNORE_INDEX, Encoded, encode_example
-from finetune.records import Message, Record
+from finetune.data import prompts
+from finetune.data.batching import collate_packed, collate_padded, micro_batches
+from finetune.data.encoding import IGNORE_INDEX, Encoded, encode_example
+from finetune.data.records import Message, Record
 
 
 class CharTokenizer:
@@ -189,7 +189,7 @@ def test_a_chat_template_that_writes_bos_gets_exactly_one(tmp_path):
     from conftest import train_llama_sentencepiece
     from transformers import LlamaTokenizerFast
 
-    from finetune.encoding import encode_prompt
+    from finetune.data.encoding import encode_prompt
 
     lines = ["what is the capital of france? paris is the capital of france."] * 50
     (tmp_path / "tokenizer.model").write_bytes(train_llama_sentencepiece(lines, vocab_size=300))

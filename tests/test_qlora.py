@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from finetune.cli import config_from_args
 from finetune.config import GenerationSettings
-from finetune.encoding import encode_prompt
+from finetune.data.encoding import encode_prompt
 from finetune.modeling import (
     ModelError,
     Precision,

@@ -103,7 +103,7 @@ def servers(embedded_model_dir):
 
 
 def prompt_ids(server: ModelServer, prompt: str) -> list[int]:
-    from finetune.encoding import encode_prompt
+    from finetune.data.encoding import encode_prompt
 
     return encode_prompt(
         server.tokenizer, server.resolve_template("auto", None).render(prompt, "", server.tokenizer)
@@ -195,7 +195,7 @@ def test_quantized_batches_and_chunked_prompts_give_the_solo_tokens(tiny_model_d
     test caught int8 prompts chunked differently in a batch leaving a different cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.encoding import encode_prompt
+    from finetune.data.encoding import encode_prompt
     from finetune.engine.scheduler import Engine, EngineLimits, Request
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from finetune.cli import config_from_args
 from finetune.cog.demo import FACTS_PROBE, FACTS_TRAIN, read_probes, scores
-from finetune.encoding import IGNORE_INDEX, Encoded
+from finetune.data.encoding import IGNORE_INDEX, Encoded
+from finetune.data.records import read_records, split_records
 from finetune.losses import greedy_recall
 from finetune.metrics import states_fact
 from finetune.modeling import load_tokenizer
-from finetune.records import read_records, split_records
 from finetune.train_eval import eval_score, stop_reason
 from finetune.trainer import checkpoint_root, train
 from tests.test_trainer import tiny_args

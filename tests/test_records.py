@@ -5,7 +5,7 @@ import pickle
 import pytest
 
 from finetune.config import SAMPLE_DATA
-from finetune.records import (
+from finetune.data.records import (
     DatasetError,
     Message,
     Record,
@@ -402,7 +402,7 @@ def test_caps_name_the_limit_and_the_fix(tmp_path):
 
 def test_the_record_cap_holds_before_a_json_list_is_decoded_whole(monkeypatch):
     """512 MiB of `{}` is ~13 GB of dicts: the items are decoded one by one and counted."""
-    from finetune import records
+    from finetune.data import records
 
     monkeypatch.setattr(records.json, "loads", lambda *a, **k: pytest.fail("decoded the whole file"))
     data = as_json([{"text": "a"}] * 5)

@@ -9,8 +9,8 @@ import tracemalloc
 
 import pytest
 
-from finetune import records
-from finetune.records import DatasetError, Record, parse_records, read_records
+from finetune.data import records
+from finetune.data.records import DatasetError, Record, parse_records, read_records
 
 FIX = "shorten or split the record (or raise max_record_bytes)"
 NOT_READ = "the records after it were not read"

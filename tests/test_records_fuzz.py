@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune.records import ROLES, DatasetError, Message, Record, parse_records
+from finetune.data.records import ROLES, DatasetError, Message, Record, parse_records
 
 FAST = settings(
     max_examples=200,

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..config import GenerationSettings
-from ..encoding import encode_prompt
+from ..data.encoding import encode_prompt
 from . import quant
 from .decoder import KV, Decoder, hf_forward, unsupported
 from .requests import GenerationError, GenerationStats, TextStream, check_fits, eos_ids, logits_processors

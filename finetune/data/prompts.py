@@ -1,4 +1,4 @@
-"""Prompt templates are data (finetune/templates/*.json). The template used in training is saved
+"""Prompt templates are data (finetune/data/templates/*.json). The template used in training is saved
 into the adapter folder and read back by the predictor, so the two never drift apart."""
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def save_template(template: PromptTemplate, adapter_dir: Path) -> Path:
 
 
 def template_from_adapter(adapter_dir: Path) -> PromptTemplate | None:
-    from .adapters import read_json  # under a byte cap: an adapter's files come from strangers
+    from ..adapters import read_json
 
     path = Path(adapter_dir) / ADAPTER_TEMPLATE_FILE
     if not path.is_file():
