@@ -15,8 +15,8 @@ from finetune.config import (
     field_doc,
 )
 from finetune.data.prompts import AUTO, RAW, available_templates
-from finetune.devices import serve_device
 from finetune.engine.requests import GenerationStats
+from finetune.model.devices import serve_device
 from finetune.serving import ModelServer, default_adapter
 
 G = GenerationSettings

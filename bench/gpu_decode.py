@@ -103,7 +103,7 @@ def measure_shape(args: argparse.Namespace, shape: str, work: Path) -> dict[str,
     from transformers import AutoModelForCausalLM
 
     from finetune.engine import cpu_step, cuda_graphs
-    from finetune.modeling import load_tokenizer
+    from finetune.model.loading import load_tokenizer
     from finetune.serving import ModelServer
 
     device, reps, tokens = args.device, args.reps, args.tokens

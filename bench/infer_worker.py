@@ -43,7 +43,7 @@ def random_adapter(base: str, dest: Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 
     from finetune.config import LoraSettings
-    from finetune.modeling import add_lora
+    from finetune.model.loading import add_lora
 
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(seed)  # PEFT draws lora_A from the global generator: the same adapter every run
@@ -281,9 +281,9 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.modeling import load_tokenizer
+    from finetune.model.loading import load_tokenizer
+    from finetune.model.weights import resolve_base_model
     from finetune.serving import ModelServer
-    from finetune.weights import resolve_base_model
 
     workdir = Path(spec["workdir"])
     base = resolve_base_model(None)

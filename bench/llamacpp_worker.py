@@ -49,8 +49,8 @@ def main(spec_path: str, out_path: str) -> None:
 
     from finetune.data.prompts import load_template
     from finetune.formats.export import export
-    from finetune.modeling import load_tokenizer
-    from finetune.weights import resolve_base_model
+    from finetune.model.loading import load_tokenizer
+    from finetune.model.weights import resolve_base_model
 
     base, adapter, max_new = resolve_base_model(None), spec["adapter_dir"], spec["decode_tokens"]
     tokenizer = load_tokenizer(base)

@@ -30,7 +30,7 @@ def measure(device: str, n: int, reps: int, rounds: int = 2) -> dict[str, Any]:
     """fp32 and bf16 alternate round by round, so a busy moment does not hit only one of them."""
     import torch
 
-    from finetune.modeling import cpu_has_fast_bf16
+    from finetune.model.loading import cpu_has_fast_bf16
 
     # Without AMX or AVX512-BF16, torch's CPU bf16 GEMM is a slow fallback (0.14 GFLOP/s measured on
     # an AVX2 EPYC: one 2048^3 product took 2 minutes, and the bench sat ~50 minutes in this

@@ -29,14 +29,14 @@ def main(spec_path: str, out_path: str) -> None:
 
     from finetune.data.batching import collate_packed, collate_padded
     from finetune.losses import token_loss_sum
-    from finetune.modeling import (
+    from finetune.model.loading import (
         add_lora,
         load_base,
         load_for_training,
         load_tokenizer,
         pick_precision,
     )
-    from finetune.weights import resolve_base_model
+    from finetune.model.weights import resolve_base_model
 
     cfg = make_config(spec, VARIANTS["ours"], Path(spec["workdir"]) / "adapter-profile")
     device = torch.device(device_name)

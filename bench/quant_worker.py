@@ -108,8 +108,8 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
     from transformers import AutoModelForCausalLM
 
     from finetune.engine import cpu_step, quant
+    from finetune.model.weights import resolve_base_model
     from finetune.serving import ModelServer
-    from finetune.weights import resolve_base_model
 
     mode, adapter, max_new = spec["mode"], spec["adapter_dir"], spec["decode_tokens"]
     compile_on = spec.get("compile", False)

@@ -319,7 +319,7 @@ class Bench:
     def random_adapter(self) -> str:
         """The adapter the serving sections load when no training section made one."""
         from bench.infer_worker import random_adapter
-        from finetune.weights import resolve_base_model
+        from finetune.model.weights import resolve_base_model
 
         return str(random_adapter(resolve_base_model(None), self.workdir / "random-adapter"))
 

@@ -160,9 +160,9 @@ def in_process(tokens: int) -> dict[str, Any]:
     from finetune.data.encoding import encode_prompt
     from finetune.data.prompts import load_template
     from finetune.engine.scheduler import Engine, Request
-    from finetune.modeling import load_base, load_tokenizer, pick_device, pick_precision
+    from finetune.model.loading import load_base, load_tokenizer, pick_device, pick_precision
+    from finetune.model.weights import resolve_base_model
     from finetune.serving import flatten_head_input
-    from finetune.weights import resolve_base_model
 
     path = resolve_base_model(None)
     device = pick_device("cpu")

@@ -169,8 +169,8 @@ def run_hf(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepC
         TrainingArguments,
     )
 
-    from finetune.modeling import load_tokenizer
-    from finetune.weights import resolve_base_model
+    from finetune.model.loading import load_tokenizer
+    from finetune.model.weights import resolve_base_model
 
     base = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(base)
@@ -248,9 +248,9 @@ def run_hf(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepC
 
 def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepClock) -> Run:
     import finetune.trainer
-    from finetune.modeling import load_tokenizer
+    from finetune.model.loading import load_tokenizer
+    from finetune.model.weights import resolve_base_model
     from finetune.trainer import train
-    from finetune.weights import resolve_base_model
 
     per_step = cfg.batch_size // cfg.micro_batch_size if variant.get("sorted_steps", True) else 1
     if per_step == 1:  # the trainer as it was before steps were re-split by length

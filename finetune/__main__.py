@@ -7,7 +7,7 @@ import sys
 
 
 def _fetch_default(argv: list[str]) -> int:
-    from .weights import fetch_default
+    from .model.weights import fetch_default
 
     argparse.ArgumentParser(
         prog="finetune fetch-default", description="Install the embedded default model under weights/"
@@ -19,7 +19,7 @@ def _fetch_default(argv: list[str]) -> int:
 def _convert_gguf(argv: list[str]) -> int:
     from pathlib import Path
 
-    from .weights import convert_gguf
+    from .model.weights import convert_gguf
 
     parser = argparse.ArgumentParser(
         prog="finetune convert-gguf", description="Convert a llama.cpp GGUF file into a Hugging Face folder"
@@ -65,7 +65,7 @@ def _plan(argv: list[str]) -> int:
 def _convert_adapter(argv: list[str]) -> int:
     from pathlib import Path
 
-    from .artifacts import convert_pickled_adapter
+    from .model.adapter_folder import convert_pickled_adapter
 
     parser = argparse.ArgumentParser(
         prog="finetune convert-adapter",

@@ -1,6 +1,6 @@
 """The training card: what an adapter folder says about itself (base model, template, settings,
 data, how the run went, evaluation figures, library versions), built from the run's records.
-artifacts.py writes it beside the adapter, as JSON and Markdown."""
+adapter_folder.py writes it beside the adapter, as JSON and Markdown."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from .distributed import (
     optimizer_state,
     whole_lora,
 )
-from .modeling import ModelError
+from .model.loading import ModelError
 from .staging import staged_dir
 
 CHECKPOINT_PREFIX = "checkpoint-"

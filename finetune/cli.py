@@ -119,8 +119,8 @@ def config_from_args(argv: list[str] | None = None, environ: Mapping[str, str] |
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .devices import train_device
     from .errors import user_errors
+    from .model.devices import train_device
     from .stopping import TrainingStopped
     from .trainer import train
 

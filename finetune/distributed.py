@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import ConfigError
-from .modeling import ModelError, Precision
+from .model.loading import ModelError, Precision
 
 STRATEGY_ENV = "TRAIN_STRATEGY"
 STRATEGIES = ("ddp", "fsdp")

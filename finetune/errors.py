@@ -16,8 +16,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .data.records import DatasetError
     from .engine.requests import GenerationError
     from .formats.archives import ArchiveError, WeightsSourceError
-    from .modeling import ModelError
-    from .weights import WeightsError
+    from .model.loading import ModelError
+    from .model.weights import WeightsError
 
     return (
         ConfigError,

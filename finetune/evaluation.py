@@ -176,9 +176,9 @@ def compare(
     `adapter` is a folder or an archive (.tar, .zip, ...); template "auto" means the adapter's own
     template, else alpaca. Returns {"base", "adapter" (None without one), "template", ...}.
     """
-    from .artifacts import CARD_JSON
     from .formats.archives import materialize
-    from .modeling import (
+    from .model.adapter_folder import CARD_JSON
+    from .model.loading import (
         attach_adapter,
         check_adapter_dir,
         check_identity,
@@ -187,7 +187,7 @@ def compare(
         pick_device,
         pick_precision,
     )
-    from .weights import resolve_base_model
+    from .model.weights import resolve_base_model
 
     check_records(records)
     base_path = resolve_base_model(base_model)

@@ -15,8 +15,8 @@ from .config import TrainConfig
 from .data import prompts
 from .data.encoding import Encoded, encode_example
 from .data.records import Record, read_records, split_records
+from .model.weights import resolve_base_model
 from .run_state import Data
-from .weights import resolve_base_model
 
 
 def read_data(cfg: TrainConfig) -> Data:

@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from .adapter_cache import AdapterCache, LoadedAdapter, remove_files
-from .adapters import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
-from .artifacts import CARD_JSON
 from .compute import POLL_S, ComputeThread
 from .config import DataConfig, GenerationSettings, field_default
 from .data import prompts
@@ -31,7 +29,9 @@ from .engine.quant import describe_quantization, pick_quantization
 from .engine.requests import GenerationError, GenerationStats, context_length
 from .engine.scheduler import DONE, KV_MEMORY_SHARE, Engine, EngineLimits, Request
 from .formats.archives import Limits, materialize, redact
-from .modeling import (
+from .model.adapter_folder import CARD_JSON
+from .model.adapter_limits import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
+from .model.loading import (
     ModelError,
     attach_adapter,
     check_adapter_dir,
@@ -41,6 +41,7 @@ from .modeling import (
     pick_device,
     pick_precision,
 )
+from .model.weights import resolve_base_model
 from .settings import (
     BNB_MODES,
     MAX_BATCH_ENV,
@@ -49,7 +50,6 @@ from .settings import (
     ServeSettings,
     SettingsError,
 )
-from .weights import resolve_base_model
 from .workdirs import owned_workdir
 
 MIN_HEAD = 16  # template heads shorter than this are prefilled with the rest of the prompt
@@ -313,7 +313,7 @@ class ModelServer:
     # -- adapters ---------------------------------------------------------------------------
     def _attach(self, folder: Path, name: str, source: str, bounds: AdapterBounds) -> LoadedAdapter:
         """Load an extracted adapter folder into the model (compute thread). Everything in the folder
-        is checked before PEFT sees any of it (adapters.py); a refused adapter changes nothing."""
+        is checked before PEFT sees any of it (adapter_limits.py); a refused adapter changes nothing."""
         from peft import PeftModel
 
         try:

@@ -280,7 +280,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 def test_adapters_compiled_merged_per_request_and_mixed_give_the_eager_text(
     cache, tiny_model_dir, tmp_path, monkeypatch
 ):
-    from finetune.modeling import ModelError
+    from finetune.model.loading import ModelError
     from tests.test_engine import make_adapter, serve, together
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
@@ -317,7 +317,7 @@ def test_adapters_compiled_merged_per_request_and_mixed_give_the_eager_text(
 
 
 def test_bad_compile_setting_stops_setup_with_a_reason(tiny_model_dir, monkeypatch):
-    from finetune.modeling import ModelError
+    from finetune.model.loading import ModelError
 
     monkeypatch.setenv(cpu_step.COMPILE_ENV, "always")
     with pytest.raises(ModelError, match="SERVE_COMPILE='always': use one of auto, off"):

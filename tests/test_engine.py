@@ -572,7 +572,7 @@ def test_an_adapter_with_a_broken_config_is_refused_with_a_reason(
 ):
     import shutil
 
-    from finetune.modeling import ModelError
+    from finetune.model.loading import ModelError
     from finetune.serving import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
@@ -612,7 +612,7 @@ def test_an_adapter_cache_of_size_zero_still_serves_each_request(tiny_model_dir,
 def test_bad_serving_settings_stop_setup_with_the_variables_name(
     tiny_model_dir, monkeypatch, name, value, message
 ):
-    from finetune.modeling import ModelError
+    from finetune.model.loading import ModelError
     from finetune.serving import ModelServer
 
     monkeypatch.setenv(name, value)

@@ -20,7 +20,7 @@ from finetune.data.records import DatasetError, parse_records
 from finetune.engine.requests import GenerationStats
 from finetune.losses import token_loss_sum
 from finetune.metrics import exact_match, repeated_ngram_loop, token_f1
-from finetune.modeling import load_tokenizer
+from finetune.model.loading import load_tokenizer
 
 TOKENS = 6  # generated tokens per record: enough to exercise generation, cheap on CPU
 

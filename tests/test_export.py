@@ -23,12 +23,12 @@ import pytest
 import torch
 from conftest import train_llama_sentencepiece
 
-from finetune.artifacts import CARD_JSON
 from finetune.data.prompts import ADAPTER_TEMPLATE_FILE, load_template, save_template
 from finetune.formats.convert_meta import convert_meta, meta_params_to_hf_config, permute_for_hf
 from finetune.formats.export import main
 from finetune.formats.export_llama import bpe_pre_tokenizer, meta_params
-from finetune.modeling import ADAPTER_WEIGHTS, base_identity
+from finetune.model.adapter_folder import CARD_JSON
+from finetune.model.loading import ADAPTER_WEIGHTS, base_identity
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "weights" / "smollm2-135m-instruct"
 EMBEDDED_GGUF = EMBEDDED.parent / ".cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -342,7 +342,7 @@ def test_gguf_byte_level_q8_0_tied(tiny, tmp_path):
 def test_convert_gguf_replaces_an_older_folder_whole(tiny, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import finetune.weights as weights
+    import finetune.model.weights as weights
 
     base, _ = tiny["sentencepiece"]
     assert export("gguf", base, tmp_path / "gguf", None, "--dtype", "f32") == 0

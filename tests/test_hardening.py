@@ -24,12 +24,12 @@ from safetensors.torch import load_file
 
 from finetune import cli
 from finetune.__main__ import main as finetune_main
-from finetune.artifacts import convert_pickled_adapter
 from finetune.cog.cogtools import data_uri
 from finetune.config import GenerationSettings
 from finetune.engine.requests import GenerationError, GenerationStats
 from finetune.formats.archives import WeightsSourceError, materialize, pack_dir
-from finetune.modeling import ModelError, check_adapter_dir
+from finetune.model.adapter_folder import convert_pickled_adapter
+from finetune.model.loading import ModelError, check_adapter_dir
 from finetune.serving import ModelServer
 from finetune.trainer import checkpoint_root, train
 
@@ -503,7 +503,7 @@ def test_a_failed_save_keeps_the_previous_adapter_and_leaves_no_temp(
         raise OSError(28, "No space left on device")
 
     # The last thing written into the temporary folder; the rename into place never happens.
-    monkeypatch.setattr("finetune.artifacts.plot_loss", disk_full)
+    monkeypatch.setattr("finetune.model.adapter_folder.plot_loss", disk_full)
     with pytest.raises(OSError, match="No space left"):
         train(cli.config_from_args([*args, "--seed", "1"], environ={}))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == previous

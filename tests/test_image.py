@@ -1,6 +1,6 @@
 """The Cog image: cog.yaml's CUDA and the torch build it installs agree, the build context leaves
 caches and outputs out, and a GPU image that cannot use its GPU fails at start-up with the reason
-(finetune/devices.py) instead of serving or training on the CPU. The device decision is fed facts
+(finetune/model/devices.py) instead of serving or training on the CPU. The device decision is fed facts
 here; the entry points are checked to ask for it before they load anything."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from finetune.devices import SERVE, TRAIN, DeviceError, Facts, choose, read_driver_version, resolve
+from finetune.model.devices import SERVE, TRAIN, DeviceError, Facts, choose, read_driver_version, resolve
 from tests.test_foundation import dockerignore_excludes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,7 +168,7 @@ def test_no_driver_at_all_is_named_with_the_way_to_pass_gpus_in():
 @pytest.mark.parametrize("role", [SERVE, TRAIN], ids=lambda r: r.env)
 def test_cpu_on_purpose_runs_with_a_logged_warning(role, monkeypatch, caplog):
     monkeypatch.setenv(role.env, "cpu")
-    with caplog.at_level(logging.WARNING, logger="finetune.devices"):
+    with caplog.at_level(logging.WARNING, logger="finetune.model.devices"):
         assert resolve(role, facts=NO_GPU) == "cpu"
     [record] = caplog.records
     assert record.message.startswith(f"{role.env}=cpu: ")

@@ -110,7 +110,7 @@ def small_llama(dtype: torch.dtype, checkpointing: bool) -> tuple[torch.nn.Modul
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune.config import LoraSettings
-    from finetune.modeling import add_lora
+    from finetune.model.loading import add_lora
 
     torch.manual_seed(0)
     config = LlamaConfig(**SMALL)
@@ -162,7 +162,7 @@ def test_qlora_estimate_is_within_15_percent_of_a_measured_step(tmp_path, quanti
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from finetune.config import LoraSettings
-    from finetune.modeling import Precision, add_lora, bitsandbytes_config
+    from finetune.model.loading import Precision, add_lora, bitsandbytes_config
 
     torch.manual_seed(0)
     config = LlamaConfig(**SMALL)
@@ -199,7 +199,7 @@ def test_quantized_weights_are_what_bitsandbytes_stores(tmp_path, quantization):
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from finetune.modeling import Precision, bitsandbytes_config
+    from finetune.model.loading import Precision, bitsandbytes_config
 
     config = LlamaConfig(**SMALL)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
@@ -246,7 +246,7 @@ def test_lora_parameters_match_peft():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune.config import LoraSettings
-    from finetune.modeling import add_lora
+    from finetune.model.loading import add_lora
 
     config = LlamaConfig(**SMALL)
     shape = fp.Shape.from_config(config)

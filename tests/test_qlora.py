@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from finetune.cli import config_from_args
 from finetune.config import GenerationSettings
 from finetune.data.encoding import encode_prompt
-from finetune.modeling import (
+from finetune.model.loading import (
     ModelError,
     Precision,
     attach_adapter,

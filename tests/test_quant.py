@@ -86,7 +86,7 @@ def test_shapes_the_kernels_cannot_take_stay_fp32(kind, odd_shape, fine_shape):
 def test_bad_quantization_settings_stop_setup_with_a_reason(
     tiny_model_dir, monkeypatch, mode, dtype, message
 ):
-    from finetune.modeling import ModelError
+    from finetune.model.loading import ModelError
 
     monkeypatch.setenv("SERVE_QUANT", mode)
     with pytest.raises(ModelError, match=message):

@@ -16,7 +16,7 @@ from finetune.data.encoding import IGNORE_INDEX, Encoded
 from finetune.data.records import read_records, split_records
 from finetune.losses import greedy_recall
 from finetune.metrics import states_fact
-from finetune.modeling import load_tokenizer
+from finetune.model.loading import load_tokenizer
 from finetune.train_eval import eval_score, stop_reason
 from finetune.trainer import checkpoint_root, train
 from tests.test_trainer import tiny_args

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from finetune.config import ConfigError, GenerationSettings
-from finetune.modeling import ModelError
+from finetune.model.loading import ModelError
 from tests.test_engine import GREEDY, PROMPTS, make_adapter, outcomes_together, serve
 
 

@@ -20,7 +20,7 @@ from finetune.cli import main as cli_main
 from finetune.cog.cogtools import free_port
 from finetune.config import ConfigError, TrainConfig
 from finetune.distributed import check_strategy, strategy_from_env
-from finetune.modeling import ModelError
+from finetune.model.loading import ModelError
 from finetune.schedule import plan_steps
 from finetune.stopping import TrainingStopped
 from finetune.trainer import checkpoint_root, train
@@ -362,7 +362,7 @@ def test_a_fresh_run_moves_an_older_runs_checkpoints_aside(tiny_model_dir, tiny_
     ],
 )
 def test_resume_refuses_a_checkpoint_of_another_run(tiny_model_dir, tiny_data, tmp_path, change, named):
-    from finetune.modeling import ModelError
+    from finetune.model.loading import ModelError
 
     out = tmp_path / "adapter"
     args = ["--max_steps", "6", "--save_steps", "2"]

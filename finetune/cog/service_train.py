@@ -24,8 +24,8 @@ from pathlib import Path
 
 from ..checkpoints import CHECKPOINT_PREFIX, checkpoint_root
 from ..config import TrainConfig
-from ..devices import train_device
 from ..formats.archives import pack_dir
+from ..model.devices import train_device
 from ..progress import log_line
 from ..stopping import TrainingStopped
 from ..trainer import train

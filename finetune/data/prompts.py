@@ -139,7 +139,7 @@ def save_template(template: PromptTemplate, adapter_dir: Path) -> Path:
 
 
 def template_from_adapter(adapter_dir: Path) -> PromptTemplate | None:
-    from ..adapters import read_json
+    from ..model.adapter_limits import read_json
 
     path = Path(adapter_dir) / ADAPTER_TEMPLATE_FILE
     if not path.is_file():

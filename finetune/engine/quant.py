@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..modeling import ModelError
+from ..model.loading import ModelError
 from ..settings import BNB_MODES, DTYPE_ENV, QUANT_ENV, QUANT_MODES
 from . import kernel
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from tqdm import tqdm
 
+from ..model.weights import MARKER
 from ..staging import staged_dir
-from ..weights import MARKER
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig

@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from ..artifacts import CARD_JSON
 from ..data.prompts import ADAPTER_TEMPLATE_FILE
 from ..errors import ExportError, user_errors
-from ..modeling import check_adapter_dir
+from ..model.adapter_folder import CARD_JSON
+from ..model.loading import check_adapter_dir
+from ..model.weights import MARKER, resolve_base_model
 from ..staging import staged_dir
-from ..weights import MARKER, resolve_base_model
 from .export_llama import GGUF_TYPES, check_llama_layout, gguf_vocab, meta_params, write_gguf, write_meta
 from .export_stream import (
     DEFAULT_MAX_SHARD_SIZE,

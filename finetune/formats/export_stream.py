@@ -4,7 +4,7 @@ for `hf`, the output shard being filled), never the whole model.
 - `Checkpoint`: a base stored as safetensors, one file or transformers' index of shards. Each tensor
   is read through its own `safe_open`: a handle kept open keeps every page it has read resident,
   which by the end is the whole file.
-- `Lora`: the adapter, checked by adapters.py (settings and tensor shapes, not the raw JSON); its
+- `Lora`: the adapter, checked by adapter_limits.py (settings and tensor shapes, not the raw JSON); its
   delta `scale * B @ A` is added in fp32 and the sum checked for NaN/inf before it is cast back.
 - `MergedTensors`: the tensors an export writes, by the model's own names, merged and cast on demand.
   A base stored as .bin/.pth, or a DoRA adapter, falls back to loading the whole model and merging
@@ -33,7 +33,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..adapters import (
+from ..errors import ExportError
+from ..model.adapter_folder import CARD_JSON
+from ..model.adapter_limits import (
     AdapterBounds,
     AdapterRefused,
     check_config,
@@ -41,10 +43,8 @@ from ..adapters import (
     expected_tensors,
     linear_shapes,
 )
-from ..adapters import read_json as read_capped_json
-from ..artifacts import CARD_JSON
-from ..errors import ExportError
-from ..modeling import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_adapter, check_identity
+from ..model.adapter_limits import read_json as read_capped_json
+from ..model.loading import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_adapter, check_identity
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -181,7 +181,7 @@ class Lora:
 
 
 def check_lora(folder: Path, linears: dict[str, tuple[int, int]], base: str) -> Lora:
-    """The adapter's settings through adapters.py's checks (the folder's JSON never reaches PEFT or
+    """The adapter's settings through adapter_limits.py's checks (the folder's JSON never reaches PEFT or
     the merge unchecked) and its tensors' names and shapes against this base."""
     raw = _adapter_json(folder, ADAPTER_CONFIG)
     # PEFT merges DoRA (a magnitude per output row on top of B @ A); the rest of the config must

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from .data import prompts
-from .modeling import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelError
-from .staging import fsync_path as fsync_path  # re-exported: service_train flushes with it
-from .staging import staged_dir
+from ..data import prompts
+from ..staging import fsync_path as fsync_path
+from ..staging import staged_dir
+from .loading import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelError
 
 CARD_JSON = "training_card.json"
 CARD_MD = "README.md"

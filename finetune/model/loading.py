@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .config import LoraSettings
+from ..config import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def check_identity(expected: dict[str, Any], model: Any, adapter: str) -> None:
 def attach_adapter(model: Any, folder: Path, name: str = "default", config: Any = None) -> Any:
     """Load the LoRA adapter in `folder` into `model` under `name`: a new PeftModel around a bare
     model, or one more adapter of a PeftModel. `config`: a LoraConfig to use instead of the folder's
-    own (the server passes the one it built from checked values; adapters.py)."""
+    own (the server passes the one it built from checked values; adapter_limits.py)."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):

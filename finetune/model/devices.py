@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .modeling import ModelError
-from .settings import DEVICES, SERVE_DEVICE_ENV
+from ..settings import DEVICES, SERVE_DEVICE_ENV
+from .loading import ModelError
 
 log = logging.getLogger(__name__)
 
