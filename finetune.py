@@ -6,10 +6,10 @@ Multi-GPU: `torchrun --nproc_per_node=N finetune.py ...`. `python finetune.py --
 import sys
 
 if __name__ == "__main__":
-    from finetune.allocator import restart_with_jemalloc
+    from finetune.training.allocator import restart_with_jemalloc
 
     restart_with_jemalloc()  # glibc's malloc fragments under training's changing tensor sizes
 
-    from finetune.cli import main
+    from finetune.training.cli import main
 
     sys.exit(main())

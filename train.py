@@ -5,7 +5,6 @@ from typing import Optional, get_args
 
 from cog import BaseModel, Input, Path
 
-from finetune.cli import parse_auto_bool
 from finetune.cog.service_train import RUN_ID, run_training
 from finetune.config import (
     DataConfig,
@@ -17,7 +16,8 @@ from finetune.config import (
     parse_list,
 )
 from finetune.data.prompts import available_templates
-from finetune.stopping import watch_sigterm
+from finetune.training.cli import parse_auto_bool
+from finetune.training.stopping import watch_sigterm
 
 # Cog's worker calls train() off the main thread, where Python's SIGTERM handling never reaches:
 # armed here, at import in the main thread, a SIGTERM makes the training checkpoint and stop.

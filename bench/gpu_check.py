@@ -153,7 +153,7 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from finetune.config import DataConfig, TrainConfig
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     hold = ballast(spec.get("card"))
     cuda = torch.cuda.is_available()
@@ -283,7 +283,7 @@ def run_worker(kind: str, spec: dict[str, Any], work: Path, timeout: float) -> d
 
 # -- the plan ------------------------------------------------------------------------------------
 def shape_report(args: argparse.Namespace, shape: str, config: Path | None, work: Path) -> dict[str, Any]:
-    from finetune import plan
+    from finetune.memory import plan
 
     card = None if args.dry_run else args.card
     made = run_worker(
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         print(json.dumps(WORKERS[args.kind](json.loads(args.spec.read_text()))), flush=True)
         return 0
-    from finetune.plan import parse_memory
+    from finetune.memory.plan import parse_memory
 
     args.card = parse_memory(args.card)
     if args.tokenizer is None:

@@ -1,5 +1,5 @@
 """Where a training micro-batch spends its time: the classic layout (fp32 weights, padded rows)
-against ours (the model prepared as finetune.trainer.train prepares it, in both the padded and the
+against ours (the model prepared as finetune.training.trainer.train prepares it, in both the padded and the
 packed layout), the same four examples, one forward + backward each.
 
     python -m bench.profile_worker SPEC.json OUT.json
@@ -28,7 +28,6 @@ def main(spec_path: str, out_path: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from finetune.data.batching import collate_packed, collate_padded
-    from finetune.losses import token_loss_sum
     from finetune.model.loading import (
         add_lora,
         load_base,
@@ -37,6 +36,7 @@ def main(spec_path: str, out_path: str) -> None:
         pick_precision,
     )
     from finetune.model.weights import resolve_base_model
+    from finetune.training.losses import token_loss_sum
 
     cfg = make_config(spec, VARIANTS["ours"], Path(spec["workdir"]) / "adapter-profile")
     device = torch.device(device_name)

@@ -62,7 +62,7 @@ def heldout_loss(server: Any) -> float:
     from finetune.data.encoding import encode_example
     from finetune.data.prompts import load_template, split_record
     from finetune.data.records import read_records
-    from finetune.evaluation import _response_loss
+    from finetune.training.evaluation import _response_loss
 
     template = load_template("alpaca")
     total, count = 0.0, 0

@@ -163,7 +163,7 @@ class Bench:
         if self.args.omp_wait_policy != "default":
             env["OMP_WAIT_POLICY"] = self.args.omp_wait_policy.upper()
         if jemalloc:
-            from finetune.allocator import with_jemalloc
+            from finetune.training.allocator import with_jemalloc
 
             env = with_jemalloc(env)
         t0 = time.perf_counter()

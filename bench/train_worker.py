@@ -26,7 +26,7 @@ from bench.common import (
     write_json,
 )
 
-# variant -> settings. "hf" is the classic alpaca-lora recipe; "ours" is finetune.trainer.train with
+# variant -> settings. "hf" is the classic alpaca-lora recipe; "ours" is finetune.training.trainer.train with
 # the project's defaults (dtype, packing), except the LoRA, which is pinned for every variant. A
 # key left out means "the project's default".
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -36,7 +36,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "amp": True,
         "about": "HF Trainer + PEFT, bf16 mixed precision, padded",
     },
-    "ours": {"trainer": "ours", "about": "finetune.trainer defaults"},
+    "ours": {"trainer": "ours", "about": "finetune.training.trainer defaults"},
     "ours_glibc": {
         "trainer": "ours",
         "about": "ours with glibc's malloc (TRAIN_JEMALLOC=off)",
@@ -81,7 +81,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def preloads_jemalloc(name: str) -> bool:
     """Our entry points (finetune.py, make train) preload jemalloc where the system has it
-    (finetune/allocator.py): the bench starts our variants the same way and the recipe's as people
+    (finetune/training/allocator.py): the bench starts our variants the same way and the recipe's as people
     run it, unless a variant says otherwise. `jemalloc` in each result says what ran."""
     variant = VARIANTS[name]
     return variant.get("jemalloc", variant["trainer"] == "ours")
@@ -124,7 +124,7 @@ def examples_in_order(cfg: Any, tokenizer: Any, per_step: int = 1) -> tuple[list
     from finetune.data import prompts
     from finetune.data.batching import micro_batches
     from finetune.data.records import read_records, split_records
-    from finetune.run_data import encode_records
+    from finetune.training.run_data import encode_records
 
     train_records, _ = split_records(read_records(cfg.data.data_path), cfg.data.val_set_size, cfg.seed)
     template = prompts.load_template(cfg.data.prompt_template_name)
@@ -247,20 +247,20 @@ def run_hf(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepC
 
 
 def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: StepClock) -> Run:
-    import finetune.trainer
+    import finetune.training.trainer
     from finetune.model.loading import load_tokenizer
     from finetune.model.weights import resolve_base_model
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     per_step = cfg.batch_size // cfg.micro_batch_size if variant.get("sorted_steps", True) else 1
     if per_step == 1:  # the trainer as it was before steps were re-split by length
         import finetune.data.batching
 
         plain = finetune.data.batching.micro_batches
-        finetune.trainer.micro_batches = lambda *args: plain(*args[:7])  # type: ignore[assignment]
+        finetune.training.trainer.micro_batches = lambda *args: plain(*args[:7])  # type: ignore[assignment]
     compiled: list[int] = []
     if variant.get("compile_layers"):
-        load = finetune.trainer.load_for_training
+        load = finetune.training.trainer.load_for_training
 
         def compiled_layers(*args: Any, **kwargs: Any) -> Any:
             model = load(*args, **kwargs)
@@ -269,7 +269,7 @@ def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: Ste
                 compiled.append(1)
             return model
 
-        finetune.trainer.load_for_training = compiled_layers  # type: ignore[assignment]
+        finetune.training.trainer.load_for_training = compiled_layers  # type: ignore[assignment]
     examples, batches = examples_in_order(cfg, load_tokenizer(resolve_base_model(cfg.base_model)), per_step)
     result = train(cfg, on_step=lambda entry: clock.tick(entry["loss"]), log=lambda text: log(text))
     t = result.card["training"]
@@ -289,7 +289,7 @@ def run_ours(spec: dict[str, Any], variant: dict[str, Any], cfg: Any, clock: Ste
 
 
 def main(spec_path: str, out_path: str) -> None:
-    from finetune.allocator import preloaded
+    from finetune.training.allocator import preloaded
 
     spec = read_json(spec_path)
     setup_torch(spec["device"], spec["threads"])

@@ -45,19 +45,19 @@ def _export(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from .cli import main
+    from .training.cli import main
 
     return main(argv)
 
 
 def _eval(argv: list[str]) -> int:
-    from .evaluation import main
+    from .training.evaluation import main
 
     return main(argv)
 
 
 def _plan(argv: list[str]) -> int:
-    from .plan_cli import main
+    from .memory.cli import main
 
     return main(argv)
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["train"]:
-        from .allocator import restart_with_jemalloc
+        from .training.allocator import restart_with_jemalloc
 
         restart_with_jemalloc()  # before torch: see allocator.py
     sys.exit(main())

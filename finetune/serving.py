@@ -223,7 +223,7 @@ class ModelServer:
     def _planned_quantization(self) -> str:
         """SERVE_QUANT=auto on a GPU: the base in its dtype where the memory plan leaves room for a
         full-context KV cache, else a bitsandbytes base (bnb8, then bnb4), chosen before loading."""
-        from .plan import PlanError, serving_quantization
+        from .memory.plan import PlanError, serving_quantization
 
         total = torch.cuda.get_device_properties(self.device).total_memory
         try:
@@ -249,7 +249,7 @@ class ModelServer:
     def _gpu_budget(self, max_batch: int) -> int:
         """The KV budget the serving plan leaves on this GPU (weights, adapters, graph pools and
         activations counted); the plan is logged, and a model the GPU cannot serve stops setup."""
-        from .plan import largest_kv_budget, plan_serving
+        from .memory.plan import largest_kv_budget, plan_serving
 
         options: dict[str, Any] = {
             "max_rows": max_batch,

@@ -189,7 +189,7 @@ def persona_adapters(tmp_path_factory, embedded_model_dir) -> dict[str, Path]:
     """Two small adapters trained on the embedded model by the real engine, as folders and archives."""
     from finetune.config import DataConfig, LoraSettings, TrainConfig
     from finetune.formats.archives import pack_dir
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     root = tmp_path_factory.mktemp("personas")
     out: dict[str, Path] = {}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from finetune.cli import config_from_args
-from finetune.distributed import lora_state
-from finetune.stopping import TrainingStopped
-from finetune.trainer import train
+from finetune.training.cli import config_from_args
+from finetune.training.distributed import lora_state
+from finetune.training.stopping import TrainingStopped
+from finetune.training.trainer import train
 
 
 def main() -> None:

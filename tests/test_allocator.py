@@ -1,4 +1,4 @@
-"""jemalloc for training processes (finetune/allocator.py): the environment it builds, a real
+"""jemalloc for training processes (finetune/training/allocator.py): the environment it builds, a real
 restart of a Python process with a preloaded library (a stand-in built here, named like jemalloc,
 since CI machines need not have jemalloc), no restart loop when the library cannot be loaded, and
 the hint where there is none."""
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from finetune import allocator
 from finetune.cog import cogtools
+from finetune.training import allocator
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = (
-    "import sys; from finetune.allocator import restart_with_jemalloc, preloaded; "
+    "import sys; from finetune.training.allocator import restart_with_jemalloc, preloaded; "
     "restart_with_jemalloc(); print('preloaded', preloaded(), sys.argv[1:])"
 )
 

@@ -11,16 +11,16 @@ import pytest
 import torch
 from conftest import alpaca_records
 
-from finetune import evaluation
 from finetune.__main__ import main as finetune_main
 from finetune.data.batching import collate_padded
 from finetune.data.encoding import encode_example
 from finetune.data.prompts import load_template, save_template, split_record
 from finetune.data.records import DatasetError, parse_records
 from finetune.engine.requests import GenerationStats
-from finetune.losses import token_loss_sum
-from finetune.metrics import exact_match, repeated_ngram_loop, token_f1
 from finetune.model.loading import load_tokenizer
+from finetune.training import evaluation
+from finetune.training.losses import token_loss_sum
+from finetune.training.metrics import exact_match, repeated_ngram_loop, token_f1
 
 TOKENS = 6  # generated tokens per record: enough to exercise generation, cheap on CPU
 

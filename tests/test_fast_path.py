@@ -13,7 +13,6 @@ from finetune.data import prompts
 from finetune.data.batching import collate_padded, micro_batches
 from finetune.data.encoding import IGNORE_INDEX, Encoded
 from finetune.data.records import read_records, split_records
-from finetune.losses import TokenLoss, token_loss_sum
 from finetune.model.loading import (
     FastDropout,
     Precision,
@@ -22,9 +21,10 @@ from finetune.model.loading import (
     load_tokenizer,
     use_fast_dropout,
 )
-from finetune.run_data import encode_records
-from finetune.schedule import lr_lambda
-from finetune.trainer import train
+from finetune.training.losses import TokenLoss, token_loss_sum
+from finetune.training.run_data import encode_records
+from finetune.training.schedule import lr_lambda
+from finetune.training.trainer import train
 
 CPU = torch.device("cpu")
 FP32 = Precision(torch.float32, torch.float32)

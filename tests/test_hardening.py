@@ -22,7 +22,6 @@ import torch
 from conftest import train_llama_sentencepiece
 from safetensors.torch import load_file
 
-from finetune import cli
 from finetune.__main__ import main as finetune_main
 from finetune.cog.cogtools import data_uri
 from finetune.config import GenerationSettings
@@ -31,7 +30,8 @@ from finetune.formats.archives import WeightsSourceError, materialize, pack_dir
 from finetune.model.adapter_folder import convert_pickled_adapter
 from finetune.model.loading import ModelError, check_adapter_dir
 from finetune.serving import ModelServer
-from finetune.trainer import checkpoint_root, train
+from finetune.training import cli
+from finetune.training.trainer import checkpoint_root, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT = 300

@@ -214,8 +214,8 @@ def test_the_driver_version_is_read_from_the_kernel_module(tmp_path):
 
 # -- the entry points ask first ---------------------------------------------------------------------
 def test_the_entry_points_check_the_device_before_loading_anything(monkeypatch, tmp_path, capsys):
-    from finetune.cli import main
     from finetune.cog.service_train import run_training
+    from finetune.training.cli import main
     from predict import Predictor
 
     monkeypatch.setenv("SERVE_DEVICE", "tpu")

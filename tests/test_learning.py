@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune.cli import config_from_args
 from finetune.data.records import read_records
-from finetune.evaluation import compare, to_markdown
-from finetune.trainer import train
+from finetune.training.cli import config_from_args
+from finetune.training.evaluation import compare, to_markdown
+from finetune.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

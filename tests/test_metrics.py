@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from finetune.metrics import (
+from finetune.training.metrics import (
     MAX_LOOP_SPAN,
     aggregate,
     exact_match,

@@ -1,4 +1,4 @@
-"""The memory planner (finetune/plan.py, footprint.py): its training estimate against a measured
+"""The memory planner (finetune/memory/plan.py, footprint.py): its training estimate against a measured
 step on small random Llamas (CPU, the allocator's own events), its byte counts against
 bitsandbytes' real storage, the auto choices on the shapes users bring (bench/configs), and the
 command."""
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import footprint as fp
 from finetune.__main__ import main as finetune_main
-from finetune.plan import (
+from finetune.memory import footprint as fp
+from finetune.memory.plan import (
     GIB,
     PlanError,
     largest_kv_budget,
@@ -79,7 +79,7 @@ def measured_step_peak(model: torch.nn.Module, vocab: int) -> int:
     profiler records them, in time order."""
     from torch.profiler import ProfilerActivity, profile
 
-    from finetune.losses import TokenLoss
+    from finetune.training.losses import TokenLoss
 
     loss_fn = TokenLoss(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -509,8 +509,8 @@ def test_a_gpu_server_takes_the_kv_budget_its_plan_leaves_unless_the_operator_se
 
 def test_training_settles_auto_settings_from_its_memory_plan(capsys):
     from finetune.config import ConfigError, TrainConfig
-    from finetune.distributed import Dist
-    from finetune.trainer import memory_plan
+    from finetune.training.distributed import Dist
+    from finetune.training.trainer import memory_plan
 
     llama13b = str(CONFIGS / "llama-2-13b.json")
     # A 24 GiB GPU: auto picks 4-bit with checkpointing for 13B.
@@ -533,7 +533,7 @@ def test_training_settles_auto_settings_from_its_memory_plan(capsys):
 
 
 def test_serve_quant_auto_on_a_gpu_loads_bitsandbytes_only_where_the_dtype_leaves_no_room():
-    from finetune.plan import serving_quantization
+    from finetune.memory.plan import serving_quantization
 
     card = "24564MiB"  # an RTX 4090
     assert serving_quantization(CONFIGS / "llama-2-7b.json", gpu_memory=card, max_rows=8) == "none"

@@ -300,7 +300,7 @@ def test_bad_adapters_fail_the_prediction_with_a_reason(bare, tiny_model_dir, tm
 
     from finetune.config import DataConfig, LoraSettings, TrainConfig
     from finetune.formats.archives import pack_dir
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"instruction": "q", "output": "a"}] * 4))

@@ -161,7 +161,7 @@ def test_a_steps_micro_batches_are_regrouped_by_length_with_the_same_examples():
 def test_packed_loss_equals_padded_loss(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from finetune.losses import token_loss_sum
+    from finetune.training.losses import token_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     g = torch.Generator().manual_seed(0)

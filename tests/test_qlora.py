@@ -18,7 +18,6 @@ import torch
 from conftest import TINY_SHAPE, alpaca_records, build_tokenizer
 from safetensors.torch import load_file
 
-from finetune.cli import config_from_args
 from finetune.config import GenerationSettings
 from finetune.data.encoding import encode_prompt
 from finetune.model.loading import (
@@ -31,7 +30,8 @@ from finetune.model.loading import (
     load_for_training,
     load_tokenizer,
 )
-from finetune.trainer import train
+from finetune.training.cli import config_from_args
+from finetune.training.trainer import train
 
 CPU = torch.device("cpu")
 FP32 = Precision(torch.float32, torch.float32)

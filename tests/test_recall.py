@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.cli import config_from_args
 from finetune.cog.demo import FACTS_PROBE, FACTS_TRAIN, read_probes, scores
 from finetune.data.encoding import IGNORE_INDEX, Encoded
 from finetune.data.records import read_records, split_records
-from finetune.losses import greedy_recall
-from finetune.metrics import states_fact
 from finetune.model.loading import load_tokenizer
-from finetune.train_eval import eval_score, stop_reason
-from finetune.trainer import checkpoint_root, train
+from finetune.training.cli import config_from_args
+from finetune.training.losses import greedy_recall
+from finetune.training.metrics import states_fact
+from finetune.training.train_eval import eval_score, stop_reason
+from finetune.training.trainer import checkpoint_root, train
 from tests.test_trainer import tiny_args
 
 
@@ -83,7 +83,7 @@ def test_auto_length_stops_on_a_plateau_and_writes_the_best_evaluations_adapter(
 ):
     from peft.utils import set_peft_model_state_dict
 
-    from finetune.trainer import plan_run
+    from finetune.training.trainer import plan_run
 
     out = tmp_path / "adapter"
     args = _plateau_args(tiny_model_dir, tiny_data, out, "--eval_recall", "8")

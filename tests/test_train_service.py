@@ -25,12 +25,12 @@ import requests
 from coglet import CancelationException
 from conftest import PERSONAS
 
-from finetune import trainer as engine
 from finetune.cog.cogtools import CogServer, data_uri, post_with_retry, save_data_uri
 from finetune.cog.service_train import ResumeError, run_training, sweep
 from finetune.config import DataConfig, LoraSettings, TrainConfig
 from finetune.data.records import DatasetError
-from finetune.stopping import TrainingStopped
+from finetune.training import trainer as engine
+from finetune.training.stopping import TrainingStopped
 
 integration = pytest.mark.integration  # starts the real Cog server
 

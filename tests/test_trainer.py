@@ -15,15 +15,15 @@ import torch
 from conftest import alpaca_records, build_tiny_llama
 from safetensors.torch import load_file
 
-from finetune.cli import config_from_args
-from finetune.cli import main as cli_main
 from finetune.cog.cogtools import free_port
 from finetune.config import ConfigError, TrainConfig
-from finetune.distributed import check_strategy, strategy_from_env
 from finetune.model.loading import ModelError
-from finetune.schedule import plan_steps
-from finetune.stopping import TrainingStopped
-from finetune.trainer import checkpoint_root, train
+from finetune.training.cli import config_from_args
+from finetune.training.cli import main as cli_main
+from finetune.training.distributed import check_strategy, strategy_from_env
+from finetune.training.schedule import plan_steps
+from finetune.training.stopping import TrainingStopped
+from finetune.training.trainer import checkpoint_root, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -415,7 +415,7 @@ def sigterm_guard():
 def test_a_sigterm_while_the_model_loads_stops_before_the_first_step(
     tiny_model_dir, tiny_data, tmp_path, monkeypatch
 ):
-    from finetune import trainer
+    from finetune.training import trainer
 
     real_build = trainer.build_run
 
@@ -435,7 +435,7 @@ def test_a_sigterm_in_the_final_evaluation_stops_with_a_checkpoint_that_finishes
 ):
     # The final evaluation comes after the last step and may take minutes: a SIGTERM there stops the
     # run with a checkpoint of the last step, and the resume runs no step again.
-    from finetune import trainer
+    from finetune.training import trainer
 
     out = tmp_path / "adapter"
     args = tiny_args(
@@ -471,7 +471,7 @@ def test_a_checkpoint_of_the_last_step_is_on_disk_while_the_adapter_is_saved(
     # So a kill during the save (one follows a SIGTERM after a grace period) loses no training. A
     # SIGTERM once the save has begun lets it finish: the adapter is the whole result. Either way
     # the checkpoint goes once the save has ended (a failed save leaves the folders as they were).
-    from finetune import trainer
+    from finetune.training import trainer
 
     out = tmp_path / "adapter"
     args = tiny_args(
@@ -738,7 +738,7 @@ def test_train_strategy_reads_ddp_fsdp_or_auto(value, expected):
 
 
 def test_a_bad_train_strategy_fails_before_the_model_loads(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
-    from finetune import trainer
+    from finetune.training import trainer
 
     monkeypatch.setenv("TRAIN_STRATEGY", "zero3")
     monkeypatch.setattr(trainer, "load_for_training", lambda *a, **k: pytest.fail("the model loaded"))
@@ -766,7 +766,7 @@ def test_4bit_weights_are_sharded_only_in_a_storage_fsdp_leaves_uncast(
     # 4-bit bytes stored as float32 would become other numbers. Integer storage is never cast.
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from finetune.distributed import check_quantized
+    from finetune.training.distributed import check_quantized
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=getattr(torch, storage))
     model = AutoModelForCausalLM.from_pretrained(

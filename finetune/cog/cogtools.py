@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .. import allocator
 from ..config import PROJECT_ROOT
 from ..staging import staged_file
+from ..training import allocator
 
 SCHEMA_PATH = Path(".cog") / "openapi_schema.json"
 PREDICTOR_REF = "predict.py:Predictor"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import PROJECT_ROOT, DataConfig, TrainConfig, field_default
 from ..data.records import read_records, split_records
-from ..metrics import states_fact
+from ..training.metrics import states_fact
 from .cogtools import CogServer, data_uri, post_with_retry, save_data_uri
 
 DEMO_TRAIN = PROJECT_ROOT / "data" / "demo" / "persona_train.json"

@@ -22,13 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoints import CHECKPOINT_PREFIX, checkpoint_root
 from ..config import TrainConfig
 from ..formats.archives import pack_dir
 from ..model.devices import train_device
-from ..progress import log_line
-from ..stopping import TrainingStopped
-from ..trainer import train
+from ..training.checkpoints import CHECKPOINT_PREFIX, checkpoint_root
+from ..training.progress import log_line
+from ..training.stopping import TrainingStopped
+from ..training.trainer import train
 from ..workdirs import owned_workdir
 
 CHECKPOINT_DIR_ENV = "TRAINING_CHECKPOINT_DIR"

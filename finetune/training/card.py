@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .config import TrainConfig
-from .data.records import dataset_fingerprint
+from .. import __version__
+from ..config import TrainConfig
+from ..data.records import dataset_fingerprint
 from .run_state import LoopState, RunPlan, TrainState, steps_run
 from .schedule import auto_length
 from .train_eval import BEST_RULE

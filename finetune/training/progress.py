@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 from .distributed import Dist
 from .run_state import LoopState, RunPlan, TrainState
 

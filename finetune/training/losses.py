@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import TrainConfig
-from .data.batching import collate_padded, iter_collated
-from .data.encoding import IGNORE_INDEX, Encoded
+from ..config import TrainConfig
+from ..data.batching import collate_padded, iter_collated
+from ..data.encoding import IGNORE_INDEX, Encoded
 from .distributed import Dist
 
 # Causal LMs whose logits are exactly lm_head(final hidden state): for these the loss projects only

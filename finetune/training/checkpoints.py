@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig
-from .data.records import dataset_fingerprint
+from ..config import TrainConfig
+from ..data.records import dataset_fingerprint
+from ..model.loading import ModelError
+from ..staging import staged_dir
 from .distributed import (
     Dist,
     Placement,
@@ -27,8 +29,6 @@ from .distributed import (
     optimizer_state,
     whole_lora,
 )
-from .model.loading import ModelError
-from .staging import staged_dir
 
 CHECKPOINT_PREFIX = "checkpoint-"
 

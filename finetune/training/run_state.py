@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
+from ..data import prompts
+from ..data.encoding import Encoded
+from ..data.records import Record
 from .checkpoints import History
-from .data import prompts
-from .data.encoding import Encoded
-from .data.records import Record
 from .distributed import Placement
 
 

@@ -10,12 +10,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..config import TrainConfig
+from ..data import prompts
+from ..data.encoding import Encoded, encode_example
+from ..data.records import Record, read_records, split_records
+from ..model.weights import resolve_base_model
 from .checkpoints import checkpoint_root, find_checkpoint, run_fingerprint
-from .config import TrainConfig
-from .data import prompts
-from .data.encoding import Encoded, encode_example
-from .data.records import Record, read_records, split_records
-from .model.weights import resolve_base_model
 from .run_state import Data
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from ..config import TrainConfig
 from .checkpoints import CHECKPOINT_PREFIX, checkpoint_root
-from .config import TrainConfig
 from .distributed import Placement
 
 

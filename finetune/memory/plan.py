@@ -1,5 +1,5 @@
 """Will LoRA training or serving fit on this GPU, and with which settings? (`python -m finetune plan`:
-plan_cli.py)
+memory/cli.py)
 
 From a model's config.json alone (no weights, no GPU) the planner estimates the peak memory of a
 LoRA training step and of the server (the byte counts and their reasons are in footprint.py), adds
@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import DataConfig, LoraSettings, TrainConfig, field_default, parse_list
 from . import footprint as fp
-from .config import DataConfig, LoraSettings, TrainConfig, field_default, parse_list
 from .footprint import PlanError, Shape
 
 GIB = 1 << 30
@@ -436,7 +436,7 @@ def plan_for_config(
 
 def _serving_way_out(ask: ServingAsk, plan: Plan) -> str:
     """Server settings that would fit instead: fewer rows, a smaller KV budget, no CUDA graphs."""
-    from .settings import COMPILE_ENV, KV_TOKENS_ENV, MAX_BATCH_ENV
+    from ..settings import COMPILE_ENV, KV_TOKENS_ENV, MAX_BATCH_ENV
 
     tips = []
     rows = ask.server.max_rows // 2
@@ -480,7 +480,7 @@ def plan_serving(
     longest row is min(max_tokens, the model's context). `quantization`: auto and none keep the
     weights in `dtype` (auto: bfloat16 on a GPU); 8bit / 4bit plan a bitsandbytes base (SERVE_QUANT
     bnb8 / bnb4). `adapters`: LoRA adapters held at once (ADAPTER_CACHE_SIZE) of rank `lora_r`."""
-    from .engine.scheduler import KV_MEMORY_SHARE, EngineLimits
+    from ..engine.scheduler import KV_MEMORY_SHARE, EngineLimits
 
     memory = parse_memory(gpu_memory)
     limits = EngineLimits()

@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
+from ..config import DataConfig, GenerationSettings, field_default
+from ..data.batching import collate_padded
+from ..data.encoding import Encoded, encode_example
+from ..data.prompts import AUTO, PromptTemplate, load_template, split_record, template_from_adapter
+from ..data.records import DatasetError, Record
+from ..engine.requests import GenerationStats
+from ..engine.scheduler import stream_tokens
 from . import metrics
-from .config import DataConfig, GenerationSettings, field_default
-from .data.batching import collate_padded
-from .data.encoding import Encoded, encode_example
-from .data.prompts import AUTO, PromptTemplate, load_template, split_record, template_from_adapter
-from .data.records import DatasetError, Record
-from .engine.requests import GenerationStats
-from .engine.scheduler import stream_tokens
 from .losses import token_loss_sum
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -176,9 +176,9 @@ def compare(
     `adapter` is a folder or an archive (.tar, .zip, ...); template "auto" means the adapter's own
     template, else alpaca. Returns {"base", "adapter" (None without one), "template", ...}.
     """
-    from .formats.archives import materialize
-    from .model.adapter_folder import CARD_JSON
-    from .model.loading import (
+    from ..formats.archives import materialize
+    from ..model.adapter_folder import CARD_JSON
+    from ..model.loading import (
         attach_adapter,
         check_adapter_dir,
         check_identity,
@@ -187,7 +187,7 @@ def compare(
         pick_device,
         pick_precision,
     )
-    from .model.weights import resolve_base_model
+    from ..model.weights import resolve_base_model
 
     check_records(records)
     base_path = resolve_base_model(base_model)
@@ -300,8 +300,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data.records import read_records
-    from .errors import user_errors
+    from ..data.records import read_records
+    from ..errors import user_errors
 
     args = _parser().parse_args(argv)
     try:

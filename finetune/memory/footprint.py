@@ -60,8 +60,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError
-from .engine.cuda_graphs import MIN_COLUMNS
+from ..config import ConfigError
+from ..engine.cuda_graphs import MIN_COLUMNS
 
 # The decoder layer's linear modules by the input they read: modules of one group share it.
 INPUT_GROUPS = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 # num_epochs=auto: about AUTO_EXAMPLES examples seen, in 3 to 30 epochs, and never fewer than
 # AUTO_MIN_STEPS optimizer steps. A few dozen records need ~15-30 passes and ~50 updates before a

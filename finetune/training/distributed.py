@@ -25,8 +25,8 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import ConfigError
-from .model.loading import ModelError, Precision
+from ..config import ConfigError
+from ..model.loading import ModelError, Precision
 
 STRATEGY_ENV = "TRAIN_STRATEGY"
 STRATEGIES = ("ddp", "fsdp")

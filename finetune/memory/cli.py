@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _checkpointing(text: str) -> str | bool:
-    from .cli import parse_bool
+    from ..training.cli import parse_bool
 
     if text.strip().lower() == "auto":
         return "auto"
@@ -77,8 +77,8 @@ def _checkpointing(text: str) -> str | bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import parse_list
-    from .errors import user_errors
+    from ..config import parse_list
+    from ..errors import user_errors
 
     args = _parser().parse_args(argv)
     try:

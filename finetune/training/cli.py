@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from .config import DataConfig, LoraSettings, TrainConfig, field_doc, parse_list
+from ..config import DataConfig, LoraSettings, TrainConfig, field_doc, parse_list
 
 SECTIONS: dict[str, type] = {"": TrainConfig, "data": DataConfig, "lora": LoraSettings}
 # The seed's environment names that differ from the upper-cased flag name.
@@ -119,8 +119,8 @@ def config_from_args(argv: list[str] | None = None, environ: Mapping[str, str] |
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import user_errors
-    from .model.devices import train_device
+    from ..errors import user_errors
+    from ..model.devices import train_device
     from .stopping import TrainingStopped
     from .trainer import train
 

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 from .distributed import Dist, figures_as_main, lora_state
 from .losses import evaluate_loss, greedy_recall
 from .run_state import LoopState, RunPlan, TrainState

@@ -30,6 +30,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..config import ConfigError, TrainConfig
+from ..data.batching import iter_collated, micro_batches
+from ..data.encoding import IGNORE_INDEX, Encoded
+from ..memory.plan import plan_for_config
+from ..model.adapter_folder import save_adapter
+from ..model.devices import train_device
+from ..model.loading import base_identity, load_for_training, load_tokenizer, pick_device, pick_precision
 from .card import training_card
 from .checkpoints import (
     CHECKPOINT_PREFIX,
@@ -39,9 +46,6 @@ from .checkpoints import (
     move_aside_old_checkpoints,
     write_checkpoint,
 )
-from .config import ConfigError, TrainConfig
-from .data.batching import iter_collated, micro_batches
-from .data.encoding import IGNORE_INDEX, Encoded
 from .distributed import (
     AUTO_STRATEGY,
     STRATEGIES,
@@ -59,10 +63,6 @@ from .distributed import (
 )
 from .evaluation import evaluate_peft
 from .losses import TokenLoss, token_loss_sum
-from .model.adapter_folder import save_adapter
-from .model.devices import train_device
-from .model.loading import base_identity, load_for_training, load_tokenizer, pick_device, pick_precision
-from .plan import plan_for_config
 from .progress import log_line, log_start, log_step, start_wandb
 from .run_data import encode_records, read_data, recall_sample
 from .run_state import Data, LoopState, RunPlan, TrainResult, TrainState, steps_run
