@@ -17,7 +17,7 @@ from finetune.config import (
 from finetune.data.prompts import AUTO, RAW, available_templates
 from finetune.engine.requests import GenerationStats
 from finetune.model.devices import serve_device
-from finetune.serving import ModelServer, default_adapter
+from finetune.serving.server import ModelServer, default_adapter
 
 G = GenerationSettings
 TEMPLATE_CHOICES = [AUTO, RAW, *available_templates()]

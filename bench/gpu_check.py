@@ -219,7 +219,7 @@ def worker_serve(spec: dict[str, Any]) -> dict[str, Any]:
 
     from finetune.config import GenerationSettings
     from finetune.engine.requests import GenerationStats
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     hold = ballast(spec.get("card"))
     cuda = torch.cuda.is_available()

@@ -104,7 +104,7 @@ def measure_shape(args: argparse.Namespace, shape: str, work: Path) -> dict[str,
 
     from finetune.engine import cpu_step, cuda_graphs
     from finetune.model.loading import load_tokenizer
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     device, reps, tokens = args.device, args.reps, args.tokens
     path, weights = model_folder(shape, Path(args.model), work / shape, device, args.random)

@@ -266,10 +266,10 @@ def weight_stream_floor(model: Any, reps: int = 5) -> dict[str, Any]:
 
 
 def main(spec_path: str, out_path: str) -> None:
-    from finetune.compute import ComputeThread
+    from finetune.serving.compute_thread import ComputeThread
 
     # Everything, baseline included, on the one thread the server computes on: two threads that
-    # start OpenMP regions slow each other down (finetune/compute.py), which would skew the ratio.
+    # start OpenMP regions slow each other down (finetune/serving/compute_thread.py), which would skew the ratio.
     compute = ComputeThread()
     compute.call(measure, read_json(spec_path), out_path, compute)
 
@@ -283,7 +283,7 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
 
     from finetune.model.loading import load_tokenizer
     from finetune.model.weights import resolve_base_model
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     workdir = Path(spec["workdir"])
     base = resolve_base_model(None)

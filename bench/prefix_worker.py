@@ -31,7 +31,7 @@ def main(spec_path: str, out_path: str) -> None:
     setup_torch(spec["device"], spec["threads"])
     from finetune.config import GenerationSettings
     from finetune.engine.requests import GenerationStats
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     records = json.loads(data_path().read_text(encoding="utf-8"))[: spec.get("records", 6)]
     context = "\n".join(f"{r['instruction']} {r['output']}" for r in records)

@@ -81,7 +81,7 @@ def first_start(spec: dict[str, Any], adapter: str, settings: dict[str, str]) ->
         "import sys, time\n"
         "from bench.common import setup_torch\n"
         f"setup_torch('cpu', {int(spec['threads'])})\n"
-        "from finetune.serving import ModelServer\n"
+        "from finetune.serving.server import ModelServer\n"
         "t = time.perf_counter()\n"
         f"ModelServer(adapter={adapter!r}, dtype={settings['dtype']!r}, quantization={settings['quantization']!r})\n"
         "print('first start', time.perf_counter() - t, flush=True)\n"
@@ -95,7 +95,7 @@ def first_start(spec: dict[str, Any], adapter: str, settings: dict[str, str]) ->
 
 
 def main(spec_path: str, out_path: str) -> None:
-    from finetune.compute import ComputeThread
+    from finetune.serving.compute_thread import ComputeThread
 
     compute = ComputeThread()
     compute.call(measure, read_json(spec_path), out_path, compute)
@@ -109,7 +109,7 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
 
     from finetune.engine import cpu_step, quant
     from finetune.model.weights import resolve_base_model
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     mode, adapter, max_new = spec["mode"], spec["adapter_dir"], spec["decode_tokens"]
     compile_on = spec.get("compile", False)

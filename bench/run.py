@@ -326,7 +326,7 @@ class Bench:
     def quant(self, adapter: str) -> dict[str, Any]:
         """One process per serving precision, fp32 first (the others compare their greedy tokens
         with its); each alternates with plain `generate` fp32 for its ratio."""
-        from finetune.serving import pick_quantization
+        from finetune.serving.server import pick_quantization
         from finetune.settings import COMPILE_ENV, QUANT_ENV
 
         default = pick_quantization(os.environ.get(QUANT_ENV) or "auto", *_cpu_fp32())

@@ -162,7 +162,7 @@ def in_process(tokens: int) -> dict[str, Any]:
     from finetune.engine.scheduler import Engine, Request
     from finetune.model.loading import load_base, load_tokenizer, pick_device, pick_precision
     from finetune.model.weights import resolve_base_model
-    from finetune.serving import flatten_head_input
+    from finetune.serving.server import flatten_head_input
 
     path = resolve_base_model(None)
     device = pick_device("cpu")

@@ -16,7 +16,7 @@ def main(spec_path: str, out_path: str) -> None:
     spec = read_json(spec_path)
     t0 = time.perf_counter()
     setup_torch(spec["device"], spec["threads"])
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     if spec.get("preimport"):
         # What ModelServer() imports lazily (tokenizer, Llama model, PEFT), done before the clock.

@@ -79,7 +79,7 @@ def _convert_adapter(argv: list[str]) -> int:
 def _generate(argv: list[str]) -> int:
     from .config import GenerationSettings, field_default
     from .data.prompts import AUTO
-    from .serving import ModelServer
+    from .serving.server import ModelServer
     from .settings import DTYPES
 
     G = GenerationSettings

@@ -1,4 +1,4 @@
-"""The per-request adapter cache alone (finetune/adapter_cache.py), without a model: the loader
+"""The per-request adapter cache alone (finetune/serving/adapter_cache.py), without a model: the loader
 records what it is asked to load, so the tests see what the cache downloads, keeps and evicts."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune.adapter_cache import AdapterCache, LoadedAdapter, adapter_key, normalise_source
 from finetune.cog.cogtools import data_uri
 from finetune.engine.requests import GenerationError
 from finetune.formats.archives import WeightsSourceError, pack_dir
+from finetune.serving.adapter_cache import AdapterCache, LoadedAdapter, adapter_key, normalise_source
 from finetune.settings import ServeSettings
 
 

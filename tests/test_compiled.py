@@ -23,7 +23,7 @@ from finetune.config import GenerationSettings
 from finetune.data.encoding import encode_prompt
 from finetune.engine import cpu_step, kernel, quant
 from finetune.engine.scheduler import Engine, EngineLimits, Request
-from finetune.serving import ModelServer
+from finetune.serving.server import ModelServer
 from tests.test_native import planted_library, publish_bytes
 
 GREEDY16 = GenerationSettings(max_new_tokens=16, temperature=0)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from finetune.compute import ComputeThread
+from finetune.serving.compute_thread import ComputeThread
 
 
 def in_thread(fn):
@@ -74,7 +74,7 @@ def test_an_idle_loop_costs_no_steps():
 def test_a_server_runs_every_forward_pass_on_its_compute_thread(tiny_model_dir):
     from finetune.config import GenerationSettings
     from finetune.engine.requests import GenerationStats
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     server = ModelServer(base_model=str(tiny_model_dir))
     seen: set[int] = set()
@@ -96,7 +96,7 @@ def test_a_server_used_from_its_own_compute_thread_drives_the_engine(tiny_model_
     """Tools (the bench) run all their torch work on the server's compute thread; generate() there
     must step the engine itself instead of waiting for the thread it blocks."""
     from finetune.config import GenerationSettings
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     compute = ComputeThread()
     server = compute.call(lambda: ModelServer(base_model=str(tiny_model_dir), compute=compute))

@@ -13,7 +13,7 @@ from finetune.data.encoding import encode_prompt
 from finetune.engine import cpu_step, cuda_graphs
 from finetune.engine.decoder import KV
 from finetune.engine.scheduler import Engine, EngineLimits, Request
-from finetune.serving import ModelServer
+from finetune.serving.server import ModelServer
 from tests.test_compiled import PROMPTS, run, tiny
 
 

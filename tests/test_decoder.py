@@ -134,7 +134,7 @@ def test_adapters_on_different_modules_share_a_batch(tiny_model_dir, tmp_path, m
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
     from tests.test_engine import outcomes_together, serve, together
 
     folders = []

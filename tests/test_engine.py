@@ -410,7 +410,7 @@ def together(server, asks: list[tuple[str, str | None]]) -> list[str]:
 
 
 def test_mixed_adapters_in_one_batch_match_each_alone(tiny_model_dir, adapters, monkeypatch):
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
     server = ModelServer(base_model=str(tiny_model_dir), dtype="float32")
@@ -440,19 +440,19 @@ def test_a_merged_setup_adapter_switches_exactly(
     the base weights are the loaded ones after every switch, bit for bit, and each adapter's text
     stays the same; with int8 decoding, so are the int8 copies the kernel reads. Undone from the
     checkpoint's files (CPU) or from a copy kept beside the weights (what a GPU does)."""
-    from finetune import serving
     from finetune.engine.quant import base_linears
-    from finetune.serving import ModelServer
+    from finetune.serving import server as server_module
+    from finetune.serving.server import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
-    made: list[serving.BaseWeights] = []
-    real = serving.BaseWeights
+    made: list[server_module.BaseWeights] = []
+    real = server_module.BaseWeights
 
     def base_weights_as(base_path, model, **_):
         made.append(real(base_path, model, read_back=read_back))
         return made[-1]
 
-    monkeypatch.setattr(serving, "BaseWeights", base_weights_as)
+    monkeypatch.setattr(server_module, "BaseWeights", base_weights_as)
     fresh = ModelServer(base_model=str(tiny_model_dir), dtype=dtype, quantization=quantization)
     base = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
     server = ModelServer(
@@ -486,8 +486,8 @@ def test_a_merged_setup_adapter_switches_exactly(
 
 
 def test_the_adapter_cache_evicts_the_least_recently_used_idle_adapter(tiny_model_dir, adapters, monkeypatch):
-    from finetune.adapter_cache import adapter_key
-    from finetune.serving import ModelServer
+    from finetune.serving.adapter_cache import adapter_key
+    from finetune.serving.server import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
     server = ModelServer(base_model=str(tiny_model_dir), dtype="float32", cache_size=2)
@@ -502,9 +502,9 @@ def test_the_server_prefills_a_templates_head_once_per_adapter(tiny_model_dir, a
     """Requests through a template share its head (the text before the instruction): the warm-up
     caches the default template's head for the base, an adapter gets its own on first use, an
     evicted adapter's heads go with it; a reused head gives the text a freshly prefilled one gives."""
-    from finetune.adapter_cache import adapter_key
     from finetune.data.prompts import PromptTemplate
-    from finetune.serving import ModelServer
+    from finetune.serving.adapter_cache import adapter_key
+    from finetune.serving.server import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
     server = ModelServer(base_model=str(tiny_model_dir), dtype="float32", cache_size=1)
@@ -548,7 +548,7 @@ def test_the_server_answers_questions_after_a_shared_context_from_its_cached_chu
 ):
     """Through the server's template: the context at the start of the instruction, questions after
     it. The second question reuses the first one's chunks and gets the text a cold server gives."""
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     monkeypatch.setenv("PREFILL_CHUNK_TOKENS", "16")
     context = " ".join(PROMPTS * 2) + "\n\nQuestion: "
@@ -573,7 +573,7 @@ def test_an_adapter_with_a_broken_config_is_refused_with_a_reason(
     import shutil
 
     from finetune.model.loading import ModelError
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
     server = ModelServer(base_model=str(tiny_model_dir), dtype="float32")
@@ -589,7 +589,7 @@ def test_an_adapter_with_a_broken_config_is_refused_with_a_reason(
 
 
 def test_an_adapter_cache_of_size_zero_still_serves_each_request(tiny_model_dir, adapters, monkeypatch):
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     monkeypatch.setenv("ALLOW_LOCAL_LORA_WEIGHTS", "1")
     cached = ModelServer(base_model=str(tiny_model_dir), dtype="float32")
@@ -613,7 +613,7 @@ def test_bad_serving_settings_stop_setup_with_the_variables_name(
     tiny_model_dir, monkeypatch, name, value, message
 ):
     from finetune.model.loading import ModelError
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     monkeypatch.setenv(name, value)
     with pytest.raises(ModelError, match=re.escape(message)):
@@ -621,7 +621,7 @@ def test_bad_serving_settings_stop_setup_with_the_variables_name(
 
 
 def test_serving_settings_from_the_environment_reach_the_engine(tiny_model_dir, monkeypatch):
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     for name, value in {
         "MAX_BATCH_SIZE": "3",

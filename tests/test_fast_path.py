@@ -188,7 +188,7 @@ def test_bfloat16_serving_on_cpu_runs_bf16_weights(tiny_model_dir, monkeypatch):
     from finetune.config import GenerationSettings
     from finetune.engine.requests import GenerationStats
     from finetune.model.loading import ModelError
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     monkeypatch.setenv("SERVE_DTYPE", "bfloat16")
     bf16 = ModelServer(base_model=str(tiny_model_dir))
@@ -208,7 +208,7 @@ def test_bfloat16_serving_on_cpu_runs_bf16_weights(tiny_model_dir, monkeypatch):
 
 
 def test_flattened_head_input_computes_the_same_logits(tiny_model_dir):
-    from finetune.serving import flatten_head_input
+    from finetune.serving.server import flatten_head_input
 
     model = load_base(str(tiny_model_dir), CPU, Precision(torch.bfloat16, torch.bfloat16)).eval()
     model.requires_grad_(False)  # frozen, as under PEFT: the case that copied the weight per call

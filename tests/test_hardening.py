@@ -29,7 +29,7 @@ from finetune.engine.requests import GenerationError, GenerationStats
 from finetune.formats.archives import WeightsSourceError, materialize, pack_dir
 from finetune.model.adapter_folder import convert_pickled_adapter
 from finetune.model.loading import ModelError, check_adapter_dir
-from finetune.serving import ModelServer
+from finetune.serving.server import ModelServer
 from finetune.training import cli
 from finetune.training.trainer import checkpoint_root, train
 
@@ -177,7 +177,7 @@ def test_a_server_takes_its_adapter_folder_with_it(tmp_path, tiny_model_dir, pic
         ModelServer(base_model=str(tiny_model_dir), adapter=str(pickled_adapter))
     gc.collect()
     assert list(scratch.iterdir()) == []  # a setup that failed
-    code = "import sys; from finetune.serving import ModelServer; print(ModelServer(base_model=sys.argv[1]).workdir)"
+    code = "import sys; from finetune.serving.server import ModelServer; print(ModelServer(base_model=sys.argv[1]).workdir)"
     done = subprocess.run(
         [sys.executable, "-c", code, str(tiny_model_dir)],
         env={**os.environ, "TMPDIR": str(scratch)},
@@ -200,7 +200,7 @@ def test_a_server_removes_the_folders_of_servers_killed_by_a_signal(tmp_path, ti
     env = {**os.environ, "TMPDIR": str(scratch)}
     code = (
         "import os, signal, sys\n"
-        "from finetune.serving import ModelServer\n"
+        "from finetune.serving.server import ModelServer\n"
         "server = ModelServer(base_model=sys.argv[1])\n"
         "(server.workdir / 'kept.txt').write_text('an extracted adapter')\n"
         "print(server.workdir, flush=True)\n"

@@ -65,7 +65,7 @@ def test_default_settings_recall_a_rare_name_taught_in_long_answers(tmp_path, em
     from finetune.cog.demo import FACTS_PROBE, read_probes, scores
     from finetune.config import GenerationSettings
     from finetune.data.records import split_records
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     by_question = {
         r["instruction"]: r for r in json.loads((ROOT / "data/facts/identity_train.json").read_text())

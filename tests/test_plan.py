@@ -235,7 +235,7 @@ def test_shapes_have_the_published_parameter_counts():
 def test_kv_bytes_per_token_agree_with_the_server():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune.serving import kv_bytes_per_token
+    from finetune.serving.server import kv_bytes_per_token
 
     config = LlamaConfig(**SMALL)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -482,7 +482,7 @@ def test_command_refuses_a_missing_folder_and_a_config_without_shape(tmp_path, c
 def test_a_gpu_server_takes_the_kv_budget_its_plan_leaves_unless_the_operator_sets_one(monkeypatch, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune.serving import engine_limits
+    from finetune.serving.server import engine_limits
     from finetune.settings import ServeSettings
 
     config = LlamaConfig(

@@ -194,7 +194,7 @@ def test_the_server_on_a_quantized_base_serves_adapters_unmerged(
     run in eval mode with no gradient, so on an AVX512-BF16 CPU both run the repacked 4-bit one) and
     the same LoRA layers. Only the rounding of the norms, rotary and attention can differ, far under
     what moves a greedy token here."""
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     quantization, _, setup = trained
     other = random_adapter(base_dir, tmp_path / "other")

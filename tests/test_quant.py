@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from finetune.config import GenerationSettings
 from finetune.engine import quant
-from finetune.serving import ModelServer
+from finetune.serving.server import ModelServer
 
 GREEDY16 = GenerationSettings(max_new_tokens=16, temperature=0)
 PROMPTS = [

@@ -129,7 +129,7 @@ def test_settings_made_or_changed_in_code_are_checked_too():
 
 
 def test_a_server_takes_its_settings_and_the_keyword_overrides(tiny_model_dir, monkeypatch):
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     # Given settings, the server reads no environment: this would stop a server that did.
     monkeypatch.setenv("MAX_BATCH_SIZE", "eight")

@@ -31,7 +31,7 @@ def good(tiny_model_dir, tmp_path_factory) -> Path:
 def server(tiny_model_dir):
     import os
 
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     os.environ["ALLOW_LOCAL_LORA_WEIGHTS"] = "1"
     try:
@@ -109,7 +109,7 @@ def test_an_adapter_outside_the_whitelist_is_refused_and_changes_nothing(
 def test_a_refused_first_adapter_leaves_the_base_unwrapped(tiny_model_dir, good, tmp_path, local_lora):
     from peft import PeftModel
 
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     fresh = ModelServer(base_model=str(tiny_model_dir), dtype="float32")
     before = base_digest(fresh)
@@ -263,7 +263,7 @@ def test_one_rows_sampling_failure_fails_that_row_only(server, tiny_model_dir, g
 
 
 def test_one_rows_forward_failure_fails_that_row_only(server, good, local_lora, monkeypatch):
-    from finetune.adapter_cache import adapter_key, normalise_source
+    from finetune.serving.adapter_cache import adapter_key, normalise_source
 
     bad = adapter_key(normalise_source(str(good)))
     asks = [(PROMPTS[0], None), (PROMPTS[1], str(good)), (PROMPTS[2], None), (PROMPTS[4], None)]
@@ -305,7 +305,7 @@ def test_a_failing_cleanup_does_not_stop_the_engine(server):
 
 def test_the_waiting_queue_is_bounded(tiny_model_dir):
     from finetune.engine.scheduler import EngineLimits
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     small = ModelServer(
         base_model=str(tiny_model_dir),
@@ -331,7 +331,7 @@ def test_the_waiting_queue_is_bounded(tiny_model_dir):
 
 
 def test_the_adapters_in_use_are_bounded(tiny_model_dir, good, tmp_path, local_lora, monkeypatch):
-    from finetune.serving import ModelServer
+    from finetune.serving.server import ModelServer
 
     monkeypatch.setenv("MAX_ADAPTERS_IN_USE", "1")
     small = ModelServer(base_model=str(tiny_model_dir), dtype="float32")
@@ -349,7 +349,7 @@ def test_the_adapters_in_use_are_bounded(tiny_model_dir, good, tmp_path, local_l
 
 
 def test_adapter_keys_are_full_digests_of_the_normalised_source(tmp_path):
-    from finetune.adapter_cache import adapter_key, normalise_source
+    from finetune.serving.adapter_cache import adapter_key, normalise_source
 
     assert len(adapter_key("x")) == 1 + 64
     assert normalise_source(" HTTPS://Example.COM/a/B.tar?x=Y ") == "https://example.com/a/B.tar?x=Y"
@@ -360,8 +360,8 @@ def test_adapter_keys_are_full_digests_of_the_normalised_source(tmp_path):
 def test_a_waiter_survives_the_first_clients_cancel_and_can_cancel_itself(server, good, monkeypatch):
     """Two requests for one slow adapter: the first is cancelled while downloading; the second, which
     waited for it, loads the adapter itself. A third waiter cancels its own wait."""
-    from finetune import adapter_cache
     from finetune.formats.archives import DownloadStopped
+    from finetune.serving import adapter_cache
 
     source = "https://adapters.invalid/slow.tar"
     started, release = threading.Event(), threading.Event()
@@ -414,7 +414,7 @@ def test_a_waiter_survives_the_first_clients_cancel_and_can_cancel_itself(server
 
 
 def test_the_compute_thread_survives_a_failing_step_and_reports_a_stall(monkeypatch):
-    from finetune.compute import ComputeThread
+    from finetune.serving.compute_thread import ComputeThread
 
     compute = ComputeThread()
     failures = []

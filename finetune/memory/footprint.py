@@ -42,7 +42,7 @@ The peak is the static part (weights, LoRA state) plus the largest of: the saved
   logits (backward starts), the saved activations plus one layer's recomputation and working set,
   the optimizer step's copy.
 
-Serving (serving.py, scheduler.py, cuda_graphs.py) holds the weights in the serving dtype, the adapters of
+Serving (server.py, scheduler.py, cuda_graphs.py) holds the weights in the serving dtype, the adapters of
 the LRU cache (fp32), the prompt-prefix cache and the engine's KV cache: 2 x layers x kv heads x
 head_dim x dtype bytes per token slot, the budget counting rows x padded length. The batch's cache
 grows by doubling, so it may hold twice the budget. Beside it, a request joining the batch is

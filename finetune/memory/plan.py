@@ -545,7 +545,7 @@ def serving_quantization(
     need = min(min_tokens, Shape.from_config(config).context)
     for quantization, mode in (("none", "none"), ("8bit", "bnb8"), ("4bit", "bnb4")):
         if quantization != "none":
-            options["cuda_graphs"] = False  # a bitsandbytes base decodes eagerly (serving.py)
+            options["cuda_graphs"] = False  # a bitsandbytes base decodes eagerly (server.py)
         budget = largest_kv_budget(
             config, gpu_memory=gpu_memory, max_rows=max_rows, quantization=quantization, **options
         )

@@ -17,21 +17,19 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from .adapter_cache import AdapterCache, LoadedAdapter, remove_files
-from .compute import POLL_S, ComputeThread
-from .config import DataConfig, GenerationSettings, field_default
-from .data import prompts
-from .data.encoding import encode_prompt
-from .engine import quant
-from .engine.decoder import PEFT_BASE, kv_geometry
-from .engine.fast_paths import load_step
-from .engine.quant import describe_quantization, pick_quantization
-from .engine.requests import GenerationError, GenerationStats, context_length
-from .engine.scheduler import DONE, KV_MEMORY_SHARE, Engine, EngineLimits, Request
-from .formats.archives import Limits, materialize, redact
-from .model.adapter_folder import CARD_JSON
-from .model.adapter_limits import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
-from .model.loading import (
+from ..config import DataConfig, GenerationSettings, field_default
+from ..data import prompts
+from ..data.encoding import encode_prompt
+from ..engine import quant
+from ..engine.decoder import PEFT_BASE, kv_geometry
+from ..engine.fast_paths import load_step
+from ..engine.quant import describe_quantization, pick_quantization
+from ..engine.requests import GenerationError, GenerationStats, context_length
+from ..engine.scheduler import DONE, KV_MEMORY_SHARE, Engine, EngineLimits, Request
+from ..formats.archives import Limits, materialize, redact
+from ..model.adapter_folder import CARD_JSON
+from ..model.adapter_limits import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
+from ..model.loading import (
     ModelError,
     attach_adapter,
     check_adapter_dir,
@@ -41,16 +39,11 @@ from .model.loading import (
     pick_device,
     pick_precision,
 )
-from .model.weights import resolve_base_model
-from .settings import (
-    BNB_MODES,
-    MAX_BATCH_ENV,
-    QUANT_ENV,
-    STALL_ENV,
-    ServeSettings,
-    SettingsError,
-)
-from .workdirs import owned_workdir
+from ..model.weights import resolve_base_model
+from ..settings import BNB_MODES, MAX_BATCH_ENV, QUANT_ENV, STALL_ENV, ServeSettings, SettingsError
+from ..workdirs import owned_workdir
+from .adapter_cache import AdapterCache, LoadedAdapter, remove_files
+from .compute_thread import POLL_S, ComputeThread
 
 MIN_HEAD = 16  # template heads shorter than this are prefilled with the rest of the prompt
 SETUP_NAME = "setup"
@@ -160,7 +153,7 @@ class ModelServer:
         self._generation: dict[str, int] = {}
         # A template's head ids, with or without input.
         self._heads: dict[tuple[prompts.PromptTemplate, bool], list[int]] = {}
-        # Every torch call of this server runs on this thread (see compute.py for why); a process
+        # Every torch call of this server runs on this thread (see compute_thread.py for why); a process
         # that runs other torch work beside the server passes one thread for all of it.
         self.compute = compute or ComputeThread()
         self.compute.call(self._setup, adapter, limits)
@@ -223,7 +216,7 @@ class ModelServer:
     def _planned_quantization(self) -> str:
         """SERVE_QUANT=auto on a GPU: the base in its dtype where the memory plan leaves room for a
         full-context KV cache, else a bitsandbytes base (bnb8, then bnb4), chosen before loading."""
-        from .memory.plan import PlanError, serving_quantization
+        from ..memory.plan import PlanError, serving_quantization
 
         total = torch.cuda.get_device_properties(self.device).total_memory
         try:
@@ -249,7 +242,7 @@ class ModelServer:
     def _gpu_budget(self, max_batch: int) -> int:
         """The KV budget the serving plan leaves on this GPU (weights, adapters, graph pools and
         activations counted); the plan is logged, and a model the GPU cannot serve stops setup."""
-        from .memory.plan import largest_kv_budget, plan_serving
+        from ..memory.plan import largest_kv_budget, plan_serving
 
         options: dict[str, Any] = {
             "max_rows": max_batch,

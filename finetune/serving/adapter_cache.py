@@ -10,7 +10,7 @@ leave, with their files. Distinct adapters in use at once (loaded or loading) ar
 MAX_ADAPTERS_IN_USE: each holds memory and a download.
 
 The model side (attaching, merging, deleting an adapter from the model) is the server's
-(serving.py); this module only decides what is loaded and what leaves."""
+(server.py); this module only decides what is loaded and what leaves."""
 
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .compute import POLL_S
-from .data import prompts
-from .engine.requests import GenerationError
-from .formats.archives import DownloadStopped, Limits, materialize
-from .settings import ADAPTERS_IN_USE_ENV, ServeSettings
+from ..data import prompts
+from ..engine.requests import GenerationError
+from ..formats.archives import DownloadStopped, Limits, materialize
+from ..settings import ADAPTERS_IN_USE_ENV, ServeSettings
+from .compute_thread import POLL_S
 
 # An adapter is megabytes (a few GB for r=64 on all layers of a 70B); a request gets tighter
 # limits than the operator's COG_WEIGHTS.
