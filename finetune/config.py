@@ -3,11 +3,14 @@ read them from these dataclasses instead of repeating numbers."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from .errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = PROJECT_ROOT / "weights"
@@ -21,7 +24,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["auto", "none", "8bit", "4bit"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is invalid; the message names the setting and how to fix it."""
 
 
@@ -245,6 +248,15 @@ def parse_list(text: str) -> list[str]:
     """'[q_proj,v_proj]', "['q_proj', 'v_proj']" or 'q_proj,v_proj'."""
     items = [s.strip().strip("'\"") for s in text.strip().strip("[]").split(",")]
     return [s for s in items if s]
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def env_flag(name: str, default: bool = False) -> bool:

@@ -260,7 +260,8 @@ def test_a_file_system_without_locks_still_gives_a_working_folder(tmp_path, monk
 
 
 def test_an_adapter_template_may_only_use_plain_fields(tmp_path):
-    from finetune.data.prompts import TemplateError, template_from_adapter
+    from finetune.data.prompts import TemplateError
+    from finetune.model.adapter_folder import template_from_adapter
 
     # A per-request adapter's template is rendered with str.format: a width spec allocates at will
     # ("{instruction:>4000000000}" is 4 GB) and attribute access reads object internals.

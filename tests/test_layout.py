@@ -98,3 +98,45 @@ def test_no_module_takes_another_modules_private_names():
         if name.startswith("_") and not name.startswith("__")
     }
     assert taken == set()
+
+
+# The packages in data-flow order: a package imports only those of a lower rank (equal ranks are
+# siblings that never import each other: training and serving both use the engine, not each other).
+RANKS = {
+    "errors": 0, "finetune": 0, "staging": 0, "workdirs": 0, "config": 1, "settings": 2,
+    "data": 3, "model": 4, "engine": 5, "memory": 6, "formats": 6,
+    "training": 7, "serving": 7, "cog": 8, "__main__": 9,
+}  # fmt: skip
+
+
+def package_of(module: str) -> str:
+    """finetune.engine.scheduler -> engine; finetune.config -> config; finetune -> finetune."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def upward_imports(edges: dict[str, dict[str, list[str]]]) -> list[str]:
+    return sorted(
+        f"{module} -> {target}"
+        for module, targets in edges.items()
+        for target in targets
+        if package_of(module) != package_of(target) and RANKS[package_of(module)] <= RANKS[package_of(target)]
+    )
+
+
+def test_the_rank_check_catches_an_import_up_or_sideways():
+    edges = {
+        "finetune.data.records": {"finetune.model.loading": []},
+        "finetune.training.x": {"finetune.serving.y": []},
+    }
+    assert upward_imports(edges) == [
+        "finetune.data.records -> finetune.model.loading",
+        "finetune.training.x -> finetune.serving.y",
+    ]
+    assert upward_imports({"finetune.model.loading": {"finetune.data.records": []}}) == []
+
+
+def test_packages_import_only_those_below_them():
+    edges = graph()
+    assert {package_of(m) for m in edges} == set(RANKS)  # a new package or top-level module gets a rank
+    assert upward_imports(edges) == []

@@ -9,6 +9,7 @@ from finetune.data import prompts
 from finetune.data.batching import collate_packed, collate_padded, micro_batches
 from finetune.data.encoding import IGNORE_INDEX, Encoded, encode_example
 from finetune.data.records import Message, Record
+from finetune.model.adapter_folder import template_from_adapter
 
 
 class CharTokenizer:
@@ -54,8 +55,8 @@ def test_chat_template_uses_the_tokenizer(tiny_model_dir):
 def test_template_travels_with_the_adapter(tmp_path):
     t = prompts.load_template("alpaca_short")
     prompts.save_template(t, tmp_path)
-    assert prompts.template_from_adapter(tmp_path) == t
-    assert prompts.template_from_adapter(tmp_path / "missing") is None
+    assert template_from_adapter(tmp_path) == t
+    assert template_from_adapter(tmp_path / "missing") is None
 
 
 def test_split_record_for_each_shape(tiny_model_dir):

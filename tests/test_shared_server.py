@@ -170,12 +170,14 @@ def test_every_json_file_of_an_adapter_is_read_under_a_byte_cap(server, good, tm
 
 
 def test_a_template_cannot_amplify_a_prompt(server, good, tmp_path, local_lora):
-    from finetune.data.prompts import TemplateError, _from_dict
+    from finetune.data.prompts import TemplateError, template_from_dict
 
     with pytest.raises(TemplateError, match="more than 4 fields"):
-        _from_dict({"prompt_no_input": "{instruction}" * 1000, "prompt_input": "{instruction}"}, "x")
+        template_from_dict({"prompt_no_input": "{instruction}" * 1000, "prompt_input": "{instruction}"}, "x")
     with pytest.raises(TemplateError, match="over 16384 characters"):
-        _from_dict({"prompt_no_input": "{instruction}" + "x" * 20_000, "prompt_input": "{instruction}"}, "x")
+        template_from_dict(
+            {"prompt_no_input": "{instruction}" + "x" * 20_000, "prompt_input": "{instruction}"}, "x"
+        )
     # Four fields are allowed, and the rendered text is checked before anything tokenizes it.
     folder = shutil.copytree(good, tmp_path / "four")
     four = "{instruction}" * 4

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import UserError
+
 if TYPE_CHECKING:
     from .records import Record
 
@@ -23,7 +25,7 @@ MAX_TEMPLATE_CHARS = 16_384
 MAX_TEMPLATE_FIELDS = 4
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """Unknown template or a template that cannot render this record."""
 
 
@@ -83,7 +85,7 @@ def load_template(name: str) -> PromptTemplate:
             f"unknown prompt template {name!r}; choose one of {', '.join(available_templates())}"
         )
     data = json.loads(path.read_text(encoding="utf-8"))
-    return _from_dict(data, default_name=path.stem)
+    return template_from_dict(data, default_name=path.stem)
 
 
 _FIELDS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"instruction"}}
@@ -111,7 +113,7 @@ def _check_fields(name: str, key: str, text: str) -> None:
             raise TemplateError(f"template {name!r}: {key} may only use {allowed}, found {{{field}}}")
 
 
-def _from_dict(data: dict[str, Any], default_name: str) -> PromptTemplate:
+def template_from_dict(data: dict[str, Any], default_name: str) -> PromptTemplate:
     if not isinstance(data, dict):
         raise TemplateError(f"template {default_name!r} must be a JSON object")
     known = {k: v for k, v in data.items() if k in PromptTemplate.__dataclass_fields__}
@@ -136,15 +138,6 @@ def save_template(template: PromptTemplate, adapter_dir: Path) -> Path:
     path = Path(adapter_dir) / ADAPTER_TEMPLATE_FILE
     path.write_text(json.dumps(template.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
-
-
-def template_from_adapter(adapter_dir: Path) -> PromptTemplate | None:
-    from ..model.adapter_limits import read_json
-
-    path = Path(adapter_dir) / ADAPTER_TEMPLATE_FILE
-    if not path.is_file():
-        return None
-    return _from_dict(read_json(path, ADAPTER_TEMPLATE_FILE), default_name="adapter")
 
 
 def split_record(record: Record, template: PromptTemplate, tokenizer: Any) -> tuple[str, str]:

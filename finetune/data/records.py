@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import UserError
+
 Shape = Literal["alpaca", "completion", "messages", "text"]
 Format = Literal["auto", "json", "jsonl"]
 
@@ -49,7 +51,7 @@ _ACCEPTED_SHAPES = (
 _BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The dataset cannot be used as is; str(e) lists every problem with its location and fix."""
 
     def __init__(self, problems: Sequence[str], path: str = "") -> None:

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import GenerationSettings
+from ..errors import UserError
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError, ValueError):
     """The request cannot be served as asked (e.g. the prompt does not fit the context)."""
 
 

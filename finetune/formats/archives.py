@@ -37,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import urllib3
 
+from ..errors import UserError
 from ..staging import staged_dir, staged_file
 
 ACCEPTED_ARCHIVES = ".tar, .tar.gz, .tar.bz2, .tar.xz or .zip"
@@ -87,11 +88,11 @@ _READ_ERRORS = (
 Kind = Literal["file", "dir"]
 
 
-class ArchiveError(ValueError):
+class ArchiveError(UserError, ValueError):
     """An archive is malformed or unsafe; the message names the entry and says what to do."""
 
 
-class WeightsSourceError(ValueError):
+class WeightsSourceError(UserError, ValueError):
     """A weights string cannot be turned into a local folder; the message lists the accepted forms."""
 
 

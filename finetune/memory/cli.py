@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _checkpointing(text: str) -> str | bool:
-    from ..training.cli import parse_bool
+    from ..config import parse_bool
 
     if text.strip().lower() == "auto":
         return "auto"

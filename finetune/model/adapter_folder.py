@@ -13,11 +13,20 @@ import torch
 from ..data import prompts
 from ..staging import fsync_path as fsync_path
 from ..staging import staged_dir
+from .adapter_limits import read_json
 from .loading import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelError
 
 CARD_JSON = "training_card.json"
 CARD_MD = "README.md"
 LOSS_PNG = "loss.png"
+
+
+def template_from_adapter(adapter_dir: Path) -> prompts.PromptTemplate | None:
+    """The template an adapter folder carries, read under the adapter's JSON cap; None without one."""
+    path = Path(adapter_dir) / prompts.ADAPTER_TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    return prompts.template_from_dict(read_json(path, prompts.ADAPTER_TEMPLATE_FILE), default_name="adapter")
 
 
 class AdapterVerificationError(RuntimeError):

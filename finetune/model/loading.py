@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..config import LoraSettings
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ BNB_QUIET = (
 BNB_CPU_BLOCK_N = 32
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """The model, adapter or device setting cannot be used; the message says why and what to do."""
 
 

