@@ -10,7 +10,8 @@ import pytest
 
 from finetune.cog.cogtools import data_uri
 from finetune.engine.requests import GenerationError
-from finetune.formats.archives import WeightsSourceError, pack_dir
+from finetune.formats.archives import pack_dir
+from finetune.formats.weights_sources import WeightsSourceError
 from finetune.serving.adapter_cache import AdapterCache, LoadedAdapter, adapter_key, normalise_source
 from finetune.settings import ServeSettings
 

@@ -25,16 +25,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from finetune.formats.archives import (
-    ArchiveError,
-    DownloadStopped,
-    Limits,
-    WeightsSourceError,
-    materialize,
-    pack_dir,
-    redact,
-    safe_extract,
-)
+from finetune.formats.archives import ArchiveError, Limits, pack_dir, safe_extract
+from finetune.formats.weights_sources import DownloadStopped, WeightsSourceError, materialize, redact
 
 MiB = 2**20
 ZEROS = bytes(2 * MiB)  # compresses ~1000:1, the stuff of zip bombs

@@ -26,7 +26,8 @@ from finetune.__main__ import main as finetune_main
 from finetune.cog.cogtools import data_uri
 from finetune.config import GenerationSettings
 from finetune.engine.requests import GenerationError, GenerationStats
-from finetune.formats.archives import WeightsSourceError, materialize, pack_dir
+from finetune.formats.archives import pack_dir
+from finetune.formats.weights_sources import WeightsSourceError, materialize
 from finetune.model.adapter_folder import convert_pickled_adapter
 from finetune.model.loading import ModelError, check_adapter_dir
 from finetune.serving.server import ModelServer

@@ -362,7 +362,7 @@ def test_adapter_keys_are_full_digests_of_the_normalised_source(tmp_path):
 def test_a_waiter_survives_the_first_clients_cancel_and_can_cancel_itself(server, good, monkeypatch):
     """Two requests for one slow adapter: the first is cancelled while downloading; the second, which
     waited for it, loads the adapter itself. A third waiter cancels its own wait."""
-    from finetune.formats.archives import DownloadStopped
+    from finetune.formats.weights_sources import DownloadStopped
     from finetune.serving import adapter_cache
 
     source = "https://adapters.invalid/slow.tar"

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from ..data import prompts
 from ..engine.requests import GenerationError
-from ..formats.archives import DownloadStopped, Limits, materialize
+from ..formats.archives import Limits
+from ..formats.weights_sources import DownloadStopped, materialize
 from ..settings import ADAPTERS_IN_USE_ENV, ServeSettings
 from .compute_thread import POLL_S
 

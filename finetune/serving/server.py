@@ -26,7 +26,8 @@ from ..engine.fast_paths import load_step
 from ..engine.quant import describe_quantization, pick_quantization
 from ..engine.requests import GenerationError, GenerationStats, context_length
 from ..engine.scheduler import DONE, KV_MEMORY_SHARE, Engine, EngineLimits, Request
-from ..formats.archives import Limits, materialize, redact
+from ..formats.archives import Limits
+from ..formats.weights_sources import materialize, redact
 from ..model.adapter_folder import CARD_JSON, template_from_adapter
 from ..model.adapter_limits import AdapterBounds, AdapterRefused, check_adapter, linear_shapes, read_json
 from ..model.loading import (

@@ -177,7 +177,7 @@ def compare(
     `adapter` is a folder or an archive (.tar, .zip, ...); template "auto" means the adapter's own
     template, else alpaca. Returns {"base", "adapter" (None without one), "template", ...}.
     """
-    from ..formats.archives import materialize
+    from ..formats.weights_sources import materialize
     from ..model.loading import (
         attach_adapter,
         check_adapter_dir,
