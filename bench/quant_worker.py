@@ -59,9 +59,9 @@ def greedy_ids(server: Any, prompt: str, n: int) -> list[int]:
 
 
 def heldout_loss(server: Any) -> float:
+    from finetune.data.dataset_file import read_records
     from finetune.data.encoding import encode_example
     from finetune.data.prompts import load_template, split_record
-    from finetune.data.records import read_records
     from finetune.training.evaluation import _response_loss
 
     template = load_template("alpaca")

@@ -123,7 +123,8 @@ def examples_in_order(cfg: Any, tokenizer: Any, per_step: int = 1) -> tuple[list
     its optimizer step's micro-batches, re-split longest first; the recipe's feed in plain order)."""
     from finetune.data import prompts
     from finetune.data.batching import micro_batches
-    from finetune.data.records import read_records, split_records
+    from finetune.data.dataset_file import read_records
+    from finetune.data.records import split_records
     from finetune.training.run_data import encode_records
 
     train_records, _ = split_records(read_records(cfg.data.data_path), cfg.data.val_set_size, cfg.seed)

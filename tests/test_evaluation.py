@@ -13,9 +13,10 @@ from conftest import alpaca_records
 
 from finetune.__main__ import main as finetune_main
 from finetune.data.batching import collate_padded
+from finetune.data.dataset_file import parse_records
 from finetune.data.encoding import encode_example
 from finetune.data.prompts import load_template, save_template, split_record
-from finetune.data.records import DatasetError, parse_records
+from finetune.data.records import DatasetError
 from finetune.engine.requests import GenerationStats
 from finetune.model.loading import load_tokenizer
 from finetune.training import evaluation

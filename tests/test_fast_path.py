@@ -11,8 +11,9 @@ from peft import get_peft_model_state_dict
 from finetune.config import DataConfig, LoraSettings, TrainConfig
 from finetune.data import prompts
 from finetune.data.batching import collate_padded, micro_batches
+from finetune.data.dataset_file import read_records
 from finetune.data.encoding import IGNORE_INDEX, Encoded
-from finetune.data.records import read_records, split_records
+from finetune.data.records import split_records
 from finetune.model.loading import (
     FastDropout,
     Precision,

@@ -562,7 +562,7 @@ def test_prompt_plus_new_tokens_over_the_context_fails_with_a_reason(tiny_server
 
 @pytest.mark.parametrize("case", ["record-chars", "records", "bytes"])
 def test_dataset_caps_stop_training_with_a_reason(tiny_model_dir, tmp_path, capsys, case):
-    """The default caps in records.py, met through the trainer (the /trainings path uses the same)."""
+    """The default caps in dataset_file.py, met through the trainer (the /trainings path uses the same)."""
     if case == "record-chars":
         data = tmp_path / "data.json"
         data.write_text(

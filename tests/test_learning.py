@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data.records import read_records
+from finetune.data.dataset_file import read_records
 from finetune.training.cli import config_from_args
 from finetune.training.evaluation import compare, to_markdown
 from finetune.training.trainer import train

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.cog.demo import FACTS_PROBE, FACTS_TRAIN, read_probes, scores
+from finetune.data.dataset_file import read_records
 from finetune.data.encoding import IGNORE_INDEX, Encoded
-from finetune.data.records import read_records, split_records
+from finetune.data.records import split_records
 from finetune.model.loading import load_tokenizer
 from finetune.training.cli import config_from_args
 from finetune.training.losses import greedy_recall

@@ -5,15 +5,8 @@ import pickle
 import pytest
 
 from finetune.config import SAMPLE_DATA
-from finetune.data.records import (
-    DatasetError,
-    Message,
-    Record,
-    dataset_fingerprint,
-    parse_records,
-    read_records,
-    split_records,
-)
+from finetune.data.dataset_file import parse_records, read_records
+from finetune.data.records import DatasetError, Message, Record, dataset_fingerprint, split_records
 
 ALPACA_NEED = '(Alpaca records need "instruction" and "output" strings)'
 
@@ -402,9 +395,9 @@ def test_caps_name_the_limit_and_the_fix(tmp_path):
 
 def test_the_record_cap_holds_before_a_json_list_is_decoded_whole(monkeypatch):
     """512 MiB of `{}` is ~13 GB of dicts: the items are decoded one by one and counted."""
-    from finetune.data import records
+    from finetune.data import dataset_file
 
-    monkeypatch.setattr(records.json, "loads", lambda *a, **k: pytest.fail("decoded the whole file"))
+    monkeypatch.setattr(dataset_file.json, "loads", lambda *a, **k: pytest.fail("decoded the whole file"))
     data = as_json([{"text": "a"}] * 5)
     assert problems_of(data, max_records=3) == [
         "more than 3 records, the limit; use fewer records (or raise max_records)"

@@ -9,8 +9,9 @@ import tracemalloc
 
 import pytest
 
-from finetune.data import records
-from finetune.data.records import DatasetError, Record, parse_records, read_records
+from finetune.data import dataset_file
+from finetune.data.dataset_file import parse_records, read_records
+from finetune.data.records import DatasetError, Record
 
 FIX = "shorten or split the record (or raise max_record_bytes)"
 NOT_READ = "the records after it were not read"
@@ -70,7 +71,7 @@ def test_a_jsonl_line_over_the_byte_cap_is_refused_undecoded_and_the_rest_are_ch
         longest = max(longest, len(text))
         return loads(text, *args, **kwargs)
 
-    monkeypatch.setattr(records.json, "loads", spy)
+    monkeypatch.setattr(dataset_file.json, "loads", spy)
     assert problems_of(as_lines(OVER), "d.jsonl") == [
         f"line 3: {len(OVER[2]):,} bytes, over the limit of 2.0 MiB per record; {FIX}",
         'line 4: "output" is empty; fill it in or remove the record',

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune.data.records import ROLES, DatasetError, Message, Record, parse_records
+from finetune.data.dataset_file import parse_records
+from finetune.data.records import ROLES, DatasetError, Message, Record
 
 FAST = settings(
     max_examples=200,

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import PROJECT_ROOT, DataConfig, TrainConfig, field_default
-from ..data.records import read_records, split_records
+from ..data.dataset_file import read_records
+from ..data.records import split_records
 from ..training.metrics import states_fact
 from .cogtools import CogServer, data_uri, post_with_retry, save_data_uri
 

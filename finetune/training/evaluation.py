@@ -300,7 +300,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..data.records import read_records
+    from ..data.dataset_file import read_records
     from ..errors import user_errors
 
     args = _parser().parse_args(argv)

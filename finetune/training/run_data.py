@@ -12,8 +12,9 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..data import prompts
+from ..data.dataset_file import read_records
 from ..data.encoding import Encoded, encode_example
-from ..data.records import Record, read_records, split_records
+from ..data.records import Record, split_records
 from ..model.weights import resolve_base_model
 from .checkpoints import checkpoint_root, find_checkpoint, run_fingerprint
 from .run_state import Data
