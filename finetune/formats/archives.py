@@ -269,6 +269,27 @@ def _check_zip_directory(f: BinaryIO, limits: Limits) -> None:
     capped and its headers are counted first. The layout checks are stricter than zipfile's (one
     unambiguous end record that ends the file, no bytes before the archive) so that the directory
     walked here is the very one zipfile reads next."""
+    end, fields = _zip_end_record(f)
+    end, fields = _zip64_end_record(f, end, fields) or (end, fields)
+    disk, cd_disk, disk_entries, entries, cd_size, cd_offset = fields
+    if disk or cd_disk or disk_entries != entries:
+        raise ArchiveError("the zip archive spans several disks; re-create it as a single file")
+    _check_zip_directory_size(entries, cd_size, limits)
+    # zipfile reads the directory from just before the end record(s), not from the offset given;
+    # the two differ only for data prepended to the archive, which is refused.
+    start = end - cd_size
+    if start < 0 or cd_offset != start:
+        raise _bad_zip("the central directory is not where the end record says")
+    _count_zip_headers(f, start, cd_size, entries, limits)
+    f.seek(0)
+
+
+_ZipFields = tuple[int, int, int, int, int, int]
+"""An end record's disk, directory disk, entries on this disk, entries, directory size and offset."""
+
+
+def _zip_end_record(f: BinaryIO) -> tuple[int, _ZipFields]:
+    """The end of central directory record: where it starts, and its fields."""
     f.seek(0, io.SEEK_END)
     size = f.tell()
     tail_start = max(0, size - _ZIP_END.size - 0xFFFF)  # the record plus the longest comment
@@ -284,32 +305,41 @@ def _check_zip_directory(f: BinaryIO, limits: Limits) -> None:
     end = tail_start + at
     if end + _ZIP_END.size + comment != size:
         raise _bad_zip("the archive comment does not end the file")
-    if end >= _ZIP64_LOCATOR.size:
-        f.seek(end - _ZIP64_LOCATOR.size)
-        sig, disk64_at, end64, disks = _ZIP64_LOCATOR.unpack(f.read(_ZIP64_LOCATOR.size))
-        if sig == b"PK\x06\x07":
-            # zipfile looks for the ZIP64 record right before the locator, whatever it points at.
-            if disk64_at != 0 or disks > 1:
-                raise ArchiveError("the zip archive spans several disks; re-create it as a single file")
-            if end64 != end - _ZIP64_LOCATOR.size - _ZIP64_END.size:
-                raise _bad_zip("the ZIP64 end record is not where its locator points")
-            f.seek(end64)
-            record = f.read(_ZIP64_END.size)
-            if len(record) != _ZIP64_END.size:
-                raise _bad_zip("the ZIP64 end record is cut short")
-            sig, record_size, _, _, *wide = _ZIP64_END.unpack(record)
-            if sig != b"PK\x06\x06" or record_size != _ZIP64_END.size - 12:
-                raise _bad_zip("the ZIP64 end record is malformed")
-            # zipfile takes the ZIP64 values; a reader that prefers the plain ones where they are
-            # not the "see ZIP64" sentinel must find the same numbers.
-            narrow = (disk, cd_disk, disk_entries, entries, cd_size, cd_offset)
-            sentinels = (0xFFFF,) * 4 + (0xFFFFFFFF,) * 2
-            if any(n not in (w, s) for n, w, s in zip(narrow, wide, sentinels, strict=True)):
-                raise _bad_zip("the end record and the ZIP64 end record disagree")
-            disk, cd_disk, disk_entries, entries, cd_size, cd_offset = wide
-            end = end64
-    if disk or cd_disk or disk_entries != entries:
+    return end, (disk, cd_disk, disk_entries, entries, cd_size, cd_offset)
+
+
+def _zip64_end_record(f: BinaryIO, end: int, narrow: _ZipFields) -> tuple[int, _ZipFields] | None:
+    """The ZIP64 end record, where it starts and its fields, when a ZIP64 locator comes right
+    before the end record at `end`; None for a zip without one."""
+    if end < _ZIP64_LOCATOR.size:
+        return None
+    f.seek(end - _ZIP64_LOCATOR.size)
+    sig, disk64_at, end64, disks = _ZIP64_LOCATOR.unpack(f.read(_ZIP64_LOCATOR.size))
+    if sig != b"PK\x06\x07":
+        return None
+    # zipfile looks for the ZIP64 record right before the locator, whatever it points at.
+    if disk64_at != 0 or disks > 1:
         raise ArchiveError("the zip archive spans several disks; re-create it as a single file")
+    if end64 != end - _ZIP64_LOCATOR.size - _ZIP64_END.size:
+        raise _bad_zip("the ZIP64 end record is not where its locator points")
+    f.seek(end64)
+    record = f.read(_ZIP64_END.size)
+    if len(record) != _ZIP64_END.size:
+        raise _bad_zip("the ZIP64 end record is cut short")
+    sig, record_size, _, _, *wide = _ZIP64_END.unpack(record)
+    if sig != b"PK\x06\x06" or record_size != _ZIP64_END.size - 12:
+        raise _bad_zip("the ZIP64 end record is malformed")
+    # zipfile takes the ZIP64 values; a reader that prefers the plain ones where they are
+    # not the "see ZIP64" sentinel must find the same numbers.
+    sentinels = (0xFFFF,) * 4 + (0xFFFFFFFF,) * 2
+    if any(n not in (w, s) for n, w, s in zip(narrow, wide, sentinels, strict=True)):
+        raise _bad_zip("the end record and the ZIP64 end record disagree")
+    disk, cd_disk, disk_entries, entries, cd_size, cd_offset = wide
+    return end64, (disk, cd_disk, disk_entries, entries, cd_size, cd_offset)
+
+
+def _check_zip_directory_size(entries: int, cd_size: int, limits: Limits) -> None:
+    """Refuse a directory whose end record declares more entries or bytes than the limits allow."""
     if entries > limits.max_files:
         raise ArchiveError(
             f"the archive's directory lists {entries} entries, more than {limits.max_files} entries "
@@ -321,13 +351,13 @@ def _check_zip_directory(f: BinaryIO, limits: Limits) -> None:
             f"the archive's directory takes {format_bytes(cd_size)}, more than the {format_bytes(cap)} allowed "
             f"for {limits.max_files} entries; pack only the adapter or model folder"
         )
-    # zipfile reads the directory from just before the end record(s), not from the offset given;
-    # the two differ only for data prepended to the archive, which is refused.
-    start = end - cd_size
-    if start < 0 or cd_offset != start:
-        raise _bad_zip("the central directory is not where the end record says")
+
+
+def _count_zip_headers(f: BinaryIO, start: int, cd_size: int, entries: int, limits: Limits) -> None:
+    """Walk the directory's headers as zipfile will, refusing more than the limit allows or a count
+    other than the end record's."""
     f.seek(start)
-    directory = f.read(cd_size)  # at most `cap` bytes
+    directory = f.read(cd_size)  # at most the cap _check_zip_directory_size allowed
     count = pos = 0
     while pos < cd_size:  # the same walk as zipfile's, which stops on bytes, not on the count
         if cd_size - pos < _ZIP_CENTRAL_SIZE or directory[pos : pos + 4] != b"PK\x01\x02":
@@ -344,7 +374,6 @@ def _check_zip_directory(f: BinaryIO, limits: Limits) -> None:
         raise _bad_zip("the last central directory header runs past the directory")
     if count != entries:
         raise _bad_zip(f"the central directory holds {count} entries but its end record declares {entries}")
-    f.seek(0)
 
 
 def _extract_zip(f: BinaryIO, tree: _Tree) -> None:
