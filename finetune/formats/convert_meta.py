@@ -340,6 +340,60 @@ def _check_rank_split(config: LlamaConfig, num_shards: int) -> None:
             )
 
 
+def _check_request(input_dir: Path, output_dir: Path, llama_version: int, dtype: str) -> None:
+    """Refuse a conversion that cannot start: an unsupported version or dtype, a missing input
+    folder, or an output folder that holds anything."""
+    if llama_version == 3:
+        raise ConversionError(LLAMA3_MESSAGE)
+    if llama_version not in SUPPORTED_VERSIONS:
+        raise ConversionError(f"llama_version must be one of {SUPPORTED_VERSIONS}, got {llama_version}")
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not input_dir.is_dir():
+        raise ConversionError(f"input folder {input_dir} does not exist")
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ConversionError(
+            f"{output_dir} already exists and is not empty; delete it or choose another output folder"
+        )
+
+
+def _write_weights(
+    shards: list[dict[str, torch.Tensor]],
+    config: LlamaConfig,
+    folder: Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+    desc: str,
+) -> None:
+    """Merge the shards into HF's tensors, one layer at a time, and write them as safetensors files
+    under `folder`; each tensor is checked against the shape LlamaForCausalLM expects, and the
+    rotary projections are permuted to HF's layout."""
+    from transformers import LlamaForCausalLM
+
+    # Shapes HF expects, from a model on the meta device (no memory allocated).
+    with torch.device("meta"):
+        expected_shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+
+    head_dim = config.hidden_size // config.num_attention_heads
+    rotary_heads = {"wq": config.num_attention_heads, "wk": config.num_key_value_heads}
+    writer = _SafetensorsWriter(folder, max_shard_bytes)
+    # One layer at a time: memory holds the layer being merged plus the safetensors file being filled.
+    for group in tqdm(_tensor_groups(config.num_hidden_layers), desc=desc, unit="layer"):
+        for meta_name, hf_name, split_dim in group:
+            tensor = _merge(shards, meta_name, split_dim, dtype)
+            if tuple(tensor.shape) != expected_shapes[hf_name]:
+                raise ConversionError(
+                    f"{meta_name} merged from {len(shards)} shard(s) has shape {tuple(tensor.shape)}, but "
+                    f"params.json and tokenizer.model imply {expected_shapes[hf_name]}; "
+                    "check that they belong to this checkpoint"
+                )
+            if heads := rotary_heads.get(meta_name.split(".")[-2]):
+                tensor = permute_for_hf(tensor, heads, heads * head_dim, config.hidden_size)
+            writer.add(hf_name, tensor)
+    writer.finish()
+    assert writer.shapes == expected_shapes, "converted tensors differ from LlamaForCausalLM's"
+
+
 def convert_meta(
     input_dir: str | os.PathLike,
     model_size: str,
@@ -355,21 +409,10 @@ def convert_meta(
     Everything is written into a temporary sibling folder that is renamed at the end, so a failure
     never leaves a half-written output.
     """
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
 
     input_dir, output_dir = Path(input_dir).expanduser(), Path(output_dir).expanduser()
-    if llama_version == 3:
-        raise ConversionError(LLAMA3_MESSAGE)
-    if llama_version not in SUPPORTED_VERSIONS:
-        raise ConversionError(f"llama_version must be one of {SUPPORTED_VERSIONS}, got {llama_version}")
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if not input_dir.is_dir():
-        raise ConversionError(f"input folder {input_dir} does not exist")
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise ConversionError(
-            f"{output_dir} already exists and is not empty; delete it or choose another output folder"
-        )
+    _check_request(input_dir, output_dir, llama_version, dtype)
     params_path, shard_paths, tokenizer_path = _find_inputs(input_dir, model_size)
 
     if verify_checksums:
@@ -387,33 +430,7 @@ def convert_meta(
         shards = [_load_shard(path) for path in shard_paths]
         _check_keys(shards, shard_paths, config.num_hidden_layers)
         _check_rank_split(config, len(shards))
-        # Shapes HF expects, from a model on the meta device (no memory allocated).
-        with torch.device("meta"):
-            expected_shapes = {
-                name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()
-            }
-
-        head_dim = config.hidden_size // config.num_attention_heads
-        rotary_heads = {"wq": config.num_attention_heads, "wk": config.num_key_value_heads}
-        writer = _SafetensorsWriter(tmp, max_shard_bytes)
-        # One layer at a time: memory holds the layer being merged plus the safetensors file being filled.
-        for group in tqdm(
-            _tensor_groups(config.num_hidden_layers), desc=f"converting {model_size}", unit="layer"
-        ):
-            for meta_name, hf_name, split_dim in group:
-                tensor = _merge(shards, meta_name, split_dim, DTYPES[dtype])
-                if tuple(tensor.shape) != expected_shapes[hf_name]:
-                    raise ConversionError(
-                        f"{meta_name} merged from {len(shards)} shard(s) has shape {tuple(tensor.shape)}, but "
-                        f"params.json and tokenizer.model imply {expected_shapes[hf_name]}; "
-                        "check that they belong to this checkpoint"
-                    )
-                if heads := rotary_heads.get(meta_name.split(".")[-2]):
-                    tensor = permute_for_hf(tensor, heads, heads * head_dim, config.hidden_size)
-                writer.add(hf_name, tensor)
-        writer.finish()
-        assert writer.shapes == expected_shapes, "converted tensors differ from LlamaForCausalLM's"
-
+        _write_weights(shards, config, tmp, DTYPES[dtype], max_shard_bytes, f"converting {model_size}")
         config.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
         marker = {
