@@ -84,12 +84,36 @@ def _defaults() -> dict[str, Any]:
     return LoraConfig().to_dict()
 
 
+# Settings check_config checks one by one (use_dora too); any other must keep PEFT's default.
+_CHECKED_KEYS = {
+    "peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "task_type",
+    "target_modules", "base_model_name_or_path", "revision", "peft_version", "inference_mode",
+    "auto_mapping", "use_dora",
+}  # fmt: skip
+
+
 def check_config(config: Any, linears: dict[str, tuple[int, int]], bounds: AdapterBounds) -> dict[str, Any]:
     """The validated settings of an adapter_config.json (r, alpha, targets, ...), or AdapterRefused
     naming every problem at once."""
     if not isinstance(config, dict):
         raise AdapterRefused(f"adapter_config.json must hold a JSON object, not {type(config).__name__}")
-    problems = []
+    problems: list[str] = []
+    _check_lora_values(config, bounds, problems)
+    matched = _check_targets(config.get("target_modules"), linears, problems)
+    _check_defaults(config, problems)
+    if problems:
+        raise AdapterRefused("; ".join(problems))
+    return {
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha", 8),
+        "lora_dropout": float(config.get("lora_dropout", 0.0)),
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "target_modules": matched,
+    }
+
+
+def _check_lora_values(config: dict, bounds: AdapterBounds, problems: list[str]) -> None:
+    """The LoRA settings a served adapter may choose: its type, rank, scale, dropout and init."""
     if config.get("peft_type") != "LORA":
         problems.append(f"peft_type {str(config.get('peft_type'))[:40]!r}: only LORA adapters are served")
     r = config.get("r")
@@ -118,49 +142,43 @@ def check_config(config: Any, linears: dict[str, tuple[int, int]], bounds: Adapt
         )
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         problems.append(f"task_type {str(config.get('task_type'))[:40]!r}: use CAUSAL_LM")
-    targets = config.get("target_modules")
-    matched: list[str] = []
+
+
+def _check_targets(targets: Any, linears: dict[str, tuple[int, int]], problems: list[str]) -> list[str]:
+    """The base model's linear layers that `target_modules` names (sorted), or [] with a problem
+    when it is not a list of the base model's linear layer names."""
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         problems.append(
             'target_modules must be a list of module names (e.g. ["q_proj", "v_proj"]); a string is a '
             "pattern, which this server does not match"
         )
-    elif len(targets) > len(linears):
+        return []
+    if len(targets) > len(linears):
         problems.append(
             f"target_modules lists {len(targets)} names; this base model has {len(linears)} linear layers"
         )
-    else:
-        by_suffix = _suffixes(linears)
-        unknown = [t for t in targets if t not in by_suffix]
-        if unknown:
-            problems.append(
-                f"target_modules {[u[:60] for u in unknown[:5]]} are not linear layers of this base model "
-                f"(its layers end in {sorted({n.rsplit('.', 1)[-1] for n in linears})})"
-            )
-        matched = sorted({name for t in targets for name in by_suffix.get(t, [])})
+        return []
+    by_suffix = _suffixes(linears)
+    unknown = [t for t in targets if t not in by_suffix]
+    if unknown:
+        problems.append(
+            f"target_modules {[u[:60] for u in unknown[:5]]} are not linear layers of this base model "
+            f"(its layers end in {sorted({n.rsplit('.', 1)[-1] for n in linears})})"
+        )
+    return sorted({name for t in targets for name in by_suffix.get(t, [])})
+
+
+def _check_defaults(config: dict, problems: list[str]) -> None:
+    """Every other setting this PEFT knows must keep its default; unknown ones are never passed on."""
     defaults = _defaults()
-    settable = {
-        "peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "task_type",
-        "target_modules", "base_model_name_or_path", "revision", "peft_version", "inference_mode",
-        "auto_mapping",
-    }  # fmt: skip
     for key, value in config.items():
-        if key in settable or key == "use_dora" or key not in defaults:
-            continue  # checked above, or unknown to this PEFT and never passed on
+        if key in _CHECKED_KEYS or key not in defaults:
+            continue
         default = defaults[key]
         if value != default and (value or default):
             problems.append(
                 f"{key} = {json.dumps(value)[:60]}: served adapters leave it at {json.dumps(default)}"
             )
-    if problems:
-        raise AdapterRefused("; ".join(problems))
-    return {
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": float(dropout),
-        "use_rslora": bool(config.get("use_rslora", False)),
-        "target_modules": matched,
-    }
 
 
 def expected_tensors(settings: dict[str, Any], linears: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
