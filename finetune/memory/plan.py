@@ -330,10 +330,7 @@ def plan_training(
         "world_size": world_size,
     }
     _check_args(sizes, dtype, quantization, gradient_checkpointing)
-    if strategy not in STRATEGIES:
-        raise PlanError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    if strategy == "fsdp" and quantization == "8bit" and world_size > 1:
-        raise PlanError("--quantization 8bit cannot be sharded with --strategy fsdp; use 4bit, or ddp")
+    _check_strategy(strategy, quantization, world_size)
     shape = Shape.from_config(load_config(config))
     targets = _targets(shape, lora_target_modules)
     if dtype == "auto":
@@ -351,19 +348,32 @@ def plan_training(
         world_size,
         "single" if world_size == 1 else strategy,
     )
+    return _training_plan(ask, quantization, gradient_checkpointing)
+
+
+def _check_strategy(strategy: str, quantization: str, world_size: int) -> None:
+    if strategy not in STRATEGIES:
+        raise PlanError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if strategy == "fsdp" and quantization == "8bit" and world_size > 1:
+        raise PlanError("--quantization 8bit cannot be sharded with --strategy fsdp; use 4bit, or ddp")
+
+
+def _training_plan(ask: TrainingAsk, quantization: str, checkpointing: str | bool) -> Plan:
+    """The plan for `ask`, over the strategies when it leaves them to auto; one that does not fit
+    says what would, and an FSDP one what it divides."""
     if ask.strategy == "auto":
-        plan = _search_strategies(ask, quantization, gradient_checkpointing)
+        plan = _search_strategies(ask, quantization, checkpointing)
     else:
-        plan = ask.search(quantization, gradient_checkpointing)
+        plan = ask.search(quantization, checkpointing)
     if not plan.fits:
         plan.reason += _way_out(
             replace(ask, strategy=plan.settings["strategy"]),
             plan,
-            auto=quantization == "auto" and gradient_checkpointing == "auto",
+            auto=quantization == "auto" and checkpointing == "auto",
         )
     if plan.settings["strategy"] == "fsdp":
         plan.notes.append(
-            f"strategy fsdp: base weights, LoRA weights and optimizer state divided among {world_size} GPUs"
+            f"strategy fsdp: base weights, LoRA weights and optimizer state divided among {ask.world_size} GPUs"
         )
     return plan
 
@@ -480,7 +490,7 @@ def plan_serving(
     longest row is min(max_tokens, the model's context). `quantization`: auto and none keep the
     weights in `dtype` (auto: bfloat16 on a GPU); 8bit / 4bit plan a bitsandbytes base (SERVE_QUANT
     bnb8 / bnb4). `adapters`: LoRA adapters held at once (ADAPTER_CACHE_SIZE) of rank `lora_r`."""
-    from ..engine.scheduler import KV_MEMORY_SHARE, EngineLimits
+    from ..engine.scheduler import EngineLimits
 
     memory = parse_memory(gpu_memory)
     limits = EngineLimits()
@@ -492,15 +502,8 @@ def plan_serving(
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     quantization = "none" if quantization == "auto" else quantization
-    if max_tokens is None:  # the server's own rule (serving.engine_limits)
-        per_token = shape.kv_elements_per_token * fp.DTYPE_BYTES[dtype]
-        full = max_rows * shape.context
-        if memory is None:
-            max_tokens = full
-        else:
-            weights = fp.weight_bytes(shape, fp.DTYPE_BYTES[dtype], quantization, kbit_fp32=False)
-            free = max(memory - weights - (CUDA_CONTEXT if device == "cuda" else 0), 0)
-            max_tokens = max(1, min(int(free * KV_MEMORY_SHARE) // per_token, full))
+    if max_tokens is None:
+        max_tokens = _default_kv_tokens(shape, memory, dtype, quantization, device, max_rows)
     server = fp.Server(
         dtype_bytes=fp.DTYPE_BYTES[dtype],
         quantization=quantization,
@@ -519,6 +522,22 @@ def plan_serving(
     if not plan.fits:
         plan.reason += _serving_way_out(ask, plan)
     return plan
+
+
+def _default_kv_tokens(
+    shape: Shape, memory: int | None, dtype: str, quantization: str, device: str, max_rows: int
+) -> int:
+    """The KV cache budget a server takes itself (serving.engine_limits): its share of the memory
+    left after the weights, at most max_rows full contexts."""
+    from ..engine.scheduler import KV_MEMORY_SHARE
+
+    per_token = shape.kv_elements_per_token * fp.DTYPE_BYTES[dtype]
+    full = max_rows * shape.context
+    if memory is None:
+        return full
+    weights = fp.weight_bytes(shape, fp.DTYPE_BYTES[dtype], quantization, kbit_fp32=False)
+    free = max(memory - weights - (CUDA_CONTEXT if device == "cuda" else 0), 0)
+    return max(1, min(int(free * KV_MEMORY_SHARE) // per_token, full))
 
 
 def largest_kv_budget(
