@@ -114,6 +114,44 @@ def score_lines(base: dict[str, list[int]], tuned: dict[str, list[int]]) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    out, max_new_tokens = args.output_dir, args.max_new_tokens
+    out.mkdir(parents=True, exist_ok=True)
+    probes = read_probes(args.probe, args.train)
+    questions = [p.question for p in probes]
+
+    started = time.monotonic()
+    trained = _train(args.train, out)
+    if trained is None:
+        return 1
+    archive, summary, train_seconds = trained
+
+    print(f"2/3 asking {len(questions)} questions of the bare base model", flush=True)
+    with CogServer("predict", log_path=out / "cog-base.log") as bare:
+        base_answers = ask_all(bare, questions, max_new_tokens)
+    print("3/3 asking them of the trained version (COG_WEIGHTS = the archive)", flush=True)
+    with CogServer("predict", weights=str(archive), log_path=out / "cog-tuned.log") as tuned:
+        tuned_answers = ask_all(tuned, questions, max_new_tokens)
+
+    scored = {"base": scores(probes, base_answers), "tuned": scores(probes, tuned_answers)}
+    _write_report(out, probes, base_answers, tuned_answers, scored, summary, train_seconds)
+    print()
+    for p, b, t in zip(probes, base_answers, tuned_answers, strict=True):
+        print(
+            f"Q: {p.question} ({p.kind})\n   expected: {textwrap.shorten(p.expected, 100)}\n"
+            f"   base:     {textwrap.shorten(b, 100)}\n   tuned:    {textwrap.shorten(t, 160)}\n"
+        )
+    for line in score_lines(scored["base"], scored["tuned"]) if scored["tuned"] else []:
+        print(line)
+    print(
+        f"done in {time.monotonic() - started:.0f} s; table: {out / 'demo.md'}; "
+        f"try it: make predict WEIGHTS={archive} PROMPT='{questions[0]}'"
+    )
+    return 0
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with the chosen dataset's defaults filled in."""
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__)
     parser.add_argument("--facts", action="store_true", help="the fact-recall dataset (make demo-facts)")
     parser.add_argument("--train", type=Path, help="training data (default: the persona or facts set)")
@@ -121,15 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", type=Path, help="default: outputs/demo or outputs/demo-facts")
     parser.add_argument("--max_new_tokens", type=int, help="default: 32, or 64 with --facts")
     args = parser.parse_args(argv)
-    train_path = args.train or (FACTS_TRAIN if args.facts else DEMO_TRAIN)
-    probe_path = args.probe or (FACTS_PROBE if args.facts else DEMO_HELDOUT)
-    out = args.output_dir or PROJECT_ROOT / "outputs" / ("demo-facts" if args.facts else "demo")
-    max_new_tokens = args.max_new_tokens or (64 if args.facts else 32)
-    out.mkdir(parents=True, exist_ok=True)
-    probes = read_probes(probe_path, train_path)
-    questions = [p.question for p in probes]
+    args.train = args.train or (FACTS_TRAIN if args.facts else DEMO_TRAIN)
+    args.probe = args.probe or (FACTS_PROBE if args.facts else DEMO_HELDOUT)
+    args.output_dir = args.output_dir or PROJECT_ROOT / "outputs" / ("demo-facts" if args.facts else "demo")
+    args.max_new_tokens = args.max_new_tokens or (64 if args.facts else 32)
+    return args
 
-    started = time.monotonic()
+
+def _train(train_path: Path, out: Path) -> tuple[Path, dict, float] | None:
+    """Train through a training server's POST /trainings: the weights archive saved under `out`,
+    the training's summary and seconds; None (said on stderr) when the training did not succeed."""
     print(f"1/3 training a LoRA on {train_path.name} through POST /trainings (default settings)", flush=True)
     with CogServer("train", log_path=out / "cog-train.log") as trainer:
         sent = time.monotonic()
@@ -139,20 +178,25 @@ def main(argv: list[str] | None = None) -> int:
         train_seconds = time.monotonic() - sent
     if body["status"] != "succeeded":
         print(f"training {body['status']}: {body.get('error')}", file=sys.stderr)
-        return 1
+        return None
     summary = {k: v for k, v in body["output"].items() if k != "weights"}
     archive = save_data_uri(body["output"]["weights"], out / "weights.tar")
     print(f"    trained in {train_seconds:.0f} s: {summary}; weights: {archive}", flush=True)
+    return archive, summary, train_seconds
 
-    print(f"2/3 asking {len(questions)} questions of the bare base model", flush=True)
-    with CogServer("predict", log_path=out / "cog-base.log") as bare:
-        base_answers = ask_all(bare, questions, max_new_tokens)
-    print("3/3 asking them of the trained version (COG_WEIGHTS = the archive)", flush=True)
-    with CogServer("predict", weights=str(archive), log_path=out / "cog-tuned.log") as tuned:
-        tuned_answers = ask_all(tuned, questions, max_new_tokens)
 
-    base_scores, tuned_scores = scores(probes, base_answers), scores(probes, tuned_answers)
-    report = [table(probes, base_answers, tuned_answers)]
+def _write_report(
+    out: Path,
+    probes: list[Probe],
+    base: list[str],
+    tuned: list[str],
+    scored: dict[str, dict[str, list[int]]],
+    summary: dict,
+    train_seconds: float,
+) -> None:
+    """demo.md (the table and scores) and demo.json (every answer) under `out`."""
+    base_scores, tuned_scores = scored["base"], scored["tuned"]
+    report = [table(probes, base, tuned)]
     if tuned_scores:
         report += ["", f"Training through POST /trainings: {train_seconds:.0f} s.", ""]
         report += score_lines(base_scores, tuned_scores)
@@ -160,26 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "train_seconds": round(train_seconds, 1),
         "training": summary,
-        "scores": {"base": base_scores, "tuned": tuned_scores},
+        "scores": scored,
         "rows": [
             {"question": p.question, "kind": p.kind, "expected": p.expected, "base": b, "tuned": t}
-            for p, b, t in zip(probes, base_answers, tuned_answers, strict=True)
+            for p, b, t in zip(probes, base, tuned, strict=True)
         ],
     }
     (out / "demo.json").write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    print()
-    for p, b, t in zip(probes, base_answers, tuned_answers, strict=True):
-        print(
-            f"Q: {p.question} ({p.kind})\n   expected: {textwrap.shorten(p.expected, 100)}\n"
-            f"   base:     {textwrap.shorten(b, 100)}\n   tuned:    {textwrap.shorten(t, 160)}\n"
-        )
-    for line in score_lines(base_scores, tuned_scores) if tuned_scores else []:
-        print(line)
-    print(
-        f"done in {time.monotonic() - started:.0f} s; table: {out / 'demo.md'}; "
-        f"try it: make predict WEIGHTS={archive} PROMPT='{questions[0]}'"
-    )
-    return 0
 
 
 if __name__ == "__main__":
