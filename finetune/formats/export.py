@@ -158,12 +158,7 @@ def export(
     base = resolve_base_model(base_model)
 
     # Everything the config and tokenizer can rule out is checked before any weight is read.
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        config, tokenizer = AutoConfig.from_pretrained(base), AutoTokenizer.from_pretrained(base)
-    except OSError as exc:
-        raise ExportError(f"could not load base model {base}: {brief(exc)}") from exc
+    config, tokenizer = _config_and_tokenizer(base)
     if fmt != "hf":
         check_llama_layout(config, fmt)
     sp_file = _sentencepiece_file(base)
@@ -189,17 +184,33 @@ def export(
             name = Path(base).name + (f"-{adapter_dir.name}" if adapter_dir else "")
             write_gguf(source, tokenizer, vocab, tmp / filename, dtype, name)
             written = output_dir / filename
-        for extra in ADAPTER_EXTRAS:
-            if adapter_dir is not None and (adapter_dir / extra).is_file():
-                shutil.copyfile(adapter_dir / extra, tmp / extra)
-        marker = {
-            "source": base,
-            "adapter": str(adapter_dir) if adapter_dir else None,
-            "format": fmt,
-            "dtype": dtype,
-        }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _write_provenance(tmp, base, adapter_dir, fmt, dtype)
     return written, notes
+
+
+def _config_and_tokenizer(base: str) -> tuple[Any, Any]:
+    """The base's config and tokenizer, read without any weight."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        return AutoConfig.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    except OSError as exc:
+        raise ExportError(f"could not load base model {base}: {brief(exc)}") from exc
+
+
+def _write_provenance(folder: Path, base: str, adapter_dir: Path | None, fmt: str, dtype: str) -> None:
+    """The adapter's card and template files beside the export, and the marker saying what it was
+    made from."""
+    for extra in ADAPTER_EXTRAS:
+        if adapter_dir is not None and (adapter_dir / extra).is_file():
+            shutil.copyfile(adapter_dir / extra, folder / extra)
+    marker = {
+        "source": base,
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "format": fmt,
+        "dtype": dtype,
+    }
+    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def _parser() -> argparse.ArgumentParser:
