@@ -178,15 +178,7 @@ def compare(
     template, else alpaca. Returns {"base", "adapter" (None without one), "template", ...}.
     """
     from ..formats.weights_sources import materialize
-    from ..model.loading import (
-        attach_adapter,
-        check_adapter_dir,
-        check_identity,
-        load_base,
-        load_tokenizer,
-        pick_device,
-        pick_precision,
-    )
+    from ..model.loading import check_adapter_dir, load_base, load_tokenizer, pick_device, pick_precision
     from ..model.weights import resolve_base_model
 
     check_records(records)
@@ -211,17 +203,23 @@ def compare(
             result["adapter"] = None
             return result
 
-        card = folder / CARD_JSON
-        if card.is_file():
-            check_identity(
-                json.loads(card.read_text(encoding="utf-8")).get("base_model", {}), model, str(adapter)
-            )
         # Attach first, so a broken adapter fails before the base has been scored for nothing.
-        model = attach_adapter(model, folder).eval()
+        model = _attach_checked(model, folder, str(adapter))
         with model.disable_adapter():
             result["base"] = evaluate_model(model, tokenizer, records, template, **kwargs)
         result["adapter"] = evaluate_model(model, tokenizer, records, template, **kwargs)
     return result
+
+
+def _attach_checked(model: Any, folder: Path, source: str) -> Any:
+    """The adapter in `folder` attached to `model`, once its training card (when it has one) names
+    this base model."""
+    from ..model.loading import attach_adapter, check_identity
+
+    card = folder / CARD_JSON
+    if card.is_file():
+        check_identity(json.loads(card.read_text(encoding="utf-8")).get("base_model", {}), model, source)
+    return attach_adapter(model, folder).eval()
 
 
 def _pick_template(name: str, adapter_dir: Path | None) -> PromptTemplate:
