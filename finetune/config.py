@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,8 +15,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = PROJECT_ROOT / "weights"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MODEL_DIR = WEIGHTS_DIR / DEFAULT_MODEL_NAME
-# Environment variable that points at a base model folder (or hub id) instead of the default.
-BASE_MODEL_ENV = "BASE_MODEL"
 SAMPLE_DATA = PROJECT_ROOT / "data" / "sample_alpaca.json"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -257,10 +254,3 @@ def parse_bool(text: str) -> bool:
     if value in {"0", "false", "no", "off"}:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def env_flag(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}

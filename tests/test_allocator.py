@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from finetune.cog import cogtools
+from finetune.settings import JEMALLOC_ENV
 from finetune.training import allocator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,24 +50,25 @@ def probe(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_environment_gets_the_library_once(monkeypatch):
-    monkeypatch.setenv(allocator.ENV, "/opt/lib/libjemalloc.so.2")
-    env = allocator.with_jemalloc({"LD_PRELOAD": "libother.so", "A": "1"})
-    assert env == {"LD_PRELOAD": "/opt/lib/libjemalloc.so.2 libother.so", "A": "1"}
+    # The choice is the new process's: TRAIN_JEMALLOC in the environment given, not this process's.
+    monkeypatch.setenv(JEMALLOC_ENV, "off")
+    lib = {JEMALLOC_ENV: "/opt/lib/libjemalloc.so.2"}
+    env = allocator.with_jemalloc({**lib, "LD_PRELOAD": "libother.so", "A": "1"})
+    assert env == {**lib, "LD_PRELOAD": "/opt/lib/libjemalloc.so.2 libother.so", "A": "1"}
     assert allocator.with_jemalloc(env) == env  # already there: not twice
-    monkeypatch.setenv(allocator.ENV, "off")
-    assert allocator.with_jemalloc({"A": "1"}) == {"A": "1"}
-    assert allocator.library() is None
+    assert allocator.with_jemalloc({JEMALLOC_ENV: "off", "A": "1"}) == {JEMALLOC_ENV: "off", "A": "1"}
+    assert allocator.library("off") is None
 
 
 def test_the_local_training_server_gets_it_and_the_predictor_does_not(monkeypatch):
-    monkeypatch.setenv(allocator.ENV, "/opt/lib/libjemalloc.so.2")
+    monkeypatch.setenv(JEMALLOC_ENV, "/opt/lib/libjemalloc.so.2")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     assert cogtools.server_env("train", 5000)["LD_PRELOAD"] == "/opt/lib/libjemalloc.so.2"
     assert "LD_PRELOAD" not in cogtools.server_env("predict", 5000)
 
 
 def test_a_training_process_restarts_itself_with_the_library_preloaded(stand_in):
-    done = probe({allocator.ENV: str(stand_in)})
+    done = probe({JEMALLOC_ENV: str(stand_in)})
     assert done.returncode == 0, done.stderr
     # The same arguments after the restart, and the library mapped into the process.
     assert done.stdout.strip() == "preloaded True ['--flag', 'value']"
@@ -74,7 +76,7 @@ def test_a_training_process_restarts_itself_with_the_library_preloaded(stand_in)
 
 def test_a_library_that_cannot_load_means_one_try_and_a_reason(tmp_path):
     missing = tmp_path / "libjemalloc.so.2"
-    done = probe({allocator.ENV: str(missing)})
+    done = probe({JEMALLOC_ENV: str(missing)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "preloaded False ['--flag', 'value']"
     assert f"training with glibc's malloc: {missing} could not be preloaded" in done.stderr
@@ -83,11 +85,11 @@ def test_a_library_that_cannot_load_means_one_try_and_a_reason(tmp_path):
 def test_without_jemalloc_training_says_how_to_get_it(monkeypatch, capsys):
     if allocator.preloaded():
         pytest.skip("this test process already runs on jemalloc")
-    monkeypatch.setenv(allocator.ENV, "auto")
+    monkeypatch.setenv(JEMALLOC_ENV, "auto")
     monkeypatch.delenv(allocator._TRIED, raising=False)
     monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: None)
     allocator.restart_with_jemalloc()  # returns: nothing to restart with
     assert "apt install libjemalloc2" in capsys.readouterr().err
-    monkeypatch.setenv(allocator.ENV, "off")
+    monkeypatch.setenv(JEMALLOC_ENV, "off")
     allocator.restart_with_jemalloc()
     assert capsys.readouterr().err == ""

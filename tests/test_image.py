@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from finetune.model.devices import SERVE, TRAIN, DeviceError, Facts, choose, read_driver_version, resolve
+from finetune.settings import SettingsError
 from tests.test_foundation import dockerignore_excludes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,15 +167,14 @@ def test_no_driver_at_all_is_named_with_the_way_to_pass_gpus_in():
 
 
 @pytest.mark.parametrize("role", [SERVE, TRAIN], ids=lambda r: r.env)
-def test_cpu_on_purpose_runs_with_a_logged_warning(role, monkeypatch, caplog):
-    monkeypatch.setenv(role.env, "cpu")
+def test_cpu_on_purpose_runs_with_a_logged_warning(role, caplog):
     with caplog.at_level(logging.WARNING, logger="finetune.model.devices"):
-        assert resolve(role, facts=NO_GPU) == "cpu"
+        assert resolve(role, "cpu", facts=NO_GPU) == "cpu"
     [record] = caplog.records
     assert record.message.startswith(f"{role.env}=cpu: ")
     assert "550.54.15" in record.message and "R580" in record.message
     seen: list[str] = []
-    assert resolve(role, warn=seen.append, facts=NO_GPU) == "cpu" and len(seen) == 1
+    assert resolve(role, "cpu", warn=seen.append, facts=NO_GPU) == "cpu" and len(seen) == 1
 
 
 def test_the_cpu_wheel_never_expects_a_gpu():
@@ -218,13 +218,14 @@ def test_the_entry_points_check_the_device_before_loading_anything(monkeypatch, 
     from finetune.training.cli import main
     from predict import Predictor
 
+    # The settings are parsed first (finetune/settings.py): a bad device is a SettingsError there.
     monkeypatch.setenv("SERVE_DEVICE", "tpu")
-    with pytest.raises(DeviceError, match="SERVE_DEVICE='tpu'"):
+    with pytest.raises(SettingsError, match="SERVE_DEVICE='tpu' is not a device"):
         Predictor().setup()
 
     monkeypatch.setenv("TRAIN_DEVICE", "tpu")
     monkeypatch.setenv("TRAINING_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
-    with pytest.raises(DeviceError, match="TRAIN_DEVICE='tpu'"):
+    with pytest.raises(SettingsError, match="TRAIN_DEVICE='tpu' is not a device"):
         run_training(lambda output_dir: pytest.fail("configured before the device check"))
     assert not (tmp_path / "checkpoints").exists()
 

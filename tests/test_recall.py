@@ -84,6 +84,7 @@ def test_auto_length_stops_on_a_plateau_and_writes_the_best_evaluations_adapter(
 ):
     from peft.utils import set_peft_model_state_dict
 
+    from finetune.settings import TrainSettings
     from finetune.training.trainer import plan_run
 
     out = tmp_path / "adapter"
@@ -101,7 +102,7 @@ def test_auto_length_stops_on_a_plateau_and_writes_the_best_evaluations_adapter(
     assert "(kept)" in (out / "README.md").read_text()
     # The saved tensors are the kept evaluation's: recomputed from the file, its figures come back.
     set_peft_model_state_dict(result.model, load_file(out / "adapter_model.safetensors"))
-    plan = plan_run(config_from_args(args, environ={}))
+    plan = plan_run(config_from_args(args, environ={}), TrainSettings())
     again = greedy_recall(
         result.model, plan.recall_examples, plan.tokenizer.pad_token_id, torch.device("cpu"), nullcontext
     )

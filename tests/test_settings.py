@@ -1,15 +1,27 @@
-"""The server's settings (finetune/settings.py): read from the environment once, every value checked,
-all bad ones reported together; a server given settings reads nothing else."""
+"""The environment settings (finetune/settings.py): the server's and the training's, each read from
+the environment once, every value checked, all bad ones reported together; a server or a training
+given settings reads nothing else, and no other module reads a setting of its own."""
 
 from __future__ import annotations
 
+import ast
 import re
+import stat
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from finetune.engine.scheduler import EngineLimits
-from finetune.settings import ServeSettings, SettingsError
+from finetune.settings import (
+    ServeSettings,
+    SettingsError,
+    TrainSettings,
+    base_model_from_env,
+    jemalloc_from_env,
+)
+
+PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
 
 
 def test_an_empty_environment_gives_the_documented_defaults():
@@ -142,3 +154,201 @@ def test_a_server_takes_its_settings_and_the_keyword_overrides(tiny_model_dir, m
     limits = server.engine.limits
     assert (limits.max_batch, limits.kv_tokens, limits.prefill_chunk) == (3, 999, 32)
     assert server.quantization == "none" and str(server.precision.weights) == "torch.float32"
+
+
+# --- the training's settings -------------------------------------------------------------------
+
+
+def test_an_empty_environment_gives_the_training_defaults():
+    settings = TrainSettings.from_env({})
+    assert settings == TrainSettings()
+    assert (settings.device, settings.strategy, settings.base_model) == ("auto", "auto", None)
+    assert settings.checkpoints_kept == 8
+    assert settings.checkpoint_root == Path.home() / ".cache" / "finetune" / "training-checkpoints"
+    blank = {
+        name: " "
+        for name in (
+            "TRAIN_DEVICE",
+            "TRAIN_STRATEGY",
+            "BASE_MODEL",
+            "TRAINING_CHECKPOINT_DIR",
+            "TRAINING_CHECKPOINT_KEEP",
+            "XDG_CACHE_HOME",
+        )
+    }
+    assert TrainSettings.from_env(blank) == settings  # set but blank is unset
+    assert jemalloc_from_env({}) == jemalloc_from_env({"TRAIN_JEMALLOC": " "}) == "auto"
+    assert base_model_from_env({}) is base_model_from_env({"BASE_MODEL": ""}) is None
+
+
+def test_every_training_variable_reaches_its_field(tmp_path):
+    settings = TrainSettings.from_env(
+        {
+            "TRAIN_DEVICE": " CPU ",
+            "TRAIN_STRATEGY": "FSDP",
+            "BASE_MODEL": "huggyllama/llama-7b",
+            "TRAINING_CHECKPOINT_DIR": "~/trainings",
+            "TRAINING_CHECKPOINT_KEEP": "3",
+            "XDG_CACHE_HOME": str(tmp_path),
+            "TRAIN_JEMALLOC": "/opt/lib/libjemalloc.so.2",  # not a field: jemalloc_from_env alone
+        }
+    )
+    assert settings == TrainSettings(
+        device="cpu",
+        strategy="fsdp",
+        base_model="huggyllama/llama-7b",
+        checkpoint_dir=Path.home() / "trainings",
+        cache_home=tmp_path,
+        checkpoints_kept=3,
+    )
+    assert settings.checkpoint_root == Path.home() / "trainings"
+    cached = TrainSettings.from_env({"XDG_CACHE_HOME": str(tmp_path)})
+    assert cached.checkpoint_root == tmp_path / "finetune" / "training-checkpoints"
+    assert jemalloc_from_env({"TRAIN_JEMALLOC": " off "}) == "off"
+
+
+def test_all_bad_training_values_are_reported_at_once_with_their_variables():
+    with pytest.raises(SettingsError) as info:
+        TrainSettings.from_env(
+            {
+                "TRAINING_CHECKPOINT_KEEP": "0",
+                "TRAIN_STRATEGY": "zero3",
+                "TRAIN_DEVICE": "tpu",
+                "BASE_MODEL": "anything",  # a good one among them: checked where it is loaded
+            }
+        )
+    expected = [  # in the order of the fields
+        "TRAIN_DEVICE='tpu' is not a device: use one of auto, cuda, cpu",
+        "TRAIN_STRATEGY='zero3' is not a training strategy: use ddp (a whole model per process), "
+        "fsdp (the model sharded over the processes) or auto",
+        "TRAINING_CHECKPOINT_KEEP='0': use a whole number >= 1",
+    ]
+    message = str(info.value)
+    assert message.startswith(f"{len(expected)} training settings are invalid:")
+    assert [line.removeprefix("  - ") for line in message.splitlines()[1:]] == expected
+    with pytest.raises(SettingsError, match=r"^TRAINING_CHECKPOINT_KEEP='eight': use a whole number >= 1$"):
+        TrainSettings.from_env({"TRAINING_CHECKPOINT_KEEP": "eight"})
+    # Made or changed in code: checked too.
+    with pytest.raises(SettingsError, match=re.escape("TRAIN_STRATEGY='zero3'")):
+        replace(TrainSettings(), strategy="zero3")
+    with pytest.raises(SettingsError, match=re.escape("TRAINING_CHECKPOINT_KEEP=0")):
+        TrainSettings(checkpoints_kept=0)
+
+
+BAD_ENVIRONMENT = {
+    "TRAIN_DEVICE": "tpu",
+    "TRAIN_STRATEGY": "zero3",
+    "TRAINING_CHECKPOINT_KEEP": "0",
+    "BASE_MODEL": "./no/such/model",
+    "SERVE_DEVICE": "tpu",
+}
+
+
+@pytest.fixture
+def bad_environment(monkeypatch) -> None:
+    """An environment that stops whatever reads a setting from it."""
+    for name, value in BAD_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_training_given_settings_reads_no_environment(bad_environment, tiny_model_dir, tiny_data, tmp_path):
+    from finetune.config import DataConfig, TrainConfig
+    from finetune.training.trainer import plan_run
+
+    cfg = TrainConfig(
+        output_dir=str(tmp_path / "adapter"),
+        max_steps=1,
+        batch_size=4,
+        micro_batch_size=2,
+        data=DataConfig(data_path=str(tiny_data), val_set_size=0),
+    )
+    assert cfg.base_model is None  # the base comes from the settings
+    settings = TrainSettings(device="auto", strategy="fsdp", base_model=str(tiny_model_dir))
+    plan = plan_run(cfg, settings)
+    assert plan.base_path == str(tiny_model_dir)
+    assert plan.place.strategy == "fsdp"  # the settings', not the memory plan's choice
+    # Without settings, train() parses the environment first: every bad value, before any data.
+    from finetune.training.trainer import train
+
+    with pytest.raises(SettingsError, match="^3 training settings are invalid"):
+        train(cfg)
+
+
+def test_the_train_service_takes_its_folder_and_keep_count_from_its_settings(
+    bad_environment, tmp_path, monkeypatch
+):
+    from finetune.cog import service_train
+    from finetune.config import TrainConfig
+
+    seen: list[object] = []
+
+    def fake_train(cfg, log, settings):
+        seen.append(settings)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(service_train, "train", fake_train)
+    monkeypatch.setattr(service_train, "train_device", lambda device, log: seen.append(device))
+    settings = TrainSettings(device="cpu", checkpoint_dir=tmp_path / "trainings", checkpoints_kept=2)
+    with pytest.raises(RuntimeError, match="stop here"):
+        service_train.run_training(lambda output_dir: TrainConfig(output_dir=output_dir), settings=settings)
+    assert seen == ["cpu", settings]  # the device checked first, then the training given the same settings
+    root = tmp_path / "trainings"
+    assert root.is_dir() and stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert list(root.iterdir()) == []  # the failed training's folder is gone
+
+
+def test_the_cli_reports_every_bad_setting_before_any_work(bad_environment, monkeypatch, capsys, tmp_path):
+    from finetune.model import devices
+    from finetune.training import trainer
+    from finetune.training.cli import main
+
+    monkeypatch.setattr(devices, "train_device", lambda *a, **k: pytest.fail("the device was probed"))
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("a training started"))
+    assert main(["--output_dir", str(tmp_path / "adapter")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 3 training settings are invalid:")
+    assert all(
+        name in err for name in ("TRAIN_DEVICE='tpu'", "TRAIN_STRATEGY='zero3'", "TRAINING_CHECKPOINT_KEEP")
+    )
+
+
+def test_the_device_comes_from_the_parsed_settings(bad_environment):
+    from finetune.model.devices import serve_device
+
+    assert serve_device(ServeSettings(device="cpu")) == "cpu"
+    with pytest.raises(SettingsError, match="SERVE_DEVICE='tpu' is not a device"):
+        serve_device()  # without settings: parsed from the environment, all of it
+
+
+# Modules that read the environment for something other than a setting of their own, and what.
+NOT_SETTINGS = {
+    "finetune.settings": "the settings themselves",
+    "finetune.engine.kernel": "SERVE_COMPILE_CACHE and CXX where the kernel is built (names in settings.py)",
+    "finetune.cog.cogtools": "the environment of the Cog servers it starts",
+    "finetune.model.devices": "NVIDIA_VISIBLE_DEVICES, a fact of the container",
+    "finetune.training.distributed": "torchrun's WORLD_SIZE and LOCAL_RANK, facts of the process",
+    "finetune.training.allocator": "LD_PRELOAD and its restart marker; the environment it restarts with",
+    "finetune.training.cli": "the flags' defaults (MICRO_BATCH_SIZE, DATA_PATH, ...), one per flag",
+    "finetune.training.progress": "WANDB_* set for wandb",
+}
+
+
+def environment_readers() -> set[str]:
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("environ", "getenv", "environb")
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "os"
+            ):
+                parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+                found.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return found
+
+
+def test_no_module_reads_a_setting_of_its_own():
+    readers = environment_readers()
+    assert "finetune.settings" in readers  # the walk sees them
+    assert readers - set(NOT_SETTINGS) == set()

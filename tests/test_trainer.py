@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from finetune.cog.cogtools import free_port
 from finetune.config import ConfigError, TrainConfig
 from finetune.model.loading import ModelError
+from finetune.settings import TrainSettings
 from finetune.training.cli import config_from_args
 from finetune.training.cli import main as cli_main
-from finetune.training.distributed import check_strategy, strategy_from_env
+from finetune.training.distributed import check_strategy
 from finetune.training.schedule import plan_steps
 from finetune.training.stopping import TrainingStopped
 from finetune.training.trainer import checkpoint_root, train
@@ -733,8 +734,8 @@ def test_a_4bit_base_sharded_over_two_ranks_trains_as_one_process(tiny_model_dir
     ("value", "expected"), [("", "auto"), ("auto", "auto"), ("DDP", "ddp"), (" fsdp ", "fsdp")]
 )
 def test_train_strategy_reads_ddp_fsdp_or_auto(value, expected):
-    assert strategy_from_env({"TRAIN_STRATEGY": value}) == expected
-    assert strategy_from_env({}) == "auto"
+    assert TrainSettings.from_env({"TRAIN_STRATEGY": value}).strategy == expected
+    assert TrainSettings.from_env({}).strategy == "auto"
 
 
 def test_a_bad_train_strategy_fails_before_the_model_loads(tiny_model_dir, tiny_data, tmp_path, monkeypatch):

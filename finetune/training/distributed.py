@@ -1,8 +1,9 @@
 """Distributed set-up: this process's place among the training processes (torchrun's RANK,
-LOCAL_RANK and WORLD_SIZE), where it computes, and how the model is spread over the processes.
+LOCAL_RANK and WORLD_SIZE: facts torchrun gives each process, read here, not settings), where it
+computes, and how the model is spread over the processes.
 
-Two strategies, TRAIN_STRATEGY (ddp, fsdp, or auto: the memory plan's choice, ddp while the whole
-model fits each GPU):
+Two strategies, TRAIN_STRATEGY (TrainSettings.strategy: ddp, fsdp, or auto: the memory plan's
+choice, ddp while the whole model fits each GPU):
 
 * ddp: every process holds the whole model; DistributedDataParallel averages the gradients.
 * fsdp: FSDP2 (`fully_shard`) keeps 1/world_size of every weight per process, frozen base and
@@ -16,7 +17,7 @@ checkpoint, the best evaluation's copy) goes through `whole_lora`, `lora_state` 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError
 from ..model.loading import ModelError, Precision
+from ..settings import STRATEGIES, STRATEGY_ENV
 
-STRATEGY_ENV = "TRAIN_STRATEGY"
-STRATEGIES = ("ddp", "fsdp")
 AUTO_STRATEGY = "ddp"  # where no memory plan decides (one process, or a plan without a strategy)
 
 
@@ -55,23 +55,6 @@ def init_distributed(device_type: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return Dist(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world)
-
-
-def parse_strategy(value: str) -> str:
-    """ddp, fsdp or auto (the memory plan decides) from a TRAIN_STRATEGY value."""
-    choice = value.strip().lower() or "auto"
-    if choice == "auto":
-        return choice
-    if choice not in STRATEGIES:
-        raise ConfigError(
-            f"{STRATEGY_ENV}={value!r} is not a training strategy: use ddp (a whole model per "
-            "process), fsdp (the model sharded over the processes) or auto"
-        )
-    return choice
-
-
-def strategy_from_env(environ: Mapping[str, str] = os.environ) -> str:
-    return parse_strategy(environ.get(STRATEGY_ENV, "auto"))
 
 
 @dataclass

@@ -15,19 +15,20 @@ from ..data import prompts
 from ..data.dataset_file import read_records
 from ..data.encoding import Encoded, encode_example
 from ..data.records import Record, split_records
-from ..model.weights import resolve_base_model
+from ..model.weights import base_model_path
 from .checkpoints import checkpoint_root, find_checkpoint, run_fingerprint
 from .run_state import Data
 
 
-def read_data(cfg: TrainConfig) -> Data:
-    """The dataset read, checked and split, the base model resolved, and a checkpoint to resume."""
+def read_data(cfg: TrainConfig, base_model: str | None) -> Data:
+    """The dataset read, checked and split, the base model resolved (--base_model, else
+    `base_model`: TrainSettings.base_model, BASE_MODEL), and a checkpoint to resume."""
     records = read_records(cfg.data.data_path)  # bad data fails here, before any model loads
     data_bytes = Path(cfg.data.data_path).read_bytes()
     train_records, val_records = split_records(records, cfg.data.val_set_size, cfg.seed)
     check_output_writable(cfg.output_dir)
     template = prompts.load_template(cfg.data.prompt_template_name)
-    base_path = resolve_base_model(cfg.base_model)
+    base_path = base_model_path(cfg.base_model or base_model)
     fingerprint = run_fingerprint(cfg, data_bytes, base_path)
     checkpoint = find_checkpoint(cfg, fingerprint)
     return Data(records, data_bytes, train_records, val_records, template, base_path, fingerprint, checkpoint)

@@ -37,6 +37,7 @@ from ..memory.plan import plan_for_config
 from ..model.adapter_folder import save_adapter
 from ..model.devices import train_device
 from ..model.loading import base_identity, load_for_training, load_tokenizer, pick_device, pick_precision
+from ..settings import STRATEGIES, TrainSettings
 from .card import training_card
 from .checkpoints import (
     CHECKPOINT_PREFIX,
@@ -48,7 +49,6 @@ from .checkpoints import (
 )
 from .distributed import (
     AUTO_STRATEGY,
-    STRATEGIES,
     Dist,
     Placement,
     check_strategy,
@@ -57,7 +57,6 @@ from .distributed import (
     load_lora_state,
     same_as_main,
     skip_grad_sync,
-    strategy_from_env,
     whole_lora,
     wrap_for_training,
 )
@@ -77,13 +76,16 @@ def train(
     cfg: TrainConfig,
     on_step: Callable[[dict[str, float]], None] | None = None,
     log: Callable[[str], None] = log_line,
+    settings: TrainSettings | None = None,
 ) -> TrainResult:
     """Dataset file -> adapter folder with its training card, in the order the data flows: plan the
-    run (no model yet), build the model and optimizer, run the steps, finish (evaluate, save)."""
+    run (no model yet), build the model and optimizer, run the steps, finish (evaluate, save).
+    `settings`: the environment's (TRAIN_DEVICE, TRAIN_STRATEGY, BASE_MODEL), parsed here if not given."""
     started = time.time()
+    settings = settings or TrainSettings.from_env()
     # From the start: a SIGTERM while the model loads stops the run before its first step.
     with StopFlag() as stop:
-        plan = plan_run(cfg)
+        plan = plan_run(cfg, settings)
         cfg = settle_memory(cfg, plan.place)
         state = build_run(cfg, plan)
         log_start(cfg, plan, state, log)
@@ -94,11 +96,11 @@ def train(
 # --- plan ----------------------------------------------------------------------------------------
 
 
-def plan_run(cfg: TrainConfig) -> RunPlan:
+def plan_run(cfg: TrainConfig, settings: TrainSettings) -> RunPlan:
     """Read, split and encode the data and size the run; every check that needs no model runs here.
     The memory plan settles auto settings here; settle_memory then puts them in `cfg`."""
-    data = read_data(cfg)
-    place = place_process(cfg, data)
+    data = read_data(cfg, settings.base_model)
+    place = place_process(cfg, data, settings)
     base_path = data.base_path
     tokenizer = load_tokenizer(base_path)
     train_examples = encode_records(data.train_records, tokenizer, data.template, cfg)
@@ -124,11 +126,11 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     )
 
 
-def place_process(cfg: TrainConfig, data: Data) -> Placement:
+def place_process(cfg: TrainConfig, data: Data, settings: TrainSettings) -> Placement:
     """Device, rank, precision and the memory plan (which settles auto quantization, gradient
     checkpointing and strategy). A fresh run moves an earlier run's checkpoints aside here, once
     the main process is known."""
-    device = pick_device(train_device())
+    device = pick_device(train_device(settings.device))
     dist = init_distributed(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -146,7 +148,7 @@ def place_process(cfg: TrainConfig, data: Data) -> Placement:
     autocast = (
         (lambda: torch.autocast(device.type, dtype=precision.compute)) if precision.autocast else nullcontext
     )
-    strategy = strategy_from_env()
+    strategy = settings.strategy
     if strategy == "auto":
         strategy = (
             memory.settings.get("strategy")
