@@ -140,3 +140,78 @@ def test_packages_import_only_those_below_them():
     edges = graph()
     assert {package_of(m) for m in edges} == set(RANKS)  # a new package or top-level module gets a rank
     assert upward_imports(edges) == []
+
+
+# --- size: no module over ~600 lines, no function over ~60 ---------------------------------------
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 60  # the `def` line to the last line, docstring included, decorators not
+
+# Allowed over the limits only while other work in progress splits them: a module by its path, a
+# function by path:qualified name. The tests fail on an entry that is within its limit again, so
+# this list can only shrink; it is to be empty once that work has landed.
+PENDING = {
+    "finetune/cog/cogtools.py": "module being split",
+    "finetune/engine/cpu_step.py": "module being split",
+    "finetune/engine/scheduler.py": "module being split",
+}
+
+
+def relative(path: Path) -> str:
+    return path.relative_to(PACKAGE.parent).as_posix()
+
+
+def function_lengths(source: str, where: str) -> dict[str, int]:
+    """Every function and method in `source` by `where:Class.method` (nested ones as
+    `outer.inner`), with its length in lines."""
+    out: dict[str, int] = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    length = child.end_lineno - child.lineno + 1
+                    out[f"{where}:{name}"] = max(length, out.get(f"{where}:{name}", 0))
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+
+    visit(ast.parse(source), "")
+    return out
+
+
+def sizes() -> tuple[dict[str, int], dict[str, int]]:
+    """Every module of the package with its length in lines, and every function with its own."""
+    modules: dict[str, int] = {}
+    functions: dict[str, int] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        modules[relative(path)] = len(text.splitlines())
+        functions |= function_lengths(text, relative(path))
+    return modules, functions
+
+
+def check_sizes(lengths: dict[str, int], limit: int, pending: list[str], what: str) -> None:
+    over = {name: n for name, n in lengths.items() if n > limit}
+    offenders = sorted(f"{name} ({n} lines)" for name, n in over.items() if name not in pending)
+    assert not offenders, f"{what} over {limit} lines: {', '.join(offenders)}"
+    done = sorted(name for name in pending if name not in over)
+    assert not done, f"{', '.join(done)}: within {limit} lines now (or gone); remove from PENDING"
+
+
+def test_function_lengths_are_measured_from_def_to_last_line():
+    source = "@cache\ndef f():\n    '''doc'''\n    return 1\n\n\nclass A:\n    def m(self):\n        def g():\n            pass\n"
+    assert function_lengths(source, "x.py") == {"x.py:f": 3, "x.py:A.m": 3, "x.py:A.m.g": 2}
+
+
+def test_no_module_is_over_600_lines():
+    modules, _ = sizes()
+    assert len(modules) > 20 and "finetune/config.py" in modules  # the walk sees the package
+    check_sizes(modules, MAX_MODULE_LINES, [name for name in PENDING if ":" not in name], "modules")
+
+
+def test_no_function_is_over_60_lines():
+    _, functions = sizes()
+    assert "finetune/formats/archives.py:_Tree.claim" in functions  # the walk sees methods too
+    check_sizes(functions, MAX_FUNCTION_LINES, [name for name in PENDING if ":" in name], "functions")
