@@ -33,7 +33,7 @@ def linear(out_features: int, in_features: int, seed: int = 0) -> torch.nn.Linea
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_decode_uses_the_low_bit_weight_and_prompts_the_fp32_one(kind):
+def test_decode_uses_the_low_bit_weight_and_prompts_the_one_their_kind_picks(kind):
     layer = linear(96, 64)
     reference = F.linear  # before quantize() replaces the forward
     assert quant.quantize(torch.nn.Sequential(layer), kind) == 1
@@ -51,12 +51,18 @@ def test_decode_uses_the_low_bit_weight_and_prompts_the_fp32_one(kind):
     assert torch.allclose(got, want, rtol=2e-2, atol=2e-2)
     assert not torch.allclose(got, reference(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
     # Any number of rows takes the low-bit kernel (a batch row's numbers must not depend on the
-    # batch), and a prompt the fp32 weights, in the engine's fp32_weights() block.
+    # batch). A prompt (the engine's prefill() block) takes our int8 kernel too, the same bits row
+    # by row; torch's kernels' layers (int4) prefill through the fp32 weight. fp32_weights() is fp32.
     rows = torch.randn(40, 64)
     assert torch.equal(layer(rows)[:3], layer(rows[:3]))
+    fp32 = reference(rows, layer.weight, layer.bias)
+    with quant.prefill():
+        prompt = layer(rows)
+    assert quant.prefills_quantized(kind) == (kind == "int8" and quant.int8_kernel() == "finetune")
+    assert torch.equal(prompt, layer(rows) if quant.prefills_quantized(kind) else fp32)
     with quant.fp32_weights():
-        assert torch.equal(layer(rows), reference(rows, layer.weight, layer.bias))
-    assert not torch.equal(layer(rows), reference(rows, layer.weight, layer.bias))
+        assert torch.equal(layer(rows), fp32)
+    assert not torch.equal(layer(rows), fp32)
 
 
 @pytest.mark.parametrize(
