@@ -12,7 +12,9 @@ are what to read. Prints ms per pass, the bytes of weights streamed per second, 
 kernel's time against fp32's.
 
 `--against REV` builds the kernel's source at git revision REV (its op renamed, into a temporary
-folder) and runs it too, with the same FINETUNE_INT8_ISA cap: old against new in one process."""
+folder) and runs it too, with the same FINETUNE_INT8_ISA cap: old against new in one process.
+`--threads 1 --cpu-time` times the thread's CPU seconds instead of wall seconds: on a machine busy
+with other jobs, a measure of the work, not of the memory or the machine's other cores."""
 
 from __future__ import annotations
 
@@ -65,7 +67,14 @@ def main() -> None:
     parser.add_argument("--rows", default="1,8,64,512", help="comma-separated row counts")
     parser.add_argument("--against", metavar="REV", help="also run our kernel as of this git revision")
     parser.add_argument("--no-torch-int8", action="store_true", help="skip torch's int8 kernel")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="with --threads 1: time the thread's CPU seconds, not wall seconds (a busy machine)",
+    )
     args = parser.parse_args()
+    if args.cpu_time and args.threads != 1:
+        sys.exit("--cpu-time measures one thread: use it with --threads 1")
     torch.set_num_threads(args.threads)
     if not kernel.available():
         sys.exit("the int8 kernel could not be built here (see above)")
@@ -89,7 +98,7 @@ def main() -> None:
         for rows in (int(r) for r in args.rows.split(",")):
             runs = kernels(rows, fp32, ours, theirs, against, not args.no_torch_int8)
             reps = max(3, args.reps * 8 // max(8, rows))  # fewer reps where a pass is long
-            seconds = alternate(runs, reps)
+            seconds = alternate(runs, reps, time.thread_time if args.cpu_time else time.perf_counter)
             base = seconds["fp32 F.linear"]
             for name, t in seconds.items():
                 width = 4 if name.startswith("fp32") else 1
@@ -122,16 +131,16 @@ def kernels(
     return runs
 
 
-def alternate(runs: dict[str, Callable], reps: int) -> dict[str, float]:
+def alternate(runs: dict[str, Callable], reps: int, clock: Callable[[], float]) -> dict[str, float]:
     """Median seconds of each, the kernels taking turns within every rep."""
     for fn in runs.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(reps):
         for name, fn in runs.items():
-            started = time.perf_counter()
+            started = clock()
             fn()
-            times[name].append(time.perf_counter() - started)
+            times[name].append(clock() - started)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

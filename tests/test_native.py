@@ -59,14 +59,15 @@ def test_a_prompts_rows_give_their_decode_bits(op):
     at any place in a prompt of any length (block edges included) as alone, so a prompt's cache does
     not depend on how it was chunked."""
     torch.manual_seed(3)
-    w = torch.randint(-127, 128, (70, 576), dtype=torch.int8)
-    scale = torch.rand(70, 9) * 0.01
-    x = torch.randn(300, 576)
+    # 1536 wide: blocks of 170 rows of int8 x, 42 of fp32 x (rows_per_pass), edges within 300 rows
+    w = torch.randint(-127, 128, (70, 1536), dtype=torch.int8)
+    scale = torch.rand(70, 24) * 0.01
+    x = torch.randn(300, 1536)
     x[5, 70] = float("nan")  # its group's outputs are NaN, and its row's only
     whole = op(x, w, scale)
     assert whole[5].isnan().all() and not whole[torch.arange(300) != 5].isnan().any()
     whole = whole.nan_to_num(nan=7.0)
-    for start, rows in ((0, 1), (63, 2), (64, 1), (100, 130), (299, 1), (0, 65), (7, 293)):
+    for start, rows in ((0, 1), (41, 2), (169, 2), (100, 130), (299, 1), (0, 171), (7, 293)):
         assert torch.equal(
             op(x[start : start + rows], w, scale).nan_to_num(nan=7.0), whole[start : start + rows]
         )

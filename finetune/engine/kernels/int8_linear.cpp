@@ -9,10 +9,10 @@
 // the number of rows and wherever a row falls in the batch, so a request's result does not depend
 // on what else is decoded with it, and a prompt's rows get the bits each would get alone.
 //
-// Many rows (a prompt): MB rows of x at a time go past each block of NB weight rows, MC of them
-// per pass over the block while it sits in the L1 cache, so the weights stream from memory once
-// per MB rows, not once per row. The blocking only decides which outputs are computed when, never
-// how: the same bits at any row count.
+// Many rows (a prompt): as many rows of x as the L2 cache holds (rows_per_pass) go past each block
+// of NB weight rows, MC of them per pass over the block while it sits in the L1 cache, so the
+// weights stream from memory once per such block of rows, not once per row. The blocking only
+// decides which outputs are computed when, never how: the same bits at any row count.
 //
 // Two ways to the sum, by CPU:
 // - AVX-512: each weight widened to fp32, scaled and multiplied with the fp32 activation.
@@ -46,7 +46,11 @@ namespace {
 constexpr int64_t LANES = 16;  // K is a multiple of this
 constexpr int64_t NB = 4;      // output rows per block: independent sums in flight
 constexpr int64_t PREFETCH_ROWS = 8;  // measured best of 8, 16, 32, 64 on the 2-core CPU
-constexpr int64_t MB = 64;     // rows of x per pass over a block of weights (prompts)
+constexpr int64_t X_BLOCK = 256 << 10;  // bytes of x per pass over the weights: within the L2 cache
+
+// Rows of x per pass over a block of weights: as many as X_BLOCK holds (a prompt's chunk of x stays
+// in the L2 cache while the weights stream past it once), 16 at least.
+int64_t rows_per_pass(int64_t K, int64_t bytes) { return std::max<int64_t>(16, X_BLOCK / (K * bytes)); }
 
 // x [M, K] rounded to int8 per group of G: x ~ xq * xs[m, g], the group's largest |x| mapping to 127
 // (half a step off at most: 1/254 of that largest value). A pure function of the row: a request's
@@ -160,6 +164,7 @@ __attribute__((target("avx512f,avx512bw,fma"))) void rows_avx512(const float* x,
                                                                   const float* scale, float* out, int64_t M,
                                                                   int64_t N, int64_t K, int64_t G, int64_t n0,
                                                                   int64_t n1) {
+  const int64_t MB = rows_per_pass(K, sizeof(float));
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int64_t m1 = std::min(M, m0 + MB);
     for (int64_t n = n0; n < n1; n += NB) {
@@ -254,13 +259,13 @@ __attribute__((target("avx2,fma"))) void chunk_avx2(const int8_t* xq, const floa
   }
 }
 
-// Rows [n0, n1) of w against all M rows of x, MB rows of x at a time: a block of NB weight rows is
-// read from memory once per MB rows of x (and from the L1 cache for each MC of them), so a
-// prompt's rows stream the weights M / MB times, not M times.
+// Rows [n0, n1) of w against all M rows of x, MB rows of x at a time (rows_per_pass): a block of NB
+// weight rows is read from memory once per MB rows of x (and from the L1 cache for each MC of
+// them), so a prompt's rows stream the weights M / MB times, not M times.
 __attribute__((target("avx2,fma"))) void rows_avx2(const int8_t* xq, const float* xs, const int8_t* w,
                                                    const float* scale, float* out, int64_t M, int64_t N,
                                                    int64_t K, int64_t G, int64_t n0, int64_t n1) {
-  const int64_t groups = K / G;
+  const int64_t groups = K / G, MB = rows_per_pass(K, sizeof(int8_t));
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int64_t m1 = std::min(M, m0 + MB);
     for (int64_t n = n0; n < n1; n += NB) {
