@@ -13,7 +13,8 @@ import pytest
 import requests
 import yaml
 
-from finetune.cog.cogtools import CogServer, build_schema
+from finetune.cog.cogtools import CogServer
+from finetune.cog.schema import build_schema
 from finetune.model.weights import WeightsError, resolve_base_model
 
 ROOT = Path(__file__).resolve().parent.parent

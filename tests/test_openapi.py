@@ -20,7 +20,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from finetune.cog.cogtools import CogServer, build_schema
+from finetune.cog.cogtools import CogServer
+from finetune.cog.schema import build_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 # Not positive_data_acceptance: coglet 0.23.1 rejects an explicit null for a nullable input and a
