@@ -13,7 +13,7 @@ import pytest
 import requests
 import yaml
 
-from finetune.cog.cogtools import CogServer
+from finetune.cog.cogtools import CogServer, server_messages, setup_summary
 from finetune.cog.schema import build_schema
 from finetune.model.weights import WeightsError, resolve_base_model
 
@@ -134,6 +134,11 @@ def bare_server(tmp_path_factory, embedded_model_dir):
 @pytest.mark.integration
 def test_real_server_is_ready_and_answers(bare_server):
     assert bare_server.health()["status"] == "READY"
+    # What `make predict` reads back from the server's log to say what the start cost: the
+    # predictor's own lines, out of coglet's JSON records.
+    messages = server_messages(bare_server, wait=10)
+    assert any(m.startswith("setup: base ") for m in messages), messages[-5:]
+    assert setup_summary(messages, 3.0).startswith("server ready in 3.0 s")
     resp = requests.post(
         f"{bare_server.url}/predictions",
         timeout=120,

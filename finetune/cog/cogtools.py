@@ -10,6 +10,7 @@ import base64
 import json
 import mimetypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -202,14 +203,69 @@ def save_data_uri(uri: str, dest: Path) -> Path:
     return dest
 
 
+# -- what a start cost -------------------------------------------------------------------------
+# `make predict` starts a server for one answer: it says how long that took and whether the decode
+# step was compiled this time (a first start) or loaded from the cache, read from what the server
+# already logs (the engine's "compile:" lines, the predictor's "setup:" line).
+DECODE_READY = re.compile(r"compile: decode step ready in ([0-9.]+) s")
+
+
+def log_messages(text: str) -> list[str]:
+    """The messages of a coglet log: coglet writes one JSON object a line, the worker's stderr lines
+    among them as fields.message; a line that is not such an object is taken as it is."""
+    messages = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        message = record.get("fields", {}).get("message") if isinstance(record, dict) else None
+        messages.append(message if isinstance(message, str) else line)
+    return messages
+
+
+def setup_summary(messages: list[str], seconds: float) -> str:
+    """One line: the server's time to ready, and what its decode step cost on this start."""
+    line = f"server ready in {seconds:.1f} s"
+    ready = next((m for m in map(DECODE_READY.match, messages) if m), None)
+    eager = next((m for m in messages if m.startswith("compile: decoding eagerly: ")), None)
+    if ready and any(m.startswith("compile: building") for m in messages):
+        line += f"; the decode step was compiled on this start in {ready[1]} s"
+        if any(m.startswith("compile cache: not using") for m in messages):
+            return line + ", in a temporary folder: later starts compile it again (see the log)"
+        return line + "; later starts load it from the cache"
+    if ready:
+        return line + f"; the decode step was loaded from the cache in {ready[1]} s (compiled before)"
+    if eager:
+        return line + "; " + eager.removeprefix("compile: ")
+    if any(m.startswith("compile: decode steps run as CUDA graphs") for m in messages):
+        return line + "; decode steps run as CUDA graphs"
+    return line
+
+
+def server_messages(server: CogServer, wait: float = 2.0) -> list[str]:
+    """The messages of the server's log so far; a predictor's, once its "setup:" line is in (coglet
+    writes it just before it answers READY)."""
+    deadline = time.monotonic() + (wait if server.mode == "predict" else 0)
+    while True:
+        text = Path(server.log_path).read_text(errors="replace") if server.log_path else ""
+        messages = log_messages(text)
+        if any(m.startswith("setup: base") for m in messages) or time.monotonic() >= deadline:
+            return messages
+        time.sleep(0.1)
+
+
 @contextmanager
 def _server(mode: str, port: int, weights: str | None) -> Iterator[CogServer]:
     log = PROJECT_ROOT / "outputs" / f"cog-{mode}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     server = CogServer(mode, port=port, weights=weights, log_path=log)
     print(f"starting the Cog server ({mode}) on {server.url}; log: {log}", file=sys.stderr)
+    started = time.monotonic()
     try:
-        yield server.start()
+        server.start()
+        print(setup_summary(server_messages(server), time.monotonic() - started), file=sys.stderr, flush=True)
+        yield server
     finally:
         server.stop()
 
