@@ -90,7 +90,7 @@ class Predictor(BaseRunner):
         ),
         seed: int | None = Input(description=field_doc(G, "seed"), default=None, ge=0, le=SCHEMA_MAX_SEED),
         prompt_template: str = Input(
-            description="auto = the adapter's own template (alpaca for the bare base); none = send the prompt as is.",
+            description="auto = the adapter's own template; without one, the base model's chat template if it has one, else alpaca. none = send the prompt as is.",
             default=AUTO,
             choices=TEMPLATE_CHOICES,
         ),

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.common import ALPACA
 from bench.serve_worker import PROMPTS, run_case
 from finetune.cog import cogtools
 
@@ -61,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"workdir": str(work), "clients": [args.clients], "per_client": args.per_client}
 
         def body(i: int) -> dict:
-            return {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": args.tokens, "temperature": 0}
+            return {
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "max_new_tokens": args.tokens,
+                "temperature": 0,
+                **ALPACA,
+            }
 
         results: dict[str, list[dict]] = {"ref": [], "this": []}
         for r in range(args.rounds):

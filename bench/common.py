@@ -25,6 +25,10 @@ BENCH_LORA = {
     "lora_target_modules": ["q_proj", "v_proj"],
 }
 
+# The serving benches send Alpaca-templated prompts, as their recorded baselines did: `auto` would
+# give the bare base its own chat template, whose prompts and answers differ in length.
+ALPACA = {"prompt_template": "alpaca"}
+
 
 def data_path() -> Path:
     """$BENCH_DATA (a machine without ../shared), else the real data set when it is there, else the sample."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    ALPACA,
     BENCH_LORA,
     load_avg,
     log,
@@ -107,7 +108,7 @@ def ours_generate(server: Any, prompt: str, max_new_tokens: int) -> dict[str, An
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0)
     stats = GenerationStats()  # its clock starts here
-    text = "".join(server.generate(prompt, settings=settings, stats=stats))
+    text = "".join(server.generate(prompt, settings=settings, prompt_template="alpaca", stats=stats))
     wall = time.perf_counter() - stats.started
     return {
         "wall_s": wall,
@@ -191,7 +192,7 @@ def http_round_trip(spec: dict[str, Any], server: Any, adapter: str) -> dict[str
     t0 = time.perf_counter()
     cog = CogServer(weights=adapter, log_path=workdir / "cog-server.log", env=extra).start(timeout=600)
     ready_s = time.perf_counter() - t0
-    payload = {"input": {"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0}}
+    payload = {"input": {"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0, **ALPACA}}
     http_s: list[float] = []
     local_s: list[float] = []
     predict_s: list[float] = []

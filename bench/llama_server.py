@@ -25,7 +25,6 @@ Writes bench/results/llama-server-<isa>.{json,md} (`-quick` added for `--quick`)
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
 import shutil
@@ -38,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, load_avg, log, median, write_json
+from bench.common import ALPACA, ROOT, load_avg, log, median, write_json
 
 # serve_worker's prompts where they fit the issue's 37-46 tokens (its story prompt is 49, so shortened
 # here), and four more, so that 8 requests are 8 different prompts. The first one decodes long.
@@ -71,25 +70,14 @@ Send = Callable[[int, int], dict[str, Any]]
 
 
 # -- set-up ------------------------------------------------------------------------------------
-def find(name: str, *modules: str) -> Any:
-    """`name` from the first of `modules` that has it: finetune's modules are moving into
-    subpackages, and the bench should not break on the move."""
-    problems = []
-    for module in modules:
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as exc:
-            problems.append(f"{module}: {exc}")
-    raise ImportError(f"{name} not found: {'; '.join(problems)}")
-
-
 def prompt_ids() -> list[list[int]]:
-    """Each prompt as our server encodes it (the Alpaca template the bare base gets, our tokenizer):
-    llama-server gets these ids, so both prefill exactly the same tokens."""
-    resolve = find("resolve_base_model", "finetune.model.weights", "finetune.weights")
-    load_tokenizer = find("load_tokenizer", "finetune.model.loading", "finetune.modeling")
-    load_template = find("load_template", "finetune.data.prompts", "finetune.prompts")
-    encode_prompt = find("encode_prompt", "finetune.data.encoding", "finetune.encoding")
+    """Each prompt as our server encodes it (the Alpaca template the requests ask for, our
+    tokenizer): llama-server gets these ids, so both prefill exactly the same tokens."""
+    from finetune.data.encoding import encode_prompt
+    from finetune.data.prompts import load_template
+    from finetune.model.loading import load_tokenizer
+    from finetune.model.weights import resolve_base_model as resolve
+
     tokenizer = load_tokenizer(resolve(None))
     template = load_template("alpaca")
     return [encode_prompt(tokenizer, template.render(p, "", tokenizer)) for p in PROMPTS]
@@ -208,7 +196,7 @@ def ours_send(url: str) -> Send:
     from finetune.cog.cogtools import iter_sse, post_sse
 
     def send(index: int, tokens: int) -> dict[str, Any]:
-        body = {"prompt": PROMPTS[index], "max_new_tokens": tokens, "temperature": 0}
+        body = {"prompt": PROMPTS[index], "max_new_tokens": tokens, "temperature": 0, **ALPACA}
         sent = time.perf_counter()
         resp = post_sse(url, body, timeout=600)
         if resp.status_code != 200:

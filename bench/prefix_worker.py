@@ -46,7 +46,12 @@ def main(spec_path: str, out_path: str) -> None:
             limits.prefix_tokens = cache_tokens if mode == "on" else 0  # read by the engine per request
             stats = GenerationStats()
             text = "".join(
-                server.generate(f"{context}\n\nQuestion: {question}", settings=settings, stats=stats)
+                server.generate(
+                    f"{context}\n\nQuestion: {question}",
+                    settings=settings,
+                    prompt_template="alpaca",
+                    stats=stats,
+                )
             )
             ttft[mode].append(stats.time_to_first_token * 1000)
             texts[mode].append(text)

@@ -27,8 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     setup_torch("cpu", args.threads)
     from finetune.engine import kernel
-    from finetune.serving import ModelServer
-    from finetune.weights import resolve_base_model
+    from finetune.model.weights import resolve_base_model
+    from finetune.serving.server import ModelServer
 
     with tempfile.TemporaryDirectory() as tmp:
         adapter = str(random_adapter(resolve_base_model(None), Path(tmp) / "random-adapter"))

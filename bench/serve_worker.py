@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import load_avg, log, read_json, write_json
+from bench.common import ALPACA, load_avg, log, read_json, write_json
 
 PROMPTS = [
     "Write a long story about an alpaca who travels around the world, country by country.",
@@ -278,7 +278,7 @@ def main(spec_path: str, out_path: str) -> None:
     tokens = spec["max_new_tokens"]
 
     def plain(i: int) -> dict[str, Any]:
-        return {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": tokens, "temperature": 0}
+        return {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": tokens, "temperature": 0, **ALPACA}
 
     uris = [
         data_uri(pack_dir(folder, workdir / f"{folder.name}.tar"))

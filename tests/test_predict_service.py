@@ -165,14 +165,17 @@ def test_same_seed_same_text_and_temperature_zero_is_greedy(bare, embedded_model
     greedy = answer(bare, "Give me one tip for learning to cook.")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune.data.encoding import encode_prompt
     from finetune.data.prompts import load_template
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir)
     model = AutoModelForCausalLM.from_pretrained(embedded_model_dir).eval()
-    ids = tok(load_template("alpaca").render("Give me one tip for learning to cook."), return_tensors="pt")
+    # No adapter: `auto` is the base's own chat template.
+    text = load_template("chat").render("Give me one tip for learning to cook.", tokenizer=tok)
+    ids = torch.tensor([encode_prompt(tok, text)])
     with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    expected = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert greedy == expected
 
 

@@ -423,9 +423,10 @@ class ModelServer:
         if name == prompts.RAW:
             return None
         if name == prompts.AUTO:
-            if adapter and adapter.template:
-                return adapter.template
-            return prompts.load_template(field_default(DataConfig, "prompt_template_name"))
+            own = adapter.template if adapter else None
+            return prompts.auto_template(
+                own, self.tokenizer, field_default(DataConfig, "prompt_template_name")
+            )
         return prompts.load_template(name)
 
     def generate(
