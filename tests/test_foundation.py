@@ -157,6 +157,34 @@ def test_real_server_is_ready_and_answers(bare_server):
 
 
 @pytest.mark.integration
+def test_the_first_answer_goes_through_the_base_models_own_chat_template(bare_server, embedded_model_dir):
+    """No adapter, default inputs: `auto` is the instruct base's chat template, so the answer is the
+    model's own turn (no Alpaca '### ...' sections) and a question it can answer ends on its
+    end-of-turn token, long before max_new_tokens."""
+    from transformers import AutoTokenizer
+
+    from finetune.data.encoding import encode_prompt
+    from finetune.data.prompts import load_template
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir)
+
+    def ask(prompt: str) -> dict:
+        resp = requests.post(
+            f"{bare_server.url}/predictions", timeout=300, json={"input": {"prompt": prompt, "seed": 1}}
+        )
+        assert resp.status_code == 200 and resp.json()["status"] == "succeeded", resp.text[-500:]
+        return resp.json()
+
+    first = ask("Tell me something about alpacas.")
+    text = "".join(first["output"])
+    chat = encode_prompt(tok, load_template("chat").render("Tell me something about alpacas.", tokenizer=tok))
+    assert first["metrics"]["input_token_count"] == len(chat)
+    assert "###" not in text and "alpaca" in text.lower()
+    short = ask("What is the capital of France?")
+    assert "Paris" in "".join(short["output"]) and short["metrics"]["output_token_count"] < 32
+
+
+@pytest.mark.integration
 def test_out_of_range_input_is_a_422(bare_server):
     resp = requests.post(
         f"{bare_server.url}/predictions",
