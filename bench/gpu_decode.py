@@ -102,7 +102,7 @@ def concurrent(server: Any, tokens: int) -> dict[str, Any]:
 def measure_shape(args: argparse.Namespace, shape: str, work: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from finetune.engine import cpu_step, cuda_graphs
+    from finetune.engine import cpu_compile, cuda_graphs
     from finetune.model.loading import load_tokenizer
     from finetune.serving.server import ModelServer
 
@@ -111,7 +111,7 @@ def measure_shape(args: argparse.Namespace, shape: str, work: Path) -> dict[str,
     log(f"{shape}: {path} ({weights})")
     servers = {}
     for mode in ("off", "auto"):
-        os.environ[cpu_step.COMPILE_ENV] = mode
+        os.environ[cpu_compile.COMPILE_ENV] = mode
         t0 = time.perf_counter()
         servers[mode] = ModelServer(base_model=path, device=device)
         log(f"  ModelServer SERVE_COMPILE={mode}: {time.perf_counter() - t0:.1f} s")

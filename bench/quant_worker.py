@@ -48,7 +48,7 @@ SETTINGS = {
 def greedy_ids(server: Any, prompt: str, n: int) -> list[int]:
     from finetune.config import GenerationSettings
     from finetune.data.encoding import encode_prompt
-    from finetune.engine.scheduler import Request
+    from finetune.engine.requests import Request
 
     template = server.resolve_template("auto", server.setup_adapter)
     ids = encode_prompt(server.tokenizer, template.render(prompt, "", server.tokenizer))
@@ -107,14 +107,14 @@ def measure(spec: dict[str, Any], out_path: str, compute: Any) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finetune.engine import cpu_step, quant
+    from finetune.engine import cpu_compile, quant
     from finetune.model.weights import resolve_base_model
     from finetune.serving.server import ModelServer
 
     mode, adapter, max_new = spec["mode"], spec["adapter_dir"], spec["decode_tokens"]
     compile_on = spec.get("compile", False)
-    os.environ[cpu_step.COMPILE_ENV] = "auto" if compile_on else "off"
-    os.environ[cpu_step.CACHE_ENV] = spec["compile_cache"]
+    os.environ[cpu_compile.COMPILE_ENV] = "auto" if compile_on else "off"
+    os.environ[cpu_compile.CACHE_ENV] = spec["compile_cache"]
     load_before = load_avg()
     first_start_s = None
     if compile_on:

@@ -336,7 +336,7 @@ class Bench:
         for compile_on in (False, True):
             for mode in ("fp32", "bf16", "int8", "int4"):
                 if compile_on and mode == "bf16":
-                    continue  # cpu_step.py decodes bf16 weights eagerly (its load says why)
+                    continue  # cpu_compile.load leaves bf16 weights eager (it says why)
                 spec = {
                     "mode": mode,
                     "compile": compile_on,

@@ -159,7 +159,8 @@ def in_process(tokens: int) -> dict[str, Any]:
     from finetune.config import GenerationSettings
     from finetune.data.encoding import encode_prompt
     from finetune.data.prompts import load_template
-    from finetune.engine.scheduler import Engine, Request
+    from finetune.engine.requests import Request
+    from finetune.engine.scheduler import Engine
     from finetune.model.loading import load_base, load_tokenizer, pick_device, pick_precision
     from finetune.model.weights import resolve_base_model
     from finetune.serving.server import flatten_head_input

@@ -1,4 +1,4 @@
-"""The compiled decode step (cpu_step.py, SERVE_COMPILE=auto): the same greedy tokens as the eager
+"""The compiled decode step (cpu_step.py, built and loaded by cpu_compile.py, SERVE_COMPILE=auto): the same greedy tokens as the eager
 step alone and in padded batches, for fp32, int8 and int4 weights; adapters compiled whether merged
 at setup or per request, alone or mixed in one batch; a cached file loads without compiling; a
 planted package or unpacked folder is rebuilt, never loaded, and a failed rebuild means eager
@@ -21,8 +21,9 @@ import torch
 
 from finetune.config import GenerationSettings
 from finetune.data.encoding import encode_prompt
-from finetune.engine import cpu_step, kernel, quant
-from finetune.engine.scheduler import Engine, EngineLimits, Request
+from finetune.engine import cpu_compile, kernel, quant
+from finetune.engine.requests import Request
+from finetune.engine.scheduler import Engine, EngineLimits
 from finetune.serving.server import ModelServer
 from tests.test_native import planted_library, publish_bytes
 
@@ -39,8 +40,8 @@ PROMPTS = [
 def cache(tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("compiled")
     patch = pytest.MonkeyPatch()
-    patch.setenv(cpu_step.CACHE_ENV, str(folder))
-    patch.setenv(cpu_step.COMPILE_ENV, "auto")
+    patch.setenv(cpu_compile.CACHE_ENV, str(folder))
+    patch.setenv(cpu_compile.COMPILE_ENV, "auto")
     request.addfinalizer(patch.undo)
     return folder
 
@@ -82,7 +83,7 @@ def test_compiled_steps_give_the_eager_tokens_alone_and_in_padded_batches(cache,
     eager = Engine(model, tokenizer, EngineLimits())
     want = [run(eager, tokenizer, [p])[0] for p in PROMPTS]
     engine = Engine(model, tokenizer, EngineLimits())
-    step = cpu_step.load(engine.decoder(), engine.device, engine.limits.max_batch, adapters=False)
+    step = cpu_compile.load(engine.decoder(), engine.device, engine.limits.max_batch, adapters=False)
     assert step is not None and step.kind == kind and step.path.parent == cache and step.lora_runner is None
     engine.compiled = step
     step.runner = counting = Counting(step.runner)
@@ -106,13 +107,13 @@ def test_a_cached_file_loads_at_once_and_a_planted_one_is_not_loaded(
 ):
     model, tokenizer = tiny(tiny_model_dir, "none")
     engine = Engine(model, tokenizer, EngineLimits())
-    first = cpu_step.load(engine.decoder(), engine.device, 8)
+    first = cpu_compile.load(engine.decoder(), engine.device, 8)
     capfd.readouterr()
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))  # where torch's loader would extract the package
     started = time.perf_counter()
-    again = cpu_step.load(engine.decoder(), engine.device, 8)
+    again = cpu_compile.load(engine.decoder(), engine.device, 8)
     assert again is not None and again.path == first.path and time.perf_counter() - started < 5
     assert "building" not in capfd.readouterr().err
     assert list(scratch.iterdir()) == []  # loaded from the cache's unpacked copy: nothing left behind
@@ -121,12 +122,12 @@ def test_a_cached_file_loads_at_once_and_a_planted_one_is_not_loaded(
     other = next(p for p in sorted(cache.glob("decode-*.pt2")) if p != first.path)
     good = first.path.read_bytes()
     loads = []
-    monkeypatch.setattr(cpu_step, "_load_runner", lambda path: loads.append(path) or load_runner(path))
+    monkeypatch.setattr(cpu_compile, "_load_runner", lambda path: loads.append(path) or load_runner(path))
     try:
         first.path.write_bytes(other.read_bytes())
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(cpu_step, "_compile", fail)
-            assert cpu_step.load(engine.decoder(), engine.device, 8, adapters=False) is None
+            patch.setattr(cpu_compile, "_compile", fail)
+            assert cpu_compile.load(engine.decoder(), engine.device, 8, adapters=False) is None
         err = capfd.readouterr().err
         assert f"compile cache: {first.path} is not what this user built there" in err
         assert "decoding eagerly: compiling failed (RuntimeError: no C++ compiler here)" in err
@@ -134,20 +135,20 @@ def test_a_cached_file_loads_at_once_and_a_planted_one_is_not_loaded(
     finally:
         first.path.write_bytes(good)
     # The recorded bytes back: they load again, at once.
-    assert cpu_step.load(engine.decoder(), engine.device, 8, adapters=False) is not None
+    assert cpu_compile.load(engine.decoder(), engine.device, 8, adapters=False) is not None
     assert loads == [first.path] and "building" not in capfd.readouterr().err
-    assert cpu_step.load(engine.decoder(), engine.device, 8, mode="off") is None
+    assert cpu_compile.load(engine.decoder(), engine.device, 8, mode="off") is None
     # A server without room for per-request adapters never has an unmerged one: no second file.
     fixed = ModelServer(base_model=str(tiny_model_dir), dtype="float32", cache_size=0)
     assert fixed.engine.compiled is not None and fixed.engine.compiled.lora_runner is None
     bf16 = Engine(model.to(torch.bfloat16), tokenizer, EngineLimits())
-    assert cpu_step.load(bf16.decoder(), bf16.device, 8) is None
+    assert cpu_compile.load(bf16.decoder(), bf16.device, 8) is None
     assert "decoding eagerly: the compiled step covers fp32 and low-bit weights" in capfd.readouterr().err
     with pytest.raises(ValueError, match="SERVE_COMPILE='yes': use one of auto, off"):
-        cpu_step.load(engine.decoder(), engine.device, 8, mode="yes")
+        cpu_compile.load(engine.decoder(), engine.device, 8, mode="yes")
 
 
-load_runner = cpu_step._load_runner
+load_runner = cpu_compile._load_runner
 
 
 def fail(*args):
@@ -160,7 +161,7 @@ def genuine(cache, tiny_model_dir):
     once for the module), with the package's bytes and its unpacked folder."""
     model, tokenizer = tiny(tiny_model_dir, "none")
     engine = Engine(model, tokenizer, EngineLimits())
-    step = cpu_step.load(engine.decoder(), engine.device, 8, adapters=False)
+    step = cpu_compile.load(engine.decoder(), engine.device, 8, adapters=False)
     assert step is not None
     data = step.path.read_bytes()
     folder = step.path.with_name(f"{step.path.stem}.{hashlib.sha256(data).hexdigest()[:16]}")
@@ -180,7 +181,7 @@ def _swap_library(package: bytes, library: bytes) -> bytes:
 
 
 def _compile_again(genuine, rebuilt: list[Path]):
-    """compiled._compile without inductor's tens of seconds: the genuine package's bytes, published
+    """cpu_compile._compile without inductor's tens of seconds: the genuine package's bytes, published
     as _compile publishes what it builds."""
 
     def compile_(decoder, signature, step, path, lora):
@@ -199,15 +200,15 @@ def test_a_planted_package_is_rebuilt_not_loaded(genuine, tmp_path, monkeypatch,
     library = planted_library(tmp_path, marker).read_bytes()
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
-    monkeypatch.setenv(cpu_step.CACHE_ENV, str(cache))
+    monkeypatch.setenv(cpu_compile.CACHE_ENV, str(cache))
     path = cache / genuine.path.name
     publish_bytes(genuine.data, path)
     path.write_bytes(_swap_library(genuine.data, library))
     rebuilt: list[Path] = []
-    monkeypatch.setattr(cpu_step, "_compile", _compile_again(genuine, rebuilt))
+    monkeypatch.setattr(cpu_compile, "_compile", _compile_again(genuine, rebuilt))
     engine = genuine.engine
     capfd.readouterr()
-    step = cpu_step.load(engine.decoder(), engine.device, 8, adapters=False)
+    step = cpu_compile.load(engine.decoder(), engine.device, 8, adapters=False)
     err = capfd.readouterr().err
     assert not marker.exists()
     assert step is not None and step.path == path and rebuilt == [path], err
@@ -232,7 +233,7 @@ def test_a_planted_unpacked_folder_is_never_loaded(genuine, tmp_path, monkeypatc
     library = planted_library(tmp_path, marker).read_bytes()
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
-    monkeypatch.setenv(cpu_step.CACHE_ENV, str(cache))
+    monkeypatch.setenv(cpu_compile.CACHE_ENV, str(cache))
     publish_bytes(genuine.data, cache / genuine.path.name)
     folder = cache / genuine.folder.name
 
@@ -252,11 +253,11 @@ def test_a_planted_unpacked_folder_is_never_loaded(genuine, tmp_path, monkeypatc
         assert kernel.verified(folder) is not None
         cache.chmod(0o770)
     rebuilt: list[Path] = []
-    monkeypatch.setattr(cpu_step, "_compile", _compile_again(genuine, rebuilt))
+    monkeypatch.setattr(cpu_compile, "_compile", _compile_again(genuine, rebuilt))
     monkeypatch.setattr(kernel, "_fallbacks", {})
     engine = genuine.engine
     capfd.readouterr()
-    step = cpu_step.load(engine.decoder(), engine.device, 8, adapters=False)
+    step = cpu_compile.load(engine.decoder(), engine.device, 8, adapters=False)
     err = capfd.readouterr().err
     assert not marker.exists()
     assert step is not None, err
@@ -295,7 +296,7 @@ def test_adapters_compiled_merged_per_request_and_mixed_give_the_eager_text(
         assert step is not None and step.lora_runner is not None and server.merged == (adapter is not None)
         plain, lora = step.runner, step.lora_runner = Counting(step.runner), Counting(step.lora_runner)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setenv(cpu_step.COMPILE_ENV, "off")
+            patch.setenv(cpu_compile.COMPILE_ENV, "off")
             eager = ModelServer(base_model=str(tiny_model_dir), adapter=adapter, dtype="float32")
         assert eager.engine.compiled is None
         want = [serve(eager, p, lora) for p, lora in asks]
@@ -319,7 +320,7 @@ def test_adapters_compiled_merged_per_request_and_mixed_give_the_eager_text(
 def test_bad_compile_setting_stops_setup_with_a_reason(tiny_model_dir, monkeypatch):
     from finetune.model.loading import ModelError
 
-    monkeypatch.setenv(cpu_step.COMPILE_ENV, "always")
+    monkeypatch.setenv(cpu_compile.COMPILE_ENV, "always")
     with pytest.raises(ModelError, match="SERVE_COMPILE='always': use one of auto, off"):
         ModelServer(base_model=str(tiny_model_dir), dtype="float32")
 
@@ -376,7 +377,7 @@ def test_embedded_model_compiled_gives_the_eager_text_and_stops_and_cancels(embe
     ]
     got = ["".join(embedded.generate(p, settings=GREEDY16)) for p in prompts]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(cpu_step.COMPILE_ENV, "off")
+        patch.setenv(cpu_compile.COMPILE_ENV, "off")
         eager = ModelServer(base_model=str(embedded_model_dir), dtype="float32", quantization="auto")
     if quant.rounds_activations("int8"):
         # int8 activations (off AVX-512): a last-bit difference of the fused step's x can move a
@@ -420,7 +421,7 @@ def test_embedded_model_per_request_adapters_compiled_give_the_eager_text(
         return "".join(server.generate(question, settings=settings, lora_weights=source))
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(cpu_step.COMPILE_ENV, "off")
+        patch.setenv(cpu_compile.COMPILE_ENV, "off")
         eager = ModelServer(base_model=str(embedded_model_dir), dtype="float32", quantization="auto")
     want = [ask(eager, *a) for a in asks]
     assert "Alpie" in want[0] and "Bolt" in want[1] and "Alpie" not in want[2] and "Bolt" not in want[2]
@@ -462,7 +463,7 @@ def test_real_server_decodes_compiled(embedded, cache, tmp_path_factory):
     server = start(
         tmp_path_factory,
         "compiled",
-        env={cpu_step.COMPILE_ENV: "auto", cpu_step.CACHE_ENV: str(cache), quant.QUANT_ENV: "auto"},
+        env={cpu_compile.COMPILE_ENV: "auto", cpu_compile.CACHE_ENV: str(cache), quant.QUANT_ENV: "auto"},
     )
     try:
         log = server.log_path.read_text()

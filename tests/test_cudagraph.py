@@ -10,9 +10,10 @@ import torch
 
 from finetune.config import GenerationSettings
 from finetune.data.encoding import encode_prompt
-from finetune.engine import cpu_step, cuda_graphs
+from finetune.engine import cpu_compile, cuda_graphs
 from finetune.engine.decoder import KV
-from finetune.engine.scheduler import Engine, EngineLimits, Request
+from finetune.engine.requests import Request
+from finetune.engine.scheduler import Engine, EngineLimits
 from finetune.serving.server import ModelServer
 from tests.test_compiled import PROMPTS, run, tiny
 
@@ -238,7 +239,7 @@ def test_the_default_server_on_a_gpu_decodes_through_graphs(tiny_model_dir, monk
 
     from finetune.engine.requests import GenerationStats
 
-    monkeypatch.setenv(cpu_step.COMPILE_ENV, "auto")
+    monkeypatch.setenv(cpu_compile.COMPILE_ENV, "auto")
     server = ModelServer(base_model=str(tiny_model_dir), device="cuda")
     step = server.engine.compiled
     assert isinstance(step, cuda_graphs.GraphStep) and step.capture and step.graphs  # recorded in setup

@@ -13,7 +13,8 @@ import torch
 from finetune.config import GenerationSettings
 from finetune.data.encoding import encode_prompt
 from finetune.engine.decoder import KV, Decoder, unsupported
-from finetune.engine.scheduler import Engine, Request
+from finetune.engine.requests import Request
+from finetune.engine.scheduler import Engine
 
 PROMPTS = [
     "What is two plus two?",

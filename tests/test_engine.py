@@ -14,7 +14,8 @@ import torch
 
 from finetune.config import GenerationSettings
 from finetune.data.encoding import encode_prompt
-from finetune.engine.scheduler import Engine, EngineLimits, Request
+from finetune.engine.requests import Request
+from finetune.engine.scheduler import Engine, EngineLimits
 
 PROMPTS = [
     "What is two plus two?",

@@ -150,10 +150,7 @@ MAX_FUNCTION_LINES = 60  # the `def` line to the last line, docstring included, 
 # Allowed over the limits only while other work in progress splits them: a module by its path, a
 # function by path:qualified name. The tests fail on an entry that is within its limit again, so
 # this list can only shrink; it is to be empty once that work has landed.
-PENDING = {
-    "finetune/engine/cpu_step.py": "module being split",
-    "finetune/engine/scheduler.py": "module being split",
-}
+PENDING: dict[str, str] = {}
 
 
 def relative(path: Path) -> str:

@@ -118,7 +118,7 @@ def prompt_ids(server: ModelServer, prompt: str) -> list[int]:
 
 
 def token_ids(server: ModelServer, prompt: str, n: int = 16) -> list[int]:
-    from finetune.engine.scheduler import Request
+    from finetune.engine.requests import Request
 
     request = Request(prompt_ids(server, prompt), GenerationSettings(max_new_tokens=n, temperature=0))
     server.engine.submit(request)
@@ -203,7 +203,8 @@ def test_quantized_batches_and_chunked_prompts_give_the_solo_tokens(tiny_model_d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.data.encoding import encode_prompt
-    from finetune.engine.scheduler import Engine, EngineLimits, Request
+    from finetune.engine.requests import Request
+    from finetune.engine.scheduler import Engine, EngineLimits
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -287,7 +287,7 @@ def test_one_rows_forward_failure_fails_that_row_only(server, good, local_lora, 
 
 
 def test_a_failing_cleanup_does_not_stop_the_engine(server):
-    from finetune.engine.scheduler import Request
+    from finetune.engine.requests import Request
 
     solo = serve(server, PROMPTS[1])
     ids = server.tokenizer(PROMPTS[0])["input_ids"]

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
-from .cpu_step import CompiledStep, rms_norm_fp32
+from .cpu_layer import rms_norm_fp32
+from .cpu_step import CompiledStep
 from .decoder import KV, Decoder, base_linear
 
 MIN_COLUMNS = 64  # the smallest column bucket: a short prompt's first graph serves its first 64 tokens
@@ -69,7 +70,7 @@ class _Graph:
 
 
 class GraphStep:
-    """The engine's `compiled` hook on a GPU: `forward` as compiled.CompiledStep's."""
+    """The engine's `compiled` hook on a GPU: `forward` as cpu_step.CompiledStep's."""
 
     def __init__(self, max_rows: int, capture: bool = True, pool_tokens: int | None = None) -> None:
         self.max_rows = max_rows

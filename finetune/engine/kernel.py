@@ -12,7 +12,7 @@ The cache folder is a trust boundary: what is loaded from it runs as this proces
 the configured folder only when no one but this user (and root) can write it or a folder above it,
 else a private folder of this process's own, with a warning. Every file or folder built into it is
 recorded with its SHA-256 in the folder's manifest (`publish`), and loaded only while it still has
-that digest (`verified`); anything else there is rebuilt, never loaded. cpu_step.py's packages go
+that digest (`verified`); anything else there is rebuilt, never loaded. cpu_compile.py's packages go
 through the same two functions."""
 
 from __future__ import annotations

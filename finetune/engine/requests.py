@@ -1,16 +1,25 @@
-"""What one generation request needs besides the model: its errors and figures, the sampling
-processors its settings ask for, the context check, and the text stream that turns tokens into
-text (stop sequences never leak into the output, partial UTF-8 characters are held back until
-complete). The decode loop itself is the engine's (scheduler.py)."""
+"""What one generation request carries and needs besides the model: the `Request` record the
+engine fills in as it runs (its outbox is how it talks to other threads), its errors and figures,
+the sampling processors its settings ask for, the context check, and the text stream that turns
+tokens into text (stop sequences never leak into the output, partial UTF-8 characters are held back
+until complete). The decode loop itself is the engine's (scheduler.py)."""
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import GenerationSettings
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+DONE = None  # the outbox item after the last chunk
 
 
 class GenerationError(UserError, ValueError):
@@ -147,3 +156,47 @@ def check_fits(model: Any, n_prompt: int, max_new_tokens: int) -> None:
             f"the prompt is {n_prompt} tokens and max_new_tokens is {max_new_tokens}, but this model's "
             f"context is {limit} tokens: shorten the prompt or lower max_new_tokens to {max(limit - n_prompt, 0)}"
         )
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: plain state, filled in by the engine. `adapter` is the PEFT adapter name the
+    request decodes with (None: the bare base)."""
+
+    prompt_ids: list[int]
+    settings: GenerationSettings
+    adapter: str | None = None
+    head: int = 0
+    """Leading prompt tokens that other requests share (a prompt template's text before the
+    instruction): prefilled as a chunk of their own, whose keys and values the engine keeps for the
+    next request with the same head and adapter."""
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    on_finish: Callable[[Request], None] | None = None
+    outbox: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    done: bool = False
+    # Engine state.
+    text: TextStream | None = None
+    generated: list[int] = field(default_factory=list)
+    prefilled: int = 0
+    digests: list[bytes] = field(default_factory=list)  # of the prompt up to each chunk boundary, in order
+    cache: Any = None  # this request's own cache while it is being prefilled
+    generator: torch.Generator | None = None
+    processors: Any = None
+    seen: torch.Tensor | None = None  # prompt + generated ids, for a repetition penalty (filled as we go)
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float = 0.0
+
+    @property
+    def reserve(self) -> int:
+        return len(self.prompt_ids) + self.settings.max_new_tokens
+
+    def drain(self) -> Iterator[Any]:
+        """What the engine has put in the outbox so far (chunks, then DONE or an exception)."""
+        while True:
+            try:
+                item = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not DONE:
+                yield item

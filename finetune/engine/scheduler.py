@@ -6,12 +6,14 @@ request (so a long prompt delays the running decodes by one chunk, not by its wh
 batched decode step for every running request. A finished or cancelled request leaves the batch at
 once and its rows of the KV cache are freed.
 
-The KV cache (decoder.KV, allocated ahead) has one row per running request, left-padded to a common
-length; the attention mask hides the padding and the positions are each row's own, so a row
-computes what it would alone. Llama-architecture models run decoder.Decoder's forward, others
-transformers' own over the same cache. Rows may use different LoRA adapters: the
-server's `prepare` hook sets the model up for the step's adapters (a merged setup adapter, one
-active adapter, or PEFT's per-row `adapter_names`).
+The running requests' KV cache (batch.Batch over decoder.KV, allocated ahead) has one row per
+request, left-padded to a common length; the attention mask hides the padding and the positions are
+each row's own, so a row computes what it would alone. Prompt prefixes are kept for the next request
+that starts the same way (prefix_cache.PrefixCache; the chunk boundaries and keys are decided here).
+Llama-architecture models run decoder.Decoder's forward, others transformers' own over the same
+cache; decode steps a fast step covers (fast_paths.load_step) run through it. Rows may use different
+LoRA adapters: the server's `prepare` hook sets the model up for the step's adapters (a merged setup
+adapter, one active adapter, or PEFT's per-row `adapter_names`).
 
 Everything here runs on one thread (the server's compute thread, or the caller's for
 `stream_tokens` below); requests talk to the outside only through their outbox queue."""
@@ -19,15 +21,13 @@ Everything here runs on one thread (the server's compute thread, or the caller's
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import queue
 import threading
 import time
-from array import array
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,11 +35,21 @@ import torch
 from ..config import GenerationSettings
 from ..data.encoding import encode_prompt
 from . import quant
+from .batch import Batch
 from .decoder import KV, Decoder, hf_forward, unsupported
-from .requests import GenerationError, GenerationStats, TextStream, check_fits, eos_ids, logits_processors
+from .prefix_cache import PrefixCache, prefix_keys
+from .requests import (
+    DONE,
+    GenerationError,
+    GenerationStats,
+    Request,
+    TextStream,
+    check_fits,
+    eos_ids,
+    logits_processors,
+)
 
 log = logging.getLogger(__name__)
-DONE = None  # the outbox item after the last chunk
 _NO_IDS = torch.empty(1, 0, dtype=torch.long)  # the samplers' ids argument when no processor reads it
 
 
@@ -65,165 +75,6 @@ class EngineLimits:
     """Requests waiting to start at most; more are refused at once (never queued without bound)."""
 
 
-@dataclass(eq=False)
-class Request:
-    """One generation: plain state, filled in by the engine. `adapter` is the PEFT adapter name the
-    request decodes with (None: the bare base)."""
-
-    prompt_ids: list[int]
-    settings: GenerationSettings
-    adapter: str | None = None
-    head: int = 0
-    """Leading prompt tokens that other requests share (a prompt template's text before the
-    instruction): prefilled as a chunk of their own, whose keys and values the engine keeps for the
-    next request with the same head and adapter."""
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    on_finish: Callable[[Request], None] | None = None
-    outbox: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
-    done: bool = False
-    # Engine state.
-    text: TextStream | None = None
-    generated: list[int] = field(default_factory=list)
-    prefilled: int = 0
-    digests: list[bytes] = field(default_factory=list)  # of the prompt up to each chunk boundary, in order
-    cache: Any = None  # this request's own cache while it is being prefilled
-    generator: torch.Generator | None = None
-    processors: Any = None
-    seen: torch.Tensor | None = None  # prompt + generated ids, for a repetition penalty (filled as we go)
-    submitted: float = field(default_factory=time.monotonic)
-    first_token_at: float = 0.0
-
-    @property
-    def reserve(self) -> int:
-        return len(self.prompt_ids) + self.settings.max_new_tokens
-
-    def drain(self) -> Iterator[Any]:
-        """What the engine has put in the outbox so far (chunks, then DONE or an exception)."""
-        while True:
-            try:
-                item = self.outbox.get_nowait()
-            except queue.Empty:
-                return
-            if item is not DONE:
-                yield item
-
-
-class Batch:
-    """The running requests and their KV cache: row i of the cache is rows[i]."""
-
-    def __init__(self) -> None:
-        self.rows: list[Request] = []
-        self.kv: KV | None = None
-        self.mask: torch.Tensor | None = None  # [rows, length], False on left padding
-        self.padded = False  # some row has padding (else the mask can be left out)
-
-    @property
-    def length(self) -> int:
-        return 0 if self.kv is None else self.kv.length
-
-    def join(self, request: Request, kv: KV) -> None:
-        """Add a prefilled request (its own one-row cache) as the last row."""
-        mask = torch.ones(1, kv.length, dtype=torch.bool, device=kv.keys[0].device)
-        if not self.rows:
-            self.rows, self.kv, self.mask, self.padded = [request], kv, mask, False
-            return
-        assert self.mask is not None and self.kv is not None
-        total = max(self.length, kv.length)
-        self.mask = torch.cat([_pad_left(self.mask, total - self.length), _pad_left(mask, total - kv.length)])
-        self.kv = KV.stack([self.kv, kv])
-        self.padded = not bool(self.mask.all())
-        self.rows.append(request)
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these rows; drop the columns that are padding in every remaining row."""
-        if len(rows) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in rows]
-        if not rows:
-            self.kv, self.mask = None, None
-            return
-        assert self.mask is not None and self.kv is not None
-        mask = self.mask.index_select(0, torch.tensor(rows, device=self.mask.device))
-        start = int(mask.any(dim=0).int().argmax())  # the first column some row still uses
-        self.mask = mask[:, start:]
-        self.kv = self.kv.rows_of(rows, start)
-        self.padded = not bool(self.mask.all())
-
-
-def _pad_left(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Pad a mask's columns with n False on the left."""
-    return mask if n == 0 else torch.cat([mask.new_zeros(mask.shape[0], n), mask], dim=1)
-
-
-class PrefixCache:
-    """Keys and values of prompt prefixes that end at chunk boundaries (Engine._boundaries: a
-    template's head, then every prefill_chunk tokens), one entry per chunk holding that chunk's
-    columns, least recently used first, bounded in tokens. A prefix's keys and values depend only on
-    its tokens and the weights that computed them, so an entry's key holds the adapter, a tag for the
-    weights' state (the server's `prefix_tag`), the chunk's end and a SHA-256 of every prompt token up
-    to it (chained chunk by chunk: linear in the prompt; a cryptographic hash, so that no prompt can be
-    made to collide with another user's and be answered from its keys and values). Reuse is
-    exact: the boundaries depend on the prompt alone, so a prompt that reuses chunks and one that
-    prefills them run the same kernels on the same rows. Of a prompt's chunks, the first is kept
-    longest: a later chunk is no use without the ones before it."""
-
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
-        self.held = 0
-        self.hits = 0
-        self.entries: OrderedDict[tuple[Any, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = (
-            OrderedDict()
-        )
-
-    def get(self, chain: list[tuple[Any, ...]], capacity: int) -> KV | None:
-        """A one-row KV holding the longest run of cached chunks from the start of `chain` (a
-        prompt's keys, boundary by boundary), with room for `capacity` columns."""
-        found = []
-        for key in chain:
-            entry = self.entries.get(key)
-            if entry is None:
-                break
-            found.append(entry)
-        if not found:
-            return None
-        self._touch(chain[: len(found)])
-        self.hits += 1
-        return KV.from_prefix(
-            [torch.cat(parts) for parts in zip(*(keys for keys, _ in found), strict=True)],
-            [torch.cat(parts) for parts in zip(*(values for _, values in found), strict=True)],
-            capacity,
-        )
-
-    def put(self, chain: list[tuple[Any, ...]], kv: KV, start: int) -> None:
-        """Keep kv's columns [start, length) under chain[-1]; chain[:-1] are the chunks before it."""
-        key, n = chain[-1], kv.length - start
-        # A chunk whose predecessors are gone could never be reused.
-        if key not in self.entries and n <= self.tokens and all(k in self.entries for k in chain[:-1]):
-            self.entries[key] = (
-                [k[start : kv.length].clone() for k in kv.keys],
-                [v[start : kv.length].clone() for v in kv.values],
-            )
-            self.held += n
-        self._touch(chain)
-        while self.held > self.tokens:
-            self._drop(next(iter(self.entries)))
-
-    def forget(self, adapter: str | None = None) -> None:
-        """Drop the prefixes computed with this adapter (all of them when None)."""
-        for key in [k for k in self.entries if adapter is None or k[0] == adapter]:
-            self._drop(key)
-
-    def _touch(self, chain: list[tuple[Any, ...]]) -> None:
-        for key in reversed(chain):  # the first chunk last: the most recently used, dropped last
-            if key in self.entries:
-                self.entries.move_to_end(key)
-
-    def _drop(self, key: tuple[Any, ...]) -> None:
-        keys, _ = self.entries.pop(key)
-        self.held -= keys[0].shape[0] if keys else 0
-
-
 class Engine:
     def __init__(
         self,
@@ -242,7 +93,7 @@ class Engine:
         # compares the two on the same cache).
         self.own_forward = own_forward
         self._decoder: tuple[Any, Decoder | None] = (None, None)
-        # compiled.CompiledStep: decode steps it covers run compiled (the server sets it up).
+        # fast_paths.load_step's step: decode steps it covers run through it (the server sets it up).
         self.compiled: Any = None
         self.stop_ids = eos_ids(model, tokenizer)
         self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()  # from any thread
@@ -461,13 +312,7 @@ class Engine:
 
     def _chain(self, r: Request, ends: list[int]) -> list[tuple[Any, ...]]:
         """The cache keys of r's prefixes up to each of `ends` (a start of _boundaries(r))."""
-        while len(r.digests) < len(ends):  # each chunk hashed once per request
-            i = len(r.digests)
-            start, previous = (ends[i - 1], r.digests[-1]) if i else (0, b"")
-            chunk = array("q", r.prompt_ids[start : ends[i]]).tobytes()
-            r.digests.append(hashlib.sha256(previous + chunk).digest())
-        tag = self.prefix_tag(r.adapter)
-        return [(r.adapter, tag, end, digest) for end, digest in zip(ends, r.digests, strict=False)]
+        return prefix_keys(r, ends, self.prefix_tag(r.adapter))
 
     def _reuse_prefix(self, r: Request) -> None:
         """Start r's cache from its longest cached prefix, if any (the model set up as for its prefill)."""

@@ -24,8 +24,8 @@ from ..engine import quant
 from ..engine.decoder import PEFT_BASE, kv_geometry
 from ..engine.fast_paths import load_step
 from ..engine.quant import describe_quantization, pick_quantization
-from ..engine.requests import GenerationError, GenerationStats, context_length
-from ..engine.scheduler import DONE, KV_MEMORY_SHARE, Engine, EngineLimits, Request
+from ..engine.requests import DONE, GenerationError, GenerationStats, Request, context_length
+from ..engine.scheduler import KV_MEMORY_SHARE, Engine, EngineLimits
 from ..formats.archives import Limits
 from ..formats.weights_sources import materialize, redact
 from ..model.adapter_folder import CARD_JSON, template_from_adapter
