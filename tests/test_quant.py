@@ -51,8 +51,9 @@ def test_decode_uses_the_low_bit_weight_and_prompts_the_one_their_kind_picks(kin
     assert torch.allclose(got, want, rtol=2e-2, atol=2e-2)
     assert not torch.allclose(got, reference(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
     # Any number of rows takes the low-bit kernel (a batch row's numbers must not depend on the
-    # batch). A prompt (the engine's prefill() block) takes our int8 kernel too, the same bits row
-    # by row; torch's kernels' layers (int4) prefill through the fp32 weight. fp32_weights() is fp32.
+    # batch). A prompt (the engine's prefill() block) takes our int8 kernel too off AVX-512, the same
+    # bits row by row; on AVX-512, and on torch's kernels (int4), it goes through the fp32 weight.
+    # fp32_weights() is fp32.
     rows = torch.randn(40, 64)
     assert torch.equal(layer(rows)[:3], layer(rows[:3]))
     fp32 = reference(rows, layer.weight, layer.bias)

@@ -38,11 +38,12 @@ _local = threading.local()
 def prefill() -> Iterator[None]:
     """Forward passes in this block prefill a prompt (the engine's prompt chunks): they run eagerly,
     never through the compiled decode step, and each layer's matmul is the one it decodes with
-    wherever that kernel computes each row the same way at any row count (`prefills_quantized`:
-    our int8 kernel), else its fp32 weight (torch's int4 and int8 kernels round activations to
-    bf16 and are slower than the fp32 matmul on many rows). Either way the choice depends on the
-    layer, never on the row count: a prompt prefilled in one chunk or in several must leave the
-    same cache, and a request decoded in a batch of 8 must give what it gives alone."""
+    where `prefills_quantized` says so (our int8 kernel off AVX-512, which computes each row the
+    same way at any row count), else its fp32 weight (torch's int4 and int8 kernels round
+    activations to bf16 and are slower than the fp32 matmul on many rows; on AVX-512 the fp32 GEMM
+    keeps up with ours at short prompts and beats it at long ones). Either way the choice depends on
+    the layer and the CPU, never on the row count: a prompt prefilled in one chunk or in several must
+    leave the same cache, and a request decoded in a batch of 8 must give what it gives alone."""
     before = getattr(_local, "prefill", False)
     _local.prefill = True
     try:

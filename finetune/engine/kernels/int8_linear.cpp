@@ -1,6 +1,8 @@
 // finetune::int8_linear(x, w, scale): out[m, n] = sum_k x[m, k] * (w[n, k] * scale[n, k / G]), with
 // fp32 activations, int8 weights [N, K], fp32 scales [N, K / G] (G, the group, a multiple of 16)
-// and fp32 sums. The engine runs decoding (a row a request) and prompts (many rows) through it.
+// and fp32 sums. The engine decodes through it (a row a request) and, off AVX-512, prefills prompts
+// (many rows) through it too; on AVX-512 prompts keep the fp32 weight, where MKL's GEMM is as fast
+// at a short prompt's rows and faster at long ones (quant.py's prefills_quantized).
 //
 // Why our own: decoding one token reads every weight once, so it is bound by how fast the weights
 // stream from memory. torch's aten::_weight_int8pack_mm streamed int8 weights at ~12 GB/s on the
