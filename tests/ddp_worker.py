@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from finetune.training.cli import config_from_args
-from finetune.training.distributed import lora_state
+from finetune.training.distributed import lora_state, shutdown
 from finetune.training.stopping import TrainingStopped
 from finetune.training.trainer import train
 
@@ -47,8 +47,7 @@ def main() -> None:
             "kept_step": result.card["training"]["kept_step"],
         }
         (dump_dir / f"rank{rank}.json").write_text(json.dumps(logged), encoding="utf-8")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown()  # as the CLI ends a run
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def config_from_args(argv: list[str] | None = None, environ: Mapping[str, str] |
 def main(argv: list[str] | None = None) -> int:
     from ..errors import user_errors
     from ..model.devices import train_device
+    from .distributed import shutdown
     from .stopping import TrainingStopped
     from .trainer import train
 
@@ -130,5 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingStopped as exc:
         print(str(exc), file=sys.stderr)
+        shutdown()  # every rank stops at the same step, so all of them get here
         return 143
+    shutdown()
     return 0

@@ -57,6 +57,17 @@ def init_distributed(device_type: str) -> Dist:
     return Dist(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world)
 
 
+def shutdown() -> None:
+    """End this process's part in the process group, all ranks together: a rank that leaves while
+    another is still in gloo's teardown can make that one abort ("terminate called without an
+    active exception", exit -6) after a run that finished, so torchrun reports it failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @dataclass
 class Placement:
     """Where this process computes, among how many, in which precision, and how the model is
