@@ -18,6 +18,7 @@ from finetune.data.prompts import AUTO, RAW, available_templates
 from finetune.engine.requests import GenerationStats
 from finetune.model.devices import serve_device
 from finetune.serving.server import ModelServer, default_adapter
+from finetune.settings import ServeSettings
 
 G = GenerationSettings
 TEMPLATE_CHOICES = [AUTO, RAW, *available_templates()]
@@ -40,8 +41,10 @@ class Predictor(BaseRunner):
     def setup(self, weights: str | None = None) -> None:
         """Load the base model once; `weights` (COG_WEIGHTS) is an adapter folder, archive, URL or data URI."""
         # SERVE_DEVICE, or the GPU; a GPU image whose GPU torch cannot use stops here with the reason.
-        device = serve_device()
-        self.server = ModelServer(adapter=weights or default_adapter(), device=device)
+        # The serving settings are parsed once: every bad variable, the device's included, fails here.
+        settings = ServeSettings.from_env()
+        device = serve_device(settings)
+        self.server = ModelServer(adapter=weights or default_adapter(), device=device, settings=settings)
         # One thread per concurrent prediction: the loop's default pool has cpu+4 threads, and a
         # few slow downloads would hold up every request behind them.
         self.io = ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="request")

@@ -71,11 +71,11 @@ def render_messages(messages: list[dict[str, str]], tokenizer: Any) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def auto_template(own: PromptTemplate | None, tokenizer: Any, fallback: str = "alpaca") -> PromptTemplate:
+def auto_template(own: PromptTemplate | None, tokenizer: Any, fallback: str) -> PromptTemplate:
     """What `prompt_template=auto` means: the adapter's own template (what it was trained with);
     without one, the base model's chat template when its tokenizer has one, since an instruct model
     answers in its own format and ends its turn there (through Alpaca's it runs on into made-up
-    "### Instruction:" turns); else `fallback`, Alpaca, the format of LLaMA-era adapters."""
+    "### Instruction:" turns); else `fallback` (the training default, Alpaca: LLaMA-era adapters')."""
     if own is not None:
         return own
     if getattr(tokenizer, "chat_template", None):
