@@ -1,5 +1,5 @@
-"""Our int8 kernel (finetune/engine/kernels/int8_linear.cpp through kernel.py): the numbers against a
-float64 product, a row's result independent of its batch, clear errors for inputs it cannot
+"""Our kernels (finetune/engine/kernels/ through kernel.py): the int8 product's and decode attention's
+numbers against float64, a row's result independent of its batch (and of its padding), clear errors for inputs it cannot
 take, the cached library reused, and int8 decoding on torch's kernel where no compiler is. The
 compile cache as a trust boundary: only a folder private to this user is used, and only files whose
 SHA-256 was recorded when they were built are loaded; a planted library is rebuilt, never loaded."""
@@ -53,13 +53,68 @@ def test_products_match_float64_and_a_row_never_depends_on_its_batch(op, n, k, g
             assert torch.equal(op(x[start : start + rows], w, scale), got[start : start + rows])
 
 
+def _sdpa64(q, past_k, past_v, k, v, mask, scale):
+    """The attention decode_attention computes, in float64 through SDPA (grouped heads expanded)."""
+    keys = torch.cat([past_k, k[None]]).permute(1, 2, 0, 3).double()
+    values = torch.cat([past_v, v[None]]).permute(1, 2, 0, 3).double()
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None].double(), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return out.reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim, length", [(9, 3, 64, 23), (4, 4, 16, 1), (6, 2, 12, 40)])
+def test_decode_attention_matches_float64_and_a_row_never_depends_on_its_padding(
+    heads, kv_heads, dim, length
+):
+    """One new token per row over a left-padded, time-major cache: SDPA's numbers, and each row's
+    bits the same as decoding it alone over its own columns (dim 12 takes the plain C++ path)."""
+    assert kernel.available()
+    op = torch.ops.finetune.decode_attention
+    torch.manual_seed(heads + length)
+    rows = 5
+    q = torch.randn(rows, heads, dim)
+    past_k, past_v = torch.randn(2, length, rows, kv_heads, dim)
+    k, v = torch.randn(2, rows, kv_heads, dim)
+    pads = [0, 1, length // 2, length - 1, length]  # the last row has only its new token
+    mask = torch.tensor([[c >= p for c in range(length + 1)] for p in pads])
+    got = op(q, past_k, past_v, k, v, mask, 0.125)
+    assert got.shape == (rows, heads * dim) and got.dtype == torch.float32
+    torch.testing.assert_close(
+        got.double(), _sdpa64(q, past_k, past_v, k, v, mask, 0.125), rtol=1e-5, atol=1e-6
+    )
+    for r, p in enumerate(pads):
+        own = (past_k[p:, r : r + 1].contiguous(), past_v[p:, r : r + 1].contiguous())
+        alone = op(q[r : r + 1], *own, k[r : r + 1], v[r : r + 1], mask[r : r + 1, p:], 0.125)
+        assert torch.equal(alone, got[r : r + 1]), r
+    # Garbage in the padding (a reused buffer) changes nothing.
+    dirty = past_k.clone()
+    dirty[0, [r for r, p in enumerate(pads) if p]] = float("nan")
+    assert torch.equal(op(q, dirty, past_v, k, v, mask, 0.125), got)
+
+
+def test_decode_attention_refuses_what_it_cannot_take():
+    op = torch.ops.finetune.decode_attention
+    q, past, new = torch.zeros(2, 4, 8), torch.zeros(3, 2, 2, 8), torch.zeros(2, 2, 8)
+    ok = torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"mask \[rows, length \+ 1\] of bools"):
+        op(q, past, past, new, new, torch.ones(2, 3, dtype=torch.bool), 1.0)
+    with pytest.raises(RuntimeError, match="heads must be a multiple of kv heads"):
+        op(torch.zeros(2, 3, 8), past, past, new, new, ok, 1.0)
+    with pytest.raises(RuntimeError, match="fp32 q, keys and values"):
+        op(q.double(), past, past, new, new, ok, 1.0)
+    with pytest.raises(RuntimeError, match="shapes of q, keys and values disagree"):
+        op(q, past, past[:, :1], new, new, ok, 1.0)
+
+
 def test_every_vector_path_matches_float64_and_is_batch_invariant():
     """A machine runs the widest path it has; a fresh process capped to a narrower one
-    (FINETUNE_INT8_ISA) runs the float64 and batch-invariance test above on that path. AVX2 and
-    generic compute the same integer dots and fp32 sums: they give the same bits."""
+    (FINETUNE_INT8_ISA) runs the float64 and batch-invariance tests above (int8 products and decode
+    attention) on that path. For int8, AVX2 and generic compute the same integer dots and fp32 sums:
+    they give the same bits."""
     code = (
         "import hashlib, sys, pytest, torch\n"
-        "rc = pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'products_match', sys.argv[1]])\n"
+        "rc = pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'float64 and not every_vector', sys.argv[1]])\n"
         "from finetune.engine import kernel\n"
         "torch.manual_seed(0)\n"
         "w, x = torch.randint(-128, 128, (300, 1536), dtype=torch.int8), torch.randn(5, 1536) * 3\n"
@@ -80,7 +135,7 @@ def test_every_vector_path_matches_float64_and_is_batch_invariant():
             cwd=ROOT,
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        assert "4 passed" in done.stdout, done.stdout[-2000:]
+        assert "7 passed" in done.stdout, done.stdout[-2000:]
         words = done.stdout.split()
         ran, digests[cap] = words[-1], words[words.index("digest") + 1]
         # The cap holds; where the CPU lacks AVX2 (another architecture), generic is all there is.

@@ -30,7 +30,7 @@ import torch
 
 from ..settings import COMPILE_ENV
 from ..settings import COMPILE_MODES as MODES
-from . import kernel, quant
+from . import attention, kernel, quant
 from .cpu_layer import Layer, LoraLayer, math_source
 from .cpu_step import MIN_RANK, MIN_SLOTS, CompiledStep, module_groups, weight_kind
 from .decoder import KV, Decoder, base_linear, kv_geometry
@@ -56,6 +56,7 @@ def _signature(decoder: Decoder, kind: str, max_rows: int) -> dict[str, Any]:
         "scaling": decoder.scaling,
         "kind": kind,
         "int8_kernel": quant.int8_kernel() if kind == "int8" else None,
+        "attention_kernel": attention.batch_invariant(inner.embed_tokens.weight),
         "dtype": str(inner.embed_tokens.weight.dtype),
         "max_length": getattr(config, "max_position_embeddings", 4096),
         "max_rows": max_rows,

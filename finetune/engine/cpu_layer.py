@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import quant
+from . import attention, quant
 
 
 def linear(h: torch.Tensor, weight: tuple[torch.Tensor, ...], kind: str) -> torch.Tensor:
@@ -106,24 +106,13 @@ class Layer(torch.nn.Module):
         qk = out[:, :, : heads + kv_heads]
         half = head_dim // 2
         qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
-        q, k, v = qk[:, :, :heads], qk[:, :, heads:], out[:, :, heads + kv_heads :]
-        # [rows, kv heads, length + 1, head dim] views of the time-major cache plus the new token
-        all_k = torch.cat([past_k, k.transpose(0, 1)]).permute(1, 2, 0, 3)
-        all_v = torch.cat([past_v, v.transpose(0, 1)]).permute(1, 2, 0, 3)
-        a = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            all_k,
-            all_v,
-            attn_mask=mask[:, None, None, :],
-            scale=self.scaling,
-            enable_gqa=heads != kv_heads,
-        )
-        a = a.transpose(1, 2).reshape(rows, 1, -1)
+        q, k, v = qk[:, :, :heads], qk[:, 0, heads:], out[:, 0, heads + kv_heads :]
+        a = attention.decode(q, past_k, past_v, k, v, mask, self.scaling)
         x = x + _plus(linear(a, o_proj, kind), a, slot, lora[1])
         h = rms_norm_fp32(x, norm2, eps)
         g, u = _plus(_linears(h, gate_up, kind), h, slot, lora[2]).chunk(2, dim=-1)
         m = F.silu(g) * u
-        return x + _plus(linear(m, down, kind), m, slot, lora[3]), k[:, 0], v[:, 0]
+        return x + _plus(linear(m, down, kind), m, slot, lora[3]), k, v
 
 
 class LoraLayer(Layer):
@@ -182,6 +171,8 @@ def math_source() -> str:
             _lora,
             fuse_low_bit,
             quant._matmul,
+            attention.decode,
+            attention.batch_invariant,
         )
     ]
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]

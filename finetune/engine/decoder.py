@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import attention, quant
+
 PEFT_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch (`adapter_names`)
 
 
@@ -288,6 +290,10 @@ class Decoder:
         cos, sin = inner.rotary_emb(x, positions)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [rows, n, 1, head dim]: one per head
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        # One new token per row after a prompt: the decode steps' attention, as the compiled step's
+        # (a prompt's 1-token last chunk stays with SDPA, as its other chunks).
+        decode = n == 1 and kv.length >= 1 and not quant.in_fp32_block()
+        decode = decode and attention.batch_invariant(x)
         for i, (layer, (qkv, gate_up)) in enumerate(zip(self.layers(), self.groups, strict=True)):
             h = _rms_norm(x, layer.norm1)
             if plain and qkv.fusable(layer.qkv, layer.lora):
@@ -300,8 +306,18 @@ class Decoder:
                 q = _rotary(q.view(rows, n, heads, head_dim), cos, sin)
                 k = _rotary(k.view(rows, n, kv_heads, head_dim), cos, sin)
                 v = v.view(rows, n, kv_heads, head_dim)
-            keys, values = kv.write(i, k.transpose(1, 2), v.transpose(1, 2))
-            o = self._attend(q, keys, values, mask, kv.length)
+            if decode:
+                past_k, past_v = kv.prefix(i)
+                kv.write(i, k.transpose(1, 2), v.transpose(1, 2))
+                full = (
+                    mask
+                    if mask is not None
+                    else torch.ones(rows, kv.length + 1, dtype=torch.bool, device=x.device)
+                )
+                o = attention.decode(q, past_k, past_v, k[:, 0], v[:, 0], full, self.scaling)
+            else:
+                keys, values = kv.write(i, k.transpose(1, 2), v.transpose(1, 2))
+                o = self._attend(q, keys, values, mask, kv.length)
             x = x + layer.o_proj(o)
             h = _rms_norm(x, layer.norm2)
             if plain and gate_up.fusable(layer.gate_up, layer.lora):

@@ -29,6 +29,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +37,8 @@ from .. import workdirs
 from ..settings import COMPILE_CACHE_ENV as CACHE_ENV
 from ..settings import CXX_ENV
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "int8_linear.cpp"
+_KERNELS = Path(__file__).resolve().parent / "kernels"
+SOURCES = (_KERNELS / "int8_linear.cpp", _KERNELS / "decode_attention.cpp")  # one library
 _lock = threading.Lock()
 _state: dict[str, str | None] = {}  # once tried: "path" loaded, or "error" why not
 
@@ -296,7 +298,7 @@ def distrust(path: Path, what: str) -> None:
         )
 
 
-def _command(compiler: str, source: Path, output: Path) -> list[str]:
+def _command(compiler: str, sources: tuple[Path, ...], output: Path) -> list[str]:
     torch_dir = Path(torch.__file__).resolve().parent
     includes = [torch_dir / "include", torch_dir / "include" / "torch" / "csrc" / "api" / "include"]
     return [
@@ -309,7 +311,7 @@ def _command(compiler: str, source: Path, output: Path) -> list[str]:
         "-w",  # torch's headers warn under some compilers; the kernel itself is small
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *(f"-I{p}" for p in includes),
-        str(source),
+        *map(str, sources),
         "-o",
         str(output),
         f"-L{torch_dir / 'lib'}",
@@ -321,15 +323,15 @@ def _command(compiler: str, source: Path, output: Path) -> list[str]:
 
 def library_path(compiler: str) -> Path:
     """The built library's file, keyed by what it is built from, with and against."""
-    command = " ".join(_command(compiler, SOURCE, Path("out"))) + torch.__version__ + sys.platform
-    key = hashlib.sha256(SOURCE.read_bytes() + command.encode()).hexdigest()[:16]
+    command = " ".join(_command(compiler, SOURCES, Path("out"))) + torch.__version__ + sys.platform
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + command.encode()).hexdigest()[:16]
     return cache_dir() / f"int8_linear-{key}.so"
 
 
 def _build(compiler: str, path: Path) -> None:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         built = Path(tmp) / path.name
-        done = subprocess.run(_command(compiler, SOURCE, built), capture_output=True, text=True, check=False)
+        done = subprocess.run(_command(compiler, SOURCES, built), capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {(done.stderr or done.stdout).strip()[-300:]}")
         publish(built, path)
@@ -357,6 +359,10 @@ def _load() -> Path:
     @torch.library.register_fake("finetune::int8_linear")
     def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("finetune::decode_attention")
+    def _(q: torch.Tensor, past_k: torch.Tensor, *rest: Any) -> torch.Tensor:
+        return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
     return path
 
