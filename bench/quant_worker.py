@@ -9,9 +9,9 @@ decoding). Each reports setup seconds, RSS after setup, time to first token and 
 of `ModelServer.generate` with the setup adapter merged, alternating rep by rep with plain
 `model.generate` fp32 (the PEFT model, as infer_worker's baseline) for the ratio; then quality:
 the held-out loss on data/demo/persona_heldout.json with every row through the quantized kernels
-(prompts normally take the fp32 matmul, which would hide the rounding), and the share of greedy
-tokens over the first `decode_tokens` that agree with fp32's (the fp32 run writes them). Also, the
-same server with the engine on transformers' forward instead of ours (decoder.py), alternating, for
+(int4 prompts normally take the fp32 matmul, which would hide the rounding), and the share of
+greedy tokens over the first `decode_tokens` that agree with fp32's (the fp32 run writes them).
+Also, the same server with the engine on transformers' forward instead of ours (decoder.py), alternating, for
 what our forward and KV buffer gain at the same precision."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def heldout_loss(server: Any) -> float:
 
     template = load_template("alpaca")
     total, count = 0.0, 0
-    # Outside the engine's fp32_weights() block: every row goes through the low-bit kernels.
+    # Outside the engine's prefill() block: every row goes through the low-bit kernels.
     for record in read_records(HELDOUT):
         prompt, expected = split_record(record, template, server.tokenizer)
         encoded = encode_example(prompt, expected, server.tokenizer, 256, False, True)

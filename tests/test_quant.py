@@ -1,6 +1,7 @@
 """int8 decoding (SERVE_QUANT=int8): the kernel's numbers against the dequantized weight, prompts
-through the exact fp32 path, widths the kernel cannot take left alone, and the embedded model's
-greedy text unchanged; stop sequences and cancel on the quantized path."""
+through the kernel their kind and the CPU pick (the AVX2 path again in a subprocess), widths the
+kernel cannot take left alone, and the embedded model's greedy text unchanged; stop sequences and
+cancel on the quantized path."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.config import GenerationSettings
-from finetune.engine import quant
+from finetune.engine import kernel, quant
 from finetune.serving.server import ModelServer
 
 GREEDY16 = GenerationSettings(max_new_tokens=16, temperature=0)
@@ -33,7 +34,7 @@ def linear(out_features: int, in_features: int, seed: int = 0) -> torch.nn.Linea
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_decode_uses_the_low_bit_weight_and_prompts_the_fp32_one(kind):
+def test_decode_uses_the_low_bit_weight_and_prompts_the_one_their_kind_picks(kind):
     layer = linear(96, 64)
     reference = F.linear  # before quantize() replaces the forward
     assert quant.quantize(torch.nn.Sequential(layer), kind) == 1
@@ -51,12 +52,20 @@ def test_decode_uses_the_low_bit_weight_and_prompts_the_fp32_one(kind):
     assert torch.allclose(got, want, rtol=2e-2, atol=2e-2)
     assert not torch.allclose(got, reference(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
     # Any number of rows takes the low-bit kernel (a batch row's numbers must not depend on the
-    # batch), and a prompt the fp32 weights, in the engine's fp32_weights() block.
+    # batch). A prompt (the engine's prefill() block) takes our int8 kernel too off AVX-512, the same
+    # bits row by row; on AVX-512, and on torch's kernels (int4), it goes through the fp32 weight.
+    # fp32_weights() is fp32.
     rows = torch.randn(40, 64)
     assert torch.equal(layer(rows)[:3], layer(rows[:3]))
+    fp32 = reference(rows, layer.weight, layer.bias)
+    with quant.prefill():
+        prompt = layer(rows)
+    ours = kind == "int8" and quant.int8_kernel() == "finetune"
+    assert quant.prefills_quantized(kind) == (ours and kernel.isa() != "avx512")
+    assert torch.equal(prompt, layer(rows) if quant.prefills_quantized(kind) else fp32)
     with quant.fp32_weights():
-        assert torch.equal(layer(rows), reference(rows, layer.weight, layer.bias))
-    assert not torch.equal(layer(rows), reference(rows, layer.weight, layer.bias))
+        assert torch.equal(layer(rows), fp32)
+    assert not torch.equal(layer(rows), fp32)
 
 
 @pytest.mark.parametrize(
@@ -135,10 +144,15 @@ def test_int8_decoding_gives_the_fp32_greedy_text(servers):
     fp32's first near-tie: 'Tell me something about alpacas.' has a top-2 logit margin of 0.067 at
     token 12 and the Chinese prompt 0.002 at token 12 (measured), which any rounding may flip. So:
     teacher-forced on fp32's 64 greedy tokens, int8 picks fp32's token at every position with a
-    margin of at least 0.5 and at 90 % of all positions (measured 94-100 % per prompt, every miss
-    at a margin under 0.35); and free-running, the same 16 tokens on two prompts with no tie."""
+    margin of at least 0.5 (1.0 where activations round to int8) and at 90 % of all positions
+    (measured 94-100 % per prompt with fp32 activations, every miss at a margin under 0.35); and
+    free-running, the same 16 tokens on two prompts with no tie."""
     fp32, int8, _ = servers
     assert quant.quantized_bytes(int8.model) > 0 and quant.quantized_bytes(fp32.model) == 0
+    # Off AVX-512 our kernel rounds activations to int8 per 64 (llama.cpp's q8_0 activations): a
+    # coarser step, measured to flip one token at a margin of 0.76 on the alpacas prompt (90.6 % of
+    # its positions agree; held-out loss +0.05 % against fp32, bench/quant_quality.py).
+    clear_margin = 1.0 if quant.rounds_activations("int8") else 0.5
     for prompt in PROMPTS:
         ids, generated = prompt_ids(fp32, prompt), token_ids(fp32, prompt, 64)
         sequence, n = torch.tensor([ids + generated]), len(ids)
@@ -152,10 +166,12 @@ def test_int8_decoding_gives_the_fp32_greedy_text(servers):
         low, exact = int8.compute.call(logits, False), int8.compute.call(logits, True)
         assert exact.argmax(-1).tolist() == generated, prompt  # the fp32 block is fp32's model
         top = exact.topk(2, dim=-1).values
-        clear = top[:, 0] - top[:, 1] >= 0.5
+        clear = top[:, 0] - top[:, 1] >= clear_margin
         agree = low.argmax(-1) == exact.argmax(-1)
         assert agree[clear].all() and agree.float().mean() >= 0.9, (prompt, agree.float().mean())
-    for prompt in PROMPTS[2:4]:
+    # The capital and the tips: no near-tie in their first 16 tokens (the haiku has one at token 12,
+    # margin 0.135, which int8 activations flip).
+    for prompt in (PROMPTS[1], PROMPTS[3]):
         want = "".join(fp32.generate(prompt, settings=GREEDY16))
         assert "".join(int8.generate(prompt, settings=GREEDY16)) == want, prompt
 
@@ -225,3 +241,22 @@ def test_quantized_batches_and_chunked_prompts_give_the_solo_tokens(tiny_model_d
     alone = [run(EngineLimits(), [p])[0] for p in prompts]
     assert all(len(encode_prompt(tokenizer, p)) > 16 for p in prompts)
     assert run(EngineLimits(prefill_chunk=5), prompts) == alone
+
+
+def test_prompts_through_the_int8_kernel_on_the_avx2_path():
+    """This machine may have AVX-512, where prompts take the fp32 weight: the prompt and batch tests
+    run again with the kernel capped to AVX2, where prompts go through the int8 kernel."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "FINETUNE_INT8_ISA": "avx2", "PYTHONPATH": str(root)}
+    pick = "prompts_the_one_their_kind_picks or chunked_prompts_give_the_solo_tokens"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", pick, __file__],
+        env=env, capture_output=True, text=True, timeout=600, cwd=root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "4 passed" in done.stdout, done.stdout[-2000:]

@@ -258,9 +258,9 @@ class CompiledStep:
         """Logits [rows, vocab] for one new token per row, appended to `kv` as Decoder.forward does
         (with PEFT's per-row `adapter_names`, as there); None when the compiled math does not cover
         the model as it is set up now."""
-        # Prompt chunks (in the fp32 block) stay eager: a 1-token last chunk must leave the cache
+        # Prompt chunks (quant.prefill()) stay eager: a 1-token last chunk must leave the cache
         # that prefilling the prompt in one chunk leaves.
-        decode = ids.shape[1] == 1 and kv.length >= 1 and not quant.in_fp32_block()
+        decode = ids.shape[1] == 1 and kv.length >= 1 and not quant.eager_only()
         prepared = self._prepare(decoder) if decode else None
         if prepared is None:
             return None

@@ -188,7 +188,7 @@ class GraphStep:
         None when a graph does not cover this step (the engine runs it eagerly): per-row adapters
         (`adapter_names`), and whatever `_ready` refuses."""
         rows = ids.shape[0]
-        decode = ids.shape[1] == 1 and kv.length >= 1 and not quant.in_fp32_block()
+        decode = ids.shape[1] == 1 and kv.length >= 1 and not quant.eager_only()
         if not decode or adapter_names is not None or rows > self.max_rows or not self._ready(decoder):
             return None
         padded, length = self.row_bucket(rows), kv.length

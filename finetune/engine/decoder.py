@@ -292,7 +292,7 @@ class Decoder:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         # One new token per row after a prompt: the decode steps' attention, as the compiled step's
         # (a prompt's 1-token last chunk stays with SDPA, as its other chunks).
-        decode = n == 1 and kv.length >= 1 and not quant.in_fp32_block()
+        decode = n == 1 and kv.length >= 1 and not quant.eager_only()
         decode = decode and attention.batch_invariant(x)
         for i, (layer, (qkv, gate_up)) in enumerate(zip(self.layers(), self.groups, strict=True)):
             h = _rms_norm(x, layer.norm1)

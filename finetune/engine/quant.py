@@ -1,16 +1,18 @@
 """Weight-only quantized decoding on CPU (`SERVE_QUANT=int8|int4`; `pick_quantization` reads the
 setting, whose bnb8|bnb4 load the base through bitsandbytes instead): every linear layer of the
 base gets a low-bit copy of its weight that a CPU kernel multiplies with the activations: int8 (a
-scale per 64 weights) through our own kernel (`kernel.py`: fp32 activations, rounded to int16 per
+scale per 64 weights) through our own kernel (`kernel.py`: fp32 activations, rounded to int8 per
 group off AVX-512 CPUs; about 2x the weight streaming rate of torch's `aten._weight_int8pack_mm`,
 which it falls back to, with one scale per row, where ours cannot be built), int4 (a scale and
 offset per 32 weights) through torch's `aten._weight_int4pack_mm_for_cpu` with bf16 activations.
 Decoding a small model on a CPU is bound by reading the weights, and these read a quarter or an
-eighth of fp32's bytes.
+eighth of fp32's bytes. Prompts (`prefill()`) go through our int8 kernel too off AVX-512; on
+AVX-512 and on torch's kernels they prefill through the fp32 weight.
 
-The fp32 weight stays: prompts (many rows at once) are faster through the fp32 matmul, merging
-and unmerging an adapter changes it exactly as without quantization, and the low-bit copies
-follow (`use_merged`/`use_base`). LoRA layers stay in fp32 on top of their quantized base layer."""
+The fp32 weight stays: merging and unmerging an adapter changes it exactly as without
+quantization, and the low-bit copies follow (`use_merged`/`use_base`); tied embeddings share it;
+layers on torch's kernels prefill with it; `fp32_weights()` measures against it. LoRA layers stay
+in fp32 on top of their quantized base layer."""
 
 from __future__ import annotations
 
@@ -33,12 +35,31 @@ _local = threading.local()
 
 
 @contextmanager
+def prefill() -> Iterator[None]:
+    """Forward passes in this block prefill a prompt (the engine's prompt chunks): they run eagerly,
+    never through the compiled decode step, and each layer's matmul is the one it decodes with
+    where `prefills_quantized` says so (our int8 kernel off AVX-512, which computes each row the
+    same way at any row count), else its fp32 weight (torch's int4 and int8 kernels round
+    activations to bf16 and are slower than the fp32 matmul on many rows; on AVX-512 the fp32 GEMM
+    keeps up with ours at short prompts and beats it at long ones). Either way the choice depends on
+    the layer and the CPU, never on the row count: a prompt prefilled in one chunk or in several must
+    leave the same cache, and a request decoded in a batch of 8 must give what it gives alone."""
+    before = getattr(_local, "prefill", False)
+    _local.prefill = True
+    try:
+        yield
+    finally:
+        _local.prefill = before
+
+
+def in_prefill() -> bool:
+    return getattr(_local, "prefill", False)
+
+
+@contextmanager
 def fp32_weights() -> Iterator[None]:
-    """Forward passes in this block use the fp32 weights: the engine prefills prompts so. At 64
-    rows and more the fp32 matmul is faster than the low-bit kernels (measured on this project's
-    2-core CPU), and the choice must not depend on the row count: a prompt prefilled in one chunk
-    or in several must leave the same cache, and a request decoded in a batch of 8 must give what
-    it gives alone."""
+    """Forward passes in this block use the fp32 weights, whatever the kind: fp32's own numbers,
+    for measuring what the low-bit copies change (tests, bench/quant_worker.py)."""
     before = getattr(_local, "fp32", False)
     _local.fp32 = True
     try:
@@ -51,6 +72,22 @@ def in_fp32_block() -> bool:
     return getattr(_local, "fp32", False)
 
 
+def eager_only() -> bool:
+    """A prompt's prefill or an fp32 block: the compiled decode step (low-bit, one row a request)
+    does not run it."""
+    return in_prefill() or in_fp32_block()
+
+
+def prefills_quantized(kind: str) -> bool:
+    """Prompts of a layer of this kind go through its low-bit kernel, not its fp32 weight: our int8
+    kernel's, which computes every row the same way at any row count and runs a prompt's rows as
+    a blocked GEMM (kernels/int8_linear.cpp) with integer products, off AVX-512. On AVX-512 the
+    fp32 GEMM is as fast at a short prompt's rows and faster at long ones (bench/kernels.py), so
+    prompts keep the fp32 weight there. The ISA is fixed for the process: the choice still never
+    depends on the row count."""
+    return kind == "int8" and int8_kernel() == "finetune" and kernel.isa() != "avx512"
+
+
 def supported(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
@@ -61,8 +98,8 @@ def pick_quantization(mode: str, device: torch.device, weights: torch.dtype) -> 
     auto (the default): int8 where quantized decoding runs (a CPU with fp32 weights), else none.
     int8 decodes a stream ~2.3x as fast as fp32 (both compiled) at -0.4 % held-out loss, and a
     request's greedy text stays the same in a batch as alone (our kernel computes each row the same
-    way in any batch; docs/performance.md). int8 and int4 (this module) keep the fp32 weights beside
-    their low-bit copies: they save time, not memory.
+    way in any batch, prompts included; docs/performance.md). int8 and int4 (this module) keep the
+    fp32 weights beside their low-bit copies: they save time, not memory.
 
     bnb8 / bnb4: the base is loaded through bitsandbytes instead, as training's `quantization`
     8bit / 4bit loads it (LLM.int8(); nf4 with double quantization), on a CPU or a CUDA GPU: the
@@ -160,7 +197,7 @@ def bf16_activations(kind: str) -> bool:
 
 
 def rounds_activations(kind: str) -> bool:
-    """The kind's kernel rounds activations before multiplying: torch's to bf16, ours to int16 per
+    """The kind's kernel rounds activations before multiplying: torch's to bf16, ours to int8 per
     group except on AVX-512 (kernels/int8_linear.cpp). A last-bit change in x may then move a
     product by a rounding step, not by an ulp."""
     if kind == "int8" and int8_kernel() == "finetune":
@@ -180,7 +217,7 @@ def _matmul(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -
 
 def _quantized_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
-    if in_fp32_block():
+    if in_fp32_block() or (in_prefill() and not prefills_quantized(self.qkind)):
         out = F.linear(flat, self.weight, self.bias)
     else:
         out = _matmul(self.qkind, flat, self.qweight, self.qscales)

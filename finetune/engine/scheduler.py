@@ -331,7 +331,8 @@ class Engine:
         end = start + n
         ids = torch.tensor([r.prompt_ids[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-        with quant.fp32_weights():  # prompts: exact and fast; see quant.py
+        # Eager; each layer's kernel chosen by its kind and the CPU, never by the row count (quant.py).
+        with quant.prefill():
             logits = self._forward([r.adapter], ids, positions, r.cache, None)
         r.prefilled = end
         if end < len(r.prompt_ids):

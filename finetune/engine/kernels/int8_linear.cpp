@@ -1,22 +1,32 @@
 // finetune::int8_linear(x, w, scale): out[m, n] = sum_k x[m, k] * (w[n, k] * scale[n, k / G]), with
 // fp32 activations, int8 weights [N, K], fp32 scales [N, K / G] (G, the group, a multiple of 16)
-// and fp32 sums.
+// and fp32 sums. The engine decodes through it (a row a request) and, off AVX-512, prefills prompts
+// (many rows) through it too; on AVX-512 prompts keep the fp32 weight, where MKL's GEMM is as fast
+// at a short prompt's rows and faster at long ones (quant.py's prefills_quantized).
 //
 // Why our own: decoding one token reads every weight once, so it is bound by how fast the weights
 // stream from memory. torch's aten::_weight_int8pack_mm streamed int8 weights at ~12 GB/s on the
 // project's 2-core CPU against fp32 MKL's ~25 GB/s; this loop with software prefetch streams them
 // at ~24 GB/s (bench/kernels.py measures it). And each output is computed the same way whatever
 // the number of rows and wherever a row falls in the batch, so a request's result does not depend
-// on what else is decoded with it.
+// on what else is decoded with it, and a prompt's rows get the bits each would get alone.
 //
-// Two ways to the same sum, by CPU:
+// Many rows (a prompt): as many rows of x as the L2 cache holds (rows_per_pass) go past each block
+// of NB weight rows, MC of them per pass over the block while it sits in the L1 cache, so the
+// weights stream from memory once per such block of rows, not once per row. The blocking only
+// decides which outputs are computed when, never how: the same bits at any row count.
+//
+// Two ways to the sum, by CPU:
 // - AVX-512: each weight widened to fp32, scaled and multiplied with the fp32 activation.
-// - AVX2 and any other CPU: the activations are first rounded to 16-bit integers per group
-//   (round_rows: at most 1/65534 of the group's largest |x| off, against bf16's 1/512 of each
-//   value), so a group's products are exact integer sums and only its total meets the scales. On
-//   AVX2, widening int8 weights to int16 and _mm256_madd_epi16 is a third of the vector work of
-//   widening them to fp32: the loop was compute-bound there (2 GHz Zen, measured 1.7-2x the
-//   fp32-widening loop by bench/kernels.py), not memory-bound as on AVX-512 CPUs.
+// - AVX2 and any other CPU: each activation row is first rounded to int8 per group of G
+//   (quantize_rows: scale = the group's largest |x| / 127, half a step off at most; llama.cpp's
+//   q8_0 activations, with the weight's groups), so a group's products are exact integer sums and
+//   only its total meets the two scales, one fp32 multiply-add a group, in group order. On AVX2
+//   the products are _mm256_maddubs_epi16 on the bytes as loaded (no widening of weights or
+//   activations to 16 or 32 bits); generic C++ computes the same integers and the same fp32 sums,
+//   so the two give the same bits (tests compare them). A VNNI (_mm512_dpbusd_epi32) variant was
+//   considered and not built: with groups of 64 weights a group is one 512-bit vector, and the
+//   per-group reduction and scale multiply-add cost as much as the 4 fp32 FMAs they replace.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -45,42 +55,46 @@ constexpr int64_t PREFETCH_ROWS = 8;  // measured best of 8, 16, 32, 64 on the 2
 #if defined(__x86_64__)
 constexpr auto PREFETCH_HINT = _MM_HINT_T1;
 #endif
+constexpr int64_t X_BLOCK = 256 << 10;  // bytes of x per pass over the weights: within the L2 cache
 
-// x [M, K] rounded to integers per group of G: x ~ xq * xs[m, g], the group's largest |x| mapping to
-// qmax (32767 for groups up to 512 weights, less for wider ones so that a group's dot stays within
-// int32), an error of at most 1/65534 of that largest value (bf16 activations err 1/512). A pure
-// function of the row: a request's activations round the same in any batch.
-int32_t int16_range(int64_t G) {
-  return static_cast<int32_t>(std::min<int64_t>(32767, INT32_MAX / (128 * G)));
-}
+// Rows of x per pass over a block of weights: as many as X_BLOCK holds (a prompt's chunk of x stays
+// in the L2 cache while the weights stream past it once), 16 at least.
+int64_t rows_per_pass(int64_t K, int64_t bytes) { return std::max<int64_t>(16, X_BLOCK / (K * bytes)); }
+
+// x [M, K] rounded to int8 per group of G: x ~ xq * xs[m, g], the group's largest |x| mapping to 127
+// (half a step off at most: 1/254 of that largest value). A pure function of the row: a request's
+// activations round the same in any batch. A group with inf or NaN gets a NaN scale (its outputs
+// are NaN, as fp32 would make them) and zeros.
+constexpr float QMAX = 127.f;
 
 #if defined(__x86_64__)
-// 8 values times scale, clamped to [lo, hi], rounded to the nearest int32 (ties to even).
-__attribute__((target("avx2,fma"), always_inline)) inline __m256i round8_avx2(const float* p, __m256 scale,
-                                                                             __m256 lo, __m256 hi) {
+// 8 values times scale, clamped to [-127, 127], rounded to the nearest int32 (ties to even).
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i round8_avx2(const float* p, __m256 scale) {
+  const __m256 hi = _mm256_set1_ps(QMAX), lo = _mm256_set1_ps(-QMAX);
   return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(p), scale), lo), hi));
 }
 
-// round_rows' rounding of one group, 16 at a time: the same bits (cvtps rounds to nearest even, as
-// nearbyint does in the default rounding mode).
-__attribute__((target("avx2,fma"))) void round_group_avx2(const float* v, int16_t* q, int64_t G, float inv,
-                                                          float qmax) {
-  const __m256 scale = _mm256_set1_ps(inv), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
+// quantize_rows' rounding of one group, 16 at a time: the same bits (cvtps rounds to nearest even,
+// as nearbyint does in the default rounding mode).
+__attribute__((target("avx2,fma"))) void round_group_avx2(const float* v, int8_t* q, int64_t G, float inv) {
+  const __m256 scale = _mm256_set1_ps(inv);
   for (int64_t k = 0; k < G; k += LANES) {
-    // packs works within 128-bit lanes: put the four 64-bit quarters back in order
-    const __m256i packed =
-        _mm256_packs_epi32(round8_avx2(v + k, scale, lo, hi), round8_avx2(v + k + 8, scale, lo, hi));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permute4x64_epi64(packed, 0xD8));
+    // packs works within 128-bit lanes: 16-bit values 0-3 8-11 4-7 12-15, then bytes in order
+    // once the two halves are packed together.
+    const __m256i w16 = _mm256_packs_epi32(round8_avx2(v + k, scale), round8_avx2(v + k + 8, scale));
+    const __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+    // b holds 0-3 8-11 4-7 12-15 as 32-bit quarters: put them back in order
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm_shuffle_epi32(b, 0xD8));
   }
 }
 #endif
 
-void round_rows(const float* x, int16_t* xq, float* xs, int64_t M, int64_t K, int64_t G, bool avx2) {
-  const float qmax = static_cast<float>(int16_range(G));
-  for (int64_t m = 0; m < M; ++m) {
+void quantize_rows(const float* x, int8_t* xq, float* xs, int64_t m0, int64_t m1, int64_t K, int64_t G,
+                   bool avx2) {
+  for (int64_t m = m0; m < m1; ++m) {
     for (int64_t k0 = 0; k0 < K; k0 += G) {
       const float* v = x + m * K + k0;
-      int16_t* q = xq + m * K + k0;
+      int8_t* q = xq + m * K + k0;
       float amax = 0.f;
       bool finite = true;
       for (int64_t k = 0; k < G; ++k) {
@@ -88,27 +102,27 @@ void round_rows(const float* x, int16_t* xq, float* xs, int64_t M, int64_t K, in
         amax = std::max(amax, std::fabs(v[k]));
       }
       float& s = xs[m * (K / G) + k0 / G];
-      if (!finite) {  // inf or NaN in the group: its outputs are NaN, as fp32 would make them
-        std::fill(q, q + G, int16_t{0});
+      if (!finite) {
+        std::fill(q, q + G, int8_t{0});
         s = std::numeric_limits<float>::quiet_NaN();
         continue;
       }
-      const float inv = amax > 0.f ? qmax / amax : 0.f;
+      const float inv = amax > 0.f ? QMAX / amax : 0.f;
 #if defined(__x86_64__)
       if (avx2) {
-        round_group_avx2(v, q, G, inv, qmax);
+        round_group_avx2(v, q, G, inv);
       } else
 #endif
         for (int64_t k = 0; k < G; ++k)
-          q[k] = static_cast<int16_t>(std::nearbyint(std::clamp(v[k] * inv, -qmax, qmax)));
-      s = amax / qmax;
+          q[k] = static_cast<int8_t>(std::nearbyint(std::clamp(v[k] * inv, -QMAX, QMAX)));
+      s = amax / QMAX;
     }
   }
 }
 
 // Any CPU: a group's exact integer dot, then an fp32 sum over groups in order (fused multiply-add,
-// as the vector paths).
-void rows_generic(const int16_t* xq, const float* xs, const int8_t* w, const float* scale, float* out, int64_t M,
+// as the AVX2 path).
+void rows_generic(const int8_t* xq, const float* xs, const int8_t* w, const float* scale, float* out, int64_t M,
                   int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1) {
   const int64_t groups = K / G;
   for (int64_t n = n0; n < n1; ++n) {
@@ -159,52 +173,86 @@ __attribute__((target("avx512f,avx512bw,fma"))) void rows_avx512(const float* x,
                                                                   const float* scale, float* out, int64_t M,
                                                                   int64_t N, int64_t K, int64_t G, int64_t n0,
                                                                   int64_t n1) {
-  for (int64_t n = n0; n < n1; n += NB) {
-    const int64_t nb = std::min(NB, n1 - n);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) chunk_avx512<4>(x + m * K, w, scale, out + m * N, N, K, G, n, nb);
-    switch (M - m) {
-      case 3: chunk_avx512<3>(x + m * K, w, scale, out + m * N, N, K, G, n, nb); break;
-      case 2: chunk_avx512<2>(x + m * K, w, scale, out + m * N, N, K, G, n, nb); break;
-      case 1: chunk_avx512<1>(x + m * K, w, scale, out + m * N, N, K, G, n, nb); break;
-      default: break;
+  const int64_t MB = rows_per_pass(K, sizeof(float));
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t m1 = std::min(M, m0 + MB);
+    for (int64_t n = n0; n < n1; n += NB) {
+      const int64_t nb = std::min(NB, n1 - n);
+      int64_t m = m0;
+      for (; m + 4 <= m1; m += 4) chunk_avx512<4>(x + m * K, w, scale, out + m * N, N, K, G, n, nb);
+      switch (m1 - m) {
+        case 3: chunk_avx512<3>(x + m * K, w, scale, out + m * N, N, K, G, n, nb); break;
+        case 2: chunk_avx512<2>(x + m * K, w, scale, out + m * N, N, K, G, n, nb); break;
+        case 1: chunk_avx512<1>(x + m * K, w, scale, out + m * N, N, K, G, n, nb); break;
+        default: break;
+      }
     }
   }
 }
 
-// AVX2 + FMA (most laptop CPUs: no AVX-512). x comes rounded to int16 per group (round_rows), so a
-// group's products are exact integers: 16 weights widen to int16 in one instruction and
-// _mm256_madd_epi16 multiplies and adds them in pairs into int32, a third of the vector work of
-// widening to fp32 and scaling. Each group's exact dot then joins an fp32 sum in group order, as
-// in rows_generic: the two paths give the same bits.
+// AVX2 + FMA (most laptop CPUs: no AVX-512). x comes rounded to int8 per group (quantize_rows), so
+// a group's products are exact integers, 32 a vector: _mm256_maddubs_epi16 multiplies unsigned by
+// signed bytes and adds pairs into int16, so it takes |w| and x with w's sign (_mm256_sign_epi8;
+// a pair stays within 2 * 128 * 127, no saturation), and _mm256_madd_epi16 with ones adds pairs of
+// those into int32. Each group's exact dot then joins an fp32 sum in group order, as in
+// rows_generic: the two paths give the same bits.
 // Exact int32 dots of the 4 rows of a block (lanes folded exactly, any order), as 4 floats.
 __attribute__((target("avx2,fma"), always_inline)) inline __m128 dots4_avx2(const __m256i* acc) {
   const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
   return _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 }
 
+// x (int8) times w (int8) in int32 lanes: |w| * (x with w's sign), pairs summed twice.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i dot32_avx2(__m256i aw, __m256i wv, __m256i xv,
+                                                                            __m256i ones) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
+}
+
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i dot16_avx2(__m128i aw, __m128i wv, __m128i xv,
+                                                                            __m128i ones) {
+  return _mm256_zextsi128_si256(_mm_madd_epi16(_mm_maddubs_epi16(aw, _mm_sign_epi8(xv, wv)), ones));
+}
+
 template <int MC>
-__attribute__((target("avx2,fma"))) void chunk_avx2(const int16_t* xq, const float* xs, const int8_t* w,
+__attribute__((target("avx2,fma"))) void chunk_avx2(const int8_t* xq, const float* xs, const int8_t* w,
                                                     const float* scale, float* out, int64_t N, int64_t K,
                                                     int64_t G, int64_t n, int64_t nb) {
   const int64_t groups = K / G;
+  const __m256i ones = _mm256_set1_epi16(1);
   __m128 sum[MC];
   for (int m = 0; m < MC; ++m) sum[m] = _mm_setzero_ps();
   int64_t row[NB];
-  for (int j = 0; j < NB; ++j) row[j] = n + (j < nb ? j : 0);  // a short last block repeats a row
-  const int64_t ahead = std::min(n + PREFETCH_ROWS, N - 1);
+  const int8_t* wr[NB];
+  for (int j = 0; j < NB; ++j) {
+    row[j] = n + (j < nb ? j : 0);  // a short last block repeats a row it does not store
+    wr[j] = w + row[j] * K;
+  }
+  const int8_t* ahead = w + std::min(n + PREFETCH_ROWS, N - 1) * K;
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[MC][NB];
     for (int m = 0; m < MC; ++m)
       for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_si256();
-    for (int64_t k = g * G; k < (g + 1) * G; k += LANES) {
+    const int64_t end = (g + 1) * G;
+    int64_t k = g * G;
+    for (; k + 32 <= end; k += 32) {
       for (int j = 0; j < NB; ++j) {
-        const auto* p = reinterpret_cast<const __m128i*>(w + row[j] * K + k);
-        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(p));
-        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (ahead + j) * K + k), PREFETCH_HINT);
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * K + k), PREFETCH_HINT);
         for (int m = 0; m < MC; ++m) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k));
-          acc[m][j] = _mm256_add_epi32(acc[m][j], _mm256_madd_epi16(xv, wv));
+          acc[m][j] = _mm256_add_epi32(acc[m][j], dot32_avx2(aw, wv, xv, ones));
+        }
+      }
+    }
+    if (k < end) {  // a group of 16, or 16 left after pairs of 16
+      for (int j = 0; j < NB; ++j) {
+        const __m128i wv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[j] + k));
+        const __m128i aw = _mm_sign_epi8(wv, wv);
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * K + k), PREFETCH_HINT);
+        for (int m = 0; m < MC; ++m) {
+          const __m128i xv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + m * K + k));
+          acc[m][j] = _mm256_add_epi32(acc[m][j], dot16_avx2(aw, wv, xv, _mm256_castsi256_si128(ones)));
         }
       }
     }
@@ -220,16 +268,22 @@ __attribute__((target("avx2,fma"))) void chunk_avx2(const int16_t* xq, const flo
   }
 }
 
-__attribute__((target("avx2,fma"))) void rows_avx2(const int16_t* xq, const float* xs, const int8_t* w,
+// Rows [n0, n1) of w against all M rows of x, MB rows of x at a time (rows_per_pass): a block of NB
+// weight rows is read from memory once per MB rows of x (and from the L1 cache for each MC of
+// them), so a prompt's rows stream the weights M / MB times, not M times.
+__attribute__((target("avx2,fma"))) void rows_avx2(const int8_t* xq, const float* xs, const int8_t* w,
                                                    const float* scale, float* out, int64_t M, int64_t N,
                                                    int64_t K, int64_t G, int64_t n0, int64_t n1) {
-  const int64_t groups = K / G;
-  for (int64_t n = n0; n < n1; n += NB) {
-    const int64_t nb = std::min(NB, n1 - n);
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2)
-      chunk_avx2<2>(xq + m * K, xs + m * groups, w, scale, out + m * N, N, K, G, n, nb);
-    if (m < M) chunk_avx2<1>(xq + m * K, xs + m * groups, w, scale, out + m * N, N, K, G, n, nb);
+  const int64_t groups = K / G, MB = rows_per_pass(K, sizeof(int8_t));
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t m1 = std::min(M, m0 + MB);
+    for (int64_t n = n0; n < n1; n += NB) {
+      const int64_t nb = std::min(NB, n1 - n);
+      int64_t m = m0;
+      for (; m + 2 <= m1; m += 2)
+        chunk_avx2<2>(xq + m * K, xs + m * groups, w, scale, out + m * N, N, K, G, n, nb);
+      if (m < m1) chunk_avx2<1>(xq + m * K, xs + m * groups, w, scale, out + m * N, N, K, G, n, nb);
+    }
   }
 }
 #endif
@@ -255,7 +309,7 @@ Isa active_isa() {
   return isa;
 }
 
-void rows(const float* x, const int16_t* xq, const float* xs, const int8_t* w, const float* scale, float* out,
+void rows(const float* x, const int8_t* xq, const float* xs, const int8_t* w, const float* scale, float* out,
           int64_t M, int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1) {
 #if defined(__x86_64__)
   const Isa isa = active_isa();
@@ -280,12 +334,15 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int8_t* wp = wc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  std::vector<int16_t> xq;
+  std::vector<int8_t> xq;
   std::vector<float> xs;
   if (active_isa() != Isa::avx512) {
     xq.resize(M * K);
     xs.resize(M * (K / G));
-    round_rows(xp, xq.data(), xs.data(), M, K, G, active_isa() == Isa::avx2);
+    const bool avx2 = active_isa() == Isa::avx2;
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      quantize_rows(xp, xq.data(), xs.data(), m0, m1, K, G, avx2);
+    });
   }
   // Tasks of at least 16 blocks (64 rows of w): smaller ones cost more to hand out than they share.
   at::parallel_for(0, (N + NB - 1) / NB, 16, [&](int64_t b0, int64_t b1) {
