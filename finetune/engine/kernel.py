@@ -1,5 +1,6 @@
-"""Our own CPU kernel for int8 decoding (`finetune/engine/kernels/int8_linear.cpp`), built with the
-machine's C++ compiler on first use and cached beside the compiled decode step.
+"""Our own CPU kernels (`finetune/engine/kernels/`: int8 products, and decode attention for
+attention.py), built into one library with the machine's C++ compiler on first use and cached beside
+the compiled decode step.
 
 `torch.ops.finetune.int8_linear(x, w, scale)` multiplies fp32 activations (rounded to int8 per
 group on CPUs without AVX-512, and then multiplied as integers) with int8 weights (a scale per
@@ -7,7 +8,7 @@ group of 16 to 64 weights) and streams the weights about 2x as fast as torch's
 `aten._weight_int8pack_mm` on the project's CPU. On CPUs without AVX-512 prompts' rows go through
 it too, as a blocked GEMM; on AVX-512 they keep the fp32 weight (`quant.prefills_quantized`; the
 kernel's header says why and how). Where it cannot be built (no compiler, a build error)
-`available()` says so once and int8 decoding uses torch's kernel instead.
+`available()` says so once; int8 decoding then uses torch's kernel, and attention SDPA.
 
 The cache folder is a trust boundary: what is loaded from it runs as this process. `cache_dir()` uses
 the configured folder only when no one but this user (and root) can write it or a folder above it,
