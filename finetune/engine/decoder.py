@@ -296,6 +296,8 @@ class Decoder:
         # (a prompt's 1-token last chunk stays with SDPA, as its other chunks).
         decode = n == 1 and kv.length >= 1 and not quant.eager_only()
         decode = decode and attention.batch_invariant(x)
+        if decode and mask is None:  # no padding: every column, for every layer
+            mask = torch.ones(rows, kv.length + 1, dtype=torch.bool, device=x.device)
         for i, (layer, (qkv, gate_up)) in enumerate(zip(self.layers(), self.groups, strict=True)):
             h = _rms_norm(x, layer.norm1)
             if plain and qkv.fusable(layer.qkv, layer.lora):
@@ -311,12 +313,7 @@ class Decoder:
             if decode:
                 past_k, past_v = kv.prefix(i)
                 kv.write(i, k.transpose(1, 2), v.transpose(1, 2))
-                full = (
-                    mask
-                    if mask is not None
-                    else torch.ones(rows, kv.length + 1, dtype=torch.bool, device=x.device)
-                )
-                o = attention.decode(q, past_k, past_v, k[:, 0], v[:, 0], full, self.scaling)
+                o = attention.decode(q, past_k, past_v, k[:, 0], v[:, 0], mask, self.scaling)
             else:
                 keys, values = kv.write(i, k.transpose(1, 2), v.transpose(1, 2))
                 o = self._attend(q, keys, values, mask, kv.length)
