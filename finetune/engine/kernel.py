@@ -42,6 +42,7 @@ from ..settings import CXX_ENV
 
 _KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCES = (_KERNELS / "int8_linear.cpp", _KERNELS / "decode_attention.cpp")  # one library
+HEADERS = (_KERNELS / "isa.h",)  # included by the sources: part of the library's cache key
 _lock = threading.Lock()
 _state: dict[str, str | None] = {}  # once tried: "path" loaded, or "error" why not
 
@@ -327,7 +328,9 @@ def _command(compiler: str, sources: tuple[Path, ...], output: Path) -> list[str
 def library_path(compiler: str) -> Path:
     """The built library's file, keyed by what it is built from, with and against."""
     command = " ".join(_command(compiler, SOURCES, Path("out"))) + torch.__version__ + sys.platform
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + command.encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + command.encode()).hexdigest()[
+        :16
+    ]
     return cache_dir() / f"int8_linear-{key}.so"
 
 

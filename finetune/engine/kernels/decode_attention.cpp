@@ -17,30 +17,19 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
+#include "isa.h"
+
 namespace {
 
 // Vectors where the CPU has AVX2 and FMA, unless FINETUNE_INT8_ISA=generic (the tests' cap) asks for
-// plain C++. Either way one process uses one path for every row.
-bool vectors() {
-  static const bool yes = [] {
-    const char* cap = std::getenv("FINETUNE_INT8_ISA");
-    if (cap && std::string(cap) == "generic") return false;
-#if defined(__x86_64__)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
-  }();
-  return yes;
-}
+// plain C++ (isa.h, as the int8 kernel decides). Either way one process uses one path for every row.
+bool vectors() { return finetune_kernels::active_isa() != finetune_kernels::Isa::generic; }
 
 float dot_generic(const float* a, const float* b, int64_t n) {
   float s = 0.f;

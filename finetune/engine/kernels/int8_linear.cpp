@@ -36,12 +36,13 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <cstdlib>
 #include <string>
 #include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+#include "isa.h"
 
 namespace {
 
@@ -288,26 +289,8 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const int8_t* xq, const float
 }
 #endif
 
-enum class Isa { generic, avx2, avx512 };
-
-// The widest vector code this CPU runs; FINETUNE_INT8_ISA=avx2|generic caps it, so that the tests
-// check every path on a machine that has AVX-512.
-Isa pick_isa() {
-  const char* cap = std::getenv("FINETUNE_INT8_ISA");
-  const std::string limit = cap ? cap : "avx512";
-#if defined(__x86_64__)
-  if (limit == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
-    return Isa::avx512;
-  if (limit != "generic" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
-#endif
-  return Isa::generic;
-}
-
-// Decided once a process: int8_linear and int8_isa always name the same path.
-Isa active_isa() {
-  static const Isa isa = pick_isa();
-  return isa;
-}
+using finetune_kernels::active_isa;
+using finetune_kernels::Isa;
 
 void rows(const float* x, const int8_t* xq, const float* xs, const int8_t* w, const float* scale, float* out,
           int64_t M, int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1) {
