@@ -1,8 +1,8 @@
 """Where one decode step of the served model goes (issue: the step's overhead beside weight
-streaming): the embedded model as the server sets it up (int8, the compiled step), at 1 and 8 rows
-after a prompt of `--context` tokens, against the same step's weights multiplied alone through the
-int8 kernel (the floor the step cannot go under at this kernel's speed), and against this machine's
-memory read rate (the floor no int8 kernel can go under).
+streaming): the embedded model as the server sets it up (int8, or `--quant int4`; the compiled
+step), at 1 and 8 rows after a prompt of `--context` tokens, against the same step's weights
+multiplied alone through our kernels (the floor the step cannot go under at their speed), and
+against this machine's memory read rate (the floor no kernel reading these bytes can go under).
 
     .venv/bin/python -m bench.decode_step [--threads 2] [--context 48] [--profile]
     FINETUNE_INT8_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python -m bench.decode_step  # AVX2 only
@@ -42,15 +42,22 @@ def weight_products(step: Any, rows: int) -> tuple[Any, int]:
     """A pass over every product the compiled step makes (each layer's fused groups, then the head),
     with inputs of the right widths, and the bytes of weights (and scales) it reads."""
     embed, layers, norm, head = step._inputs
-    mats = [t for layer in layers for t in layer if t.dtype == torch.int8]
-    scales = [t for layer in layers for t in layer if t.dtype == torch.float32 and t.dim() == 2]
+    mats = [t for layer in layers for t in layer if t.dtype in (torch.int8, torch.uint8)]
+    scales = [
+        t for layer in layers for t in layer if t.dim() == 2 and t.dtype in (torch.float32, torch.bfloat16)
+    ]
     pairs = list(zip(mats, scales, strict=True)) + [tuple(head)]
-    xs = {q.shape[1]: torch.randn(rows, q.shape[1]) for q, _ in pairs}
-    nbytes = sum(q.numel() + s.numel() * 4 for q, s in pairs)
+
+    def width(q: torch.Tensor, s: torch.Tensor) -> int:
+        return q.shape[1] if q.dtype == torch.int8 else s.shape[1] * 4  # int4: [N / 4, K / 4] scales
+
+    xs = {width(q, s): torch.randn(rows, width(q, s)) for q, s in pairs}
+    nbytes = sum(q.numel() * q.element_size() + s.numel() * s.element_size() for q, s in pairs)
+    ops = {torch.int8: torch.ops.finetune.int8_linear, torch.uint8: torch.ops.finetune.int4_linear}
 
     def run() -> None:
         for q, s in pairs:
-            torch.ops.finetune.int8_linear(xs[q.shape[1]], q, s)
+            ops[q.dtype](xs[width(q, s)], q, s)
 
     return run, nbytes
 
@@ -92,20 +99,21 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=48, help="tokens in the cache before the step")
     parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--quant", default="int8", choices=["int8", "int4"], help="SERVE_QUANT of the server")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from finetune.engine import kernel
     from finetune.serving.server import ModelServer
 
-    server = ModelServer(quantization="int8", cache_size=0)
+    server = ModelServer(quantization=args.quant, cache_size=0)
     engine = server.engine
 
     def measure() -> list[str]:
         decoder, step = engine.decoder(), engine.compiled
         assert decoder is not None and step is not None and step._prepare(decoder) is not None
         lines = [
-            f"int8 kernel: {kernel.isa()}; {args.threads} threads; context {args.context} tokens; "
+            f"{args.quant}; int8 kernel: {kernel.isa()}; {args.threads} threads; context {args.context} tokens; "
             f"memory read rate {read_rate():.1f} GB/s",
             "| rows | step ms | kernel's products ms | rest ms | weight MB a step | GB/s in the step |",
             "|---:|---:|---:|---:|---:|---:|",

@@ -1,5 +1,6 @@
-"""How fast the int8 kernels multiply: ours (finetune/engine/kernels/int8_linear.cpp) against torch's
-`aten._weight_int8pack_mm` and fp32 `F.linear`, and against ours at an earlier commit, in one run.
+"""How fast the low-bit kernels multiply: our int8 and int4 (finetune/engine/kernels/) against
+torch's `aten._weight_int8pack_mm` and fp32 `F.linear`, and against ours at an earlier commit, in
+one run.
 
     .venv/bin/python bench/kernels.py [--threads 2] [--layers 30] [--rows 1,8,64,512]
     FINETUNE_INT8_ISA=avx2 .venv/bin/python bench/kernels.py --against HEAD~3   # old vs new, AVX2 code
@@ -8,8 +9,8 @@ One pass multiplies `rows` rows (1 or 8: decoding a batch; 16 to 512: a prompt) 
 layer of the 135M model's decoder shape (q/k/v fused, o, gate/up fused, down) for `--layers`
 layers, different weights per layer, so that they come from memory as in decoding, not from the
 cache. The kernels run in turn, rep by rep, so that a busy machine slows them alike; the ratios
-are what to read. Prints ms per pass, the bytes of weights streamed per second, and each
-kernel's time against fp32's.
+are what to read. Prints ms per pass, the bytes of weights (scales included) streamed per second,
+and each kernel's time against fp32's.
 
 `--against REV` builds the kernel's source at git revision REV (its op renamed, into a temporary
 folder) and runs it too, with the same FINETUNE_INT8_ISA cap: old against new in one process.
@@ -81,6 +82,7 @@ def main() -> None:
     torch.manual_seed(0)
     fp32 = [[torch.randn(n, k) * 0.02 for n, k in SHAPES] for _ in range(args.layers)]
     ours = [[quant._quantize_int8(w) for w in layer] for layer in fp32]
+    ours4 = [[quant._quantize_int4(w) for w in layer] for layer in fp32]
     # torch's kernel takes one bf16 scale per row
     theirs = [
         [(q, (w.abs().amax(1) / 127).bfloat16()) for w, (q, _) in zip(a, b, strict=True)]
@@ -89,6 +91,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         against = build_against(args.against, Path(tmp)) if args.against else None
         params = args.layers * sum(n * k for n, k in SHAPES)
+        size = {"ours int8": _bytes(ours), "ours int4": _bytes(ours4), "torch int8": _bytes(theirs)}
         print(
             f"{args.layers} layers of {SHAPES}, {params / 1e6:.0f}M weights, {args.threads} threads; "
             f"ours runs its {kernel.isa()} code (FINETUNE_INT8_ISA=avx2|generic caps it)"
@@ -96,20 +99,24 @@ def main() -> None:
         print("| rows | kernel | ms per pass | GB/s of weights | × fp32 |")
         print("|---:|---|---:|---:|---:|")
         for rows in (int(r) for r in args.rows.split(",")):
-            runs = kernels(rows, fp32, ours, theirs, against, not args.no_torch_int8)
+            runs = kernels(rows, fp32, ours, ours4, theirs, against, not args.no_torch_int8)
             reps = max(3, args.reps * 8 // max(8, rows))  # fewer reps where a pass is long
             seconds = alternate(runs, reps, time.thread_time if args.cpu_time else time.perf_counter)
             base = seconds["fp32 F.linear"]
             for name, t in seconds.items():
-                width = 4 if name.startswith("fp32") else 1
+                weights = next((b for key, b in size.items() if name.startswith(key)), params * 4)
                 print(
-                    f"| {rows} | {name} | {1000 * t:.2f} | {params * width / t / 1e9:.1f} | {base / t:.2f} |",
+                    f"| {rows} | {name} | {1000 * t:.2f} | {weights / t / 1e9:.1f} | {base / t:.2f} |",
                     flush=True,
                 )
 
 
+def _bytes(layers: list) -> int:
+    return sum(t.numel() * t.element_size() for layer in layers for copy in layer for t in copy)
+
+
 def kernels(
-    rows: int, fp32: list, ours: list, theirs: list, against: Callable | None, torch_int8: bool
+    rows: int, fp32: list, ours: list, ours4: list, theirs: list, against: Callable | None, torch_int8: bool
 ) -> dict[str, Callable]:
     x = {k: torch.randn(rows, k) for _, k in SHAPES}
     xb = {k: v.bfloat16() for k, v in x.items()}
@@ -117,6 +124,9 @@ def kernels(
         "fp32 F.linear": lambda: [F.linear(x[w.shape[1]], w) for layer in fp32 for w in layer],
         "ours int8": lambda: [
             torch.ops.finetune.int8_linear(x[q.shape[1]], q, s) for layer in ours for q, s in layer
+        ],
+        "ours int4": lambda: [
+            torch.ops.finetune.int4_linear(x[s.shape[1] * 4], q, s) for layer in ours4 for q, s in layer
         ],
     }
     if against is not None:  # weights of its own: none of them still in the cache from the run before

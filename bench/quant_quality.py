@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.common import setup_torch
 from bench.infer_worker import random_adapter
-from bench.quant_worker import PROMPTS, SETTINGS, greedy_ids, heldout_loss
+from bench.quant_worker import HELDOUT, PROMPTS, SETTINGS, greedy_ids, heldout_loss
 
 
 def main() -> None:
@@ -24,6 +24,13 @@ def main() -> None:
     parser.add_argument("--mode", default="int8", choices=["int8", "int4", "bf16"])
     parser.add_argument("--tokens", type=int, default=128, help="greedy tokens per prompt")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--heldout",
+        type=Path,
+        default=HELDOUT,
+        help="an Alpaca JSON file whose responses' loss is measured (default: the demo's 20 held-out rows)",
+    )
+    parser.add_argument("--rows", type=int, help="only its first ROWS records")
     args = parser.parse_args()
     setup_torch("cpu", args.threads)
     from finetune.engine import kernel
@@ -37,7 +44,9 @@ def main() -> None:
             server = ModelServer(adapter=adapter, **SETTINGS[mode])
 
             def quality(server: ModelServer = server) -> tuple[float, dict[str, list[int]]]:
-                return heldout_loss(server), {p: greedy_ids(server, p, args.tokens) for p in PROMPTS}
+                return heldout_loss(server, args.heldout, args.rows), {
+                    p: greedy_ids(server, p, args.tokens) for p in PROMPTS
+                }
 
             out[mode] = server.compute.call(quality)
             server = None
@@ -47,6 +56,7 @@ def main() -> None:
     ]
     result = {
         "mode": args.mode,
+        "heldout": f"{args.heldout.name}[:{args.rows}]" if args.rows else args.heldout.name,
         "int8_isa": kernel.isa(),
         "heldout_loss_fp32": round(fp32_loss, 5),
         "heldout_loss": round(loss, 5),

@@ -58,7 +58,7 @@ def greedy_ids(server: Any, prompt: str, n: int) -> list[int]:
     return list(request.generated)
 
 
-def heldout_loss(server: Any) -> float:
+def heldout_loss(server: Any, path: Path = HELDOUT, rows: int | None = None) -> float:
     from finetune.data.dataset_file import read_records
     from finetune.data.encoding import encode_example
     from finetune.data.prompts import load_template, split_record
@@ -67,7 +67,7 @@ def heldout_loss(server: Any) -> float:
     template = load_template("alpaca")
     total, count = 0.0, 0
     # Outside the engine's prefill() block: every row goes through the low-bit kernels.
-    for record in read_records(HELDOUT):
+    for record in read_records(path)[:rows]:
         prompt, expected = split_record(record, template, server.tokenizer)
         encoded = encode_example(prompt, expected, server.tokenizer, 256, False, True)
         loss, n = _response_loss(server.model, encoded, server.tokenizer.pad_token_id, server.device)

@@ -77,8 +77,8 @@ def run(engine: Engine, tokenizer, texts: list[str], settings=GREEDY16) -> list[
     return [list(r.generated) for r in requests]
 
 
-# int4 (an option, not the default) compiles a third file: with `-m slow` (`make test-all`).
-@pytest.mark.parametrize("kind", ["none", "int8", pytest.param("int4", marks=pytest.mark.slow)])
+# int4 (an option, not the default) compiles a third file: ~30 s with the test below.
+@pytest.mark.parametrize("kind", ["none", "int8", "int4"])
 def test_compiled_steps_give_the_eager_tokens_alone_and_in_padded_batches(cache, tiny_model_dir, kind):
     model, tokenizer = tiny(tiny_model_dir, kind)
     eager = Engine(model, tokenizer, EngineLimits())
@@ -93,8 +93,9 @@ def test_compiled_steps_give_the_eager_tokens_alone_and_in_padded_batches(cache,
     # Prompts of different lengths: a batch with left padding, rows joining and leaving.
     together = run(engine, tokenizer, PROMPTS)
     assert together == alone
-    if kind == "int4":
-        # bf16 activations through fused loops round differently from the eager ops: measured 1.0 here.
+    if kind == "int4" and quant.int8_kernel() != "finetune":
+        # torch's int4 kernel: bf16 activations through fused loops round differently from the eager
+        # ops (measured 1.0 here). Ours is the same op compiled or not.
         agree = [
             sum(a == b for a, b in zip(x, y, strict=True)) / len(x) for x, y in zip(alone, want, strict=True)
         ]
@@ -103,8 +104,8 @@ def test_compiled_steps_give_the_eager_tokens_alone_and_in_padded_batches(cache,
         assert alone == want
 
 
-# int8 only, as test_decoder's: fp32's GEMM sums a row differently at another row count.
-@pytest.mark.parametrize("kind", ["int8"])
+# int8 and int4, as test_decoder's: fp32's GEMM sums a row differently at another row count.
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_compiled_rows_decode_to_the_same_bits_in_a_padded_batch_as_alone(cache, tiny_model_dir, kind):
     model, tokenizer = tiny(tiny_model_dir, kind)
     engine = Engine(model, tokenizer, EngineLimits())

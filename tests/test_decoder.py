@@ -99,9 +99,9 @@ def padded_and_alone(forward, decoder: Decoder, rows: list[list[int]], nxt: list
     return batched, alone
 
 
-# int8, the CPU default: its products are our kernel's, a row's bits whatever the batch. fp32's are
-# MKL's GEMM, whose sums for a row change with the number of rows.
-@pytest.mark.parametrize("kind", ["int8"])
+# int8, the CPU default, and int4: their products are our kernels', a row's bits whatever the batch.
+# fp32's are MKL's GEMM, whose sums for a row change with the number of rows.
+@pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_a_row_decodes_to_the_same_bits_in_a_padded_batch_as_alone(tiny, kind):
     """Decode attention sums over each row's own positions in order (kernels/decode_attention.cpp):
     with SDPA over the padded length, a padded row's logits were a few ulps off its solo ones (up to
@@ -109,6 +109,8 @@ def test_a_row_decodes_to_the_same_bits_in_a_padded_batch_as_alone(tiny, kind):
     model, tokenizer = tiny
     if kind != "none":
         assert quant.quantize(model, kind) > 0
+    if kind == "int4":
+        assert quant.int8_kernel() == "finetune"  # ours, not torch's int4 kernel
     assert attention.batch_invariant(model.model.embed_tokens.weight)
     decoder = Decoder(model)
     rows = [encode_prompt(tokenizer, p) for p in PROMPTS]

@@ -54,6 +54,61 @@ def test_products_match_float64_and_a_row_never_depends_on_its_batch(op, n, k, g
             assert torch.equal(op(x[start : start + rows], w, scale), got[start : start + rows])
 
 
+def int4_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight's int4 copy in our layout (quant._pack_int4) and the weights it stands for."""
+    torch.manual_seed(seed)
+    w = torch.randn(n, k) * 0.05
+    w[0, :32] += 1.0  # a group far from zero: the offset carries it
+    q, scales = quant._quantize_int4(w)
+    return q, scales, quant._dequantize("int4", w).double()
+
+
+@pytest.mark.parametrize("n, k", [(4, 32), (36, 64), (100, 576), (1032, 1536)])
+def test_int4_products_match_float64_and_a_row_never_depends_on_its_batch(op, n, k):
+    q, scales, dequantized = int4_weights(n, k, n + k)
+    assert q.shape == (n // 4, k * 2) and scales.shape == (n // 4, k // 4)
+    x = torch.randn(9, k)
+    got = torch.ops.finetune.int4_linear(x, q, scales)
+    assert got.dtype == torch.float32 and got.shape == (9, n)
+    want = x.double() @ dequantized.T
+    # x rounded to int8 per group of 32 (half a step of the group's largest |x| / 127), plus fp32 sums
+    half_step = x.abs().reshape(9, -1, 32).amax(-1).double() / 127 / 2
+    bound = torch.einsum("mg,ngk->mn", half_step, dequantized.abs().reshape(n, -1, 32))
+    bound += 1e-6 * k * (x.abs().double() @ dequantized.abs().T)
+    assert ((got.double() - want).abs() <= bound).all()
+    for rows in (1, 2, 3, 5, 8):
+        for start in (0, 9 - rows):
+            assert torch.equal(
+                torch.ops.finetune.int4_linear(x[start : start + rows], q, scales), got[start : start + rows]
+            )
+
+
+def test_int4_prompts_rows_give_their_decode_bits(op):
+    """As int8's below: a prompt's rows, in blocks of 170 rows of 1536-wide int8 activations."""
+    q, scales, _ = int4_weights(72, 1536, 5)
+    x = torch.randn(300, 1536)
+    x[5, 70] = float("inf")  # its group's outputs are NaN, and its row's only
+    whole = torch.ops.finetune.int4_linear(x, q, scales)
+    assert whole[5].isnan().all() and not whole[torch.arange(300) != 5].isnan().any()
+    whole = whole.nan_to_num(nan=7.0)
+    for start, rows in ((0, 1), (169, 2), (100, 130), (299, 1), (7, 293)):
+        part = torch.ops.finetune.int4_linear(x[start : start + rows], q, scales).nan_to_num(nan=7.0)
+        assert torch.equal(part, whole[start : start + rows])
+
+
+def test_int4_refuses_what_it_cannot_take(op):
+    int4 = torch.ops.finetune.int4_linear
+    q, scales = torch.zeros(2, 128, dtype=torch.uint8), torch.zeros(2, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="K must be a multiple of 32"):
+        int4(torch.zeros(1, 48), q, scales)
+    with pytest.raises(RuntimeError, match=r"packed uint8 w \[N / 4, K \* 2\]"):
+        int4(torch.zeros(1, 32), q, scales)
+    with pytest.raises(RuntimeError, match=r"bf16 scales \[N / 4, K / 4\]"):
+        int4(torch.zeros(1, 64), q, scales.float())
+    with pytest.raises(RuntimeError, match="fp32 x"):
+        int4(torch.zeros(1, 64, dtype=torch.bfloat16), q, scales)
+
+
 def _sdpa64(q, past_k, past_v, k, v, mask, scale):
     """The attention decode_attention computes, in float64 through SDPA (grouped heads expanded)."""
     keys = torch.cat([past_k, k[None]]).permute(1, 2, 0, 3).double()
@@ -129,9 +184,9 @@ def test_a_prompts_rows_give_their_decode_bits(op):
 
 def test_every_vector_path_matches_float64_and_is_batch_invariant():
     """A machine runs the widest path it has; a fresh process capped to a narrower one
-    (FINETUNE_INT8_ISA) runs the float64 and batch-invariance tests above (int8 products and decode
-    attention) on that path. For int8, AVX2 and generic compute the same integer dots and fp32 sums:
-    they give the same bits."""
+    (FINETUNE_INT8_ISA) runs the float64 and batch-invariance tests above (int8 and int4 products
+    and decode attention) on that path. For int8 and int4, AVX2 and generic compute the same integer
+    dots and fp32 sums: they give the same bits."""
     code = (
         "import hashlib, sys, pytest, torch\n"
         "rc = pytest.main(['-q', '-p', 'no:cacheprovider', '-k', '(float64 or prompts_rows) and not every_vector', sys.argv[1]])\n"
@@ -139,6 +194,8 @@ def test_every_vector_path_matches_float64_and_is_batch_invariant():
         "torch.manual_seed(0)\n"
         "w, x = torch.randint(-128, 128, (300, 1536), dtype=torch.int8), torch.randn(133, 1536) * 3\n"
         "out = torch.ops.finetune.int8_linear(x, w, torch.rand(300, 24) * 0.01)\n"
+        "from finetune.engine import quant\n"
+        "out = torch.cat([out, torch.ops.finetune.int4_linear(x, *quant._quantize_int4(torch.randn(300, 1536)))], 1)\n"
         "print('digest', hashlib.sha256(out.numpy().tobytes()).hexdigest())\n"
         "print('isa', kernel.isa())\n"
         "sys.exit(rc)\n"
@@ -155,7 +212,7 @@ def test_every_vector_path_matches_float64_and_is_batch_invariant():
             cwd=ROOT,
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        assert "9 passed" in done.stdout, done.stdout[-2000:]
+        assert "14 passed" in done.stdout, done.stdout[-2000:]
         words = done.stdout.split()
         ran, digests[cap] = words[-1], words[words.index("digest") + 1]
         # The cap holds; where the CPU lacks AVX2 (another architecture), generic is all there is.

@@ -52,15 +52,15 @@ def test_decode_uses_the_low_bit_weight_and_prompts_the_one_their_kind_picks(kin
     assert torch.allclose(got, want, rtol=2e-2, atol=2e-2)
     assert not torch.allclose(got, reference(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
     # Any number of rows takes the low-bit kernel (a batch row's numbers must not depend on the
-    # batch). A prompt (the engine's prefill() block) takes our int8 kernel too off AVX-512, the same
-    # bits row by row; on AVX-512, and on torch's kernels (int4), it goes through the fp32 weight.
-    # fp32_weights() is fp32.
+    # batch). A prompt (the engine's prefill() block) takes our int8 and int4 kernels too off
+    # AVX-512, the same bits row by row; on AVX-512, and on torch's kernels, it goes through the
+    # fp32 weight. fp32_weights() is fp32.
     rows = torch.randn(40, 64)
     assert torch.equal(layer(rows)[:3], layer(rows[:3]))
     fp32 = reference(rows, layer.weight, layer.bias)
     with quant.prefill():
         prompt = layer(rows)
-    ours = kind == "int8" and quant.int8_kernel() == "finetune"
+    ours = quant.int8_kernel() == "finetune"
     assert quant.prefills_quantized(kind) == (ours and kernel.isa() != "avx512")
     assert torch.equal(prompt, layer(rows) if quant.prefills_quantized(kind) else fp32)
     with quant.fp32_weights():
@@ -71,8 +71,13 @@ def test_decode_uses_the_low_bit_weight_and_prompts_the_one_their_kind_picks(kin
 @pytest.mark.parametrize(
     "kind, odd_shape, fine_shape",
     # int8: widths in multiples of 16 (torch's kernel crashes on a width of 36 and gives wrong
-    # numbers at 40); int4 refuses outputs that are not a multiple of 16.
-    [("int8", (64, 36), (64, 48)), ("int8", (64, 40), (8, 32)), ("int4", (40, 64), (48, 64))],
+    # numbers at 40); int4: whole groups of 32 in, outputs in blocks of 4 (ours; 16 torch's).
+    [
+        ("int8", (64, 36), (64, 48)),
+        ("int8", (64, 40), (8, 32)),
+        ("int4", (42, 64), (48, 64)),
+        ("int4", (48, 48), (16, 32)),
+    ],
 )
 def test_shapes_the_kernels_cannot_take_stay_fp32(kind, odd_shape, fine_shape):
     odd, fine = linear(*odd_shape), linear(*fine_shape, seed=1)

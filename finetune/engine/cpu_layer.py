@@ -150,10 +150,11 @@ def fuse_low_bit(kind: str, copies: list[tuple[torch.Tensor, ...]]) -> list[tupl
     """One low-bit copy for modules that read the same input where that is exact: rows are
     quantized independently (int8 scales [rows], int4 scales [groups, rows, 2]), so the fused
     product is the concatenation of theirs. Otherwise the parts, multiplied one by one."""
-    if kind == "int4" and any(c[0].shape[0] % _INT4_ROW_BLOCK for c in copies[:-1]):
+    torchs_int4 = kind == "int4" and quant.int8_kernel() != "finetune"
+    if torchs_int4 and any(c[0].shape[0] % _INT4_ROW_BLOCK for c in copies[:-1]):
         return copies
     weights = torch.cat([c[0] for c in copies])
-    scales = torch.cat([c[1] for c in copies], dim=0 if kind == "int8" else 1)
+    scales = torch.cat([c[1] for c in copies], dim=1 if torchs_int4 else 0)
     return [(weights, scales)]
 
 

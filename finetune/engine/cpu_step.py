@@ -3,7 +3,7 @@
 
 A decode step of a small model in eager mode spends more time dispatching its ~40 ops a layer than
 in the matmuls; compiled, the elementwise work is fused into a few C++ loops, the matmuls stay extern
-kernels (MKL, torch's int4 kernel, our int8 op from kernel.py) and a layer is one C++ call. The
+kernels (MKL, or our int8 and int4 ops from kernel.py) and a layer is one C++ call. The
 layers share their shapes, so one compiled file serves any depth; embedding, final norm and
 vocabulary projection run eagerly around it (three ops). Building, caching and loading that file,
 and checking it at load, are cpu_compile.py's.

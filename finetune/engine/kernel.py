@@ -1,14 +1,16 @@
-"""Our own CPU kernels (`finetune/engine/kernels/`: int8 products, and decode attention for
-attention.py), built into one library with the machine's C++ compiler on first use and cached beside
-the compiled decode step.
+"""Our own CPU kernels (`finetune/engine/kernels/`: int8 and int4 products, and decode attention
+for attention.py), built into one library with the machine's C++ compiler on first use and cached
+beside the compiled decode step.
 
 `torch.ops.finetune.int8_linear(x, w, scale)` multiplies fp32 activations (rounded to int8 per
 group on CPUs without AVX-512, and then multiplied as integers) with int8 weights (a scale per
 group of 16 to 64 weights) and streams the weights about 2x as fast as torch's
 `aten._weight_int8pack_mm` on the project's CPU. On CPUs without AVX-512 prompts' rows go through
 it too, as a blocked GEMM; on AVX-512 they keep the fp32 weight (`quant.prefills_quantized`; the
-kernel's header says why and how). Where it cannot be built (no compiler, a build error)
-`available()` says so once; int8 decoding then uses torch's kernel, and attention SDPA.
+kernel's header says why and how). `torch.ops.finetune.int4_linear(x, w, scales)` takes 4-bit
+codes with a scale and offset per 32 weights in its own layout (kernels/int4_linear.cpp). Where
+the library cannot be built (no compiler, a build error) `available()` says so once; int8 and int4
+decoding then use torch's kernels, and attention SDPA.
 
 The cache folder is a trust boundary: what is loaded from it runs as this process. `cache_dir()` uses
 the configured folder only when no one but this user (and root) can write it or a folder above it,
@@ -41,8 +43,11 @@ from ..settings import COMPILE_CACHE_ENV as CACHE_ENV
 from ..settings import CXX_ENV
 
 _KERNELS = Path(__file__).resolve().parent / "kernels"
-SOURCES = (_KERNELS / "int8_linear.cpp", _KERNELS / "decode_attention.cpp")  # one library
-HEADERS = (_KERNELS / "isa.h",)  # included by the sources: part of the library's cache key
+SOURCES = (_KERNELS / "int8_linear.cpp", _KERNELS / "int4_linear.cpp", _KERNELS / "decode_attention.cpp")
+HEADERS = (
+    _KERNELS / "isa.h",
+    _KERNELS / "rows.h",
+)  # included by the sources: part of the library's cache key
 _lock = threading.Lock()
 _state: dict[str, str | None] = {}  # once tried: "path" loaded, or "error" why not
 
@@ -365,6 +370,10 @@ def _load() -> Path:
     @torch.library.register_fake("finetune::int8_linear")
     def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("finetune::int4_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0] * 4)
 
     @torch.library.register_fake("finetune::decode_attention")
     def _(q: torch.Tensor, past_k: torch.Tensor, *rest: Any) -> torch.Tensor:

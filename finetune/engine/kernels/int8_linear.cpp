@@ -43,83 +43,11 @@
 #endif
 
 #include "isa.h"
+#include "rows.h"
 
 namespace {
 
-constexpr int64_t LANES = 16;  // K is a multiple of this
-constexpr int64_t NB = 4;      // output rows per block: independent sums in flight
-constexpr int64_t PREFETCH_ROWS = 8;  // measured best of 8, 16, 32, 64 on the 2-core CPU
-// Weights are prefetched into L2, not L1: on the 2-core EPYC (bench/kernels.py, one row, 30 layers)
-// that streamed 28-30 GB/s against 15-16 with L1 prefetches on the AVX2 path and 22 against 15 on
-// the AVX-512 one. A weight is read once a step, so L1 gains nothing by holding it early, and L2
-// can track more lines in flight.
-#if defined(__x86_64__)
-constexpr auto PREFETCH_HINT = _MM_HINT_T1;
-#endif
-constexpr int64_t X_BLOCK = 256 << 10;  // bytes of x per pass over the weights: within the L2 cache
-
-// Rows of x per pass over a block of weights: as many as X_BLOCK holds (a prompt's chunk of x stays
-// in the L2 cache while the weights stream past it once), 16 at least.
-int64_t rows_per_pass(int64_t K, int64_t bytes) { return std::max<int64_t>(16, X_BLOCK / (K * bytes)); }
-
-// x [M, K] rounded to int8 per group of G: x ~ xq * xs[m, g], the group's largest |x| mapping to 127
-// (half a step off at most: 1/254 of that largest value). A pure function of the row: a request's
-// activations round the same in any batch. A group with inf or NaN gets a NaN scale (its outputs
-// are NaN, as fp32 would make them) and zeros.
-constexpr float QMAX = 127.f;
-
-#if defined(__x86_64__)
-// 8 values times scale, clamped to [-127, 127], rounded to the nearest int32 (ties to even).
-__attribute__((target("avx2,fma"), always_inline)) inline __m256i round8_avx2(const float* p, __m256 scale) {
-  const __m256 hi = _mm256_set1_ps(QMAX), lo = _mm256_set1_ps(-QMAX);
-  return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(p), scale), lo), hi));
-}
-
-// quantize_rows' rounding of one group, 16 at a time: the same bits (cvtps rounds to nearest even,
-// as nearbyint does in the default rounding mode).
-__attribute__((target("avx2,fma"))) void round_group_avx2(const float* v, int8_t* q, int64_t G, float inv) {
-  const __m256 scale = _mm256_set1_ps(inv);
-  for (int64_t k = 0; k < G; k += LANES) {
-    // packs works within 128-bit lanes: 16-bit values 0-3 8-11 4-7 12-15, then bytes in order
-    // once the two halves are packed together.
-    const __m256i w16 = _mm256_packs_epi32(round8_avx2(v + k, scale), round8_avx2(v + k + 8, scale));
-    const __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
-    // b holds 0-3 8-11 4-7 12-15 as 32-bit quarters: put them back in order
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm_shuffle_epi32(b, 0xD8));
-  }
-}
-#endif
-
-void quantize_rows(const float* x, int8_t* xq, float* xs, int64_t m0, int64_t m1, int64_t K, int64_t G,
-                   bool avx2) {
-  for (int64_t m = m0; m < m1; ++m) {
-    for (int64_t k0 = 0; k0 < K; k0 += G) {
-      const float* v = x + m * K + k0;
-      int8_t* q = xq + m * K + k0;
-      float amax = 0.f;
-      bool finite = true;
-      for (int64_t k = 0; k < G; ++k) {
-        finite = finite && std::isfinite(v[k]);
-        amax = std::max(amax, std::fabs(v[k]));
-      }
-      float& s = xs[m * (K / G) + k0 / G];
-      if (!finite) {
-        std::fill(q, q + G, int8_t{0});
-        s = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      const float inv = amax > 0.f ? QMAX / amax : 0.f;
-#if defined(__x86_64__)
-      if (avx2) {
-        round_group_avx2(v, q, G, inv);
-      } else
-#endif
-        for (int64_t k = 0; k < G; ++k)
-          q[k] = static_cast<int8_t>(std::nearbyint(std::clamp(v[k] * inv, -QMAX, QMAX)));
-      s = amax / QMAX;
-    }
-  }
-}
+using namespace finetune_kernels;
 
 // Any CPU: a group's exact integer dot, then an fp32 sum over groups in order (fused multiply-add,
 // as the AVX2 path).
@@ -197,12 +125,6 @@ __attribute__((target("avx512f,avx512bw,fma"))) void rows_avx512(const float* x,
 // a pair stays within 2 * 128 * 127, no saturation), and _mm256_madd_epi16 with ones adds pairs of
 // those into int32. Each group's exact dot then joins an fp32 sum in group order, as in
 // rows_generic: the two paths give the same bits.
-// Exact int32 dots of the 4 rows of a block (lanes folded exactly, any order), as 4 floats.
-__attribute__((target("avx2,fma"), always_inline)) inline __m128 dots4_avx2(const __m256i* acc) {
-  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
-  return _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
-}
-
 // x (int8) times w (int8) in int32 lanes: |w| * (x with w's sign), pairs summed twice.
 __attribute__((target("avx2,fma"), always_inline)) inline __m256i dot32_avx2(__m256i aw, __m256i wv, __m256i xv,
                                                                             __m256i ones) {
@@ -288,9 +210,6 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const int8_t* xq, const float
   }
 }
 #endif
-
-using finetune_kernels::active_isa;
-using finetune_kernels::Isa;
 
 void rows(const float* x, const int8_t* xq, const float* xs, const int8_t* w, const float* scale, float* out,
           int64_t M, int64_t N, int64_t K, int64_t G, int64_t n0, int64_t n1) {
