@@ -2,13 +2,13 @@
 when a llama-server binary is given (it is never a dependency; bench/README.md says how to build one).
 
     python -m bench.llama_server --llama-server PATH [--rounds 2] [--threads 2] [--isa avx2|native]
-                                 [--no-head-cache] [--quick] [--keep] [--name STEM]
+                                 [--no-head-cache] [--quant int8|int4] [--quick] [--keep] [--name STEM]
     LLAMA_SERVER=PATH python -m bench.llama_server
 
 The embedded base model is exported by our own `export gguf --dtype q8_0`; each round starts our
-Cog server with its defaults (int8, compiled on a CPU, through coglet; capped to AVX2 code unless
-`--isa native`), then llama-server (`-t THREADS -np 8` on the q8_0 file), one at a time, and sends each
-the same requests: 8 Alpaca-templated prompts of 37-44 tokens, the same token ids for both, greedy,
+Cog server with its defaults (int8, or `--quant int4`; compiled on a CPU, through coglet; capped to
+AVX2 code unless `--isa native`), then llama-server (`-t THREADS -np 8` on the q8_0 file), one at a
+time, and sends each the same requests: 8 Alpaca-templated prompts of 37-44 tokens, the same token ids for both, greedy,
 llama-server with `cache_prompt: false` (cold prompts; ours reuses its cached template head, as by
 default, unless `--no-head-cache`). Per server and round:
 
@@ -376,6 +376,8 @@ def ours_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
         env.update(AVX2_ENV, SERVE_COMPILE_CACHE=str(work / "compiled-avx2"))
     if args.no_head_cache:
         env["PREFIX_CACHE_TOKENS"] = "0"
+    if args.quant != "int8":
+        env["SERVE_QUANT"] = args.quant
     return env
 
 
@@ -455,6 +457,8 @@ def fmt(values: list[Any]) -> str:
 def ours_setting(result: dict[str, Any]) -> str:
     caps = ", ".join(f"{k}={v}" for k, v in result["ours_env"].items() if k in AVX2_ENV)
     isa = f"its vector code capped to AVX2 ({caps})" if caps else "on the CPU's own vector code"
+    quant = result["ours_env"].get("SERVE_QUANT", "int8")
+    isa = f"SERVE_QUANT={quant}, {isa}"
     if result["no_head_cache"]:
         return f"{isa}, PREFIX_CACHE_TOKENS=0 (no prompt prefix reused)"
     return f"{isa}; it reuses the Alpaca template's cached head, as by default"
@@ -471,7 +475,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['threads']} threads each; load average {result['load_avg'][0]} → {result['load_avg'][1]}; "
         f"commit {result['commit']}.",
         "",
-        f"Ours: the Cog server's defaults (int8, compiled on a CPU) through coglet, {ours_setting(result)}. "
+        f"Ours: the Cog server (compiled on a CPU) through coglet, {ours_setting(result)}. "
         f"Theirs: `{result['command']}` "
         f"({b['version']}; AVX-512 instructions in its ggml CPU code: {zmm_text}) on our "
         f"`export gguf --dtype q8_0` file ({result['gguf_mb']} MB). Same token ids, greedy, "
@@ -533,6 +537,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="our server's vector code: capped to AVX2 (default, as the llama-server build), or the CPU's own",
     )
     parser.add_argument("--no-head-cache", action="store_true", help="ours with PREFIX_CACHE_TOKENS=0")
+    parser.add_argument(
+        "--quant", default="int8", choices=["int8", "int4"], help="ours with this SERVE_QUANT (default int8)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (server logs)")
     parser.add_argument("--quick", action="store_true", help="smoke test: one round, fewer requests")
     parser.add_argument("--name", help="results file stem (default llama-server-<isa>[-quick])")
