@@ -35,7 +35,7 @@ def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 
 def _linears(h: torch.Tensor, parts: list[tuple[torch.Tensor, ...]], kind: str) -> torch.Tensor:
-    """Modules that read the same input: one fused product, or one per part (see fuse_low_bit)."""
+    """Modules that read the same input: one fused product, or one per part (quant.fuse_low_bit)."""
     if len(parts) == 1:
         return linear(h, parts[0], kind)
     return torch.cat([linear(h, p, kind) for p in parts], dim=-1)
@@ -140,24 +140,6 @@ class LoraLayer(Layer):
         return self.math(x, cos, sin, mask, weights, past_k, past_v, slot, lora)
 
 
-# The CPU int4 layout packs rows in blocks: concatenating two packed copies is the packed
-# concatenation only when every part but the last fills whole blocks (measured: 32-row parts fuse
-# exactly, 16- and 48-row ones do not; 64 leaves a margin for other CPUs' layouts).
-_INT4_ROW_BLOCK = 64
-
-
-def fuse_low_bit(kind: str, copies: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
-    """One low-bit copy for modules that read the same input where that is exact: rows are
-    quantized independently (int8 scales [rows], int4 scales [groups, rows, 2]), so the fused
-    product is the concatenation of theirs. Otherwise the parts, multiplied one by one."""
-    torchs_int4 = kind == "int4" and quant.int8_kernel() != "finetune"
-    if torchs_int4 and any(c[0].shape[0] % _INT4_ROW_BLOCK for c in copies[:-1]):
-        return copies
-    weights = torch.cat([c[0] for c in copies])
-    scales = torch.cat([c[1] for c in copies], dim=1 if torchs_int4 else 0)
-    return [(weights, scales)]
-
-
 def math_source() -> str:
     """A digest of the code the compiled file is made from: the math here and quant.py's products."""
     parts = [
@@ -170,7 +152,7 @@ def math_source() -> str:
             linear,
             _linears,
             _lora,
-            fuse_low_bit,
+            quant.fuse_low_bit,
             quant._matmul,
             attention.decode,
             attention.batch_invariant,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
-from .cpu_layer import fuse_low_bit, linear, rms_norm_fp32
+from .cpu_layer import linear, rms_norm_fp32
 from .decoder import KV, PEFT_BASE, Decoder, base_linear, plain_linear
 
 # LoRA stacks hold at least 2 slots and rank 2 (sizes of 1 would be specialised by the export); real
@@ -121,7 +121,6 @@ class CompiledStep:
     def __init__(self, runner: Any, kind: str, head_kind: str, path: Path | None) -> None:
         self.runner, self.kind, self.head_kind, self.path = runner, kind, head_kind, path
         self.lora_runner: Any = None
-        self._fused: dict[tuple[int, ...], list[tuple[torch.Tensor, ...]]] = {}
         self._layers: list[Any] | None = None  # the decoder's layer list the lists below were made for
         self._bases: list[Any] = []
         self._loras: list[Any] = []  # the LoRA modules; PEFT merges, disables and activates model-wide
@@ -134,14 +133,7 @@ class CompiledStep:
     def _group(self, decoder_group: Any, modules: list[Any]) -> list[tuple[torch.Tensor, ...]]:
         if self.kind == "none":
             return [(decoder_group._fuse([base_linear(m).weight for m in modules]),)]
-        copies = [_copy(m) for m in modules]
-        key = tuple(c[0].data_ptr() for c in copies)
-        fused = self._fused.get(key)
-        if fused is None:
-            if len(self._fused) >= 4 * len(self._bases):  # base and merged copies; the rest is stale
-                self._fused.clear()
-            fused = self._fused[key] = fuse_low_bit(self.kind, copies)
-        return fused
+        return quant.fused_copies([base_linear(m) for m in modules])
 
     def covers(self, decoder: Decoder) -> bool:
         """The compiled math is the model's math right now without LoRA stacks: every linear layer

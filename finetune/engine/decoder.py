@@ -9,9 +9,10 @@ at 1,800 tokens in fp32; the matmul kernels are most of a decode step either way
 
 * keys and values go into a `KV` buffer allocated ahead (columns [0, length) in use), not a
   concatenation per token;
-* q/k/v and gate/up run as one matmul each when the weights are plain (no unmerged LoRA, not
-  quantized): the model's weights become views of one fused tensor, so merging an adapter in place
-  changes what the fused matmul sees, and nothing is copied;
+* q/k/v and gate/up run as one matmul each when the weights are plain (no unmerged LoRA): the
+  model's weights become views of one fused tensor, so merging an adapter in place changes what the
+  fused matmul sees, and nothing is copied; quantized ones multiply one fused low-bit copy (quant.py,
+  shared with the compiled step);
 * otherwise each linear module runs as it would in transformers (PEFT's LoRA layers, per-row
   `adapter_names` through PEFT's own forward hooks, the low-bit copies of quant.py).
 
@@ -187,18 +188,19 @@ class _Group:
             self.fused, self.ptrs = fused, [w.data_ptr() for w in weights]
         return self.fused
 
-    @staticmethod
-    def fusable(modules: list[Any], lora: bool) -> bool:
-        """Every module computes F.linear with its base weight right now: no bias, not quantized,
-        and no LoRA adding to it (checked only when the layer has LoRA modules at all)."""
-        for m in modules:
-            base = base_linear(m)
-            if type(base) is not torch.nn.Linear or base.bias is not None or hasattr(base, "qkind"):
-                return False
-        return not lora or all(plain_linear(m) for m in modules)
-
-    def matmul(self, x: torch.Tensor, modules: list[Any]) -> torch.Tensor:
-        return F.linear(x, self._fuse([base_linear(m).weight for m in modules]))
+    def product(self, x: torch.Tensor, modules: list[Any], lora: bool) -> torch.Tensor | None:
+        """All modules' outputs side by side from one product, where that is what each computes now:
+        no LoRA adds to them (checked only when the layer has LoRA modules at all), no bias, and
+        either every base weight fp32/bf16 (one fused weight) or every one on its low-bit copy
+        (quant.fused_matmul); None otherwise."""
+        if lora and not all(plain_linear(m) for m in modules):
+            return None
+        bases = [base_linear(m) for m in modules]
+        if any(type(b) is not torch.nn.Linear or b.bias is not None for b in bases):
+            return None
+        if any(hasattr(b, "qkind") for b in bases):
+            return quant.fused_matmul(x, bases)
+        return F.linear(x, self._fuse([b.weight for b in bases]))
 
 
 @dataclass
@@ -300,9 +302,10 @@ class Decoder:
             mask = torch.ones(rows, kv.length + 1, dtype=torch.bool, device=x.device)
         for i, (layer, (qkv, gate_up)) in enumerate(zip(self.layers(), self.groups, strict=True)):
             h = _rms_norm(x, layer.norm1)
-            if plain and qkv.fusable(layer.qkv, layer.lora):
+            out = qkv.product(h, layer.qkv, layer.lora) if plain else None
+            if out is not None:
                 # One matmul for q, k and v, and one rotary for q and k together.
-                out = qkv.matmul(h, layer.qkv).view(rows, n, heads + 2 * kv_heads, head_dim)
+                out = out.view(rows, n, heads + 2 * kv_heads, head_dim)
                 qk = _rotary(out[:, :, : heads + kv_heads], cos, sin)
                 q, k, v = qk[:, :, :heads], qk[:, :, heads:], out[:, :, heads + kv_heads :]
             else:
@@ -319,8 +322,9 @@ class Decoder:
                 o = self._attend(q, keys, values, mask, kv.length)
             x = x + layer.o_proj(o)
             h = _rms_norm(x, layer.norm2)
-            if plain and gate_up.fusable(layer.gate_up, layer.lora):
-                g, u = gate_up.matmul(h, layer.gate_up).chunk(2, dim=-1)
+            out = gate_up.product(h, layer.gate_up, layer.lora) if plain else None
+            if out is not None:
+                g, u = out.chunk(2, dim=-1)
             else:
                 g, u = (m(h) for m in layer.gate_up)
             x = x + layer.down(F.silu(g) * u)

@@ -240,6 +240,52 @@ def _matmul(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), q, INT4_GROUP, scales).to(x.dtype)
 
 
+# The CPU int4 layout packs rows in blocks: concatenating two packed copies is the packed
+# concatenation only when every part but the last fills whole blocks (measured: 32-row parts fuse
+# exactly, 16- and 48-row ones do not; 64 leaves a margin for other CPUs' layouts).
+_INT4_ROW_BLOCK = 64
+
+
+def fuse_low_bit(kind: str, copies: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+    """One low-bit copy for modules that read the same input where that is exact: rows are
+    quantized independently (int8 scales [rows], int4 scales [groups, rows, 2]), so the fused
+    product is the concatenation of theirs. Otherwise the parts, multiplied one by one."""
+    torchs_int4 = kind == "int4" and int8_kernel() != "finetune"
+    if torchs_int4 and any(c[0].shape[0] % _INT4_ROW_BLOCK for c in copies[:-1]):
+        return copies
+    weights = torch.cat([c[0] for c in copies])
+    scales = torch.cat([c[1] for c in copies], dim=1 if torchs_int4 else 0)
+    return [(weights, scales)]
+
+
+def fused_copies(layers: list[torch.nn.Linear]) -> list[tuple[torch.Tensor, ...]]:
+    """`fuse_low_bit` of the low-bit copies the layers (q/k/v, or gate/up) use now, made once and kept
+    on the first layer, one per set of copies (the base's, and the setup adapter's merged in): the
+    eager forward and the compiled step share it, and switching costs no second fusing."""
+    key = tuple(layer.qweight.data_ptr() for layer in layers)
+    kept: dict[tuple[int, ...], list[tuple[torch.Tensor, ...]]] = layers[0].__dict__.setdefault("q_fused", {})
+    if key not in kept:
+        if len(kept) >= 2:  # the base's and the merged copies; anything older is stale
+            kept.clear()
+        kept[key] = fuse_low_bit(layers[0].qkind, [(layer.qweight, layer.qscales) for layer in layers])
+    return kept[key]
+
+
+def fused_matmul(x: torch.Tensor, layers: list[torch.nn.Linear]) -> torch.Tensor | None:
+    """x times the layers' low-bit copies in one product (their outputs side by side), where each
+    layer's own forward would use its low-bit copy now, they share a kind and have no bias; else
+    None. The same bits as the layers one by one: each output of our kernels is computed alone."""
+    kind = getattr(layers[0], "qkind", None)
+    if kind is None or any(getattr(m, "qkind", None) != kind or m.bias is not None for m in layers):
+        return None
+    if in_fp32_block() or (in_prefill() and not prefills_quantized(kind)):
+        return None
+    flat = x.reshape(-1, x.shape[-1])
+    parts = [_matmul(kind, flat, *copy) for copy in fused_copies(layers)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return out.view(*x.shape[:-1], -1)
+
+
 def _quantized_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     if in_fp32_block() or (in_prefill() and not prefills_quantized(self.qkind)):
