@@ -15,6 +15,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -31,64 +32,81 @@ namespace {
 // plain C++ (isa.h, as the int8 kernel decides). Either way one process uses one path for every row.
 bool vectors() { return finetune_kernels::active_isa() != finetune_kernels::Isa::generic; }
 
-float dot_generic(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s = std::fma(a[i], b[i], s);
-  return s;
-}
-
-void axpy_generic(float p, const float* v, float* acc, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] = std::fma(p, v[i], acc[i]);
-}
+struct GenericOps {
+  static float dot(const float* a, const float* b, int64_t n) {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; ++i) s = std::fma(a[i], b[i], s);
+    return s;
+  }
+  static void axpy(float p, const float* v, float* acc, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) acc[i] = std::fma(p, v[i], acc[i]);
+  }
+};
 
 #if defined(__x86_64__)
-// n a multiple of 8: lanes summed in a fixed order at the end.
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
-}
-
-__attribute__((target("avx2,fma"))) void axpy_avx2(float p, const float* v, float* acc, int64_t n) {
-  const __m256 pv = _mm256_set1_ps(p);
-  for (int64_t i = 0; i < n; i += 8)
-    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
-}
+// n a multiple of 8: lanes summed in a fixed order at the end. Four accumulators where n allows
+// (a head of 64 is 8 vectors): one chain of 8 dependent FMAs cost about as much as the rest of a
+// position's work.
+struct Avx2Ops {
+  __attribute__((target("avx2,fma"))) static inline float dot(const float* a, const float* b, int64_t n) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+      for (int j = 0; j < 4; ++j)
+        acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * j), _mm256_loadu_ps(b + i + 8 * j), acc[j]);
+    for (; i < n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
+    const __m256 all = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps(all, 1));
+    const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+  }
+  __attribute__((target("avx2,fma"))) static inline void axpy(float p, const float* v, float* acc,
+                                                                             int64_t n) {
+    const __m256 pv = _mm256_set1_ps(p);
+    for (int64_t i = 0; i < n; i += 8)
+      _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+  }
+};
 #endif
 
 struct Shapes {
   int64_t rows, length, heads, kv_heads, dim;
 };
 
+struct Inputs {
+  const float *q, *past_k, *past_v, *k, *v;
+  const bool* mask;
+  float* out;
+  float scale;
+};
+
+// Per thread, reused from one (row, kv head) to the next: no allocation per item.
+struct Scratch {
+  std::vector<const float*> keys, values;
+  std::vector<float> scores;
+};
+
 // The query heads of kv head g in row r, over the row's unmasked positions in order (t == length is
 // the new token): scores, then exp(score - max) summed and multiplied into the values one position
-// after another, divided by that sum at the end.
-void attend(const float* q, const float* past_k, const float* past_v, const float* k, const float* v,
-            const bool* mask, float* out, const Shapes& s, float scale, int64_t r, int64_t g) {
-  const bool vec = vectors() && s.dim % 8 == 0;
-  const auto dot = [&](const float* a, const float* b) {
-#if defined(__x86_64__)
-    if (vec) return dot_avx2(a, b, s.dim);
-#endif
-    return dot_generic(a, b, s.dim);
-  };
-  const auto axpy = [&](float p, const float* x, float* acc) {
-#if defined(__x86_64__)
-    if (vec) return axpy_avx2(p, x, acc, s.dim);
-#endif
-    axpy_generic(p, x, acc, s.dim);
-  };
-  std::vector<const float*> keys, values;
+// after another, divided by that sum at the end. Inlined into each path's function, so that the
+// vector code's dot and axpy inline too.
+template <class Ops>
+__attribute__((always_inline)) inline void attend(const Inputs& in, const Shapes& s, int64_t r, int64_t g,
+                                                  Scratch& w) {
+  const float *q = in.q, *past_k = in.past_k, *past_v = in.past_v, *k = in.k, *v = in.v;
+  const bool* mask = in.mask;
+  float* out = in.out;
+  const float scale = in.scale;
+  w.keys.clear();
+  w.values.clear();
   for (int64_t t = 0; t <= s.length; ++t) {
     if (!mask[r * (s.length + 1) + t]) continue;
     const int64_t at = t < s.length ? ((t * s.rows + r) * s.kv_heads + g) * s.dim : -1;
-    keys.push_back(at < 0 ? k + (r * s.kv_heads + g) * s.dim : past_k + at);
-    values.push_back(at < 0 ? v + (r * s.kv_heads + g) * s.dim : past_v + at);
+    w.keys.push_back(at < 0 ? k + (r * s.kv_heads + g) * s.dim : past_k + at);
+    w.values.push_back(at < 0 ? v + (r * s.kv_heads + g) * s.dim : past_v + at);
   }
-  const int64_t group = s.heads / s.kv_heads, n = static_cast<int64_t>(keys.size());
-  std::vector<float> scores(n);
+  const int64_t group = s.heads / s.kv_heads, n = static_cast<int64_t>(w.keys.size());
+  w.scores.resize(n);
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
     const float* qh = q + (r * s.heads + h) * s.dim;
     float* o = out + (r * s.heads + h) * s.dim;
@@ -99,18 +117,30 @@ void attend(const float* q, const float* past_k, const float* past_v, const floa
     }
     float top = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < n; ++i) {
-      scores[i] = dot(qh, keys[i]) * scale;
-      top = std::max(top, scores[i]);
+      w.scores[i] = Ops::dot(qh, w.keys[i], s.dim) * scale;
+      top = std::max(top, w.scores[i]);
     }
     float sum = 0.f;
     for (int64_t i = 0; i < n; ++i) {
-      const float p = std::exp(scores[i] - top);
+      const float p = std::exp(w.scores[i] - top);
       sum += p;
-      axpy(p, values[i], o);
+      Ops::axpy(p, w.values[i], o, s.dim);
     }
     for (int64_t d = 0; d < s.dim; ++d) o[d] /= sum;
   }
 }
+
+void items_generic(const Inputs& in, const Shapes& s, int64_t b, int64_t e) {
+  Scratch w;
+  for (int64_t i = b; i < e; ++i) attend<GenericOps>(in, s, i / s.kv_heads, i % s.kv_heads, w);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) void items_avx2(const Inputs& in, const Shapes& s, int64_t b, int64_t e) {
+  Scratch w;
+  for (int64_t i = b; i < e; ++i) attend<Avx2Ops>(in, s, i / s.kv_heads, i % s.kv_heads, w);
+}
+#endif
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& past_k, const at::Tensor& past_v,
                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, double scale) {
@@ -133,9 +163,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& past_k, const
   const float *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
   const bool* mp = mc.data_ptr<bool>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, s.rows * s.kv_heads, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      attend(qp, pkp, pvp, kp, vp, mp, op, s, static_cast<float>(scale), i / s.kv_heads, i % s.kv_heads);
+  const Inputs in{qp, pkp, pvp, kp, vp, mp, op, static_cast<float>(scale)};
+  const bool vec = vectors() && s.dim % 8 == 0;
+  // Items of less than ~32K multiply-adds together: a short context's few rows are cheaper on one
+  // thread than handed out (one row, 48 tokens: 5 us against 8).
+  const int64_t work = (s.length + 1) * s.dim * (s.heads / s.kv_heads);
+  at::parallel_for(0, s.rows * s.kv_heads, std::max<int64_t>(1, (32 << 10) / work), [&](int64_t b, int64_t e) {
+#if defined(__x86_64__)
+    if (vec) return items_avx2(in, s, b, e);
+#endif
+    items_generic(in, s, b, e);
   });
   return out;
 }
