@@ -300,6 +300,8 @@ class Decoder:
         decode = decode and attention.batch_invariant(x)
         if decode and mask is None:  # no padding: every column, for every layer
             mask = torch.ones(rows, kv.length + 1, dtype=torch.bool, device=x.device)
+        # A prompt's mask (its rows' tokens, causally) is the same for every layer: made once.
+        prompt_mask = None if decode else _attention_mask(mask, kv.length, n, x.device)
         for i, (layer, (qkv, gate_up)) in enumerate(zip(self.layers(), self.groups, strict=True)):
             h = _rms_norm(x, layer.norm1)
             out = qkv.product(h, layer.qkv, layer.lora) if plain else None
@@ -319,7 +321,7 @@ class Decoder:
                 o = attention.decode(q, past_k, past_v, k[:, 0], v[:, 0], mask, self.scaling)
             else:
                 keys, values = kv.write(i, k.transpose(1, 2), v.transpose(1, 2))
-                o = self._attend(q, keys, values, mask, kv.length)
+                o = self._attend(q, keys, values, prompt_mask)
             x = x + layer.o_proj(o)
             h = _rms_norm(x, layer.norm2)
             out = gate_up.product(h, layer.gate_up, layer.lora) if plain else None
@@ -332,10 +334,10 @@ class Decoder:
         return self.base.lm_head(_rms_norm(x[:, -1], inner.norm)).float()
 
     def _attend(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, past: int
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Attention of q [rows, n, heads, head dim] over keys/values [rows, kv heads, length, head dim];
-        returns [rows, n, heads x head dim]."""
+        """Attention of q [rows, n, heads, head dim] over keys/values [rows, kv heads, length, head dim]
+        with `_attention_mask`'s mask; returns [rows, n, heads x head dim]."""
         # SDPA for one query too. Two hand-written matmuls were tried; their last bits differ from
         # SDPA's, and int8's bf16 activations turned that into different greedy text on one of the
         # int8 = fp32 test prompts.
@@ -344,7 +346,7 @@ class Decoder:
             q.transpose(1, 2),
             keys,
             values,
-            attn_mask=_attention_mask(mask, past, n, q.device),
+            attn_mask=mask,
             scale=self.scaling,
             enable_gqa=self.heads != self.kv_heads,
         )
