@@ -170,6 +170,52 @@ def test_fused_weights_stay_trainable_and_follow_in_place_changes(tiny):
     torch.testing.assert_close(ours(ids), full_logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_groups_multiply_one_fused_copy_kept_once(tiny, kind, monkeypatch):
+    """q/k/v and gate/up of a quantized model run as one product each: the same bits as one by one
+    (each output of our kernels is computed alone), and each module's low-bit copy becomes a view
+    of the fused one, so it is kept once; the merged-adapter set gets its own."""
+    model, tokenizer = tiny
+    assert quant.quantize(model, kind) > 0
+    attn = model.model.layers[0].self_attn
+    modules = [attn.q_proj, attn.k_proj, attn.v_proj]
+    before = quant.quantized_bytes(model)
+    decoder = Decoder(model)
+    ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[2])])
+
+    def logits() -> torch.Tensor:  # outside prefill(): every row through the low-bit kernels
+        with torch.inference_mode():
+            return decoder.forward(ids, torch.arange(ids.shape[1])[None], KV(ids.shape[1]))
+
+    fused = logits()
+    (weights, scales), *rest = attn.q_proj.q_fused[tuple(m.qweight.data_ptr() for m in modules)]
+    assert not rest
+    for m in modules:  # views of the fused copy, the base set included
+        assert m.qweight.untyped_storage().data_ptr() == weights.untyped_storage().data_ptr()
+        assert m.qscales.untyped_storage().data_ptr() == scales.untyped_storage().data_ptr()
+        assert m.q_base[0] is m.qweight
+    assert attn.k_proj.qweight.data_ptr() == weights.data_ptr() + attn.q_proj.qweight.nbytes
+    assert quant.quantized_bytes(model) == before
+    monkeypatch.setattr(quant, "fused_matmul", lambda x, layers: None)  # module by module
+    assert torch.equal(logits(), fused)
+    monkeypatch.undo()
+    # Another set of copies (as use_merged makes): fused on its own, the base set kept as it was.
+    base = [m.q_base for m in modules]
+    with torch.no_grad():
+        for m in modules:
+            m.weight.mul_(1.5)
+    quant.use_merged(modules)
+    merged = logits()
+    assert not torch.equal(merged, fused)
+    assert all(
+        m.q_merged[0] is m.qweight and m.qweight.data_ptr() != b[0].data_ptr()
+        for m, b in zip(modules, base, strict=True)
+    )
+    assert len(attn.q_proj.q_fused) == 2
+    quant.use_base(modules)
+    assert [m.q_base for m in modules] == base and torch.equal(logits(), fused)
+
+
 def test_adapters_on_different_modules_share_a_batch(tiny_model_dir, tmp_path, monkeypatch):
     """PEFT swaps in LoRA modules when it attaches an adapter; the decoder looks the modules up each
     pass, so a second adapter on other layers (k/o/gate/up) is applied to its rows only."""

@@ -261,14 +261,28 @@ def fuse_low_bit(kind: str, copies: list[tuple[torch.Tensor, ...]]) -> list[tupl
 def fused_copies(layers: list[torch.nn.Linear]) -> list[tuple[torch.Tensor, ...]]:
     """`fuse_low_bit` of the low-bit copies the layers (q/k/v, or gate/up) use now, made once and kept
     on the first layer, one per set of copies (the base's, and the setup adapter's merged in): the
-    eager forward and the compiled step share it, and switching costs no second fusing."""
+    eager forward and the compiled step share it, and switching costs no second fusing. Where the
+    fused copy is one tensor pair, each layer's copy becomes a view of its rows: kept once, not twice
+    (the 135M model's qkv and gate/up copies are 70 MB in int8)."""
     key = tuple(layer.qweight.data_ptr() for layer in layers)
     kept: dict[tuple[int, ...], list[tuple[torch.Tensor, ...]]] = layers[0].__dict__.setdefault("q_fused", {})
-    if key not in kept:
-        if len(kept) >= 2:  # the base's and the merged copies; anything older is stale
-            kept.clear()
-        kept[key] = fuse_low_bit(layers[0].qkind, [(layer.qweight, layer.qscales) for layer in layers])
-    return kept[key]
+    if key in kept:
+        return kept[key]
+    fused = fuse_low_bit(layers[0].qkind, [(layer.qweight, layer.qscales) for layer in layers])
+    if len(fused) == 1 and fused[0][1].shape[0] == sum(layer.qscales.shape[0] for layer in layers):
+        (weights, scales), row, scale_row = fused[0], 0, 0
+        for layer in layers:
+            n, ns = layer.qweight.shape[0], layer.qscales.shape[0]
+            views = (weights[row : row + n], scales[scale_row : scale_row + ns])
+            which = "q_base" if layer.qweight is layer.q_base[0] else "q_merged"
+            setattr(layer, which, views)
+            layer.qweight, layer.qscales = views
+            row, scale_row = row + n, scale_row + ns
+        key = tuple(layer.qweight.data_ptr() for layer in layers)
+    if len(kept) >= 2:  # the base's and the merged copies; anything older is stale
+        kept.clear()
+    kept[key] = fused
+    return fused
 
 
 def fused_matmul(x: torch.Tensor, layers: list[torch.nn.Linear]) -> torch.Tensor | None:
