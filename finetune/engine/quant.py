@@ -36,6 +36,17 @@ _local = threading.local()
 
 
 @contextmanager
+def _flag(name: str) -> Iterator[None]:
+    """This thread's flag `name` set inside the block, as it was after (blocks nest)."""
+    before = getattr(_local, name, False)
+    setattr(_local, name, True)
+    try:
+        yield
+    finally:
+        setattr(_local, name, before)
+
+
+@contextmanager
 def prefill() -> Iterator[None]:
     """Forward passes in this block prefill a prompt (the engine's prompt chunks): they run eagerly,
     never through the compiled decode step, and each layer's matmul is the one it decodes with
@@ -45,12 +56,8 @@ def prefill() -> Iterator[None]:
     keeps up with ours at short prompts and beats it at long ones). Either way the choice depends on
     the layer and the CPU, never on the row count: a prompt prefilled in one chunk or in several must
     leave the same cache, and a request decoded in a batch of 8 must give what it gives alone."""
-    before = getattr(_local, "prefill", False)
-    _local.prefill = True
-    try:
+    with _flag("prefill"):
         yield
-    finally:
-        _local.prefill = before
 
 
 def in_prefill() -> bool:
@@ -61,12 +68,8 @@ def in_prefill() -> bool:
 def fp32_weights() -> Iterator[None]:
     """Forward passes in this block use the fp32 weights, whatever the kind: fp32's own numbers,
     for measuring what the low-bit copies change (tests, bench/quant_worker.py)."""
-    before = getattr(_local, "fp32", False)
-    _local.fp32 = True
-    try:
+    with _flag("fp32"):
         yield
-    finally:
-        _local.fp32 = before
 
 
 def in_fp32_block() -> bool:
