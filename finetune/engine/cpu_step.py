@@ -110,6 +110,13 @@ def _copy(module: Any) -> tuple[torch.Tensor, ...]:
     return (base.qweight, base.qscales) if hasattr(base, "qkind") else (base.weight,)
 
 
+def _weight_pointer(module: torch.nn.Module) -> int:
+    """Where a linear module's fp32 or bf16 weight lives, read without Module.__getattr__ (each step
+    reads it for every module without a low-bit copy)."""
+    weight = module._parameters.get("weight")
+    return (module.weight if weight is None else weight).data_ptr()
+
+
 class CompiledStep:
     """The compiled decode step of one model, with the weights it reads gathered for each call.
     `runner` takes the layer's inputs as one flat list (the loaded package's `boxed_run`: its
@@ -125,6 +132,8 @@ class CompiledStep:
         self._bases: list[Any] = []
         self._loras: list[Any] = []  # the LoRA modules; PEFT merges, disables and activates model-wide
         self._key: tuple[Any, ...] | None = None
+        self._version = -1  # quant.copies_version() that _plain_bases was made at
+        self._plain_bases: list[Any] = []  # of _bases, those without a low-bit copy
         self._inputs: tuple[Any, ...] | None = None
         self._plain = False
         self._stacks: tuple[Any, dict[str, int], Stacks] | None = None  # for this list of layers
@@ -181,7 +190,7 @@ class CompiledStep:
         layers = decoder.layers()
         if layers is not self._layers:
             modules = [m for layer in layers for m in layer.linears]
-            self._layers, self._key = layers, None
+            self._layers, self._key, self._version = layers, None, -1
             self._bases = [base_linear(m) for m in modules] + [decoder.base.lm_head]
             self._loras = [m for m in modules if m is not base_linear(m)]
         lora = self._loras[0] if self._loras else None
@@ -190,8 +199,11 @@ class CompiledStep:
             if lora is None
             else (tuple(lora.merged_adapters), lora.disable_adapters, tuple(lora.active_adapters))
         )
-        copies = tuple(b.__dict__.get("qweight", b.weight).data_ptr() for b in self._bases)
-        return adapters, copies
+        version = quant.copies_version()
+        if version != self._version:  # which modules multiply with a low-bit copy, and which not
+            self._version = version
+            self._plain_bases = [b for b in self._bases if "qweight" not in b.__dict__]
+        return adapters, version, tuple(map(_weight_pointer, self._plain_bases))
 
     def prepared(self, decoder: Decoder) -> tuple[Any, ...] | None:
         """`inputs` when `covers`, else None (the CUDA graphs' step has no LoRA terms)."""
@@ -201,8 +213,8 @@ class CompiledStep:
     def _prepare(self, decoder: Decoder) -> tuple[Any, ...] | None:
         """`inputs` when `covers_base`, else None; `_plain` says whether `covers` holds too. Both are
         looked at again only when the model's set-up changed (adapters attached, merged, disabled
-        or switched; weights replaced or swapped for other low-bit copies): a few hundred attribute
-        reads tell that, the full check takes ms."""
+        or switched; fp32 weights replaced, or modules given other low-bit copies, which
+        quant.copies_version() counts): the full check takes ms, this one microseconds."""
         key = self._state(decoder)
         if key != self._key:
             self._inputs = self.inputs(decoder) if self.covers_base(decoder) else None
