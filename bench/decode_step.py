@@ -49,7 +49,7 @@ def weight_products(step: Any, rows: int) -> tuple[Any, int]:
     pairs = list(zip(mats, scales, strict=True)) + [tuple(head)]
 
     def width(q: torch.Tensor, s: torch.Tensor) -> int:
-        return q.shape[1] if q.dtype == torch.int8 else s.shape[1] * 4  # int4: [N / 4, K / 4] scales
+        return q.shape[1] if q.dtype == torch.int8 else s.shape[1] * 2  # int4: [N / 8, K / 2] scales
 
     xs = {width(q, s): torch.randn(rows, width(q, s)) for q, s in pairs}
     nbytes = sum(q.numel() * q.element_size() + s.numel() * s.element_size() for q, s in pairs)

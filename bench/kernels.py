@@ -126,7 +126,7 @@ def kernels(
             torch.ops.finetune.int8_linear(x[q.shape[1]], q, s) for layer in ours for q, s in layer
         ],
         "ours int4": lambda: [
-            torch.ops.finetune.int4_linear(x[s.shape[1] * 4], q, s) for layer in ours4 for q, s in layer
+            torch.ops.finetune.int4_linear(x[s.shape[1] * 2], q, s) for layer in ours4 for q, s in layer
         ],
     }
     if against is not None:  # weights of its own: none of them still in the cache from the run before

@@ -63,10 +63,10 @@ def int4_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor,
     return q, scales, quant._dequantize("int4", w).double()
 
 
-@pytest.mark.parametrize("n, k", [(4, 32), (36, 64), (100, 576), (1032, 1536)])
+@pytest.mark.parametrize("n, k", [(8, 32), (40, 64), (104, 576), (1032, 1536)])
 def test_int4_products_match_float64_and_a_row_never_depends_on_its_batch(op, n, k):
     q, scales, dequantized = int4_weights(n, k, n + k)
-    assert q.shape == (n // 4, k * 2) and scales.shape == (n // 4, k // 4)
+    assert q.shape == (n // 8, k * 4) and scales.shape == (n // 8, k // 2)
     x = torch.randn(9, k)
     got = torch.ops.finetune.int4_linear(x, q, scales)
     assert got.dtype == torch.float32 and got.shape == (9, n)
@@ -98,12 +98,13 @@ def test_int4_prompts_rows_give_their_decode_bits(op):
 
 def test_int4_refuses_what_it_cannot_take(op):
     int4 = torch.ops.finetune.int4_linear
-    q, scales = torch.zeros(2, 128, dtype=torch.uint8), torch.zeros(2, 16, dtype=torch.bfloat16)
+    q, scales = torch.zeros(2, 256, dtype=torch.uint8), torch.zeros(2, 32, dtype=torch.bfloat16)  # K = 64
+    assert int4(torch.zeros(1, 64), q, scales).shape == (1, 16)
     with pytest.raises(RuntimeError, match="K must be a multiple of 32"):
         int4(torch.zeros(1, 48), q, scales)
-    with pytest.raises(RuntimeError, match=r"packed uint8 w \[N / 4, K \* 2\]"):
+    with pytest.raises(RuntimeError, match=r"packed uint8 w \[N / 8, K \* 4\]"):
         int4(torch.zeros(1, 32), q, scales)
-    with pytest.raises(RuntimeError, match=r"bf16 scales \[N / 4, K / 4\]"):
+    with pytest.raises(RuntimeError, match=r"bf16 scales \[N / 8, K / 2\]"):
         int4(torch.zeros(1, 64), q, scales.float())
     with pytest.raises(RuntimeError, match="fp32 x"):
         int4(torch.zeros(1, 64, dtype=torch.bfloat16), q, scales)
@@ -195,7 +196,7 @@ def test_every_vector_path_matches_float64_and_is_batch_invariant():
         "w, x = torch.randint(-128, 128, (300, 1536), dtype=torch.int8), torch.randn(133, 1536) * 3\n"
         "out = torch.ops.finetune.int8_linear(x, w, torch.rand(300, 24) * 0.01)\n"
         "from finetune.engine import quant\n"
-        "out = torch.cat([out, torch.ops.finetune.int4_linear(x, *quant._quantize_int4(torch.randn(300, 1536)))], 1)\n"
+        "out = torch.cat([out, torch.ops.finetune.int4_linear(x, *quant._quantize_int4(torch.randn(304, 1536)))], 1)\n"
         "print('digest', hashlib.sha256(out.numpy().tobytes()).hexdigest())\n"
         "print('isa', kernel.isa())\n"
         "sys.exit(rc)\n"

@@ -71,7 +71,7 @@ def test_decode_uses_the_low_bit_weight_and_prompts_the_one_their_kind_picks(kin
 @pytest.mark.parametrize(
     "kind, odd_shape, fine_shape",
     # int8: widths in multiples of 16 (torch's kernel crashes on a width of 36 and gives wrong
-    # numbers at 40); int4: whole groups of 32 in, outputs in blocks of 4 (ours; 16 torch's).
+    # numbers at 40); int4: whole groups of 32 in, outputs in blocks of 8 (ours; 16 torch's).
     [
         ("int8", (64, 36), (64, 48)),
         ("int8", (64, 40), (8, 32)),

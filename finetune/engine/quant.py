@@ -169,15 +169,15 @@ def _int4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 def _pack_int4(
     codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our kernel's layout (kernels/int4_linear.cpp): blocks of 4 rows, each group's 4 rows of 16
-    bytes together (code i in byte i's low nibble, code 16 + i in its high one), and its 4 scales
-    then 4 offsets in bf16."""
+    """Our kernel's layout (kernels/int4_linear.cpp): blocks of 8 rows; each group of a block is 4
+    vectors of 32 bytes, row j's 4 bytes at lane j of each (byte t of vector v: code 4v + t in the
+    low nibble, 16 + 4v + t in the high one), then the 8 rows' scales and 8 offsets in bf16."""
     rows, groups, _ = codes.shape
     c = codes.to(torch.uint8)
-    nibbles = c[..., :16] | (c[..., 16:] << 4)  # [rows, groups, 16]
-    w = nibbles.reshape(rows // 4, 4, groups, 16).transpose(1, 2).reshape(rows // 4, groups * 64)
+    nibbles = (c[..., :16] | (c[..., 16:] << 4)).reshape(rows // 8, 8, groups, 4, 4)  # [., j, g, v, t]
+    w = nibbles.permute(0, 2, 3, 1, 4).reshape(rows // 8, groups * 128)
     pairs = torch.stack([scale.reshape(rows, groups), low.reshape(rows, groups)])  # [2, rows, groups]
-    s = pairs.reshape(2, rows // 4, 4, groups).permute(1, 3, 0, 2).reshape(rows // 4, groups * 8)
+    s = pairs.reshape(2, rows // 8, 8, groups).permute(1, 3, 0, 2).reshape(rows // 8, groups * 16)
     return w.contiguous(), s.to(torch.bfloat16).contiguous()
 
 
@@ -336,12 +336,12 @@ def kernel_fits(layer: torch.nn.Linear, kind: str) -> bool:
     """Our int8 kernel takes input widths in multiples of 16. torch's kernels are private and
     their limits documented nowhere. Measured with torch 2.13: its int8 kernel with an input width
     that is not a multiple of 16 gives wrong numbers (40) or crashes the process (36); int4 needs
-    outputs in multiples of 16 and inputs in whole groups. Those layers,
+    outputs in multiples of 16 and inputs in whole groups (ours: outputs in blocks of 8). Those layers,
     and any whose product disagrees with the dequantized weight on a test row, stay fp32."""
     if kind == "int8" and layer.in_features % 16:
         return False
     ours = int8_kernel() == "finetune"
-    if kind == "int4" and (layer.out_features % (4 if ours else 16) or layer.in_features % INT4_GROUP):
+    if kind == "int4" and (layer.out_features % (8 if ours else 16) or layer.in_features % INT4_GROUP):
         return False
     q, scales = QUANTIZE[kind](layer.weight)
     x = torch.linspace(-1, 1, layer.in_features)[None].to(torch.bfloat16).float()

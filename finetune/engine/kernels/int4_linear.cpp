@@ -3,18 +3,23 @@
 // asymmetric scheme of llama.cpp's q4_1, our own layout and code). Half of int8's bytes a weight
 // (0.625 with the scales, against 1.0625), so a memory-bound decode step reads 0.59x the bytes.
 //
-// Layout, kept in blocks of 4 output rows (NB) so that one block streams from one place:
-// - w [N / 4, groups * 64] uint8: block b, group g holds its 4 rows' 16 bytes one after another;
-//   byte i of a row's 16 holds code i in its low nibble and code 16 + i in its high one.
-// - scales [N / 4, groups * 8] bf16: block b, group g holds the 4 rows' scales, then their offsets.
+// Layout, kept in blocks of 8 output rows (NB4) so that one block streams from one place, and so
+// that each 32-bit lane of a vector belongs to one row of the block:
+// - w [N / 8, groups * 128] uint8: block b, group g holds 4 vectors of 32 bytes; in vector v, lane j
+//   (4 bytes) is row j's, and its byte t holds code 4v + t in its low nibble and code 16 + 4v + t
+//   in its high one.
+// - scales [N / 8, groups * 16] bf16: block b, group g holds the 8 rows' scales, then their offsets.
 // quant.py's _pack_int4 writes it.
 //
 // Activations are rounded to int8 per group of 32 (rows.h: quantize_rows, with each group's integer
-// sum), so a group's products are exact: sum_k w x = xs * (s * sum_k code xq + low * sum_k xq), the
-// integer dot from _mm256_maddubs_epi16 on the unsigned codes as they unpack (no sign trick: a
-// pair stays within 2 * 15 * 127) and _mm256_madd_epi16. Then fp32, in group order, as
-// t = fma(dot, s, low * xsum), sum = fma(t, xs, sum) on every path, so the AVX2 and generic code
-// give the same bits and a row gives the same bits in any batch and at any place in a prompt.
+// sum), so a group's products are exact: sum_k w x = xs * (s * sum_k code xq + low * sum_k xq). The
+// integer dot is _mm256_maddubs_epi16 of the unsigned codes as they unpack against 4 of x's bytes
+// broadcast to every lane, 8 of them added in int16 (each at most 2 * 15 * 127: 8 stay within
+// int16), then _mm256_madd_epi16: one int32 lane a row, so the 8 rows' dots come out side by side
+// with no horizontal sums (an earlier layout of 4-row blocks spent 8 of its ~17 operations a group
+// and row of x folding lanes). Then fp32, in group order, as t = fma(dot, s, low * xsum),
+// sum = fma(t, xs, sum) on every path, so the AVX2 and generic code give the same bits, and a row
+// gives the same bits in any batch and at any place in a prompt.
 // CPUs with AVX-512 run the AVX2 code: 32 codes fill a 256-bit vector.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -37,8 +42,10 @@ namespace {
 
 using namespace finetune_kernels;
 
-constexpr int64_t G4 = 32;           // weights a group: one scale and offset
-constexpr int64_t BLOCK_BYTES = 64;  // a group of a block: 4 rows x 16 bytes of codes
+constexpr int64_t G4 = 32;            // weights a group: one scale and offset
+constexpr int64_t NB4 = 8;            // output rows a block: one 32-bit lane each
+constexpr int64_t BLOCK_BYTES = 128;  // a group of a block: 8 rows x 16 bytes of codes
+constexpr int64_t BLOCK_SCALES = 16;  // bf16 values a group of a block: 8 scales, 8 offsets
 // Bytes ahead of the one being read that are prefetched: a few blocks of the narrowest layer.
 constexpr int64_t PREFETCH_BYTES = 2048;
 
@@ -53,73 +60,78 @@ void rows_generic(const int8_t* xq, const float* xs, const float* xsum, const ui
                   float* out, int64_t M, int64_t N, int64_t K, int64_t b0, int64_t b1) {
   const int64_t groups = K / G4;
   for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t j = 0; j < NB; ++j) {
+    for (int64_t j = 0; j < NB4; ++j) {
       for (int64_t m = 0; m < M; ++m) {
         float sum = 0.f;
         for (int64_t g = 0; g < groups; ++g) {
-          const uint8_t* codes = w + (b * groups + g) * BLOCK_BYTES + j * 16;
+          const uint8_t* codes = w + (b * groups + g) * BLOCK_BYTES + j * 4;
           const int8_t* x = xq + m * K + g * G4;
           int32_t dot = 0;
-          for (int64_t i = 0; i < 16; ++i) dot += int32_t{codes[i] & 15} * x[i] + int32_t{codes[i] >> 4} * x[16 + i];
-          const uint16_t* s = sc + (b * groups + g) * 8;
-          const float t = std::fma(static_cast<float>(dot), bf16(s[j]), bf16(s[4 + j]) * xsum[m * groups + g]);
+          for (int64_t v = 0; v < 4; ++v)
+            for (int64_t t = 0; t < 4; ++t) {
+              const int32_t byte = codes[v * 32 + t];
+              dot += (byte & 15) * x[4 * v + t] + (byte >> 4) * x[16 + 4 * v + t];
+            }
+          const uint16_t* s = sc + (b * groups + g) * BLOCK_SCALES;
+          const float t = std::fma(static_cast<float>(dot), bf16(s[j]), bf16(s[NB4 + j]) * xsum[m * groups + g]);
           sum = std::fma(t, xs[m * groups + g], sum);
         }
-        out[m * N + b * NB + j] = sum;
+        out[m * N + b * NB4 + j] = sum;
       }
     }
   }
 }
 
 #if defined(__x86_64__)
-// 4 bf16 values as fp32.
-__attribute__((target("avx2,fma"), always_inline)) inline __m128 bf16x4(const uint16_t* p) {
-  const __m128i v = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  return _mm_castsi128_ps(_mm_slli_epi32(v, 16));
+// 8 bf16 values as fp32.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 bf16x8(const uint16_t* p) {
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-// MC rows of x against the block's 4 rows of w.
+// 4 bytes of x in every 32-bit lane.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i x4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm256_set1_epi32(v);
+}
+
+// MC rows of x against the block's 8 rows of w.
 template <int MC>
 __attribute__((target("avx2,fma"))) void chunk_avx2(const int8_t* xq, const float* xs, const float* xsum,
                                                     const uint8_t* wb, const uint16_t* sb, const uint8_t* wend,
                                                     float* out, int64_t N, int64_t K, int64_t n) {
   const int64_t groups = K / G4;
   const __m256i ones = _mm256_set1_epi16(1), nibble = _mm256_set1_epi8(15);
-  __m128 sum[MC];
-  for (int m = 0; m < MC; ++m) sum[m] = _mm_setzero_ps();
+  __m256 sum[MC];
+  for (int m = 0; m < MC; ++m) sum[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* wg = wb + g * BLOCK_BYTES;
     const uint8_t* ahead = std::min(wg + PREFETCH_BYTES, wend - BLOCK_BYTES);
     _mm_prefetch(reinterpret_cast<const char*>(ahead), PREFETCH_HINT);
-    if ((g & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(sb + g * 8) + PREFETCH_BYTES / 4, PREFETCH_HINT);
-    // Each half of x's group in both 128-bit halves: a row's codes 0-15 meet the first, 16-31 the
-    // second, two rows a vector.
-    __m256i xlo[MC], xhi[MC];
-    for (int m = 0; m < MC; ++m) {
-      const int8_t* xg = xq + m * K + g * G4;
-      xlo[m] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg)));
-      xhi[m] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg + 16)));
+    _mm_prefetch(reinterpret_cast<const char*>(ahead) + 64, PREFETCH_HINT);
+    if ((g & 1) == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(sb + g * BLOCK_SCALES) + PREFETCH_BYTES / 4, PREFETCH_HINT);
+    // One vector of codes at a time against every row of x: 16 registers hold no more than that
+    // (holding all 4 unpacked spilled them to the stack).
+    __m256i p[MC];
+    for (int v = 0; v < 4; ++v) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + v * 32));
+      const __m256i lo = _mm256_and_si256(raw, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+      for (int m = 0; m < MC; ++m) {
+        const int8_t* xg = xq + m * K + g * G4 + 4 * v;
+        const __m256i q = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x4(xg)), _mm256_maddubs_epi16(hi, x4(xg + 16)));
+        p[m] = v == 0 ? q : _mm256_add_epi16(p[m], q);
+      }
     }
-    __m256i acc[MC][2];  // rows 0 and 1, rows 2 and 3: four int32 lanes each
-    for (int pair = 0; pair < 2; ++pair) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + pair * 32));
-      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-      // two products of at most 2 * 15 * 127 each: their int16 sum cannot overflow
-      for (int m = 0; m < MC; ++m)
-        acc[m][pair] = _mm256_madd_epi16(
-            _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]), _mm256_maddubs_epi16(hi, xhi[m])), ones);
-    }
-    const __m128 s = bf16x4(sb + g * 8), low = bf16x4(sb + g * 8 + 4);
+    const __m256 s = bf16x8(sb + g * BLOCK_SCALES), low = bf16x8(sb + g * BLOCK_SCALES + NB4);
     for (int m = 0; m < MC; ++m) {
-      // [r0 r0 r2 r2 | r1 r1 r3 r3] pairs summed, then [r0 r2 . . | r1 r3 . .]: interleaved in row order
-      __m256i h = _mm256_hadd_epi32(acc[m][0], acc[m][1]);
-      h = _mm256_hadd_epi32(h, h);
-      const __m128 dots = _mm_cvtepi32_ps(_mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
-      const __m128 t = _mm_fmadd_ps(dots, s, _mm_mul_ps(low, _mm_set1_ps(xsum[m * groups + g])));
-      sum[m] = _mm_fmadd_ps(t, _mm_set1_ps(xs[m * groups + g]), sum[m]);
+      const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(p[m], ones));
+      const __m256 t = _mm256_fmadd_ps(dots, s, _mm256_mul_ps(low, _mm256_set1_ps(xsum[m * groups + g])));
+      sum[m] = _mm256_fmadd_ps(t, _mm256_set1_ps(xs[m * groups + g]), sum[m]);
     }
   }
-  for (int m = 0; m < MC; ++m) _mm_storeu_ps(out + m * N + n, sum[m]);
+  for (int m = 0; m < MC; ++m) _mm256_storeu_ps(out + m * N + n, sum[m]);
 }
 
 // Blocks [b0, b1) of w against all M rows of x, as many rows at a time as the L2 cache holds
@@ -128,17 +140,21 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const int8_t* xq, const float
                                                    const uint8_t* w, const uint16_t* sc, float* out, int64_t M,
                                                    int64_t N, int64_t K, int64_t b0, int64_t b1) {
   const int64_t groups = K / G4, MB = rows_per_pass(K, sizeof(int8_t));
-  const uint8_t* wend = w + (N / NB) * groups * BLOCK_BYTES;
+  const uint8_t* wend = w + (N / NB4) * groups * BLOCK_BYTES;
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int64_t m1 = std::min(M, m0 + MB);
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* wb = w + b * groups * BLOCK_BYTES;
-      const uint16_t* sb = sc + b * groups * 8;
+      const uint16_t* sb = sc + b * groups * BLOCK_SCALES;
       int64_t m = m0;
-      for (; m + 2 <= m1; m += 2)
-        chunk_avx2<2>(xq + m * K, xs + m * groups, xsum + m * groups, wb, sb, wend, out + m * N, N, K, b * NB);
+      for (; m + 4 <= m1; m += 4)
+        chunk_avx2<4>(xq + m * K, xs + m * groups, xsum + m * groups, wb, sb, wend, out + m * N, N, K, b * NB4);
+      if (m + 2 <= m1) {
+        chunk_avx2<2>(xq + m * K, xs + m * groups, xsum + m * groups, wb, sb, wend, out + m * N, N, K, b * NB4);
+        m += 2;
+      }
       if (m < m1)
-        chunk_avx2<1>(xq + m * K, xs + m * groups, xsum + m * groups, wb, sb, wend, out + m * N, N, K, b * NB);
+        chunk_avx2<1>(xq + m * K, xs + m * groups, xsum + m * groups, wb, sb, wend, out + m * N, N, K, b * NB4);
     }
   }
 }
@@ -150,11 +166,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(K > 0 && K % G4 == 0, "int4_linear: K must be a multiple of 32");
   const int64_t groups = K / G4;
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.size(1) == groups * BLOCK_BYTES,
-              "int4_linear: packed uint8 w [N / 4, K * 2]");
+              "int4_linear: packed uint8 w [N / 8, K * 4]");
   TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kBFloat16 && scales.size(0) == w.size(0) &&
-                  scales.size(1) == groups * 8,
-              "int4_linear: bf16 scales [N / 4, K / 4]");
-  const int64_t blocks = w.size(0), N = blocks * NB;
+                  scales.size(1) == groups * BLOCK_SCALES,
+              "int4_linear: bf16 scales [N / 8, K / 2]");
+  const int64_t blocks = w.size(0), N = blocks * NB4;
   const at::Tensor xc = x.contiguous(), wc = w.contiguous(), sc = scales.contiguous();
   at::Tensor out = at::empty({M, N}, x.options());
   const float* xp = xc.data_ptr<float>();
@@ -167,8 +183,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     quantize_rows(xp, xq.data(), xs.data(), m0, m1, K, G4, avx2, xsum.data());
   });
-  // Tasks of at least 16 blocks (64 rows of w), as int8_linear's.
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+  // Tasks of at least 8 blocks (64 rows of w), as int8_linear's.
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
 #if defined(__x86_64__)
     if (avx2) return rows_avx2(xq.data(), xs.data(), xsum.data(), wp, sp, op, M, N, K, b0, b1);
 #endif
