@@ -193,12 +193,12 @@ class LlamaServer:
 
 
 def ours_send(url: str) -> Send:
-    from finetune.cog.cogtools import iter_sse, post_sse
+    from bench.serve_worker import post_accepted
+    from finetune.cog.cogtools import iter_sse
 
     def send(index: int, tokens: int) -> dict[str, Any]:
         body = {"prompt": PROMPTS[index], "max_new_tokens": tokens, "temperature": 0, **ALPACA}
-        sent = time.perf_counter()
-        resp = post_sse(url, body, timeout=600)
+        resp, sent, refused = post_accepted(url, body)
         if resp.status_code != 200:
             raise RuntimeError(f"our server answered {resp.status_code}: {resp.text[:300]}")
         stamps: list[float] = []
@@ -219,6 +219,7 @@ def ours_send(url: str) -> Send:
             "".join(chunks),
             prompt_tokens=metrics.get("input_token_count"),
             server_ttft_ms=1000 * metrics.get("time_to_first_token", float("nan")),
+            refused=refused,
         )
 
     return send
@@ -317,6 +318,7 @@ def clients_run(send: Send, clients: int, per_client: int, tokens: int) -> dict[
         "clients": clients,
         "requests": len(results),
         "errors": errors,
+        "refused_409": sum(r.get("refused", 0) for _, r in results),  # ours, retried after 50 ms
         "wall_s": round(wall, 2),
         "tokens": n,
         "tokens_per_second": round(n / wall, 2),

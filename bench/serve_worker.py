@@ -51,18 +51,27 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def one_request(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    from finetune.cog.cogtools import iter_sse, post_sse
+def post_accepted(url: str, body: dict[str, Any]) -> tuple[Any, float, int]:
+    """POST a prediction for SSE, again after RETRY_S while Cog answers 409 (busy: Cog's clients are
+    expected to retry, and coglet frees a slot a moment after it answers the prediction in it):
+    the response, when the accepted request was sent, and how many were refused."""
+    from finetune.cog.cogtools import post_sse
 
     refused = 0
     while True:
         sent = time.perf_counter()
         resp = post_sse(url, body, timeout=600)
         if resp.status_code != 409:
-            break
+            return resp, sent, refused
         resp.close()
         refused += 1
         time.sleep(RETRY_S)
+
+
+def one_request(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    from finetune.cog.cogtools import iter_sse
+
+    resp, sent, refused = post_accepted(url, body)
     stamps: list[float] = []
     chunks: list[str] = []
     status, tokens = None, 0
