@@ -169,7 +169,9 @@ def test_a_prompts_rows_give_their_decode_bits(op):
     at any place in a prompt of any length (block edges included) as alone, so a prompt's cache does
     not depend on how it was chunked."""
     torch.manual_seed(3)
-    # 1536 wide: blocks of 170 rows of int8 x, 42 of fp32 x (rows_per_pass), edges within 300 rows
+    # 1536 wide: blocks of 170 rows of int8 x, 42 of fp32 x (rows_per_pass), edges within 300 rows.
+    # Off AVX-512, 8 rows of x or more meet w's rows 8 at a time in lanes, fewer 4 at a time, and
+    # 70 rows of w end in a block of 6: every way must give the same bits.
     w = torch.randint(-127, 128, (70, 1536), dtype=torch.int8)
     scale = torch.rand(70, 24) * 0.01
     x = torch.randn(300, 1536)
