@@ -17,6 +17,7 @@ checkpoint, the best evaluation's copy) goes through `whole_lora`, `lora_state` 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -57,15 +58,33 @@ def init_distributed(device_type: str) -> Dist:
     return Dist(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world)
 
 
+SHUTDOWN_WAIT_S = 60  # for the other ranks to end their teardown; then leave anyway
+
+
 def shutdown() -> None:
     """End this process's part in the process group, all ranks together: a rank that leaves while
     another is still in gloo's teardown can make that one abort ("terminate called without an
-    active exception", exit -6) after a run that finished, so torchrun reports it failed."""
+    active exception", exit -6) after a run that finished, so torchrun reports it failed. A barrier
+    before the teardown was not enough (seen once more after an early stop under FSDP): each rank
+    also waits, after its own teardown, until every rank has finished theirs, counting on the
+    rendezvous store, which lives outside the process group."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from torch.distributed import distributed_c10d
+
+    store, world = distributed_c10d._get_default_store(), dist.get_world_size()
+    key = f"finetune/shutdown/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    dist.barrier()
+    dist.destroy_process_group()
+    deadline = time.monotonic() + SHUTDOWN_WAIT_S
+    try:
+        store.add(key, 1)
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except RuntimeError:  # the store went with a rank that had seen them all finish (DistStoreError)
+        pass
 
 
 @dataclass
