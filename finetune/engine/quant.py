@@ -243,16 +243,17 @@ def _matmul(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), q, INT4_GROUP, scales).to(x.dtype)
 
 
-# The CPU int4 layout packs rows in blocks: concatenating two packed copies is the packed
+# torch's CPU int4 layout packs rows in blocks: concatenating two packed copies is the packed
 # concatenation only when every part but the last fills whole blocks (measured: 32-row parts fuse
-# exactly, 16- and 48-row ones do not; 64 leaves a margin for other CPUs' layouts).
+# exactly, 16- and 48-row ones do not; 64 leaves a margin for other CPUs' layouts). Ours is in
+# blocks of 8 rows, and its layers are whole blocks (kernel_fits).
 _INT4_ROW_BLOCK = 64
 
 
 def fuse_low_bit(kind: str, copies: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
     """One low-bit copy for modules that read the same input where that is exact: rows are
-    quantized independently (int8 scales [rows], int4 scales [groups, rows, 2]), so the fused
-    product is the concatenation of theirs. Otherwise the parts, multiplied one by one."""
+    quantized independently (scales by row or block of rows; torch's int4 scales [groups, rows, 2]),
+    so the fused product is the concatenation of theirs. Otherwise the parts, multiplied one by one."""
     torchs_int4 = kind == "int4" and int8_kernel() != "finetune"
     if torchs_int4 and any(c[0].shape[0] % _INT4_ROW_BLOCK for c in copies[:-1]):
         return copies
@@ -313,7 +314,7 @@ def fused_matmul(x: torch.Tensor, layers: list[torch.nn.Linear]) -> torch.Tensor
     kind = getattr(layers[0], "qkind", None)
     if kind is None or any(getattr(m, "qkind", None) != kind or m.bias is not None for m in layers):
         return None
-    if in_fp32_block() or (in_prefill() and not prefills_quantized(kind)):
+    if not _on_copy(kind):
         return None
     flat = x.reshape(-1, x.shape[-1])
     parts = [_matmul(kind, flat, *copy) for copy in fused_copies(layers)]
@@ -321,9 +322,14 @@ def fused_matmul(x: torch.Tensor, layers: list[torch.nn.Linear]) -> torch.Tensor
     return out.view(*x.shape[:-1], -1)
 
 
+def _on_copy(kind: str) -> bool:
+    """A layer of this kind multiplies with its low-bit copy here and now, not its fp32 weight."""
+    return not (in_fp32_block() or (in_prefill() and not prefills_quantized(kind)))
+
+
 def _quantized_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
-    if in_fp32_block() or (in_prefill() and not prefills_quantized(self.qkind)):
+    if not _on_copy(self.qkind):
         out = F.linear(flat, self.weight, self.bias)
     else:
         out = _matmul(self.qkind, flat, self.qweight, self.qscales)
