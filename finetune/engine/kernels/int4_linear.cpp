@@ -89,13 +89,6 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 bf16x8(const ui
   return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-// 4 bytes of x in every 32-bit lane.
-__attribute__((target("avx2,fma"), always_inline)) inline __m256i x4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof v);
-  return _mm256_set1_epi32(v);
-}
-
 // MC rows of x against the block's 8 rows of w.
 template <int MC>
 __attribute__((target("avx2,fma"))) void chunk_avx2(const int8_t* xq, const float* xs, const float* xsum,

@@ -126,6 +126,12 @@ __attribute__((target("avx512f,avx512bw,fma"))) void rows_avx512(const float* x,
 // a pair stays within 2 * 128 * 127, no saturation), and _mm256_madd_epi16 with ones adds pairs of
 // those into int32. Each group's exact dot then joins an fp32 sum in group order, as in
 // rows_generic: the two paths give the same bits.
+// Exact int32 dots of the 4 rows of a block (lanes folded exactly, any order), as 4 floats.
+__attribute__((target("avx2,fma"), always_inline)) inline __m128 dots4_avx2(const __m256i* acc) {
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+  return _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
 // x (int8) times w (int8) in int32 lanes: |w| * (x with w's sign), pairs summed twice.
 __attribute__((target("avx2,fma"), always_inline)) inline __m256i dot32_avx2(__m256i aw, __m256i wv, __m256i xv,
                                                                             __m256i ones) {
@@ -265,11 +271,7 @@ __attribute__((target("avx2,fma"))) void lanes_avx2(const int8_t* xq, const floa
     for (int64_t c = g * G / 4; c < (g + 1) * G / 4; ++c) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.w.data() + c * 32));
       const __m256i aw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.aw.data() + c * 32));
-      for (int m = 0; m < MC; ++m) {
-        int32_t x4;
-        std::memcpy(&x4, xq + m * K + c * 4, sizeof x4);
-        acc[m] = _mm256_add_epi32(acc[m], dot32_avx2(aw, wv, _mm256_set1_epi32(x4), ones));
-      }
+      for (int m = 0; m < MC; ++m) acc[m] = _mm256_add_epi32(acc[m], dot32_avx2(aw, wv, x4(xq + m * K + c * 4), ones));
     }
     const __m256 ws = _mm256_loadu_ps(b.scale.data() + g * LANE_ROWS);
     for (int m = 0; m < MC; ++m)

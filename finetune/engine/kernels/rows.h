@@ -1,10 +1,12 @@
-// What our int8 and int4 products share: the blocking constants, and each activation row rounded to
-// int8 per group (the integer products' left side).
+// What our int8 and int4 products share: the blocking constants, each activation row rounded to
+// int8 per group (the integer products' left side), and its bytes broadcast against weights laid
+// out one row a lane.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -93,13 +95,14 @@ inline void quantize_rows(const float* x, int8_t* xq, float* xs, int64_t m0, int
   }
 }
 
-// Exact int32 dots of the 4 rows of a block (lanes folded exactly, any order), as 4 floats.
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma"), always_inline)) inline __m128 dots4_avx2(const __m256i* acc) {
-  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
-  return _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+// 4 bytes of x (a row's values k..k+3) in every 32-bit lane: against 8 rows of weights laid out one
+// row a lane (int4's blocks, int8's lane copies).
+__attribute__((target("avx2,fma"), always_inline)) inline __m256i x4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm256_set1_epi32(v);
 }
-
 #endif
 
 }  // namespace finetune_kernels
