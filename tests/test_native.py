@@ -171,7 +171,8 @@ def test_a_prompts_rows_give_their_decode_bits(op):
     torch.manual_seed(3)
     # 1536 wide: blocks of 170 rows of int8 x, 42 of fp32 x (rows_per_pass), edges within 300 rows.
     # Off AVX-512, 8 rows of x or more meet w's rows 8 at a time in lanes, fewer 4 at a time, and
-    # 70 rows of w end in a block of 6: every way must give the same bits.
+    # the rows of w past a thread's last block of 8 go 4 at a time (70 = 64 + 6, a short block of
+    # 2 last): every way must give the same bits.
     w = torch.randint(-127, 128, (70, 1536), dtype=torch.int8)
     scale = torch.rand(70, 24) * 0.01
     x = torch.randn(300, 1536)
