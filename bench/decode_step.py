@@ -41,23 +41,27 @@ def read_rate(megabytes: int = 512) -> float:
 def weight_products(step: Any, rows: int) -> tuple[Any, int]:
     """A pass over every product the compiled step makes (each layer's fused groups, then the head),
     with inputs of the right widths, and the bytes of weights (and scales) it reads."""
+    from finetune.engine import quant
+
     embed, layers, norm, head = step._inputs
     mats = [t for layer in layers for t in layer if t.dtype in (torch.int8, torch.uint8)]
-    scales = [
-        t for layer in layers for t in layer if t.dim() == 2 and t.dtype in (torch.float32, torch.bfloat16)
+    scales = [  # int8 in lanes: [N / 8, groups, 8]
+        t for layer in layers for t in layer if t.dim() >= 2 and t.dtype in (torch.float32, torch.bfloat16)
     ]
     pairs = list(zip(mats, scales, strict=True)) + [tuple(head)]
 
     def width(q: torch.Tensor, s: torch.Tensor) -> int:
-        return q.shape[1] if q.dtype == torch.int8 else s.shape[1] * 2  # int4: [N / 8, K / 2] scales
+        if q.dtype == torch.uint8:
+            return s.shape[1] * 2  # int4: [N / 8, K / 2] scales
+        return q.shape[1] * 4 if q.dim() == 3 else q.shape[1]  # int8 in lanes: [N / 8, K / 4, 32]
 
     xs = {width(q, s): torch.randn(rows, width(q, s)) for q, s in pairs}
     nbytes = sum(q.numel() * q.element_size() + s.numel() * s.element_size() for q, s in pairs)
-    ops = {torch.int8: torch.ops.finetune.int8_linear, torch.uint8: torch.ops.finetune.int4_linear}
+    kinds = {torch.int8: "int8", torch.uint8: "int4"}
 
     def run() -> None:
         for q, s in pairs:
-            ops[q.dtype](xs[width(q, s)], q, s)
+            quant._matmul(kinds[q.dtype], xs[width(q, s)], q, s)
 
     return run, nbytes
 

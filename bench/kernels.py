@@ -82,6 +82,9 @@ def main() -> None:
     torch.manual_seed(0)
     fp32 = [[torch.randn(n, k) * 0.02 for n, k in SHAPES] for _ in range(args.layers)]
     ours = [[quant._quantize_int8(w) for w in layer] for layer in fp32]
+    # Off AVX-512 quant packs int8 in lanes (int8_lanes_linear); the plain [out, in] layout of
+    # int8_linear runs beside it, on the same numbers.
+    rows_layout = [[_plain(q, s) for q, s in layer] for layer in ours]
     ours4 = [[quant._quantize_int4(w) for w in layer] for layer in fp32]
     # torch's kernel takes one bf16 scale per row
     theirs = [
@@ -99,7 +102,7 @@ def main() -> None:
         print("| rows | kernel | ms per pass | GB/s of weights | × fp32 |")
         print("|---:|---|---:|---:|---:|")
         for rows in (int(r) for r in args.rows.split(",")):
-            runs = kernels(rows, fp32, ours, ours4, theirs, against, not args.no_torch_int8)
+            runs = kernels(rows, fp32, ours, rows_layout, ours4, theirs, against, not args.no_torch_int8)
             reps = max(3, args.reps * 8 // max(8, rows))  # fewer reps where a pass is long
             seconds = alternate(runs, reps, time.thread_time if args.cpu_time else time.perf_counter)
             base = seconds["fp32 F.linear"]
@@ -111,26 +114,43 @@ def main() -> None:
                 )
 
 
+def _plain(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant._unpack_int8_lanes(q, s) if q.dim() == 3 else (q, s)
+
+
 def _bytes(layers: list) -> int:
     return sum(t.numel() * t.element_size() for layer in layers for copy in layer for t in copy)
 
 
 def kernels(
-    rows: int, fp32: list, ours: list, ours4: list, theirs: list, against: Callable | None, torch_int8: bool
+    rows: int,
+    fp32: list,
+    ours: list,
+    rows_layout: list,
+    ours4: list,
+    theirs: list,
+    against: Callable | None,
+    torch_int8: bool,
 ) -> dict[str, Callable]:
     x = {k: torch.randn(rows, k) for _, k in SHAPES}
     xb = {k: v.bfloat16() for k, v in x.items()}
     runs = {
         "fp32 F.linear": lambda: [F.linear(x[w.shape[1]], w) for layer in fp32 for w in layer],
         "ours int8": lambda: [
-            torch.ops.finetune.int8_linear(x[q.shape[1]], q, s) for layer in ours for q, s in layer
+            quant._matmul("int8", x[k], *copy)
+            for layer in ours
+            for (_, k), copy in zip(SHAPES, layer, strict=True)
         ],
         "ours int4": lambda: [
             torch.ops.finetune.int4_linear(x[s.shape[1] * 2], q, s) for layer in ours4 for q, s in layer
         ],
     }
+    if quant.int8_lanes():
+        runs["ours int8, [out, in] layout"] = lambda: [
+            torch.ops.finetune.int8_linear(x[q.shape[1]], q, s) for layer in rows_layout for q, s in layer
+        ]
     if against is not None:  # weights of its own: none of them still in the cache from the run before
-        copies = [[(q.clone(), s.clone()) for q, s in layer] for layer in ours]
+        copies = [[(q.clone(), s.clone()) for q, s in layer] for layer in rows_layout]
         runs["ours int8 (--against)"] = lambda: [
             against(x[q.shape[1]], q, s) for layer in copies for q, s in layer
         ]

@@ -175,9 +175,8 @@ def test_a_prompts_rows_give_their_decode_bits(op):
     not depend on how it was chunked."""
     torch.manual_seed(3)
     # 1536 wide: blocks of 170 rows of int8 x, 42 of fp32 x (rows_per_pass), edges within 300 rows.
-    # Off AVX-512, 8 rows of x or more meet w's rows 8 at a time in lanes, fewer 4 at a time, and
-    # the rows of w past a thread's last block of 8 go 4 at a time (70 = 64 + 6, a short block of
-    # 2 last): every way must give the same bits.
+    # Rows of w 4 at a time (70: a short block of 2 last), rows of x 2 at a time and one last: every
+    # way must give the same bits. (quant packs int8 in lanes off AVX-512: test_int8_in_lanes_...)
     w = torch.randint(-127, 128, (70, 1536), dtype=torch.int8)
     scale = torch.rand(70, 24) * 0.01
     x = torch.randn(300, 1536)
@@ -193,18 +192,20 @@ def test_a_prompts_rows_give_their_decode_bits(op):
 
 def test_every_vector_path_matches_float64_and_is_batch_invariant():
     """A machine runs the widest path it has; a fresh process capped to a narrower one
-    (FINETUNE_INT8_ISA) runs the float64 and batch-invariance tests above (int8 and int4 products
-    and decode attention) on that path. For int8 and int4, AVX2 and generic compute the same integer
-    dots and fp32 sums: they give the same bits."""
+    (FINETUNE_INT8_ISA) runs the float64 and batch-invariance tests above (int8, int8 in lanes and
+    int4 products, and decode attention) on that path. For int8 and int4, AVX2 and generic compute
+    the same integer dots and fp32 sums: they give the same bits."""
     code = (
         "import hashlib, sys, pytest, torch\n"
-        "rc = pytest.main(['-q', '-p', 'no:cacheprovider', '-k', '(float64 or prompts_rows) and not every_vector', sys.argv[1]])\n"
+        "rc = pytest.main(['-q', '-p', 'no:cacheprovider', '-k', '(float64 or prompts_rows or in_lanes) and not every_vector', sys.argv[1]])\n"
         "from finetune.engine import kernel\n"
         "torch.manual_seed(0)\n"
         "w, x = torch.randint(-128, 128, (300, 1536), dtype=torch.int8), torch.randn(133, 1536) * 3\n"
         "out = torch.ops.finetune.int8_linear(x, w, torch.rand(300, 24) * 0.01)\n"
         "from finetune.engine import quant\n"
         "out = torch.cat([out, torch.ops.finetune.int4_linear(x, *quant._quantize_int4(torch.randn(304, 1536)))], 1)\n"
+        "lanes = quant._pack_int8_lanes(w[:296], torch.rand(296, 24) * 0.01)\n"
+        "out = torch.cat([out, torch.ops.finetune.int8_lanes_linear(x, *lanes)], 1)\n"
         "print('digest', hashlib.sha256(out.numpy().tobytes()).hexdigest())\n"
         "print('isa', kernel.isa())\n"
         "sys.exit(rc)\n"
@@ -221,7 +222,7 @@ def test_every_vector_path_matches_float64_and_is_batch_invariant():
             cwd=ROOT,
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        assert "16 passed" in done.stdout, done.stdout[-2000:]
+        assert "22 passed" in done.stdout, done.stdout[-2000:]
         words = done.stdout.split()
         ran, digests[cap] = words[-1], words[words.index("digest") + 1]
         # The cap holds; where the CPU lacks AVX2 (another architecture), generic is all there is.
@@ -232,6 +233,81 @@ def test_every_vector_path_matches_float64_and_is_batch_invariant():
 def _has_avx2() -> bool:
     info = Path("/proc/cpuinfo")
     return info.is_file() and " avx2 " in info.read_text()
+
+
+@pytest.mark.parametrize("n, k, group", [(8, 16, 16), (40, 96, 32), (104, 576, 64), (72, 1536, 64)])
+def test_int8_in_lanes_gives_the_plain_layouts_bits_at_every_row_count(op, n, k, group):
+    """int8 copies packed at quantize time in the kernel's lane order (int8_lanes_linear, quant's
+    copies off AVX-512): the same integer dots and fp32 sums as int8_linear's integer path, so the
+    same bits at 1 to 300 rows (8, 4, 2 and 1 row of x at a time meet each block of 8 rows of w),
+    and a row's bits at any place among them. The packing unpacks to the same numbers."""
+    torch.manual_seed(n + k)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    scale = torch.rand(n, k // group) * 0.01 + 1e-4
+    lanes = quant._pack_int8_lanes(w, scale)
+    assert lanes[0].shape == (n // 8, k // 4, 32) and lanes[1].shape == (n // 8, k // group, 8)
+    unpacked = quant._unpack_int8_lanes(*lanes)
+    assert torch.equal(unpacked[0], w) and torch.equal(unpacked[1], scale)
+    # Row j of block b, weights 4c..4c+3: bytes 4j..4j+3 of lanes[0][b, c].
+    b = n // 8 - 1
+    assert torch.equal(lanes[0][b, 2, 12:16], w[8 * b + 3, 8:12])
+    lanes_op = torch.ops.finetune.int8_lanes_linear
+    x = torch.randn(300, k) * 2
+    x[7, 3] = float("nan")
+    whole = lanes_op(x, *lanes)
+    assert whole.shape == (300, n) and whole[7].isnan().all() and whole.isnan().sum() == n
+    if quant.rounds_activations("int8"):  # int8_linear's integer path: the same bits
+        assert torch.equal(op(x, w, scale).nan_to_num(nan=7.0), whole.nan_to_num(nan=7.0))
+    else:  # AVX-512's int8_linear multiplies fp32 x; lanes round it to int8: within half a step
+        deq = (w.double().reshape(n, -1, group) * scale.double()[..., None]).reshape(n, k)
+        half_step = x[:7].abs().reshape(7, -1, group).amax(-1).double() / 127 / 2
+        bound = torch.einsum("mg,ngk->mn", half_step, deq.abs().reshape(n, -1, group))
+        bound += 1e-6 * k * (x[:7].abs().double() @ deq.abs().T)
+        assert ((whole[:7].double() - x[:7].double() @ deq.T).abs() <= bound).all()
+    whole = whole.nan_to_num(nan=7.0)
+    for start, rows in ((0, 1), (5, 2), (9, 3), (0, 4), (100, 7), (0, 8), (3, 13), (299, 1), (44, 256)):
+        got = lanes_op(x[start : start + rows], *lanes).nan_to_num(nan=7.0)
+        assert torch.equal(got, whole[start : start + rows]), (start, rows)
+
+
+def test_quantize_packs_int8_in_lanes_off_avx512_and_multiplies_the_same(tiny_linear_model):
+    """quant's int8 copies: in lanes where int8_lanes() (our kernel, not AVX-512), whole blocks of 8
+    rows only; fused groups keep whole blocks, and every layer multiplies to its dequantized weight."""
+    model = tiny_linear_model
+    assert quant.quantize(model, "int8") == 3
+    for layer in model:
+        q, scales = layer.q_base
+        lanes = quant.int8_lanes() and layer.out_features % 8 == 0
+        assert q.dim() == (3 if lanes else 2), layer
+        x = torch.randn(5, layer.in_features)
+        want = x.double() @ quant._dequantize("int8", layer.weight).double().T
+        torch.testing.assert_close(layer(x).double(), want, rtol=0.02, atol=0.02 * want.abs().max().item())
+    fused = quant.fuse_low_bit("int8", [layer.q_base for layer in model])
+    mixed = quant.int8_lanes()  # the 12-row layer stays [out, in] beside the lanes of the others
+    assert len(fused) == (3 if mixed else 1)
+    x = torch.randn(3, 64)
+    parts = torch.cat([quant._matmul("int8", x, *copy) for copy in fused], dim=1)
+    assert torch.equal(parts, torch.cat([layer(x) for layer in model], dim=1))
+
+
+@pytest.fixture
+def tiny_linear_model():
+    torch.manual_seed(0)
+    return torch.nn.ModuleList([torch.nn.Linear(64, n, bias=False) for n in (16, 12, 40)])
+
+
+def test_int8_in_lanes_refuses_what_it_cannot_take():
+    lanes_op = torch.ops.finetune.int8_lanes_linear
+    w, s = torch.zeros(2, 4, 32, dtype=torch.int8), torch.ones(2, 1, 8)  # K = 16, N = 16
+    assert lanes_op(torch.zeros(3, 16), w, s).shape == (3, 16)
+    with pytest.raises(RuntimeError, match=r"packed int8 w \[N / 8, K / 4, 32\]"):
+        lanes_op(torch.zeros(1, 32), w, s)
+    with pytest.raises(RuntimeError, match=r"fp32 scales \[N / 8, groups, 8\]"):
+        lanes_op(torch.zeros(1, 16), w, torch.ones(2, 1, 4))
+    with pytest.raises(RuntimeError, match="groups of a multiple of 16"):
+        lanes_op(torch.zeros(1, 16), w, torch.ones(2, 2, 8))
+    with pytest.raises(RuntimeError, match="fp32 x"):
+        lanes_op(torch.zeros(1, 16, dtype=torch.bfloat16), w, s)
 
 
 def test_inputs_it_cannot_take_raise_a_clear_error(op):
@@ -256,7 +332,10 @@ def test_the_built_library_is_cached_and_int8_uses_it(op):
     layer = torch.nn.Linear(64, 32, bias=False)
     assert quant.quantize(torch.nn.Sequential(layer), "int8") == 1
     x = torch.randn(3, 64)
-    assert torch.equal(layer(x), op(x, layer.qweight, layer.qscales))
+    lanes = layer.qweight.dim() == 3  # packed in lanes off AVX-512
+    assert lanes == quant.int8_lanes() == (kernel.isa() != "avx512")
+    product = torch.ops.finetune.int8_lanes_linear if lanes else op
+    assert torch.equal(layer(x), product(x, layer.qweight, layer.qscales))
 
 
 def test_without_a_compiler_int8_runs_on_torchs_kernel(tmp_path):

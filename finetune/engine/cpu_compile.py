@@ -56,6 +56,7 @@ def _signature(decoder: Decoder, kind: str, max_rows: int) -> dict[str, Any]:
         "scaling": decoder.scaling,
         "kind": kind,
         "int8_kernel": quant.int8_kernel() if kind == "int8" else None,
+        "int8_lanes": quant.int8_lanes() if kind == "int8" else None,
         "attention_kernel": attention.batch_invariant(inner.embed_tokens.weight),
         "dtype": str(inner.embed_tokens.weight.dtype),
         "max_length": getattr(config, "max_position_embeddings", 4096),

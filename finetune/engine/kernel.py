@@ -7,7 +7,9 @@ group on CPUs without AVX-512, and then multiplied as integers) with int8 weight
 group of 16 to 64 weights) and streams the weights about 2x as fast as torch's
 `aten._weight_int8pack_mm` on the project's CPU. On CPUs without AVX-512 prompts' rows go through
 it too, as a blocked GEMM; on AVX-512 they keep the fp32 weight (`quant.prefills_quantized`; the
-kernel's header says why and how). `torch.ops.finetune.int4_linear(x, w, scales)` takes 4-bit
+kernel's header says why and how); there quant packs int8 copies in lanes of 8 rows for
+`torch.ops.finetune.int8_lanes_linear`, the same product with no horizontal sums.
+`torch.ops.finetune.int4_linear(x, w, scales)` takes 4-bit
 codes with a scale and offset per 32 weights in its own layout (kernels/int4_linear.cpp). Where
 the library cannot be built (no compiler, a build error) `available()` says so once; int8 and int4
 decoding then use torch's kernels, and attention SDPA.
@@ -370,6 +372,10 @@ def _load() -> Path:
     @torch.library.register_fake("finetune::int8_linear")
     def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("finetune::int8_lanes_linear")
+    def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0] * w.shape[2] // 4)
 
     @torch.library.register_fake("finetune::int4_linear")
     def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

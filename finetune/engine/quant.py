@@ -2,7 +2,7 @@
 setting, whose bnb8|bnb4 load the base through bitsandbytes instead): every linear layer of the
 base gets a low-bit copy of its weight that a CPU kernel multiplies with the activations, through
 our own kernels (`kernel.py`): int8 (a scale per 64 weights; fp32 activations, rounded to int8 per
-group off AVX-512 CPUs) and int4 (a bf16 scale and offset per 32 weights, activations rounded to
+group off AVX-512 CPUs, where the copies are packed in lanes of 8 rows: `int8_lanes`) and int4 (a bf16 scale and offset per 32 weights, activations rounded to
 int8 per group; the vocabulary projection stays int8, `HEAD_KIND`). Where ours cannot be built
 they fall back to torch's `aten._weight_int8pack_mm` (one scale per row) and
 `aten._weight_int4pack_mm_for_cpu`, with bf16 activations. Decoding a small model on a CPU is bound
@@ -148,7 +148,31 @@ def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not ours:
         scales = scales.squeeze(1).to(torch.bfloat16)
     q = torch.round(blocks / scales.float().reshape(rows, -1, 1)).clamp(-128, 127).to(torch.int8)
-    return q.reshape(rows, cols).contiguous(), scales.contiguous()
+    q, scales = q.reshape(rows, cols).contiguous(), scales.contiguous()
+    return _pack_int8_lanes(q, scales) if int8_lanes() and rows % 8 == 0 else (q, scales)
+
+
+def int8_lanes() -> bool:
+    """int8 copies are packed in lanes (int8_lanes_linear): our kernel, off AVX-512, where it
+    multiplies activations rounded to int8 with 8 rows of weights at a time. On AVX-512 it widens
+    the weights to fp32 a row at a time, from the plain [out, in] layout."""
+    return int8_kernel() == "finetune" and kernel.isa() != "avx512"
+
+
+def _pack_int8_lanes(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels/int8_linear.cpp's lane order: blocks of 8 rows, each [in / 4][8 rows x 4 bytes], and
+    their scales [groups][8 rows]: [out / 8, in / 4, 32] and [out / 8, groups, 8] (three dimensions:
+    a copy says which layout it is in)."""
+    rows, cols = q.shape
+    w = q.reshape(rows // 8, 8, cols // 4, 4).permute(0, 2, 1, 3).reshape(rows // 8, cols // 4, 32)
+    s = scales.reshape(rows // 8, 8, -1).permute(0, 2, 1)
+    return w.contiguous(), s.contiguous()
+
+
+def _unpack_int8_lanes(w: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks, quads, _ = w.shape
+    q = w.reshape(blocks, quads, 8, 4).permute(0, 2, 1, 3).reshape(blocks * 8, quads * 4)
+    return q, scales.permute(0, 2, 1).reshape(blocks * 8, -1)
 
 
 def _int4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,6 +222,8 @@ def _dequantize(kind: str, weight: torch.Tensor) -> torch.Tensor:
     """What the kernel's copy of `weight` stands for, for checking it."""
     if kind == "int8":
         q, scales = _quantize_int8(weight)
+        if q.dim() == 3:
+            q, scales = _unpack_int8_lanes(q, scales)
         rows = q.shape[0]
         return (
             q.float().reshape(rows, scales.numel() // rows, -1) * scales.float().reshape(rows, -1, 1)
@@ -235,6 +261,8 @@ def _matmul(kind: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -
     """x [rows, in] fp32 times a low-bit copy: [rows, out] fp32. torch's kernels take bf16
     activations (with fp32 ones, `_weight_int8pack_mm` was measured 15x slower)."""
     if kind == "int8" and int8_kernel() == "finetune":
+        if q.dim() == 3:  # packed in lanes
+            return torch.ops.finetune.int8_lanes_linear(x, q, scales)
         return torch.ops.finetune.int8_linear(x, q, scales)
     if kind == "int4" and int8_kernel() == "finetune":
         return torch.ops.finetune.int4_linear(x, q, scales)
@@ -253,9 +281,12 @@ _INT4_ROW_BLOCK = 64
 def fuse_low_bit(kind: str, copies: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
     """One low-bit copy for modules that read the same input where that is exact: rows are
     quantized independently (scales by row or block of rows; torch's int4 scales [groups, rows, 2]),
-    so the fused product is the concatenation of theirs. Otherwise the parts, multiplied one by one."""
+    so the fused product is the concatenation of theirs (int8's lanes: of whole blocks of 8 rows).
+    Otherwise the parts, multiplied one by one."""
     torchs_int4 = kind == "int4" and int8_kernel() != "finetune"
     if torchs_int4 and any(c[0].shape[0] % _INT4_ROW_BLOCK for c in copies[:-1]):
+        return copies
+    if len({c[0].dim() for c in copies}) > 1:  # int8 in lanes beside a part of [out, in] (out % 8)
         return copies
     weights = torch.cat([c[0] for c in copies])
     scales = torch.cat([c[1] for c in copies], dim=1 if torchs_int4 else 0)

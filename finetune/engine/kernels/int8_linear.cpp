@@ -27,6 +27,12 @@
 //   so the two give the same bits (tests compare them). A VNNI (_mm512_dpbusd_epi32) variant was
 //   considered and not built: with groups of 64 weights a group is one 512-bit vector, and the
 //   per-group reduction and scale multiply-add cost as much as the 4 fp32 FMAs they replace.
+//
+// Off AVX-512 the engine's int8 copies are packed at quantize time for int8_lanes_linear (below):
+// the same integer path with 8 rows of w side by side in the lanes of a vector, 10-35 % faster at 2
+// to 16 rows of x (bench/kernels.py) and level at one. int8_linear's [N, K] layout stays for
+// AVX-512, for layers whose outputs are not a multiple of 8, and as the reference the tests hold
+// the lanes to.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -49,6 +55,8 @@
 namespace {
 
 using namespace finetune_kernels;
+
+constexpr int64_t LANE_ROWS = 8;  // rows of w a block of lanes holds: one 32-bit lane each
 
 // Any CPU: a group's exact integer dot, then an fp32 sum over groups in order (fused multiply-add,
 // as the AVX2 path).
@@ -198,69 +206,17 @@ __attribute__((target("avx2,fma"))) void chunk_avx2(const int8_t* xq, const floa
   }
 }
 
-// Many rows of x (a prompt, a batch of 8): 8 rows of w at a time, copied first into a block laid out
-// so that each 32-bit lane of a vector is one row's 4 weights (LANE_ROWS of them, an 8 x 8 transpose
-// of 32-bit words), with their |w| beside them and their 8 scales per group. x's 4 matching bytes,
-// broadcast to every lane, then meet all 8 rows at once: a group's 8 dots come out side by side, with
-// no horizontal sums (chunk_avx2 spends about a third of its operations folding lanes at each group).
-// The same integers and the same fp32 sums, fma(dot, xs * scale, sum) in group order, so the same
-// bits as chunk_avx2 and rows_generic: which of the two runs (by the pass's row count) changes no bit.
-constexpr int64_t LANE_ROWS = 8;
-constexpr int64_t LANE_MIN_M = 8;  // below this the copy costs more than the lanes save (counted)
-
-struct LaneBlock {
-  std::vector<int8_t> w, aw;  // [K / 4][8 rows x 4 bytes]
-  std::vector<float> scale;   // [groups][8 rows]
-};
-
-__attribute__((target("avx2,fma"))) void lane_copy(const int8_t* w, const float* scale, int64_t N, int64_t K,
-                                                   int64_t G, int64_t n, LaneBlock& b) {
-  const int64_t groups = K / G;
-  const int8_t* ahead[LANE_ROWS];  // the next block's rows
-  for (int j = 0; j < LANE_ROWS; ++j) ahead[j] = w + std::min(n + LANE_ROWS + j, N - 1) * K;
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m256i r[LANE_ROWS];
-    for (int j = 0; j < LANE_ROWS; ++j) {
-      r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + j) * K + k));
-      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(ahead[j] + k), PREFETCH_HINT);
-    }
-    __m256i t[LANE_ROWS], u[LANE_ROWS];
-    for (int j = 0; j < LANE_ROWS; j += 2) {
-      t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
-      t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
-    }
-    for (int h = 0; h < LANE_ROWS; h += 4) {  // rows h..h+3: words 0 and 4, 1 and 5, 2 and 6, 3 and 7
-      u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);
-      u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);
-      u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);
-      u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);
-    }
-    for (int c = 0; c < 4; ++c) {
-      const __m256i lo = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);  // word c of each row
-      const __m256i hi = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);  // word 4 + c
-      int8_t* dl = b.w.data() + (k / 4 + c) * 32;
-      int8_t* dh = b.w.data() + (k / 4 + 4 + c) * 32;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dl), lo);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dh), hi);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(b.aw.data() + (dl - b.w.data())), _mm256_sign_epi8(lo, lo));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(b.aw.data() + (dh - b.w.data())), _mm256_sign_epi8(hi, hi));
-    }
-  }
-  for (; k < K; k += 4)  // a last 16 bytes
-    for (int j = 0; j < LANE_ROWS; ++j) {
-      int8_t* d = b.w.data() + k / 4 * 32 + j * 4;
-      std::memcpy(d, w + (n + j) * K + k, 4);
-      for (int i = 0; i < 4; ++i) b.aw[d - b.w.data() + i] = static_cast<int8_t>(d[i] < 0 ? -d[i] : d[i]);
-    }
-  for (int64_t g = 0; g < groups; ++g)
-    for (int j = 0; j < LANE_ROWS; ++j) b.scale[g * LANE_ROWS + j] = scale[(n + j) * groups + g];
-}
-
-// MC rows of x against a LaneBlock's 8 rows of w.
+// int8_lanes_linear's product: MC rows of x against 8 rows of w packed in lane order (wb: [K / 4][8
+// rows x 4 bytes], sb: [groups][8 rows]). Each 32-bit lane of a vector is one row's 4 weights, so
+// x's 4 matching bytes, broadcast to every lane, meet all 8 rows at once: a group's 8 dots come out
+// side by side, with no horizontal sums (chunk_avx2 spends about a third of its operations folding
+// lanes at each group). The same integers and the same fp32 sums, fma(dot, xs * scale, sum) in group
+// order, so the same bits as chunk_avx2 and rows_generic. The first pass over a block prefetches
+// `ahead` bytes past what it reads, up to wend: a block's lanes are one contiguous run of memory.
 template <int MC>
-__attribute__((target("avx2,fma"))) void lanes_avx2(const int8_t* xq, const float* xs, const LaneBlock& b,
-                                                    float* out, int64_t N, int64_t K, int64_t G, int64_t n) {
+__attribute__((target("avx2,fma"))) void lanes_avx2(const int8_t* xq, const float* xs, const int8_t* wb,
+                                                    const float* sb, float* out, int64_t N, int64_t K, int64_t G,
+                                                    int64_t n, int64_t ahead, const int8_t* wend) {
   const int64_t groups = K / G;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 sum[MC];
@@ -269,11 +225,14 @@ __attribute__((target("avx2,fma"))) void lanes_avx2(const int8_t* xq, const floa
     __m256i acc[MC];
     for (int m = 0; m < MC; ++m) acc[m] = _mm256_setzero_si256();
     for (int64_t c = g * G / 4; c < (g + 1) * G / 4; ++c) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.w.data() + c * 32));
-      const __m256i aw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.aw.data() + c * 32));
+      const int8_t* p = wb + c * 32;
+      if (ahead && (c & 1) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(std::min(p + ahead, wend - 64)), PREFETCH_HINT);
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);
       for (int m = 0; m < MC; ++m) acc[m] = _mm256_add_epi32(acc[m], dot32_avx2(aw, wv, x4(xq + m * K + c * 4), ones));
     }
-    const __m256 ws = _mm256_loadu_ps(b.scale.data() + g * LANE_ROWS);
+    const __m256 ws = _mm256_loadu_ps(sb + g * LANE_ROWS);
     for (int m = 0; m < MC; ++m)
       sum[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_mul_ps(_mm256_set1_ps(xs[m * groups + g]), ws), sum[m]);
   }
@@ -287,24 +246,9 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const int8_t* xq, const float
                                                    const float* scale, float* out, int64_t M, int64_t N,
                                                    int64_t K, int64_t G, int64_t n0, int64_t n1) {
   const int64_t groups = K / G, MB = rows_per_pass(K, sizeof(int8_t));
-  LaneBlock block;
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int64_t m1 = std::min(M, m0 + MB);
-    int64_t n = n0;
-    if (m1 - m0 >= LANE_MIN_M) {
-      if (block.w.empty()) {
-        block.w.resize(K * LANE_ROWS);
-        block.aw.resize(K * LANE_ROWS);
-        block.scale.resize(groups * LANE_ROWS);
-      }
-      for (; n + LANE_ROWS <= n1; n += LANE_ROWS) {
-        lane_copy(w, scale, N, K, G, n, block);
-        int64_t m = m0;
-        for (; m + 4 <= m1; m += 4) lanes_avx2<4>(xq + m * K, xs + m * groups, block, out + m * N, N, K, G, n);
-        for (; m < m1; ++m) lanes_avx2<1>(xq + m * K, xs + m * groups, block, out + m * N, N, K, G, n);
-      }
-    }
-    for (; n < n1; n += NB) {
+    for (int64_t n = n0; n < n1; n += NB) {
       const int64_t nb = std::min(NB, n1 - n);
       int64_t m = m0;
       for (; m + 2 <= m1; m += 2)
@@ -357,6 +301,91 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return out;
 }
 
+// finetune::int8_lanes_linear(x, w, scale): int8_linear's product with w packed once, at quantize
+// time, in the lane order int8_linear's many-row path copies each block into (quant.py's
+// _pack_int8_lanes): w [N / 8, K / 4, 32], block b holding rows 8b..8b+7 as [K / 4][8 rows x 4
+// bytes], and scale [N / 8, groups, 8]. Every row count then meets 8 rows of w at once
+// with no copy and no horizontal sums, one row of x included. The same integer dots and fp32 sums
+// as int8_linear's generic and AVX2 code (the same bits); CPUs with AVX-512 run the AVX2 code here
+// (quant.py packs lanes only off AVX-512, where int8_linear widens weights to fp32 instead).
+void lanes_generic(const int8_t* xq, const float* xs, const int8_t* w, const float* scale, float* out, int64_t M,
+                   int64_t N, int64_t K, int64_t G, int64_t b0, int64_t b1) {
+  const int64_t groups = K / G;
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t j = 0; j < LANE_ROWS; ++j)
+      for (int64_t m = 0; m < M; ++m) {
+        float sum = 0.f;
+        for (int64_t g = 0; g < groups; ++g) {
+          int32_t dot = 0;
+          for (int64_t k = g * G; k < (g + 1) * G; ++k)
+            dot += int32_t{xq[m * K + k]} * int32_t{w[b * K * LANE_ROWS + k / 4 * 32 + j * 4 + k % 4]};
+          sum = std::fma(static_cast<float>(dot), xs[m * groups + g] * scale[(b * groups + g) * LANE_ROWS + j], sum);
+        }
+        out[m * N + b * LANE_ROWS + j] = sum;
+      }
+}
+
+#if defined(__x86_64__)
+constexpr int64_t LANES_AHEAD = 8192;  // bytes prefetched ahead: 2048 and 4096 streamed one row 5-10 % slower
+
+__attribute__((target("avx2,fma"))) void lanes_rows_avx2(const int8_t* xq, const float* xs, const int8_t* w,
+                                                         const float* scale, float* out, int64_t M, int64_t N,
+                                                         int64_t K, int64_t G, int64_t b0, int64_t b1) {
+  const int64_t groups = K / G, MB = rows_per_pass(K, sizeof(int8_t));
+  const int8_t* wend = w + (N / LANE_ROWS) * K * LANE_ROWS;
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t m1 = std::min(M, m0 + MB);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int8_t* wb = w + b * K * LANE_ROWS;
+      const float* sb = scale + b * groups * LANE_ROWS;
+      const int64_t n = b * LANE_ROWS;
+      int64_t m = m0;
+      // The first pass over the block streams it: prefetch ahead there.
+      for (; m + 8 <= m1; m += 8)
+        lanes_avx2<8>(xq + m * K, xs + m * groups, wb, sb, out + m * N, N, K, G, n, m == m0 ? LANES_AHEAD : 0, wend);
+      for (; m + 4 <= m1; m += 4)
+        lanes_avx2<4>(xq + m * K, xs + m * groups, wb, sb, out + m * N, N, K, G, n, m == m0 ? LANES_AHEAD : 0, wend);
+      for (; m + 2 <= m1; m += 2)
+        lanes_avx2<2>(xq + m * K, xs + m * groups, wb, sb, out + m * N, N, K, G, n, m == m0 ? LANES_AHEAD : 0, wend);
+      for (; m < m1; ++m)
+        lanes_avx2<1>(xq + m * K, xs + m * groups, wb, sb, out + m * N, N, K, G, n, m == m0 ? LANES_AHEAD : 0, wend);
+    }
+  }
+}
+#endif
+
+at::Tensor int8_lanes_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int8_lanes_linear: fp32 x [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kChar && w.size(1) * 4 == K && w.size(2) == 4 * LANE_ROWS,
+              "int8_lanes_linear: packed int8 w [N / 8, K / 4, 32]");
+  TORCH_CHECK(scale.dim() == 3 && scale.scalar_type() == at::kFloat && scale.size(0) == w.size(0) &&
+                  scale.size(2) == LANE_ROWS,
+              "int8_lanes_linear: fp32 scales [N / 8, groups, 8]");
+  const int64_t groups = scale.size(1);
+  TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % LANES == 0,
+              "int8_lanes_linear: K must split into groups of a multiple of 16");
+  const int64_t G = K / groups, blocks = w.size(0), N = blocks * LANE_ROWS;
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous(), sc = scale.contiguous();
+  at::Tensor out = at::empty({M, N}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  const float* sp = sc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool avx2 = active_isa() != Isa::generic;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M * groups);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { quantize_rows(xp, xq.data(), xs.data(), m0, m1, K, G, avx2); });
+  // Tasks of at least 8 blocks (64 rows of w), as int8_linear's.
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+#if defined(__x86_64__)
+    if (avx2) return lanes_rows_avx2(xq.data(), xs.data(), wp, sp, op, M, N, K, G, b0, b1);
+#endif
+    lanes_generic(xq.data(), xs.data(), wp, sp, op, M, N, K, G, b0, b1);
+  });
+  return out;
+}
+
 std::string int8_isa() {
   switch (active_isa()) {
     case Isa::avx512: return "avx512";
@@ -369,7 +398,11 @@ std::string int8_isa() {
 
 TORCH_LIBRARY(finetune, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("int8_lanes_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int8_isa() -> str", &int8_isa);  // the vector code int8_linear runs here
 }
 
-TORCH_LIBRARY_IMPL(finetune, CPU, m) { m.impl("int8_linear", int8_linear); }
+TORCH_LIBRARY_IMPL(finetune, CPU, m) {
+  m.impl("int8_linear", int8_linear);
+  m.impl("int8_lanes_linear", int8_lanes_linear);
+}

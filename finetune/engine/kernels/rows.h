@@ -97,7 +97,7 @@ inline void quantize_rows(const float* x, int8_t* xq, float* xs, int64_t m0, int
 
 #if defined(__x86_64__)
 // 4 bytes of x (a row's values k..k+3) in every 32-bit lane: against 8 rows of weights laid out one
-// row a lane (int4's blocks, int8's lane copies).
+// row a lane (int4's blocks, int8's lanes).
 __attribute__((target("avx2,fma"), always_inline)) inline __m256i x4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof v);
