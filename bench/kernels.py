@@ -40,20 +40,27 @@ SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # [out, in]
 
 
 def build_against(rev: str, folder: Path) -> Callable:
-    """Our kernel as it was at `rev`, as a torch op of its own (namespace finetune_against)."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:{kernel.SOURCE.relative_to(ROOT).as_posix()}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    """Our int8 kernel as it was at `rev` (its source and the headers it includes), as a torch op of
+    its own (namespace finetune_against)."""
+    for path in (kernel.SOURCES[0], *kernel.HEADERS):
+        done = subprocess.run(
+            ["git", "show", f"{rev}:{path.relative_to(ROOT).as_posix()}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode == 0:  # a header may not exist yet at an older revision
+            (folder / path.name).write_text(done.stdout)
+    src, lib = folder / kernel.SOURCES[0].name, folder / "against.so"
+    if not src.is_file():
+        sys.exit(f"{rev} has no {kernel.SOURCES[0].name}")
+    source = src.read_text()
     for macro in ("TORCH_LIBRARY(", "TORCH_LIBRARY_IMPL("):
         source = source.replace(f"{macro}finetune,", f"{macro}finetune_against,")
-    src, lib = folder / "against.cpp", folder / "against.so"
     src.write_text(source)
     compiler = kernel.os.environ.get(kernel.CXX_ENV) or "c++"
-    done = subprocess.run(kernel._command(compiler, src, lib), capture_output=True, text=True, check=False)
+    done = subprocess.run(kernel._command(compiler, (src,), lib), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"building the kernel of {rev} failed: {done.stderr[-500:]}")
     torch.ops.load_library(str(lib))

@@ -7,12 +7,12 @@ group on CPUs without AVX-512, and then multiplied as integers) with int8 weight
 group of 16 to 64 weights) and streams the weights about 2x as fast as torch's
 `aten._weight_int8pack_mm` on the project's CPU. On CPUs without AVX-512 prompts' rows go through
 it too, as a blocked GEMM; on AVX-512 they keep the fp32 weight (`quant.prefills_quantized`; the
-kernel's header says why and how); there quant packs int8 copies in lanes of 8 rows for
+kernel's header says why and how). Off AVX-512 quant packs int8 copies in lanes of 8 rows for
 `torch.ops.finetune.int8_lanes_linear`, the same product with no horizontal sums.
-`torch.ops.finetune.int4_linear(x, w, scales)` takes 4-bit
-codes with a scale and offset per 32 weights in its own layout (kernels/int4_linear.cpp). Where
-the library cannot be built (no compiler, a build error) `available()` says so once; int8 and int4
-decoding then use torch's kernels, and attention SDPA.
+`torch.ops.finetune.int4_linear(x, w, scales)` takes 4-bit codes with a scale and offset per 32
+weights in its own layout (kernels/int4_linear.cpp). Where the library cannot be built (no
+compiler, a build error) `available()` says so once; int8 and int4 decoding then use torch's
+kernels, and attention SDPA.
 
 The cache folder is a trust boundary: what is loaded from it runs as this process. `cache_dir()` uses
 the configured folder only when no one but this user (and root) can write it or a folder above it,

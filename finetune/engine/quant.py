@@ -2,8 +2,9 @@
 setting, whose bnb8|bnb4 load the base through bitsandbytes instead): every linear layer of the
 base gets a low-bit copy of its weight that a CPU kernel multiplies with the activations, through
 our own kernels (`kernel.py`): int8 (a scale per 64 weights; fp32 activations, rounded to int8 per
-group off AVX-512 CPUs, where the copies are packed in lanes of 8 rows: `int8_lanes`) and int4 (a bf16 scale and offset per 32 weights, activations rounded to
-int8 per group; the vocabulary projection stays int8, `HEAD_KIND`). Where ours cannot be built
+group off AVX-512 CPUs, where the copies are packed in lanes of 8 rows: `int8_lanes`) and int4 (a
+bf16 scale and offset per 32 weights, activations rounded to int8 per group; the vocabulary
+projection stays int8, `HEAD_KIND`). Where ours cannot be built
 they fall back to torch's `aten._weight_int8pack_mm` (one scale per row) and
 `aten._weight_int4pack_mm_for_cpu`, with bf16 activations. Decoding a small model on a CPU is bound
 by reading the weights, and these read about a quarter (int8) or a sixth (int4) of fp32's bytes.
