@@ -269,6 +269,13 @@ void rows(const float* x, const int8_t* xq, const float* xs, const int8_t* w, co
   rows_generic(xq, xs, w, scale, out, M, N, K, G, n0, n1);
 }
 
+// Both ops' operands, contiguous, and the [M, N] fp32 output they fill.
+struct Operands {
+  at::Tensor x, w, scale, out;
+  Operands(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& scale_, int64_t N)
+      : x(x_.contiguous()), w(w_.contiguous()), scale(scale_.contiguous()), out(at::empty({x_.size(0), N}, x_.options())) {}
+};
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_linear: x [M, K], w [N, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar, "int8_linear: fp32 x, int8 w");
@@ -278,12 +285,10 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(scale.size(1) > 0 && K % scale.size(1) == 0 && (K / scale.size(1)) % LANES == 0,
               "int8_linear: K must split into groups of a multiple of 16");
   const int64_t G = K / scale.size(1);
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous(), sc = scale.contiguous();
-  at::Tensor out = at::empty({M, N}, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const int8_t* wp = wc.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  const Operands o(x, w, scale, N);
+  const float *xp = o.x.data_ptr<float>(), *sp = o.scale.data_ptr<float>();
+  const int8_t* wp = o.w.data_ptr<int8_t>();
+  float* op = o.out.data_ptr<float>();
   std::vector<int8_t> xq;
   std::vector<float> xs;
   if (active_isa() != Isa::avx512) {
@@ -298,7 +303,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   at::parallel_for(0, (N + NB - 1) / NB, 16, [&](int64_t b0, int64_t b1) {
     rows(xp, xq.data(), xs.data(), wp, sp, op, M, N, K, G, b0 * NB, std::min(N, b1 * NB));
   });
-  return out;
+  return o.out;
 }
 
 // finetune::int8_lanes_linear(x, w, scale): int8_linear's product with w packed once, at quantize
@@ -366,12 +371,10 @@ at::Tensor int8_lanes_linear(const at::Tensor& x, const at::Tensor& w, const at:
   TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % LANES == 0,
               "int8_lanes_linear: K must split into groups of a multiple of 16");
   const int64_t G = K / groups, blocks = w.size(0), N = blocks * LANE_ROWS;
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous(), sc = scale.contiguous();
-  at::Tensor out = at::empty({M, N}, x.options());
-  const float* xp = xc.data_ptr<float>();
-  const int8_t* wp = wc.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  const Operands o(x, w, scale, N);
+  const float *xp = o.x.data_ptr<float>(), *sp = o.scale.data_ptr<float>();
+  const int8_t* wp = o.w.data_ptr<int8_t>();
+  float* op = o.out.data_ptr<float>();
   const bool avx2 = active_isa() != Isa::generic;
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M * groups);
@@ -383,7 +386,7 @@ at::Tensor int8_lanes_linear(const at::Tensor& x, const at::Tensor& w, const at:
 #endif
     lanes_generic(xq.data(), xs.data(), wp, sp, op, M, N, K, G, b0, b1);
   });
-  return out;
+  return o.out;
 }
 
 std::string int8_isa() {
