@@ -91,12 +91,12 @@ def main() -> None:
     ours = [[quant._quantize_int8(w) for w in layer] for layer in fp32]
     # Off AVX-512 quant packs int8 in lanes (int8_lanes_linear); the plain [out, in] layout of
     # int8_linear runs beside it, on the same numbers.
-    rows_layout = [[_plain(q, s) for q, s in layer] for layer in ours]
+    rows_layout = [[quant._int8_codes(w) for w in layer] for layer in fp32]
     ours4 = [[quant._quantize_int4(w) for w in layer] for layer in fp32]
     # torch's kernel takes one bf16 scale per row
     theirs = [
         [(q, (w.abs().amax(1) / 127).bfloat16()) for w, (q, _) in zip(a, b, strict=True)]
-        for a, b in zip(fp32, ours, strict=True)
+        for a, b in zip(fp32, rows_layout, strict=True)
     ]
     with tempfile.TemporaryDirectory() as tmp:
         against = build_against(args.against, Path(tmp)) if args.against else None
@@ -119,10 +119,6 @@ def main() -> None:
                     f"| {rows} | {name} | {1000 * t:.2f} | {weights / t / 1e9:.1f} | {base / t:.2f} |",
                     flush=True,
                 )
-
-
-def _plain(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return quant._unpack_int8_lanes(q, s) if q.dim() == 3 else (q, s)
 
 
 def _bytes(layers: list) -> int:

@@ -246,8 +246,8 @@ def test_int8_in_lanes_gives_the_plain_layouts_bits_at_every_row_count(op, n, k,
     scale = torch.rand(n, k // group) * 0.01 + 1e-4
     lanes = quant._pack_int8_lanes(w, scale)
     assert lanes[0].shape == (n // 8, k // 4, 32) and lanes[1].shape == (n // 8, k // group, 8)
-    unpacked = quant._unpack_int8_lanes(*lanes)
-    assert torch.equal(unpacked[0], w) and torch.equal(unpacked[1], scale)
+    unpacked = lanes[0].reshape(n // 8, k // 4, 8, 4).permute(0, 2, 1, 3).reshape(n, k)
+    assert torch.equal(unpacked, w) and torch.equal(lanes[1].permute(0, 2, 1).reshape(n, -1), scale)
     # Row j of block b, weights 4c..4c+3: bytes 4j..4j+3 of lanes[0][b, c].
     b = n // 8 - 1
     assert torch.equal(lanes[0][b, 2, 12:16], w[8 * b + 3, 8:12])

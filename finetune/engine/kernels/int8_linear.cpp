@@ -29,8 +29,8 @@
 //   per-group reduction and scale multiply-add cost as much as the 4 fp32 FMAs they replace.
 //
 // Off AVX-512 the engine's int8 copies are packed at quantize time for int8_lanes_linear (below):
-// the same integer path with 8 rows of w side by side in the lanes of a vector, 10-35 % faster at 2
-// to 16 rows of x (bench/kernels.py) and level at one. int8_linear's [N, K] layout stays for
+// the same integer path with 8 rows of w side by side in the lanes of a vector, 7-41 % faster at 2
+// to 40 rows of x (bench/kernels.py) and level at one. int8_linear's [N, K] layout stays for
 // AVX-512, for layers whose outputs are not a multiple of 8, and as the reference the tests hold
 // the lanes to.
 #include <ATen/Parallel.h>
@@ -41,7 +41,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -307,9 +306,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }
 
 // finetune::int8_lanes_linear(x, w, scale): int8_linear's product with w packed once, at quantize
-// time, in the lane order int8_linear's many-row path copies each block into (quant.py's
-// _pack_int8_lanes): w [N / 8, K / 4, 32], block b holding rows 8b..8b+7 as [K / 4][8 rows x 4
-// bytes], and scale [N / 8, groups, 8]. Every row count then meets 8 rows of w at once
+// time, in lane order (quant.py's _pack_int8_lanes): w [N / 8, K / 4, 32], block b holding rows
+// 8b..8b+7 as [K / 4][8 rows x 4 bytes], and scale [N / 8, groups, 8]. Every row count then meets 8 rows of w at once
 // with no copy and no horizontal sums, one row of x included. The same integer dots and fp32 sums
 // as int8_linear's generic and AVX2 code (the same bits); CPUs with AVX-512 run the AVX2 code here
 // (quant.py packs lanes only off AVX-512, where int8_linear widens weights to fp32 instead).
